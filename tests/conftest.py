@@ -1,0 +1,111 @@
+"""Shared test fixtures: real services (Redis, an S3 emulator over HTTP) and small generated models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+# Credentials for the emulator only; set before any boto3 client is made.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The machine's Redis if one answers, else a redis-server of our own on a free port."""
+    url = os.environ.get("GRAFT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _redis_answers(url):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("no Redis answers and redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 emulator in server mode, in its own process, spoken to over HTTP."""
+    port = free_port()
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ["GRAFT_S3_ENDPOINT_URL"] = endpoint
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    from worker.engine.s3 import s3_client
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def upload_dir(endpoint: str, local: str, bucket: str, prefix: str) -> str:
+    from worker.engine.s3 import s3_client
+
+    client = s3_client(endpoint)
+    for name in os.listdir(local):
+        client.upload_file(os.path.join(local, name), bucket, f"{prefix}/{name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory):
+    """Untied source base, fine-tune with 8 added rows, drifted target; 1, 2 and 3 shards."""
+    from worker.sample_models import make_trio
+
+    return make_trio(str(tmp_path_factory.mktemp("trio")))

@@ -1,0 +1,1 @@
+"""Grafting workers and the engine they run."""

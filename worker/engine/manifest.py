@@ -1,0 +1,74 @@
+"""What a result says about itself: `graft-manifest.json` and the model card."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .model import ResolvedModel
+from .options import GraftRequest
+from .plan import Plan
+from .sinks import FileRecord
+from .transforms import TensorStats
+
+ENGINE_VERSION = "0.1.0"
+
+
+def build_manifest(request: GraftRequest, models: dict[str, ResolvedModel], input_files: dict[str, dict],
+                   plan: Plan, files: list[FileRecord], stats: dict[str, TensorStats], warnings: list[dict],
+                   run_stats: dict, output_uri: str) -> dict:
+    tensors = {}
+    for t in plan.tensors:
+        entry = {"action": t.action, "dtype": t.dtype, "shape": list(t.shape)}
+        if t.note:
+            entry["note"] = t.note
+        if t.rows:
+            entry["rows"] = t.rows
+        if t.action in ("transferred", "vocab_extended", "untied_transfer"):
+            entry.update(stats[t.name].to_dict())
+        tensors[t.name] = entry
+    return {
+        "format": "graft-manifest/1",
+        "engine": {"name": "graft", "version": ENGINE_VERSION, "torch": torch.__version__},
+        "formula": "target_base + alpha * (source_finetuned - source_base)",
+        "inputs": {role: {"uri": models[role].uri, "revision": models[role].store.revision,
+                          "files": input_files[role]} for role in models},
+        "options": request.options.to_dict(),
+        "output": {"uri": output_uri, "files": [f.to_dict() for f in files]},
+        "plan": {"actions": plan.counts(), "vocab": plan.vocab, "tied_word_embeddings": plan.tied_output,
+                 "shards": [s.file for s in plan.shards]},
+        "tensors": tensors,
+        "source_only": plan.source_only,
+        "warnings": warnings,
+        "stats": run_stats,
+    }
+
+
+def model_card(request: GraftRequest, plan: Plan) -> str:
+    counts = ", ".join(f"{n} {a}" for a, n in sorted(plan.counts().items()))
+    return f"""---
+tags:
+- graft
+- fine-tuning-transfer
+---
+# Grafted checkpoint
+
+This checkpoint is `target_base + alpha * (source_finetuned - source_base)`, built tensor by tensor
+(fine-tuning transfer, Lin et al. 2025).
+
+| role | model |
+|---|---|
+| target base | `{request.target_base}` |
+| source base | `{request.source_base}` |
+| source fine-tune | `{request.source_finetuned}` |
+
+- alpha: {request.options.alpha}; vocabulary policy: {request.options.vocab}; dtype: {request.options.dtype}
+- tensors: {counts}; tied embeddings: {plan.tied_output}
+- config from the target base; tokenizer and chat template from the source fine-tune.
+- `graft-manifest.json` lists every tensor, how it was made, and the sha256 of every file.
+"""
+
+
+def dumps(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=False) + "\n").encode()

@@ -1,0 +1,125 @@
+"""Resolving a model reference into what the planner needs: its config and every tensor's place,
+read from safetensors headers alone (no tensor data)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import GraftError
+from .safetensors_format import TensorInfo, header_length, parse_header
+from .stores import Store, open_store
+from .uris import Location
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HEADER_PROBE = 1 << 20  # one request fetches the length word and, almost always, the whole header
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class ResolvedModel:
+    role: str
+    store: Store
+    config: dict
+    tensors: dict[str, TensorInfo]
+    weight_files: list[str]
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return str(self.store.location)
+
+    @property
+    def vocab_size(self) -> int | None:
+        value = self.config.get("vocab_size")
+        if value is None and isinstance(self.config.get("text_config"), dict):
+            value = self.config["text_config"].get("vocab_size")
+        return value if isinstance(value, int) else None
+
+    @property
+    def declares_tied(self) -> bool:
+        # transformers' PretrainedConfig defaults tie_word_embeddings to True.
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    def tokenizer_files(self) -> list[str]:
+        return [name for name in TOKENIZER_FILES if self.store.exists(name)]
+
+    def describe_inputs(self) -> dict:
+        return {
+            "uri": self.uri,
+            "revision": self.store.revision,
+            "files": {name: self.store.fingerprint(name) for name in sorted(self.store.files)},
+        }
+
+
+def _read_json(store: Store, name: str, role: str) -> dict:
+    try:
+        value = json.loads(store.read_bytes(name))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GraftError("invalid_input", f"{role}: {store.location}/{name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise GraftError("invalid_input", f"{role}: {store.location}/{name} is not a JSON object")
+    return value
+
+
+def _read_header(store: Store, name: str, role: str, cap: int) -> tuple[dict[str, TensorInfo], dict]:
+    where = f"{role}: {store.location}/{name}"
+    size = store.size(name)
+    probe = bytes(store.read_range(name, 0, min(size, HEADER_PROBE)))
+    n = header_length(probe, where, cap)
+    if 8 + n > size:
+        raise GraftError("invalid_safetensors", f"{where}: header runs past the end of the file (truncated?)")
+    raw = probe[8:8 + n]
+    if len(raw) < n:
+        raw += bytes(store.read_range(name, len(probe), 8 + n - len(probe)))
+    return parse_header(raw, where=where, file=name, file_size=size)
+
+
+def resolve_model(role: str, location: Location, *, endpoint_url: str | None = None,
+                  max_header_bytes: int = 100 << 20) -> ResolvedModel:
+    store = open_store(location, endpoint_url)
+    if not store.exists("config.json"):
+        raise GraftError("input_not_found", f"{role}: {location} has no config.json")
+    config = _read_json(store, "config.json", role)
+    if store.exists(INDEX_FILE):
+        index = _read_json(store, INDEX_FILE, role)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GraftError("invalid_input", f"{role}: {location}/{INDEX_FILE} has no weight_map")
+        files = list(dict.fromkeys(weight_map.values()))
+        for name in files:
+            if not isinstance(name, str) or "/" in name or not store.exists(name):
+                raise GraftError("input_not_found", f"{role}: {location}: shard {name!r} named by the index is missing")
+    elif store.exists(SINGLE_FILE):
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise GraftError("input_not_found", f"{role}: {location} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        headers = list(pool.map(lambda f: _read_header(store, f, role, max_header_bytes), files))
+    tensors: dict[str, TensorInfo] = {}
+    metadata = {}
+    for name, (file_tensors, meta) in zip(files, headers, strict=True):
+        metadata[name] = meta
+        for tname, info in sorted(file_tensors.items(), key=lambda kv: kv[1].start):
+            if tname in tensors:
+                raise GraftError("invalid_input", f"{role}: tensor {tname!r} appears in two shards")
+            tensors[tname] = info
+    if weight_map is not None:
+        for tname, fname in weight_map.items():
+            info = tensors.get(tname)
+            if info is None or info.file != fname:
+                raise GraftError("invalid_input", f"{role}: index places {tname!r} in {fname}, which lacks it")
+    return ResolvedModel(role, store, config, tensors, files, metadata)

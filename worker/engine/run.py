@@ -1,0 +1,213 @@
+"""One graft, start to end: resolve -> plan -> stream -> write -> commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..settings import Settings, get_settings
+from .errors import GraftError
+from .manifest import build_manifest, dumps, model_card
+from .model import INDEX_FILE, ResolvedModel, resolve_model
+from .options import GraftRequest
+from .plan import ROLES, Plan, build_plan
+from .sinks import MANIFEST, FileRecord, Sink, open_sink
+from .stores import LocalStore
+from .stream import StreamTotals, stream_plan
+from .uris import parse_uri
+
+HASH_CHUNK = 8 << 20
+
+
+@dataclass
+class Progress:
+    phase: str  # resolving | planning | streaming | committing | done
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_total: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_written / self.bytes_total if self.bytes_total else 0.0
+
+
+@dataclass
+class GraftResult:
+    output_uri: str
+    manifest_uri: str
+    files: list[FileRecord]
+    manifest: dict
+    warnings: list[dict] = field(default_factory=list)
+
+    @property
+    def stats(self) -> dict:
+        return self.manifest["stats"]
+
+
+def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> dict[str, ResolvedModel]:
+    settings = settings or get_settings()
+    uris = request.inputs()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {role: pool.submit(resolve_model, role, parse_uri(uris[role], field=role),
+                                     endpoint_url=settings.s3_endpoint_url,
+                                     max_header_bytes=settings.max_header_bytes) for role in ROLES}
+        return {role: f.result() for role, f in futures.items()}
+
+
+def plan_graft(request: GraftRequest, settings: Settings | None = None) -> tuple[Plan, dict[str, ResolvedModel]]:
+    """The --dry-run: everything decided from headers alone."""
+    models = resolve_inputs(request, settings)
+    plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"], request.options)
+    return plan, models
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if choice == "cuda":
+        raise GraftError("invalid_option", "device cuda was asked for but no GPU is visible")
+    return torch.device("cpu")
+
+
+class _InputHasher(threading.Thread):
+    """sha256 of local input files on a side thread; remote stores report the checksums they keep."""
+
+    def __init__(self, models: dict[str, ResolvedModel], enabled: bool) -> None:
+        super().__init__(name="graft-hash", daemon=True)
+        self.models, self.enabled = models, enabled
+        self.result: dict[str, dict] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for role, model in self.models.items():
+                store = model.store
+                files = {}
+                for name in sorted(store.files):
+                    entry = store.fingerprint(name)
+                    if self.enabled and isinstance(store, LocalStore) and "sha256" not in entry:
+                        entry["sha256"] = _sha256_file(store.path(name))
+                    files[name] = entry
+                self.result[role] = files
+        except BaseException as exc:
+            self.error = exc
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _side_files(models: dict[str, ResolvedModel], plan: Plan) -> list[tuple[str, bytes]]:
+    """config from the target; tokenizer, chat template and generation config from the fine-tune."""
+    target, finetuned = models["target_base"], models["source_finetuned"]
+    files = [("config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())]
+    tokenizer_from = finetuned if finetuned.tokenizer_files() else target
+    for name in tokenizer_from.tokenizer_files():
+        files.append((name, tokenizer_from.store.read_bytes(name)))
+    for model in (finetuned, target):
+        if model.store.exists("generation_config.json"):
+            files.append(("generation_config.json", model.store.read_bytes("generation_config.json")))
+            break
+    return files
+
+
+def _index(plan: Plan) -> bytes:
+    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    index = {"metadata": {"total_size": plan.output_bytes},
+             "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+def run_graft(request: GraftRequest, *, settings: Settings | None = None,
+              progress: Callable[[Progress], None] | None = None,
+              should_cancel: Callable[[], bool] | None = None,
+              warn: Callable[[dict], None] | None = None) -> GraftResult:
+    settings = settings or get_settings()
+    started = time.perf_counter()
+    output = parse_uri(request.output, field="output")
+    device = pick_device(request.options.device)
+    report = progress or (lambda p: None)
+    report(Progress("resolving"))
+    plan, models = plan_graft(request, settings)
+    for w in plan.warnings:
+        (warn or (lambda w: None))(w)
+    for d in plan.source_only:
+        (warn or (lambda w: None))({"code": "source_only", "tensor": d["tensor"],
+                                    "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"})
+    total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
+    report(total)
+    hasher = _InputHasher(models, settings.hash_inputs)
+    hasher.start()
+    sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
+    try:
+        def on_block(totals: StreamTotals) -> None:
+            total.tensors_done, total.bytes_read, total.bytes_written = (
+                totals.tensors_done, totals.bytes_read, totals.bytes_written)
+            report(total)
+
+        stores = {role: m.store for role, m in models.items()}
+        t0 = time.perf_counter()
+        records, stats, changed = stream_plan(
+            plan, stores, sink, alpha=request.options.alpha, device=device, block_bytes=settings.block_bytes,
+            prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, on_block=on_block,
+            should_cancel=should_cancel)
+        stream_seconds = time.perf_counter() - t0
+        nonfinite = [name for name, st in stats.items() if st.nonfinite]
+        if nonfinite:
+            raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
+                             + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
+        if should_cancel is not None and should_cancel():
+            from .errors import GraftCancelled
+            raise GraftCancelled()
+        total.phase = "committing"
+        report(total)
+        if len(plan.shards) > 1:
+            records.append(sink.put(INDEX_FILE, _index(plan)))
+        for name, data in _side_files(models, plan):
+            records.append(sink.put(name, data))
+        records.append(sink.put("README.md", model_card(request, plan).encode()))
+        hasher.join()
+        if hasher.error is not None:
+            raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")
+        warnings = plan.warnings + changed
+        run_stats = {
+            "device": str(device),
+            "seconds_total": round(time.perf_counter() - started, 3),
+            "seconds_streaming": round(stream_seconds, 3),
+            "bytes_read": total.bytes_read,
+            "bytes_written": total.bytes_written,
+            "tensors": len(plan.tensors),
+            "input_gb_per_s": round(total.bytes_read / stream_seconds / 1e9, 3) if stream_seconds else None,
+        }
+        manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
+                                  str(output))
+        manifest_uri = sink.commit(dumps(manifest))
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        for m in models.values():
+            m.store.close()
+    total.phase = "done"
+    report(total)
+    return GraftResult(str(output), manifest_uri, records + [], manifest, warnings)
+
+
+__all__ = ["GraftResult", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]

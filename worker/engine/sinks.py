@@ -1,0 +1,279 @@
+"""Write side: an output directory or prefix that only becomes a result when committed.
+
+Files are streamed (sha256 computed on the way); the manifest goes last. Local outputs are built in a
+hidden sibling directory and renamed into place; S3 outputs are uploaded under the final prefix, and a
+prefix without `graft-manifest.json` is not a result. Abort removes whatever was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .errors import GraftError
+from .s3 import s3_client
+from .uris import Location
+
+MANIFEST = "graft-manifest.json"
+
+
+@dataclass
+class FileRecord:
+    path: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+class FileWriter(ABC):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.size = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, data) -> None:
+        self._sha.update(data)
+        self.size += len(data)
+        self._write(data)
+
+    @abstractmethod
+    def _write(self, data) -> None: ...
+
+    @abstractmethod
+    def _finish(self) -> None: ...
+
+    def close(self) -> FileRecord:
+        self._finish()
+        return FileRecord(self.name, self.size, self._sha.hexdigest())
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class Sink(ABC):
+    location: Location
+
+    @abstractmethod
+    def open(self, name: str, expected_size: int | None = None) -> FileWriter: ...
+
+    def put(self, name: str, data: bytes) -> FileRecord:
+        writer = self.open(name, len(data))
+        writer.write(data)
+        return writer.close()
+
+    @abstractmethod
+    def commit(self, manifest: bytes) -> str:
+        """Publish: the manifest is written last; returns the manifest's URI."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class _LocalWriter(FileWriter):
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(name)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _finish(self) -> None:
+        os.close(self._fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+class LocalSink(Sink):
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.final = location.path
+        if os.path.exists(self.final) and (not os.path.isdir(self.final) or os.listdir(self.final)):
+            raise GraftError("output_exists", f"{location} already exists and is not an empty directory")
+        parent = os.path.dirname(self.final) or "."
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}.graft-tmp-{uuid.uuid4().hex[:12]}")
+        os.makedirs(self.tmp)
+
+    def open(self, name: str, expected_size: int | None = None) -> FileWriter:
+        return _LocalWriter(name, os.path.join(self.tmp, name))
+
+    def commit(self, manifest: bytes) -> str:
+        self.put(MANIFEST, manifest)
+        if os.path.isdir(self.final):
+            os.rmdir(self.final)  # empty by the check in __init__; a non-empty one makes rmdir fail loudly
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError as exc:
+            raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
+        return f"file://{os.path.join(self.final, MANIFEST)}"
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _S3Writer(FileWriter):
+    MIN_PART = 8 << 20
+
+    def __init__(self, sink: S3Sink, name: str, expected_size: int | None) -> None:
+        super().__init__(name)
+        self.sink = sink
+        self.key = sink.key(name)
+        part = sink.part_bytes
+        if expected_size:  # stay within S3's 10,000 parts whatever the file size
+            part = max(part, -(-expected_size // 9000))
+        self.part_bytes = max(part, self.MIN_PART)
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+        self.pending: deque[Future] = deque()
+
+    def _write(self, data) -> None:
+        self.buf += data
+        while len(self.buf) >= self.part_bytes:
+            part = bytes(self.buf[:self.part_bytes])
+            del self.buf[:self.part_bytes]
+            self._send(part)
+
+    def _send(self, part: bytes) -> None:
+        client = self.sink.client
+        if self.upload_id is None:
+            resp = client.create_multipart_upload(Bucket=self.sink.bucket, Key=self.key)
+            self.upload_id = resp["UploadId"]
+            self.sink.track_upload(self.key, self.upload_id)
+        number = len(self.parts) + len(self.pending) + 1
+        # Bounded in flight: memory is part_bytes times this, whatever the file size.
+        while len(self.pending) >= self.sink.parts_in_flight:
+            self.parts.append(self.pending.popleft().result())
+        self.pending.append(self.sink.pool.submit(self._upload_part, number, part))
+
+    def _upload_part(self, number: int, part: bytes) -> dict:
+        resp = self.sink.client.upload_part(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id,
+                                            PartNumber=number, Body=part)
+        return {"PartNumber": number, "ETag": resp["ETag"]}
+
+    def _finish(self) -> None:
+        client = self.sink.client
+        try:
+            if self.upload_id is None:
+                client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=bytes(self.buf))
+                self.sink.track_object(self.key)
+                return
+            if self.buf or not (self.parts or self.pending):
+                self._send(bytes(self.buf))
+            self.buf = bytearray()
+            while self.pending:
+                self.parts.append(self.pending.popleft().result())
+            self.parts.sort(key=lambda p: p["PartNumber"])
+            client.complete_multipart_upload(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id,
+                                             MultipartUpload={"Parts": self.parts})
+            self.sink.finish_upload(self.key, self.upload_id)
+        except GraftError:
+            raise
+        except Exception as exc:
+            raise GraftError("storage_error", f"upload of {self.key} failed: {exc}") from exc
+
+
+class S3Sink(Sink):
+    def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
+                 parts_in_flight: int = 2) -> None:
+        self.location = location
+        self.bucket = location.bucket
+        self.prefix = location.prefix
+        self.client = s3_client(endpoint_url)
+        self.part_bytes = part_bytes
+        self.parts_in_flight = parts_in_flight
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3-upload")
+        self._lock = threading.Lock()
+        self._uploads: dict[str, str] = {}
+        self._objects: set[str] = set()
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(MANIFEST))
+            exists = True
+        except self.client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("404", "NoSuchKey", "NotFound"):
+                raise GraftError("storage_error", f"{location}: cannot check the output: {exc}") from exc
+            exists = False
+        if exists:
+            raise GraftError("output_exists", f"{location} already holds a committed graft")
+        self._clear_leftovers()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _clear_leftovers(self) -> None:
+        """A retried job finds what a killed attempt left: stale multipart uploads and objects."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", [])
+        for up in uploads:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
+    def track_upload(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            self._uploads[key] = upload_id
+
+    def finish_upload(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            self._uploads.pop(key, None)
+            self._objects.add(key)
+
+    def track_object(self, key: str) -> None:
+        with self._lock:
+            self._objects.add(key)
+
+    def open(self, name: str, expected_size: int | None = None) -> FileWriter:
+        return _S3Writer(self, name, expected_size)
+
+    def commit(self, manifest: bytes) -> str:
+        key = self.key(MANIFEST)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=manifest, IfNoneMatch="*")
+        except self.client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise GraftError("output_exists", f"{self.location} was committed by someone else") from exc
+            raise GraftError("storage_error", f"{self.location}: cannot write the manifest: {exc}") from exc
+        finally:
+            self.pool.shutdown(wait=True)
+        return f"s3://{self.bucket}/{key}"
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            uploads, objects = dict(self._uploads), set(self._objects)
+        for key, upload_id in uploads.items():
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:
+                pass
+        if objects:
+            self.client.delete_objects(Bucket=self.bucket,
+                                       Delete={"Objects": [{"Key": k} for k in objects], "Quiet": True})
+
+
+def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20) -> Sink:
+    if location.scheme == "file":
+        return LocalSink(location)
+    if location.scheme == "s3":
+        return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes)
+    raise GraftError("invalid_uri", f"{location}: outputs go to a local directory or s3://")

@@ -1,0 +1,231 @@
+"""Read access to a model directory wherever it lives: whole small files and ranged reads of big ones.
+
+Every store is safe to call from several threads at once: the reader issues ranged reads from a pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+
+from .errors import GraftError
+from .s3 import s3_client
+from .uris import Location
+
+SMALL_FILE_CAP = 64 << 20  # config/tokenizer files larger than this are refused
+
+
+class Store(ABC):
+    location: Location
+    revision: str | None = None
+
+    @abstractmethod
+    def list_files(self) -> dict[str, int]:
+        """Top-level file names mapped to their sizes."""
+
+    @abstractmethod
+    def read_range(self, name: str, start: int, length: int) -> bytearray: ...
+
+    def read_bytes(self, name: str) -> bytes:
+        size = self.size(name)
+        if size > SMALL_FILE_CAP:
+            raise GraftError("invalid_input", f"{self.location}/{name} is {size} bytes; too large to read whole")
+        return bytes(self.read_range(name, 0, size)) if size else b""
+
+    def exists(self, name: str) -> bool:
+        return name in self.files
+
+    def size(self, name: str) -> int:
+        try:
+            return self.files[name]
+        except KeyError:
+            raise GraftError("input_not_found", f"{self.location}: no file {name}") from None
+
+    @property
+    def files(self) -> dict[str, int]:
+        cached = getattr(self, "_files", None)
+        if cached is None:
+            cached = self._files = self.list_files()
+        return cached
+
+    def fingerprint(self, name: str) -> dict:
+        """What identifies a file's content without reading it all, where the store knows it."""
+        return {"size": self.size(name)}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalStore(Store):
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.root = location.path
+        if not os.path.isdir(self.root):
+            raise GraftError("input_not_found", f"{location}: not a directory")
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def list_files(self) -> dict[str, int]:
+        out = {}
+        for entry in os.scandir(self.root):
+            if entry.is_file():
+                out[entry.name] = entry.stat().st_size
+        return out
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(name)
+                if fd is None:
+                    self.size(name)
+                    fd = self._fds[name] = os.open(os.path.join(self.root, name), os.O_RDONLY)
+        return fd
+
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        fd = self._fd(name)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], start + got)
+            if n == 0:
+                raise GraftError("invalid_safetensors",
+                                 f"{self.location}/{name}: file ends before byte {start + length}")
+            got += n
+        return buf
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class S3Store(Store):
+    def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
+        self.location = location
+        self.client = s3_client(endpoint_url)
+        self._meta: dict[str, dict] = {}
+
+    def _key(self, name: str) -> str:
+        return f"{self.location.prefix}/{name}" if self.location.prefix else name
+
+    def list_files(self) -> dict[str, int]:
+        prefix = f"{self.location.prefix}/" if self.location.prefix else ""
+        out: dict[str, int] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix):]
+                    if name:
+                        out[name] = obj["Size"]
+                        self._meta[name] = {"etag": obj.get("ETag", "").strip('"')}
+        except Exception as exc:  # botocore raises many types; all mean the same to a user
+            raise GraftError("storage_error", f"{self.location}: cannot list: {exc}") from exc
+        if not out:
+            raise GraftError("input_not_found", f"{self.location}: no objects under this prefix")
+        return out
+
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        if length == 0:
+            return bytearray()
+        self.size(name)
+        try:
+            resp = self.client.get_object(
+                Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={start}-{start + length - 1}"
+            )
+            body = resp["Body"]
+            buf = bytearray(length)
+            view = memoryview(buf)
+            got = 0
+            while got < length:
+                chunk = body.read(min(8 << 20, length - got))
+                if not chunk:
+                    break
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+        except Exception as exc:
+            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
+        if got != length:
+            raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
+        return buf
+
+    def fingerprint(self, name: str) -> dict:
+        return {"size": self.size(name), **self._meta.get(name, {})}
+
+
+class HubStore(Store):
+    """A Hugging Face hub repository, pinned to the commit its revision resolves to."""
+
+    def __init__(self, location: Location) -> None:
+        import httpx
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.utils import build_hf_headers
+
+        self.location = location
+        self.endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        try:
+            info = HfApi(endpoint=self.endpoint).model_info(
+                location.repo, revision=location.revision, files_metadata=True
+            )
+        except Exception as exc:
+            raise GraftError("input_not_found", f"{location}: cannot resolve on the hub: {exc}") from exc
+        self.revision = info.sha
+        self._files = {}
+        self._meta = {}
+        for sib in info.siblings or []:
+            if "/" in sib.rfilename:
+                continue
+            self._files[sib.rfilename] = sib.size or 0
+            meta = {}
+            if sib.lfs is not None:
+                meta["sha256"] = sib.lfs.sha256
+            if sib.blob_id:
+                meta["git_blob"] = sib.blob_id
+            self._meta[sib.rfilename] = meta
+        self._http = httpx.Client(headers=build_hf_headers(), follow_redirects=True, timeout=120.0)
+
+    def list_files(self) -> dict[str, int]:
+        return self._files
+
+    def _url(self, name: str) -> str:
+        return f"{self.endpoint.rstrip('/')}/{self.location.repo}/resolve/{self.revision}/{name}"
+
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        if length == 0:
+            return bytearray()
+        self.size(name)
+        try:
+            resp = self._http.get(self._url(name), headers={"Range": f"bytes={start}-{start + length - 1}"})
+        except Exception as exc:
+            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
+        if resp.status_code not in (200, 206):
+            raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
+        data = resp.content if resp.status_code == 206 else resp.content[start:start + length]
+        if len(data) != length:
+            raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
+        return bytearray(data)
+
+    def fingerprint(self, name: str) -> dict:
+        return {"size": self.size(name), **self._meta.get(name, {})}
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def open_store(location: Location, endpoint_url: str | None = None) -> Store:
+    if location.scheme == "file":
+        return LocalStore(location)
+    if location.scheme == "s3":
+        return S3Store(location, endpoint_url)
+    if location.scheme == "hf":
+        return HubStore(location)
+    raise GraftError("invalid_uri", f"unsupported location {location}")
