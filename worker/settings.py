@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from pydantic import Field
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
     s3_part_bytes: int = Field(64 << 20, description="multipart upload part size")
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
+    cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
+                           description="remembered input digests; empty to disable")
 
     @property
     def api_key_list(self) -> list[str]:

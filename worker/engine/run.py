@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +11,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..settings import Settings, get_settings
-from .errors import GraftError
+from .errors import GraftCancelled, GraftError
+from .input_hashes import InputHasher
 from .manifest import build_manifest, dumps, model_card
 from .model import INDEX_FILE, ResolvedModel, resolve_model
 from .options import GraftRequest
 from .plan import ROLES, Plan, build_plan
 from .sinks import MANIFEST, FileRecord, Sink, open_sink
-from .stores import LocalStore
 from .stream import StreamTotals, stream_plan
 from .uris import parse_uri
-
-HASH_CHUNK = 8 << 20
 
 
 @dataclass
@@ -80,40 +76,6 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-class _InputHasher(threading.Thread):
-    """sha256 of local input files on a side thread; remote stores report the checksums they keep."""
-
-    def __init__(self, models: dict[str, ResolvedModel], enabled: bool) -> None:
-        super().__init__(name="graft-hash", daemon=True)
-        self.models, self.enabled = models, enabled
-        self.result: dict[str, dict] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for role, model in self.models.items():
-                store = model.store
-                files = {}
-                for name in sorted(store.files):
-                    entry = store.fingerprint(name)
-                    if self.enabled and isinstance(store, LocalStore) and "sha256" not in entry:
-                        entry["sha256"] = _sha256_file(store.path(name))
-                    files[name] = entry
-                self.result[role] = files
-        except BaseException as exc:
-            self.error = exc
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def _side_files(models: dict[str, ResolvedModel], plan: Plan) -> list[tuple[str, bytes]]:
     """config from the target; tokenizer, chat template and generation config from the fine-tune."""
     target, finetuned = models["target_base"], models["source_finetuned"]
@@ -153,7 +115,7 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
                                     "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"})
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
-    hasher = _InputHasher(models, settings.hash_inputs)
+    hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
     hasher.start()
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
     try:
@@ -164,7 +126,7 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
 
         stores = {role: m.store for role, m in models.items()}
         t0 = time.perf_counter()
-        records, stats, changed = stream_plan(
+        records, stats, changed, totals = stream_plan(
             plan, stores, sink, alpha=request.options.alpha, device=device, block_bytes=settings.block_bytes,
             prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, on_block=on_block,
             should_cancel=should_cancel)
@@ -174,7 +136,6 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
             raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
                              + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
         if should_cancel is not None and should_cancel():
-            from .errors import GraftCancelled
             raise GraftCancelled()
         total.phase = "committing"
         report(total)
@@ -195,6 +156,9 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
             "bytes_written": total.bytes_written,
             "tensors": len(plan.tensors),
             "input_gb_per_s": round(total.bytes_read / stream_seconds / 1e9, 3) if stream_seconds else None,
+            "compute_thread": {"computing_s": round(totals.compute_s, 3),
+                               "waiting_reads_s": round(totals.wait_read_s, 3),
+                               "waiting_writer_s": round(totals.wait_write_s, 3)},
         }
         manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
                                   str(output))

@@ -25,7 +25,14 @@ class Store(ABC):
         """Top-level file names mapped to their sizes."""
 
     @abstractmethod
-    def read_range(self, name: str, start: int, length: int) -> bytearray: ...
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        """Fill `view` with the file's bytes from `start`: the hot path, into reused buffers."""
+
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        if length:
+            self.read_into(name, start, memoryview(buf))
+        return buf
 
     def read_bytes(self, name: str) -> bytes:
         size = self.size(name)
@@ -83,10 +90,9 @@ class LocalStore(Store):
                     fd = self._fds[name] = os.open(os.path.join(self.root, name), os.O_RDONLY)
         return fd
 
-    def read_range(self, name: str, start: int, length: int) -> bytearray:
-        buf = bytearray(length)
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
         fd = self._fd(name)
-        view = memoryview(buf)
+        length = len(view)
         got = 0
         while got < length:
             n = os.preadv(fd, [view[got:]], start + got)
@@ -94,7 +100,6 @@ class LocalStore(Store):
                 raise GraftError("invalid_safetensors",
                                  f"{self.location}/{name}: file ends before byte {start + length}")
             got += n
-        return buf
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -134,17 +139,16 @@ class S3Store(Store):
             raise GraftError("input_not_found", f"{self.location}: no objects under this prefix")
         return out
 
-    def read_range(self, name: str, start: int, length: int) -> bytearray:
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        length = len(view)
         if length == 0:
-            return bytearray()
+            return
         self.size(name)
         try:
             resp = self.client.get_object(
                 Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={start}-{start + length - 1}"
             )
             body = resp["Body"]
-            buf = bytearray(length)
-            view = memoryview(buf)
             got = 0
             while got < length:
                 chunk = body.read(min(8 << 20, length - got))
@@ -156,7 +160,6 @@ class S3Store(Store):
             raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
         if got != length:
             raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
-        return buf
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}
@@ -199,9 +202,10 @@ class HubStore(Store):
     def _url(self, name: str) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.location.repo}/resolve/{self.revision}/{name}"
 
-    def read_range(self, name: str, start: int, length: int) -> bytearray:
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        length = len(view)
         if length == 0:
-            return bytearray()
+            return
         self.size(name)
         try:
             resp = self._http.get(self._url(name), headers={"Range": f"bytes={start}-{start + length - 1}"})
@@ -212,7 +216,7 @@ class HubStore(Store):
         data = resp.content if resp.status_code == 206 else resp.content[start:start + length]
         if len(data) != length:
             raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
-        return bytearray(data)
+        view[:] = data
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}

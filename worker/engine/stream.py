@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .buffers import BufferPool
 from .errors import GraftCancelled, GraftError
 from .plan import OutputTensor, Plan, Shard
 from .safetensors_format import DTYPES, build_header, itemsize
@@ -123,9 +125,9 @@ def build_blocks(plan: Plan, block_bytes: int) -> list[Block]:
 class _Writer(threading.Thread):
     """Writes blocks in order on its own thread so hashing and I/O overlap the compute."""
 
-    def __init__(self, sink: Sink, plan: Plan) -> None:
+    def __init__(self, sink: Sink, plan: Plan, pool: BufferPool) -> None:
         super().__init__(name="graft-writer", daemon=True)
-        self.sink, self.plan = sink, plan
+        self.sink, self.plan, self.pool = sink, plan, pool
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.records: list[FileRecord] = []
         self.error: BaseException | None = None
@@ -145,9 +147,10 @@ class _Writer(threading.Thread):
                     shard: Shard = self.plan.shards[block.shard]
                     writer = self.sink.open(shard.file, len(block.header) + shard.data_bytes)
                     writer.write(block.header)
-                if buf:
+                if len(buf):
                     writer.write(buf)
                     self.bytes_written += len(buf)
+                self.pool.give(buf)
                 if block.closes_shard:
                     self.records.append(writer.close())
                     writer = None
@@ -169,27 +172,40 @@ class StreamTotals:
     bytes_read: int = 0
     bytes_written: int = 0
     tensors_done: int = 0
+    # Where the compute thread's time went: a well-fed pipeline spends it computing.
+    wait_read_s: float = 0.0
+    compute_s: float = 0.0
+    wait_write_s: float = 0.0
 
 
 def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: float, device: torch.device,
                 block_bytes: int, prefetch: int, io_threads: int,
                 on_block: Callable[[StreamTotals], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None,
-                ) -> tuple[list[FileRecord], dict[str, TensorStats], list[dict]]:
+                ) -> tuple[list[FileRecord], dict[str, TensorStats], list[dict], StreamTotals]:
     blocks = build_blocks(plan, block_bytes)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One compute thread: the other core reads, hashes and writes. Two intra-op threads would stall
+        # on each other's barriers whenever I/O takes the second core.
+        torch.set_num_threads(1)
     stats: dict[str, TensorStats] = {t.name: TensorStats() for t in plan.tensors}
     changed_buffers: list[dict] = []
     arithmetic = Arithmetic(device)
     totals = StreamTotals()
-    writer = _Writer(sink, plan)
+    buffers_pool = BufferPool()
+    writer = _Writer(sink, plan, buffers_pool)
     writer.start()
     pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="graft-read")
-    window: deque[list[Future]] = deque()
+    window: deque[list[tuple[memoryview, Future]]] = deque()
     submitted = 0
 
-    def submit(index: int) -> list[Future]:
-        return [pool.submit(stores[role].read_range, file, start, length)
-                for role, file, start, length in blocks[index].reads]
+    def submit(index: int) -> list[tuple[memoryview, Future]]:
+        reads = []
+        for role, file, start, length in blocks[index].reads:
+            view = buffers_pool.take(length)
+            reads.append((view, pool.submit(stores[role].read_into, file, start, view)))
+        return reads
 
     try:
         for index, block in enumerate(blocks):
@@ -198,24 +214,38 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
                 submitted += 1
             if should_cancel is not None and should_cancel():
                 raise GraftCancelled()
-            buffers = [f.result() for f in window.popleft()]
+            t0 = time.perf_counter()
+            reads = window.popleft()
+            for _view, future in reads:
+                future.result()
+            t1 = time.perf_counter()
+            buffers = [view for view, _f in reads]
             totals.bytes_read += sum(len(b) for b in buffers)
-            out = bytearray(block.out_bytes)
+            out = buffers_pool.take(block.out_bytes)
             for piece in block.pieces:
                 _compute_piece(piece, buffers, out, arithmetic, alpha, stats, changed_buffers)
                 if piece.last:
                     totals.tensors_done += 1
+            for view in buffers:
+                buffers_pool.give(view)
+            t2 = time.perf_counter()
             writer.put((block, out))
+            t3 = time.perf_counter()
+            totals.wait_read_s += t1 - t0
+            totals.compute_s += t2 - t1
+            totals.wait_write_s += t3 - t2
             totals.bytes_written += len(out)
             if on_block is not None:
                 on_block(totals)
         writer.put(None)
+        t0 = time.perf_counter()
         writer.join()
+        totals.wait_write_s += time.perf_counter() - t0
         if writer.error is not None:
             raise writer.error
     except BaseException:
-        for futures in window:
-            for f in futures:
+        for reads in window:
+            for _view, f in reads:
                 f.cancel()
         if writer.is_alive():
             writer.error = writer.error or GraftError("aborted", "stream aborted")
@@ -224,7 +254,8 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return writer.records, stats, changed_buffers
+        torch.set_num_threads(threads)
+    return writer.records, stats, changed_buffers, totals
 
 
 def _view(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.Tensor:
@@ -232,7 +263,7 @@ def _view(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.
     return torch.frombuffer(buffers[idx], dtype=DTYPES[dtype], count=count, offset=offset)
 
 
-def _compute_piece(piece: Piece, buffers: list, out: bytearray, arithmetic: Arithmetic, alpha: float,
+def _compute_piece(piece: Piece, buffers: list[memoryview], out: memoryview, arithmetic: Arithmetic, alpha: float,
                    stats: dict[str, TensorStats], changed: list[dict]) -> None:
     tensor = piece.tensor
     count = piece.stop - piece.start
@@ -250,7 +281,7 @@ def _compute_piece(piece: Piece, buffers: list, out: bytearray, arithmetic: Arit
     if info.dtype == tensor.dtype and not is_float:
         idx, offset = piece.reads[role]
         n = count * itemsize(info.dtype)
-        out[piece.out_offset:piece.out_offset + n] = memoryview(buffers[idx])[offset:offset + n]
+        out[piece.out_offset:piece.out_offset + n] = buffers[idx][offset:offset + n]
     else:
         arithmetic.copy(out_t, _view(buffers, piece.reads[role], info.dtype, count), is_float, st)
     if tensor.check_sources_equal:

@@ -7,10 +7,13 @@ several passes over memory and allocate full-size float32 temporaries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+# float16 overflows to Inf on rounding above this; float32 and bfloat16 share float32's range.
+_FINITE_LIMIT = {torch.float16: 65520.0}
 CHUNK = 1 << 18  # elements per CPU pass: scratch stays in L2
 
 
@@ -50,32 +53,35 @@ class Arithmetic:
             return self._transfer_device(out, t, s, f, alpha, compute, stats)
         a_buf, b_buf, c_buf = self._buffers(compute)
         n = out.numel()
-        dsq = tsq = bsq = cross = 0.0
-        finite = True
+        dsq = tsq = bsq = cross = osq = 0.0
+        limit = _FINITE_LIMIT.get(out.dtype)
+        big = 0.0
         for i in range(0, n, CHUNK):
             j = min(n, i + CHUNK)
             m = j - i
             a, b, c = a_buf[:m], b_buf[:m], c_buf[:m]
+            c.copy_(s[i:j])
             a.copy_(f[i:j])
-            a.sub_(s[i:j])  # the delta, exact in float32 for nearby bf16/f16 values
+            a.sub_(c)  # the delta, exact in float32 for nearby bf16/f16 values
             b.copy_(t[i:j])
-            c.copy_(b)
-            c.sub_(s[i:j])
+            c.sub_(b)  # base - target: the bases' distance, negated
             dsq += float(torch.dot(a, a))
             tsq += float(torch.dot(b, b))
             bsq += float(torch.dot(c, c))
-            cross += float(torch.dot(c, a))
+            cross -= float(torch.dot(c, a))
             if alpha != 1.0:
                 a.mul_(alpha)
             a.add_(b)
+            # A NaN or Inf anywhere makes the sum of squares non-finite: one cheap pass instead of isfinite().
+            osq += float(torch.dot(a, a))
+            if limit is not None:
+                big = max(big, float(a.abs().max()))
             out[i:j].copy_(a)  # the one rounding to the stored dtype
-            if finite and not bool(torch.isfinite(out[i:j]).all()):
-                finite = False
         stats.delta_sq += dsq
         stats.target_sq += tsq
         stats.bases_sq += bsq
         stats.cross += cross
-        stats.nonfinite |= not finite
+        stats.nonfinite |= not math.isfinite(osq) or (limit is not None and big >= limit)
 
     def _transfer_device(self, out, t, s, f, alpha, compute, stats) -> None:
         dev = self.device
@@ -92,9 +98,18 @@ class Arithmetic:
         out.copy_(result.cpu())
 
     def copy(self, out: torch.Tensor, src: torch.Tensor, check_finite: bool, stats: TensorStats) -> None:
+        if not check_finite:
+            out.copy_(src)
+            return
+        a_buf = self._buffers(torch.float64 if src.dtype == torch.float64 else torch.float32)[0]
         n = out.numel()
-        for i in range(0, n, CHUNK * 4):
-            j = min(n, i + CHUNK * 4)
-            out[i:j].copy_(src[i:j])
-            if check_finite and not stats.nonfinite and not bool(torch.isfinite(out[i:j]).all()):
-                stats.nonfinite = True
+        osq = 0.0
+        for i in range(0, n, CHUNK):
+            j = min(n, i + CHUNK)
+            a = a_buf[:j - i]
+            a.copy_(src[i:j])
+            osq += float(torch.dot(a, a))
+            out[i:j].copy_(a)
+        limit = _FINITE_LIMIT.get(out.dtype)
+        if not math.isfinite(osq) or (limit is not None and n and float(out.float().abs().max()) >= limit):
+            stats.nonfinite = True
