@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     max_attempts: int = 3
 
     # Engine tuning: sizes are bytes.
-    block_bytes: int = Field(32 << 20, description="output bytes per streamed work block")
+    block_bytes: int = Field(16 << 20, description="output bytes per streamed work block")
     prefetch_blocks: int = Field(3, description="blocks read ahead of the compute")
     io_threads: int = Field(4, description="threads issuing ranged reads")
     max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")

@@ -1,15 +1,27 @@
 """The grafting engine: a pure library (no HTTP, no queue) that the CLI and the worker both call.
 
     output = target_base + alpha * (source_finetuned - source_base)
+
+Names are loaded on first use: the API process checks URIs and options with this package and must not
+pay for importing torch.
 """
 
-from .errors import GraftCancelled, GraftError
-from .options import GraftOptions, GraftRequest, parse_size
-from .run import GraftResult, Progress, plan_graft, resolve_inputs, run_graft
-from .sinks import MANIFEST
-from .uris import Location, parse_uri
+from importlib import import_module
 
-__all__ = [
-    "GraftCancelled", "GraftError", "GraftOptions", "GraftRequest", "GraftResult", "Location", "MANIFEST",
-    "Progress", "parse_size", "parse_uri", "plan_graft", "resolve_inputs", "run_graft",
-]
+_EXPORTS = {
+    "GraftCancelled": "errors", "GraftError": "errors",
+    "GraftOptions": "options", "GraftRequest": "options", "parse_size": "options",
+    "GraftResult": "run", "Progress": "run", "plan_graft": "run", "resolve_inputs": "run", "run_graft": "run",
+    "MANIFEST": "sinks",
+    "Location": "uris", "parse_uri": "uris",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

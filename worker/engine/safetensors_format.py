@@ -115,6 +115,11 @@ def parse_header(raw: bytes, *, where: str, file: str, file_size: int) -> tuple[
         if begin > cursor:
             raise GraftError("invalid_safetensors", f"{where}: gap in the data before tensor {name!r}")
         cursor = end
+    if data_start + cursor != file_size:
+        # The offsets must tile the data exactly (the safetensors library refuses such files too): bytes
+        # past the last tensor mean a header that does not describe the file it is in.
+        raise GraftError("invalid_safetensors", f"{where}: {file_size - data_start - cursor} bytes past the last "
+                         "tensor; the header does not describe the whole file")
     return tensors, metadata
 
 
