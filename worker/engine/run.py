@@ -102,22 +102,33 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
               should_cancel: Callable[[], bool] | None = None,
               warn: Callable[[dict], None] | None = None) -> GraftResult:
     settings = settings or get_settings()
-    started = time.perf_counter()
     output = parse_uri(request.output, field="output")
     device = pick_device(request.options.device)
     report = progress or (lambda p: None)
     report(Progress("resolving"))
     plan, models = plan_graft(request, settings)
+    try:
+        return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
+                            warn or (lambda w: None))
+    finally:
+        for m in models.values():
+            m.store.close()
+
+
+def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
+                 settings: Settings, report: Callable[[Progress], None],
+                 should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None]) -> GraftResult:
+    started = time.perf_counter()
     for w in plan.warnings:
-        (warn or (lambda w: None))(w)
+        warn(w)
     for d in plan.source_only:
-        (warn or (lambda w: None))({"code": "source_only", "tensor": d["tensor"],
-                                    "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"})
+        warn({"code": "source_only", "tensor": d["tensor"],
+              "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"})
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
+    sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
     hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
     hasher.start()
-    sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
     try:
         def on_block(totals: StreamTotals) -> None:
             total.tensors_done, total.bytes_read, total.bytes_written = (
@@ -166,12 +177,9 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
     except BaseException:
         sink.abort()
         raise
-    finally:
-        for m in models.values():
-            m.store.close()
     total.phase = "done"
     report(total)
-    return GraftResult(str(output), manifest_uri, records + [], manifest, warnings)
+    return GraftResult(str(output), manifest_uri, records, manifest, warnings)
 
 
 __all__ = ["GraftResult", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]
