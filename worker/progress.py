@@ -8,9 +8,9 @@ from .engine.run import Progress
 
 
 class TerminalProgress:
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
         self._bar = None
 
     def update(self, p: Progress) -> None:

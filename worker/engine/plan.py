@@ -247,7 +247,8 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
         vocab_info["output_rows"] = config["vocab_size"]
     config["tie_word_embeddings"] = tied_output
     if options.dtype != "auto":
-        config["torch_dtype" if "torch_dtype" in config else "dtype"] = options.dtype
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+            config[key] = options.dtype
     return Plan(tensors, _shard(tensors, options.shard_size), source_only, warnings, config, tied_output,
                 vocab_info)
 

@@ -119,11 +119,11 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                  settings: Settings, report: Callable[[Progress], None],
                  should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None]) -> GraftResult:
     started = time.perf_counter()
-    for w in plan.warnings:
+    source_only = [{"code": "source_only", "tensor": d["tensor"],
+                    "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
+                   for d in plan.source_only]
+    for w in plan.warnings + source_only:
         warn(w)
-    for d in plan.source_only:
-        warn({"code": "source_only", "tensor": d["tensor"],
-              "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"})
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
@@ -158,7 +158,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         hasher.join()
         if hasher.error is not None:
             raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")
-        warnings = plan.warnings + changed
+        warnings = plan.warnings + source_only + changed
         run_stats = {
             "device": str(device),
             "seconds_total": round(time.perf_counter() - started, 3),

@@ -22,6 +22,7 @@ from .s3 import s3_client
 from .uris import Location
 
 MANIFEST = "graft-manifest.json"
+PENDING = ".graft-pending"  # S3: marks a prefix a graft is writing (removed once the manifest is in)
 
 
 @dataclass
@@ -221,23 +222,41 @@ class S3Sink(Sink):
         self._lock = threading.Lock()
         self._uploads: dict[str, str] = {}
         self._objects: set[str] = set()
+        if self._exists(MANIFEST):
+            raise GraftError("output_exists", f"{location} already holds a committed graft")
+        if self._exists(PENDING):
+            self._clear_leftovers()
+        elif self._has_objects():
+            # Never empty a prefix we did not start: it may hold anything (another model, an input).
+            raise GraftError("output_exists", f"{location} already holds objects and is not a graft's "
+                             "leftovers; choose an empty prefix")
+        # Claim the prefix first, so that a retry after a kill knows the leftovers are ours to clear.
+        self.put(PENDING, b"a graft is being written under this prefix; it is not a result until "
+                 b"graft-manifest.json exists\n")
+
+    def _exists(self, name: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(MANIFEST))
-            exists = True
+            self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+            return True
         except self.client.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code not in ("404", "NoSuchKey", "NotFound"):
-                raise GraftError("storage_error", f"{location}: cannot check the output: {exc}") from exc
-            exists = False
-        if exists:
-            raise GraftError("output_exists", f"{location} already holds a committed graft")
-        self._clear_leftovers()
+                raise GraftError("storage_error", f"{self.location}: cannot check the output: {exc}") from exc
+            return False
+
+    def _has_objects(self) -> bool:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as exc:
+            raise GraftError("storage_error", f"{self.location}: cannot list the output: {exc}") from exc
+        return bool(resp.get("Contents"))
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _clear_leftovers(self) -> None:
-        """A retried job finds what a killed attempt left: stale multipart uploads and objects."""
+        """A retried job finds what a killed attempt left (it left PENDING too): stale uploads and objects."""
         prefix = f"{self.prefix}/" if self.prefix else ""
         uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", [])
         for up in uploads:
@@ -274,6 +293,10 @@ class S3Sink(Sink):
             raise GraftError("storage_error", f"{self.location}: cannot write the manifest: {exc}") from exc
         finally:
             self.pool.shutdown(wait=True)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(PENDING))
+        except Exception:
+            pass  # harmless: readers trust the manifest, and a later graft here is refused anyway
         return f"s3://{self.bucket}/{key}"
 
     def abort(self) -> None:

@@ -207,16 +207,28 @@ class HubStore(Store):
         if length == 0:
             return
         self.size(name)
+        whole = start == 0 and length == self.size(name)
+        got = 0
         try:
-            resp = self._http.get(self._url(name), headers={"Range": f"bytes={start}-{start + length - 1}"})
+            with self._http.stream("GET", self._url(name),
+                                   headers={"Range": f"bytes={start}-{start + length - 1}"}) as resp:
+                if resp.status_code == 200 and not whole:
+                    # A server that ignores Range would have us download the whole shard per tensor.
+                    raise GraftError("storage_error", f"{self.location}/{name}: the server ignored the Range "
+                                     "header; refusing to download whole files")
+                if resp.status_code not in (200, 206):
+                    raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
+                for chunk in resp.iter_bytes(1 << 20):
+                    if got + len(chunk) > length:
+                        break
+                    view[got:got + len(chunk)] = chunk
+                    got += len(chunk)
+        except GraftError:
+            raise
         except Exception as exc:
             raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        if resp.status_code not in (200, 206):
-            raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
-        data = resp.content if resp.status_code == 206 else resp.content[start:start + length]
-        if len(data) != length:
+        if got != length:
             raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
-        view[:] = data
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}

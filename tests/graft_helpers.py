@@ -1,0 +1,184 @@
+"""Helpers shared by the engine tests: running a graft in-process, reading outputs, the float64
+reference, ulp arithmetic and surgery on safetensors files (for the corrupt-input cases)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+
+import torch
+from safetensors.torch import load_file
+
+from worker.engine import GraftOptions, GraftRequest, run_graft
+from worker.settings import Settings
+
+ROLES = ("source_base", "source_finetuned", "target_base")
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+def settings(**overrides) -> Settings:
+    """A fresh settings object (reads the environment now, not whenever get_settings() was first called)."""
+    return Settings(**overrides)
+
+
+def graft(paths: dict[str, str], output: str, *, settings_overrides: dict | None = None, should_cancel=None,
+          **options):
+    """Run a graft in-process; returns (result, warnings sent to the warn callback)."""
+    warnings: list[dict] = []
+    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
+                           GraftOptions(**options))
+    result = run_graft(request, settings=settings(**(settings_overrides or {})), warn=warnings.append,
+                       should_cancel=should_cancel)
+    return result, warnings
+
+
+def load_dir(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, whatever its sharding."""
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            part = load_file(os.path.join(directory, name))
+            assert not set(part) & set(out), f"tensor in two shards: {set(part) & set(out)}"
+            out.update(part)
+    return out
+
+
+def read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def copy_trio(trio: dict[str, str], root) -> dict[str, str]:
+    """A private copy of a (session-scoped) trio that a test may damage."""
+    out = {}
+    for role, path in trio.items():
+        out[role] = shutil.copytree(path, os.path.join(str(root), role))
+    return out
+
+
+def effective(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A model's tensor, with a tied lm_head read as the embedding it shares storage with."""
+    if name == HEAD and HEAD not in state:
+        return state[EMBED]
+    return state[name]
+
+
+def reference(t: torch.Tensor, s: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor:
+    """t + alpha * (f - s) in float64 over the rows all three share."""
+    rows = min(t.shape[0], s.shape[0], f.shape[0]) if t.dim() else None
+    if rows is not None and not (t.shape == s.shape == f.shape):
+        t, s, f = t[:rows], s[:rows], f[:rows]
+    return t.double() + alpha * (f.double() - s.double())
+
+
+_PRECISION = {torch.bfloat16: (8, -125), torch.float16: (11, -13), torch.float32: (24, -125),
+              torch.float64: (53, -1021)}
+
+
+def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at each value of `ref` (float64), subnormals included."""
+    p, emin = _PRECISION[dtype]
+    _, exp = torch.frexp(ref.double())
+    exp = torch.clamp(exp, min=emin)
+    return torch.ldexp(torch.ones_like(ref, dtype=torch.float64), (exp - p).to(torch.int64))
+
+
+def ulp_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|out - ref| in units of the output dtype's last place."""
+    return (out.double() - ref).abs() / ulp(ref, out.dtype)
+
+
+def correctly_rounded(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 reference rounded once to `dtype` (round to nearest, ties to even), by hand: torch's
+    float64 -> bfloat16 goes through float32 and could round twice."""
+    step = ulp(ref, dtype)
+    return (torch.round(ref / step) * step).to(dtype)
+
+
+# --- safetensors surgery -------------------------------------------------------------------------------
+
+def read_safetensors(path: str) -> tuple[dict, bytes]:
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def write_safetensors(path: str, header: dict, data: bytes, *, raw_header: bytes | None = None) -> None:
+    raw = raw_header if raw_header is not None else json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def data_region(path: str) -> tuple[int, int]:
+    """(start, length) of a safetensors file's data region."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+    return 8 + n, os.path.getsize(path) - 8 - n
+
+
+def shard_of(directory: str, tensor: str) -> str:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return os.path.join(directory, read_json(index)["weight_map"][tensor])
+    return os.path.join(directory, "model.safetensors")
+
+
+def tensor_names_sorted_by_offset(header: dict) -> list[str]:
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"][0])
+
+
+def nbytes(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+def numel(shape) -> int:
+    return math.prod(shape)
+
+
+def expected_output(paths: dict[str, str], *, alpha: float = 1.0, vocab: str = "extend",
+                    selected=lambda name: True) -> tuple[dict[str, torch.Tensor], bool]:
+    """What the output must hold, computed independently in float64 from the three inputs:
+    (tensor name -> expected values, whether the output is tied)."""
+    s_state, f_state, t_state = (load_dir(paths[r]) for r in ROLES)
+    tied_out = all(HEAD not in m for m in (s_state, f_state, t_state))
+    names = list(t_state)
+    if HEAD not in t_state and not tied_out:
+        names.append(HEAD)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        t = effective(t_state, name)
+        has = name in s_state or (name == HEAD and EMBED in s_state)
+        has &= name in f_state or (name == HEAD and EMBED in f_state)
+        if not selected(name) or not has or not t.is_floating_point():
+            out[name] = t
+            continue
+        s, f = effective(s_state, name), effective(f_state, name)
+        if t.shape == s.shape == f.shape:
+            out[name] = reference(t, s, f, alpha)
+            continue
+        rt, rf = t.shape[0], f.shape[0]
+        shared = min(rt, s.shape[0], rf)
+        out_rows = max(rt, rf) if vocab == "extend" else rt
+        parts = [reference(t, s, f, alpha)[:shared], t[shared:rt].double(), f[rt:out_rows].double()]
+        out[name] = torch.cat(parts)
+    return out, tied_out
+
+
+def assert_matches_expected(out_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                            max_ulp: float = 1.0) -> None:
+    assert set(out_state) == set(expected), (sorted(set(out_state) ^ set(expected)))
+    for name, want in expected.items():
+        got = out_state[name]
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        if not got.is_floating_point():
+            assert torch.equal(got, want), name
+            continue
+        err = ulp_error(got, want.double())
+        assert float(err.max()) <= max_ulp, f"{name}: {float(err.max())} ulp"
