@@ -111,7 +111,32 @@ class LocalStore(Store):
             self._fds.clear()
 
 
-class S3Store(Store):
+def _fill(view: memoryview, chunks) -> int:
+    """Copy a response's chunks into `view`; returns the byte count, which exceeds len(view) on overrun."""
+    got = 0
+    for chunk in chunks:
+        if got + len(chunk) > len(view):
+            return got + len(chunk)
+        view[got:got + len(chunk)] = chunk
+        got += len(chunk)
+    return got
+
+
+class RemoteStore(Store):
+    """Stores reached over HTTP: they report the checksums the server keeps instead of hashing."""
+
+    _meta: dict[str, dict]
+
+    def fingerprint(self, name: str) -> dict:
+        return {"size": self.size(name), **self._meta.get(name, {})}
+
+    def _check_length(self, name: str, start: int, length: int, got: int) -> None:
+        if got != length:
+            raise GraftError("invalid_safetensors",
+                             f"{self.location}/{name}: expected {length} bytes at {start}, the server sent {got}")
+
+
+class S3Store(RemoteStore):
     def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
         self.location = location
         self.client = s3_client(endpoint_url)
@@ -148,24 +173,13 @@ class S3Store(Store):
             resp = self.client.get_object(
                 Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={start}-{start + length - 1}"
             )
-            body = resp["Body"]
-            got = 0
-            while got < length:
-                chunk = body.read(min(8 << 20, length - got))
-                if not chunk:
-                    break
-                view[got:got + len(chunk)] = chunk
-                got += len(chunk)
+            got = _fill(view, resp["Body"].iter_chunks(8 << 20))
         except Exception as exc:
             raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        if got != length:
-            raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
-
-    def fingerprint(self, name: str) -> dict:
-        return {"size": self.size(name), **self._meta.get(name, {})}
+        self._check_length(name, start, length, got)
 
 
-class HubStore(Store):
+class HubStore(RemoteStore):
     """A Hugging Face hub repository, pinned to the commit its revision resolves to."""
 
     def __init__(self, location: Location) -> None:
@@ -208,7 +222,6 @@ class HubStore(Store):
             return
         self.size(name)
         whole = start == 0 and length == self.size(name)
-        got = 0
         try:
             with self._http.stream("GET", self._url(name),
                                    headers={"Range": f"bytes={start}-{start + length - 1}"}) as resp:
@@ -218,20 +231,12 @@ class HubStore(Store):
                                      "header; refusing to download whole files")
                 if resp.status_code not in (200, 206):
                     raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
-                for chunk in resp.iter_bytes(1 << 20):
-                    if got + len(chunk) > length:
-                        break
-                    view[got:got + len(chunk)] = chunk
-                    got += len(chunk)
+                got = _fill(view, resp.iter_bytes(1 << 20))
         except GraftError:
             raise
         except Exception as exc:
             raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        if got != length:
-            raise GraftError("invalid_safetensors", f"{self.location}/{name}: short read at {start}+{length}")
-
-    def fingerprint(self, name: str) -> dict:
-        return {"size": self.size(name), **self._meta.get(name, {})}
+        self._check_length(name, start, length, got)
 
     def close(self) -> None:
         self._http.close()
