@@ -37,9 +37,12 @@ class TensorStats:
 class Arithmetic:
     """Scratch buffers and the device the sums run on; one instance per graft, used by one thread."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, whole_pieces: bool | None = None) -> None:
         self.device = device
+        # Accelerators take whole pieces; the CPU walks cache-sized chunks. Tests force the former on CPU.
+        self.whole_pieces = device.type != "cpu" if whole_pieces is None else whole_pieces
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._host: dict[int, torch.Tensor] = {}
 
     def _buffers(self, dtype: torch.dtype):
         bufs = self._scratch.get(dtype)
@@ -49,7 +52,7 @@ class Arithmetic:
 
     def transfer(self, out: torch.Tensor, t: torch.Tensor, s: torch.Tensor, f: torch.Tensor, alpha: float,
                  compute: torch.dtype, stats: TensorStats) -> None:
-        if self.device.type != "cpu":
+        if self.whole_pieces:
             return self._transfer_device(out, t, s, f, alpha, compute, stats)
         a_buf, b_buf, c_buf = self._buffers(compute)
         n = out.numel()
@@ -83,19 +86,43 @@ class Arithmetic:
         stats.cross += cross
         stats.nonfinite |= not math.isfinite(osq) or (limit is not None and big >= limit)
 
+    def _staging(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused host buffer shaped like `like`: page-locked on CUDA so copies run asynchronously."""
+        nbytes = like.numel() * like.element_size()
+        buf = self._host.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._host[slot] = buf
+        return buf[:nbytes].view(like.dtype)
+
     def _transfer_device(self, out, t, s, f, alpha, compute, stats) -> None:
+        """The whole piece at once on the accelerator: its memory is bounded by the block size."""
         dev = self.device
-        td, sd, fd = (x.pin_memory().to(dev, non_blocking=True) for x in (t, s, f))
-        delta = fd.to(compute) - sd.to(compute)
+        on_device = []
+        for slot, x in enumerate((t, s, f)):
+            host = self._staging(slot, x)
+            host.copy_(x)
+            on_device.append(host.to(dev, non_blocking=True))
+        td, sd, fd = on_device
         tc = td.to(compute)
+        delta = fd.to(compute) - sd.to(compute)
         bases = tc - sd.to(compute)
-        stats.delta_sq += float(torch.dot(delta, delta))
-        stats.target_sq += float(torch.dot(tc, tc))
-        stats.bases_sq += float(torch.dot(bases, bases))
-        stats.cross += float(torch.dot(bases, delta))
-        result = (tc + delta * alpha if alpha != 1.0 else tc + delta).to(out.dtype)
-        stats.nonfinite |= not bool(torch.isfinite(result).all())
-        out.copy_(result.cpu())
+        sums = torch.stack([torch.dot(delta, delta), torch.dot(tc, tc), torch.dot(bases, bases),
+                            torch.dot(bases, delta)])
+        result = tc.add_(delta, alpha=alpha) if alpha != 1.0 else tc.add_(delta)
+        rounded = result.to(out.dtype)
+        sums = torch.cat([sums.double(), torch.dot(result, result).double().reshape(1)])
+        limit = _FINITE_LIMIT.get(out.dtype)
+        big = result.abs().max() if limit is not None and result.numel() else None
+        host_out = self._staging(3, out)
+        host_out.copy_(rounded, non_blocking=True)
+        d, tt, b, c, o = sums.tolist()  # synchronises: host_out is complete after this
+        stats.delta_sq += d
+        stats.target_sq += tt
+        stats.bases_sq += b
+        stats.cross += c
+        stats.nonfinite |= not math.isfinite(o) or (big is not None and float(big) >= limit)
+        out.copy_(host_out)
 
     def copy(self, out: torch.Tensor, src: torch.Tensor, check_finite: bool, stats: TensorStats) -> None:
         if not check_finite:
