@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -19,6 +20,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# Input digests are remembered across runs; tests keep theirs out of the user's cache.
+os.environ.setdefault("GRAFT_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"graft-test-cache-{os.getpid()}"))
 
 
 def free_port() -> int:
