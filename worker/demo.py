@@ -1,25 +1,136 @@
-"""`make run`: generate three small related models and graft them, printing where the result is."""
+"""`make run`: the embedded service end to end, with no Docker and no external services.
+
+Starts Redis (the local `redis-server` binary on a free port), the API (dev mode: it generates an API key
+and prints it) and one worker, with local-directory storage; generates three small related models,
+submits a graft through the real HTTP API, polls it to the end, prints where the result is, and stops
+everything it started.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 
-from .engine import GraftOptions, GraftRequest, run_graft
+import httpx
+
 from .sample_models import make_trio
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        url = os.environ.get("GRAFT_REDIS_URL", "")
+        if url:
+            print(f"no redis-server binary; using GRAFT_REDIS_URL={url}")
+            return None, url
+        raise SystemExit("graft demo: no `redis-server` binary on PATH and no GRAFT_REDIS_URL; install Redis "
+                         "(apt-get install redis-server) or point GRAFT_REDIS_URL at one")
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _wait_port(port, 10)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def main() -> int:
+    t0 = time.time()
     root = tempfile.mkdtemp(prefix="graft-demo-")
-    paths = make_trio(os.path.join(root, "models"))
-    output = os.path.join(root, "grafted")
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], output,
-                           GraftOptions())
-    result = run_graft(request)
-    print(f"grafted {result.stats['tensors']} tensors; result: {result.output_uri}")
-    print(f"manifest: {result.manifest_uri}")
-    return 0
+    procs: list[subprocess.Popen | None] = []
+    try:
+        redis_proc, redis_url = _start_redis(root)
+        procs.append(redis_proc)
+        models = make_trio(os.path.join(root, "models"))
+        env = {**os.environ, "GRAFT_REDIS_URL": redis_url, "GRAFT_DEV_MODE": "1", "GRAFT_API_KEYS": "",
+               "GRAFT_ALLOWED_ROOTS": root, "GRAFT_OUTPUT_URI": f"file://{root}/outputs",
+               "GRAFT_KEY_PREFIX": "graft-demo:", "GRAFT_QUEUE_NAME": "graft-demo", "GRAFT_CACHE_DIR": "",
+               "GRAFT_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+        port = _free_port()
+        api = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(api)
+        key = None
+        for line in api.stdout:  # the dev-mode key is the API's first line
+            if line.startswith("GRAFT_DEV_API_KEY="):
+                key = line.split("=", 1)[1].split()[0]
+                break
+        if key is None:
+            raise SystemExit("graft demo: the API did not start")
+        threading.Thread(target=lambda: [None for _ in api.stdout], daemon=True).start()
+        procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env,
+                                      start_new_session=True))
+        _wait_port(port, 30)
+        base = f"http://127.0.0.1:{port}"
+        print(f"redis {redis_url}; API {base} (dev key {key}); one worker; storage {root}/outputs")
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+            body = {role: f"file://{path}" for role, path in models.items()}
+            resp = c.post("/v1/jobs", json={**body, "metadata": {"demo": "make run"}})
+            resp.raise_for_status()
+            job = resp.json()
+            print(f"POST /v1/jobs -> {resp.status_code} {job['id']} ({job['status']})")
+            last = None
+            deadline = time.time() + 45
+            while time.time() < deadline:
+                job = c.get(f"/v1/jobs/{job['id']}").json()
+                progress = job.get("progress") or {}
+                state = (job["status"], progress.get("phase"))
+                if state != last:
+                    print(f"  {job['status']:<10} phase={progress.get('phase')} "
+                          f"tensors={progress.get('tensors_done', 0)}/{progress.get('tensors_total', 0)}")
+                    last = state
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.2)
+            if job["status"] != "succeeded":
+                print(f"job ended {job['status']}: {job.get('error')}")
+                return 1
+            result = job["result"]
+            print(f"grafted {result['stats']['tensors']} tensors in {result['stats']['seconds_total']}s "
+                  f"(attempt {job['attempt']}); {len(result['files'])} files")
+            print(f"result:   {result['uri']}")
+            print(f"manifest: {result['manifest_uri']}")
+        print(f"demo finished in {time.time() - t0:.1f}s; services stopped; files kept under {root}")
+        return 0
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
 
 
 if __name__ == "__main__":

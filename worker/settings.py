@@ -33,10 +33,29 @@ class Settings(BaseSettings):
     prefetch_blocks: int = Field(3, description="blocks read ahead of the compute")
     io_threads: int = Field(4, description="threads issuing ranged reads")
     max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
-    s3_part_bytes: int = Field(64 << 20, description="multipart upload part size")
+    remote_window_bytes: int = Field(32 << 20, description="remote inputs are streamed in windows this large")
+    remote_windows: int = Field(4, description="windows kept per remote input (read-ahead included)")
+    s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
     cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
                            description="remembered input digests; empty to disable")
+
+    # Service (API, queue worker, job records). Appended by the service work; see app/ and worker/jobs.py.
+    key_prefix: str = Field("graft:", description="prefix of every Redis key of our own job records")
+    progress_interval: float = Field(0.5, description="seconds between progress writes to the job record")
+    lease_seconds: float = Field(5.0, description="a running job whose lease is this stale is abandoned")
+    monitor_interval: float = Field(1.0, description="seconds between the worker's recovery/cancel checks")
+    cancel_grace_seconds: float = Field(30.0, description="after this, a cancelling job's process is stopped")
+    job_timeout: int = Field(24 * 3600, description="RQ timeout of one graft job, seconds")
+    idempotency_ttl: int = Field(25 * 3600, description="seconds an Idempotency-Key is remembered")
+    retry_after_seconds: int = Field(2, description="Retry-After sent with 202 responses")
+    webhook_max_attempts: int = Field(6, description="deliveries tried per webhook before giving up")
+    webhook_backoff: float = Field(1.0, description="first retry delay of a webhook, doubled each time")
+    webhook_timeout: float = Field(5.0, description="seconds one webhook POST may take")
+    webhook_allow_private: bool = Field(False, description="allow webhooks to loopback/private addresses")
+    job_block_delay: float = Field(0.0, description="seconds slept after each streamed block (tests only)")
+    worker_preload: bool = Field(True, description="import torch and the engine once in the worker parent "
+                                 "(no CUDA is touched there) so each forked job starts fast")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -55,7 +55,9 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {role: pool.submit(resolve_model, role, parse_uri(uris[role], field=role),
                                      endpoint_url=settings.s3_endpoint_url,
-                                     max_header_bytes=settings.max_header_bytes) for role in ROLES}
+                                     max_header_bytes=settings.max_header_bytes,
+                                     window_bytes=settings.remote_window_bytes,
+                                     windows=settings.remote_windows) for role in ROLES}
         return {role: f.result() for role, f in futures.items()}
 
 
@@ -106,10 +108,12 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
     device = pick_device(request.options.device)
     report = progress or (lambda p: None)
     report(Progress("resolving"))
+    t0 = time.perf_counter()
     plan, models = plan_graft(request, settings)
+    resolve_seconds = time.perf_counter() - t0
     try:
         return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
-                            warn or (lambda w: None))
+                            warn or (lambda w: None), resolve_seconds)
     finally:
         for m in models.values():
             m.store.close()
@@ -117,7 +121,8 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
 
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
                  settings: Settings, report: Callable[[Progress], None],
-                 should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None]) -> GraftResult:
+                 should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
+                 resolve_seconds: float) -> GraftResult:
     started = time.perf_counter()
     source_only = [{"code": "source_only", "tensor": d["tensor"],
                     "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
@@ -162,6 +167,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         run_stats = {
             "device": str(device),
             "seconds_total": round(time.perf_counter() - started, 3),
+            "seconds_resolving": round(resolve_seconds, 3),
             "seconds_streaming": round(stream_seconds, 3),
             "bytes_read": total.bytes_read,
             "bytes_written": total.bytes_written,

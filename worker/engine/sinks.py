@@ -13,7 +13,6 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -148,6 +147,9 @@ class LocalSink(Sink):
 
 
 class _S3Writer(FileWriter):
+    """Multipart upload as the bytes come. close() hands the last part and the completion to the sink's
+    background threads, so the next shard streams while this one finishes; commit() waits for them."""
+
     MIN_PART = 8 << 20
 
     def __init__(self, sink: S3Sink, name: str, expected_size: int | None) -> None:
@@ -160,8 +162,7 @@ class _S3Writer(FileWriter):
         self.part_bytes = max(part, self.MIN_PART)
         self.buf = bytearray()
         self.upload_id: str | None = None
-        self.parts: list[dict] = []
-        self.pending: deque[Future] = deque()
+        self.parts: list[Future] = []
 
     def _write(self, data) -> None:
         self.buf += data
@@ -171,54 +172,45 @@ class _S3Writer(FileWriter):
             self._send(part)
 
     def _send(self, part: bytes) -> None:
-        client = self.sink.client
         if self.upload_id is None:
-            resp = client.create_multipart_upload(Bucket=self.sink.bucket, Key=self.key)
+            resp = self.sink.client.create_multipart_upload(Bucket=self.sink.bucket, Key=self.key)
             self.upload_id = resp["UploadId"]
             self.sink.track_upload(self.key, self.upload_id)
-        number = len(self.parts) + len(self.pending) + 1
-        # Bounded in flight: memory is part_bytes times this, whatever the file size.
-        while len(self.pending) >= self.sink.parts_in_flight:
-            self.parts.append(self.pending.popleft().result())
-        self.pending.append(self.sink.pool.submit(self._upload_part, number, part))
-
-    def _upload_part(self, number: int, part: bytes) -> dict:
-        resp = self.sink.client.upload_part(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id,
-                                            PartNumber=number, Body=part)
-        return {"PartNumber": number, "ETag": resp["ETag"]}
+        self.parts.append(self.sink.upload_part(self.key, self.upload_id, len(self.parts) + 1, part))
 
     def _finish(self) -> None:
-        client = self.sink.client
-        try:
-            if self.upload_id is None:
-                client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=bytes(self.buf))
-                self.sink.track_object(self.key)
-                return
-            if self.buf or not (self.parts or self.pending):
+        if self.upload_id is None:
+            self.sink.defer(self._put_whole, bytes(self.buf))
+        else:
+            if self.buf or not self.parts:
                 self._send(bytes(self.buf))
-            self.buf = bytearray()
-            while self.pending:
-                self.parts.append(self.pending.popleft().result())
-            self.parts.sort(key=lambda p: p["PartNumber"])
-            client.complete_multipart_upload(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id,
-                                             MultipartUpload={"Parts": self.parts})
-            self.sink.finish_upload(self.key, self.upload_id)
-        except GraftError:
-            raise
-        except Exception as exc:
-            raise GraftError("storage_error", f"upload of {self.key} failed: {exc}") from exc
+            self.sink.defer(self._complete, list(self.parts))
+        self.buf = bytearray()
+
+    def _put_whole(self, body: bytes) -> None:
+        self.sink.client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=body)
+        self.sink.track_object(self.key)
+
+    def _complete(self, parts: list[Future]) -> None:
+        done = sorted((f.result() for f in parts), key=lambda p: p["PartNumber"])
+        self.sink.client.complete_multipart_upload(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id,
+                                                   MultipartUpload={"Parts": done})
+        self.sink.finish_upload(self.key, self.upload_id)
 
 
 class S3Sink(Sink):
     def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
-                 parts_in_flight: int = 2) -> None:
+                 parts_in_flight: int = 4) -> None:
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.client = s3_client(endpoint_url)
         self.part_bytes = part_bytes
-        self.parts_in_flight = parts_in_flight
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3-upload")
+        # Parts in flight across all files: memory is part_bytes times this, whatever the output size.
+        self._slots = threading.BoundedSemaphore(parts_in_flight)
+        self.pool = ThreadPoolExecutor(max_workers=parts_in_flight, thread_name_prefix="s3-upload")
+        self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3-finish")
+        self._deferred: list[Future] = []
         self._lock = threading.Lock()
         self._uploads: dict[str, str] = {}
         self._objects: set[str] = set()
@@ -231,8 +223,13 @@ class S3Sink(Sink):
             raise GraftError("output_exists", f"{location} already holds objects and is not a graft's "
                              "leftovers; choose an empty prefix")
         # Claim the prefix first, so that a retry after a kill knows the leftovers are ours to clear.
-        self.put(PENDING, b"a graft is being written under this prefix; it is not a result until "
-                 b"graft-manifest.json exists\n")
+        try:  # synchronously: the claim must exist before any upload starts
+            self.client.put_object(Bucket=self.bucket, Key=self.key(PENDING),
+                                   Body=b"a graft is being written under this prefix; it is not a result until "
+                                        b"graft-manifest.json exists\n")
+        except Exception as exc:
+            raise GraftError("storage_error", f"{location}: cannot write to the output: {exc}") from exc
+        self.track_object(self.key(PENDING))
 
     def _exists(self, name: str) -> bool:
         try:
@@ -282,7 +279,36 @@ class S3Sink(Sink):
     def open(self, name: str, expected_size: int | None = None) -> FileWriter:
         return _S3Writer(self, name, expected_size)
 
+    def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> Future:
+        self._slots.acquire()
+
+        def send() -> dict:
+            try:
+                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                               Body=body)
+                return {"PartNumber": number, "ETag": resp["ETag"]}
+            finally:
+                self._slots.release()
+
+        return self.pool.submit(send)
+
+    def defer(self, fn, *args) -> None:
+        with self._lock:
+            self._deferred.append(self._finisher.submit(fn, *args))
+
+    def _wait_deferred(self) -> None:
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        for future in deferred:
+            try:
+                future.result()
+            except GraftError:
+                raise
+            except Exception as exc:
+                raise GraftError("storage_error", f"{self.location}: upload failed: {exc}") from exc
+
     def commit(self, manifest: bytes) -> str:
+        self._wait_deferred()
         key = self.key(MANIFEST)
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=manifest, IfNoneMatch="*")
@@ -293,6 +319,7 @@ class S3Sink(Sink):
             raise GraftError("storage_error", f"{self.location}: cannot write the manifest: {exc}") from exc
         finally:
             self.pool.shutdown(wait=True)
+            self._finisher.shutdown(wait=True)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key(PENDING))
         except Exception:
@@ -300,7 +327,9 @@ class S3Sink(Sink):
         return f"s3://{self.bucket}/{key}"
 
     def abort(self) -> None:
+        # Let in-flight work settle first, so that nothing it completes escapes the clean-up below.
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self._finisher.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             uploads, objects = dict(self._uploads), set(self._objects)
         for key, upload_id in uploads.items():

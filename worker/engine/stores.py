@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import GraftError
 from .s3 import s3_client
@@ -27,6 +29,10 @@ class Store(ABC):
     @abstractmethod
     def read_into(self, name: str, start: int, view: memoryview) -> None:
         """Fill `view` with the file's bytes from `start`: the hot path, into reused buffers."""
+
+    def stream_into(self, name: str, start: int, view: memoryview) -> None:
+        """Like read_into, for the stream's reads, which walk each file mostly front to back."""
+        self.read_into(name, start, view)
 
     def read_range(self, name: str, start: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -123,9 +129,64 @@ def _fill(view: memoryview, chunks) -> int:
 
 
 class RemoteStore(Store):
-    """Stores reached over HTTP: they report the checksums the server keeps instead of hashing."""
+    """Stores reached over HTTP: they report the checksums the server keeps instead of hashing, and serve
+    the stream from large aligned windows fetched ahead of need. A request has a fixed cost (and some
+    S3-compatible servers, moto among them, pay for the whole object on every ranged GET), so a few
+    large reads beat one per block; memory stays at `windows` x `window_bytes` per store."""
 
     _meta: dict[str, dict]
+    window_bytes: int = 32 << 20
+    windows: int = 4
+
+    def configure_windows(self, window_bytes: int | None, windows: int | None) -> None:
+        self.window_bytes = window_bytes or self.window_bytes
+        self.windows = max(2, windows or self.windows)
+
+    def _init_windows(self) -> None:
+        self._cache: OrderedDict[tuple[str, int], Future] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="graft-window")
+
+    def _window(self, name: str, index: int) -> Future:
+        with self._cache_lock:
+            key = (name, index)
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            future = self._fetcher.submit(self._load_window, name, index)
+            self._cache[key] = future
+            while len(self._cache) > self.windows:  # a reader still waiting on an evicted one keeps it alive
+                self._cache.popitem(last=False)
+            return future
+
+    def _load_window(self, name: str, index: int) -> bytearray:
+        start = index * self.window_bytes
+        buf = bytearray(min(self.window_bytes, self.size(name) - start))
+        self.read_into(name, start, memoryview(buf))
+        return buf
+
+    def stream_into(self, name: str, start: int, view: memoryview) -> None:
+        size, width = self.size(name), self.window_bytes
+        end = start + len(view)
+        if end > size:
+            raise GraftError("invalid_safetensors", f"{self.location}/{name}: read past the end of the file")
+        pos = start
+        while pos < end:
+            index = pos // width
+            window = self._window(name, index).result()
+            offset = pos - index * width
+            n = min(end - pos, len(window) - offset)
+            view[pos - start:pos - start + n] = window[offset:offset + n]
+            pos += n
+        following = -(-end // width)
+        if following * width < size:
+            self._window(name, following)  # read ahead; not waited for
+
+    def close(self) -> None:
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+        with self._cache_lock:
+            self._cache.clear()
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}
@@ -139,6 +200,7 @@ class RemoteStore(Store):
 class S3Store(RemoteStore):
     def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
         self.location = location
+        self._init_windows()
         self.client = s3_client(endpoint_url)
         self._meta: dict[str, dict] = {}
 
@@ -188,6 +250,7 @@ class HubStore(RemoteStore):
         from huggingface_hub.utils import build_hf_headers
 
         self.location = location
+        self._init_windows()
         self.endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
         try:
             info = HfApi(endpoint=self.endpoint).model_info(
@@ -239,14 +302,19 @@ class HubStore(RemoteStore):
         self._check_length(name, start, length, got)
 
     def close(self) -> None:
+        super().close()
         self._http.close()
 
 
-def open_store(location: Location, endpoint_url: str | None = None) -> Store:
+def open_store(location: Location, endpoint_url: str | None = None, *, window_bytes: int | None = None,
+               windows: int | None = None) -> Store:
     if location.scheme == "file":
         return LocalStore(location)
     if location.scheme == "s3":
-        return S3Store(location, endpoint_url)
-    if location.scheme == "hf":
-        return HubStore(location)
-    raise GraftError("invalid_uri", f"unsupported location {location}")
+        store: RemoteStore = S3Store(location, endpoint_url)
+    elif location.scheme == "hf":
+        store = HubStore(location)
+    else:
+        raise GraftError("invalid_uri", f"unsupported location {location}")
+    store.configure_windows(window_bytes, windows)
+    return store

@@ -204,7 +204,7 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
         reads = []
         for role, file, start, length in blocks[index].reads:
             view = buffers_pool.take(length)
-            reads.append((view, pool.submit(stores[role].read_into, file, start, view)))
+            reads.append((view, pool.submit(stores[role].stream_into, file, start, view)))
         return reads
 
     try:

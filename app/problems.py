@@ -1,0 +1,74 @@
+"""RFC 9457 problem details: every 4xx/5xx body is `application/problem+json`."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+PROBLEM_JSON = "application/problem+json"
+TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+          409: "Conflict", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+          500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class Problem(Exception):
+    """Raise anywhere in a handler; becomes a problem+json response."""
+
+    def __init__(self, status: int, code: str, detail: str, *, errors: list[dict] | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.errors, self.headers = status, code, detail, errors, headers
+
+
+def problem_response(status: int, code: str, detail: str, *, instance: str | None = None,
+                     errors: list[dict] | None = None, headers: dict | None = None) -> Response:
+    body = {"type": f"/problems/{code}", "title": TITLES.get(status, "Error"), "status": status,
+            "detail": detail, "code": code}
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = errors
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def field_error(field: str, message: str, type_: str = "invalid") -> Problem:
+    return Problem(422, "validation_error", f"{field}: {message}",
+                   errors=[{"field": field, "message": message, "type": type_}])
+
+
+async def _problem(request: Request, exc: Problem) -> Response:
+    return problem_response(exc.status, exc.code, exc.detail, instance=request.url.path, errors=exc.errors,
+                            headers=exc.headers)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> Response:
+    errors = []
+    malformed = False
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:] if loc[0] == "body" else loc
+        if err.get("type") in ("json_invalid", "model_attributes_type") and len(loc) <= 1:
+            malformed = True
+        errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
+                       "type": err.get("type", "invalid")})
+    if malformed:
+        return problem_response(400, "malformed_body", "the body is not a JSON object", instance=request.url.path,
+                                errors=errors)
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+    return problem_response(exc.status_code, code, str(exc.detail), instance=request.url.path,
+                            headers=getattr(exc, "headers", None))
+
+
+def install(app) -> None:
+    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)

@@ -1,0 +1,215 @@
+"""Our own job record in Redis: the single source of truth for a job's status.
+
+RQ only delivers work (its job hashes and results expire); everything a client sees comes from here.
+
+Layout (every key starts with `settings.key_prefix`):
+- `job:<id>`            hash; one field per public attribute, each JSON-encoded, plus `tenant` (raw)
+- `job:<id>:events`     list of JSON events, oldest first
+- `job:<id>:cancel`     flag set when a cancel was asked for (the job polls it between blocks)
+- `job:<id>:lease`      refreshed by the running job; its expiry means the process died
+- `tenant:<t>:jobs`     sorted set of job ids (all score 0; ids sort by creation time) for pagination
+- `status:<s>`          set of job ids per status (exact "jobs by status" metrics)
+- `idem:<t>:<sha>`      Idempotency-Key -> {"body": sha256 of the body, "job": id}
+- `webhooks`            sorted set of pending webhook deliveries, scored by due time
+- `stats`               hash of counters: bytes/tensors processed, job duration histogram buckets
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import orjson
+import redis
+
+STATUSES = ("queued", "validating", "running", "committing", "succeeded", "failed", "cancelling", "cancelled")
+ACTIVE = ("validating", "running", "committing", "cancelling")
+TERMINAL = ("succeeded", "failed", "cancelled")
+# Order of the public document's fields (GET /v1/jobs/{id}).
+PUBLIC_FIELDS = ("id", "object", "status", "created_at", "started_at", "finished_at", "source_base",
+                 "source_finetuned", "target_base", "output", "options", "metadata", "webhook_url", "attempt",
+                 "max_attempts", "progress", "result", "error")
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+MAX_EVENTS = 1000
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id() -> str:
+    """Fixed-width, time-ordered ids: lexical order is creation order, which pagination relies on."""
+    return f"job_{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+
+
+def _dumps(value) -> bytes:
+    return orjson.dumps(value)
+
+
+def decode_job(raw: dict) -> dict | None:
+    """Redis hash (bytes -> bytes) to the public document; None for a missing record."""
+    if not raw:
+        return None
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    return {name: orjson.loads(fields[name]) for name in PUBLIC_FIELDS if name in fields}
+
+
+class JobStore:
+    """Synchronous access to job records (worker processes and the API's non-hot paths)."""
+
+    def __init__(self, conn: redis.Redis, prefix: str = "graft:") -> None:
+        self.r = conn
+        self.p = prefix
+
+    # keys
+    def job_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:events"
+
+    def cancel_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:cancel"
+
+    def lease_key(self, job_id: str) -> str:
+        return f"{self.p}job:{job_id}:lease"
+
+    def tenant_key(self, tenant: str) -> str:
+        return f"{self.p}tenant:{tenant}:jobs"
+
+    def status_key(self, status: str) -> str:
+        return f"{self.p}status:{status}"
+
+    def idem_key(self, tenant: str, digest: str) -> str:
+        return f"{self.p}idem:{tenant}:{digest}"
+
+    @property
+    def webhooks_key(self) -> str:
+        return f"{self.p}webhooks"
+
+    @property
+    def stats_key(self) -> str:
+        return f"{self.p}stats"
+
+    # records
+    def create(self, doc: dict, tenant: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.job_key(doc["id"]), mapping={**{k: _dumps(v) for k, v in doc.items()}, "tenant": tenant})
+            pipe.zadd(self.tenant_key(tenant), {doc["id"]: 0})
+            pipe.sadd(self.status_key(doc["status"]), doc["id"])
+            pipe.rpush(self.events_key(doc["id"]), _dumps({"at": doc["created_at"], "type": "queued"}))
+            pipe.execute()
+
+    def get(self, job_id: str) -> dict | None:
+        return decode_job(self.r.hgetall(self.job_key(job_id)))
+
+    def tenant_of(self, job_id: str) -> str | None:
+        value = self.r.hget(self.job_key(job_id), "tenant")
+        return value.decode() if value is not None else None
+
+    def status(self, job_id: str) -> str | None:
+        value = self.r.hget(self.job_key(job_id), "status")
+        return orjson.loads(value) if value is not None else None
+
+    def update(self, job_id: str, **fields) -> None:
+        """Fields that do not decide anything (progress, attempt): written without a transaction."""
+        self.r.hset(self.job_key(job_id), mapping={k: _dumps(v) for k, v in fields.items()})
+
+    def transition(self, job_id: str, allowed_from: Iterable[str], to: str, event: dict | None = None,
+                   **fields) -> str | None:
+        """Atomically move the job to `to` if its status is one of `allowed_from`.
+
+        Returns the previous status on success and None when the job was elsewhere (another process won a
+        race: a cancel against a finish, two workers after a retry). Terminal transitions also queue the
+        webhook delivery, in the same transaction, so a webhook is never lost nor sent twice.
+        """
+        key = self.job_key(job_id)
+        allowed = set(allowed_from)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hmget(key, "status", "webhook_url")
+                    if raw[0] is None:
+                        pipe.unwatch()
+                        return None
+                    current = orjson.loads(raw[0])
+                    if current not in allowed:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    pipe.hset(key, mapping={"status": _dumps(to), **{k: _dumps(v) for k, v in fields.items()}})
+                    if current != to:
+                        pipe.srem(self.status_key(current), job_id)
+                        pipe.sadd(self.status_key(to), job_id)
+                    if event is not None:
+                        pipe.rpush(self.events_key(job_id), _dumps({"at": now_iso(), **event}))
+                    if to in TERMINAL:
+                        pipe.delete(self.lease_key(job_id))
+                        if raw[1] is not None and orjson.loads(raw[1]):
+                            pipe.zadd(self.webhooks_key, {_dumps({"job": job_id, "n": 0, "status": to}): time.time()})
+                    pipe.execute()
+                    return current
+                except redis.WatchError:
+                    continue
+
+    def add_event(self, job_id: str, type_: str, **data) -> None:
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.rpush(self.events_key(job_id), _dumps({"at": now_iso(), "type": type_, **data}))
+            pipe.ltrim(self.events_key(job_id), -MAX_EVENTS, -1)
+            pipe.execute()
+
+    def events(self, job_id: str) -> list[dict]:
+        return [orjson.loads(e) for e in self.r.lrange(self.events_key(job_id), 0, -1)]
+
+    def list_ids(self, tenant: str, after: str | None, count: int) -> list[str]:
+        """Newest first, strictly older than `after` (the previous page's last id)."""
+        upper = f"({after}" if after else "+"
+        ids = self.r.zrevrangebylex(self.tenant_key(tenant), upper, "-", start=0, num=count)
+        return [i.decode() for i in ids]
+
+    def get_many(self, ids: list[str]) -> list[dict | None]:
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.job_key(job_id))
+            return [decode_job(raw) for raw in pipe.execute()]
+
+    # cancel flag and lease
+    def request_cancel(self, job_id: str) -> None:
+        self.r.set(self.cancel_key(job_id), b"1", ex=7 * 24 * 3600)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.cancel_key(job_id)))
+
+    def renew_lease(self, job_id: str, seconds: float) -> None:
+        self.r.set(self.lease_key(job_id), b"1", px=int(seconds * 1000))
+
+    def lease_alive(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.lease_key(job_id)))
+
+    def ids_with_status(self, status: str) -> list[str]:
+        return [i.decode() for i in self.r.smembers(self.status_key(status))]
+
+    def status_counts(self) -> dict[str, int]:
+        with self.r.pipeline(transaction=False) as pipe:
+            for s in STATUSES:
+                pipe.scard(self.status_key(s))
+            return dict(zip(STATUSES, pipe.execute(), strict=True))
+
+    # metrics kept in Redis so that the API's /metrics sees what every worker did
+    def record_finished(self, seconds: float, bytes_read: int, bytes_written: int, tensors: int) -> None:
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.stats_key, "bytes_read", bytes_read)
+            pipe.hincrby(self.stats_key, "bytes_written", bytes_written)
+            pipe.hincrby(self.stats_key, "tensors", tensors)
+            pipe.hincrbyfloat(self.stats_key, "duration_sum", seconds)
+            pipe.hincrby(self.stats_key, "duration_count", 1)
+            for bound in DURATION_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(self.stats_key, f"le_{bound}", 1)
+            pipe.execute()
+
+    def stats(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self.stats_key).items()}

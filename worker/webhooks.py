@@ -1,0 +1,117 @@
+"""Webhook delivery on terminal statuses, off the job's path: a thread in each worker parent takes due
+deliveries from a Redis sorted set (queued atomically with the terminal transition, see JobStore) and
+POSTs them from a small pool, so a slow receiver delays nothing but its own delivery.
+
+Signature: `Graft-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` (Stripe's scheme: the
+timestamp is signed too, so a receiver can refuse replays). Retried with exponential backoff.
+Delivery is at least once: a claimed delivery is re-armed for later before it is attempted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import redis
+
+from .job_store import JobStore
+from .settings import Settings
+
+log = logging.getLogger("graft.webhooks")
+SIGNATURE_HEADER = "Graft-Signature"
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -> None:
+    """http(s) only; with `resolve`, every address the name resolves to must be public (unless allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("webhook_url must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("webhook_url must not carry credentials")
+    if allow_private:
+        return
+    hosts = [parts.hostname]
+    if resolve:
+        hosts = [info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)]
+    for host in hosts:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            if host.lower() in ("localhost",) or host.lower().endswith(".localhost"):
+                raise ValueError("webhook_url must not point at this host") from None
+            continue
+        if not addr.is_global:
+            raise ValueError("webhook_url must not point at a private, loopback or link-local address")
+
+
+class WebhookSender(threading.Thread):
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        super().__init__(daemon=True, name="graft-webhooks")
+        self.store = JobStore(conn, settings.key_prefix)
+        self.settings = settings
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graft-webhook")
+        self.client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("webhook tick failed")
+
+    def tick(self) -> None:
+        r, key = self.store.r, self.store.webhooks_key
+        for member in r.zrangebyscore(key, "-inf", time.time(), start=0, num=20):
+            # Claim by pushing its due time past a delivery's duration: only one sender wins the ZADD XX GT.
+            rearm = time.time() + self.settings.webhook_timeout + 30
+            if r.zadd(key, {member: rearm}, xx=True, gt=True, ch=True):
+                self.pool.submit(self._deliver, member)
+
+    def _deliver(self, member: bytes) -> None:
+        r, key = self.store.r, self.store.webhooks_key
+        item = orjson.loads(member)
+        job_id, n = item["job"], item["n"]
+        job = self.store.get(job_id)
+        if job is None or not job.get("webhook_url"):
+            r.zrem(key, member)
+            return
+        body = orjson.dumps({"type": f"graft.job.{job['status']}", "data": job})
+        ts = int(time.time())
+        headers = {"Content-Type": "application/json", "Graft-Event": f"graft.job.{job['status']}",
+                   "Graft-Delivery": f"{job_id}.{job['status']}", "User-Agent": "graft-webhooks/1"}
+        if self.settings.webhook_secret:
+            headers[SIGNATURE_HEADER] = sign(self.settings.webhook_secret, ts, body)
+        error = None
+        try:
+            check_webhook_url(job["webhook_url"], allow_private=self.settings.webhook_allow_private, resolve=True)
+            resp = self.client.post(job["webhook_url"], content=body, headers=headers)
+            if 200 <= resp.status_code < 300:
+                r.zrem(key, member)
+                self.store.add_event(job_id, "webhook_delivered", attempt=n + 1, status_code=resp.status_code)
+                return
+            error = f"HTTP {resp.status_code}"
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        with r.pipeline() as pipe:
+            pipe.zrem(key, member)
+            if n + 1 < self.settings.webhook_max_attempts:
+                delay = self.settings.webhook_backoff * (2 ** n)
+                pipe.zadd(key, {orjson.dumps({**item, "n": n + 1}): time.time() + delay})
+            pipe.execute()
+        self.store.add_event(job_id, "webhook_failed", attempt=n + 1, error=error,
+                             will_retry=n + 1 < self.settings.webhook_max_attempts)
