@@ -149,3 +149,28 @@ def test_nan_in_excluded_tensor_is_harmless(tmp_path):
     paths = _build(tmp_path, nan_in="model.layers.1.mlp.up_proj.weight")
     graft(paths, tmp_path / "out", exclude=["up_proj"])
     assert torch.isfinite(load_dir(str(tmp_path / "out"))["model.layers.1.mlp.up_proj.weight"].float()).all()
+
+
+def test_connectivity_proxies_and_weak_connectivity_warning(tmp_path):
+    """Related bases: proxies in the manifest, no warning. A target from another run: a warning."""
+    from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
+
+    shape = LlamaShape(vocab=64, hidden=32, layers=1, intermediate=64)
+    base = llama_state(shape, seed=11)
+    paths = {"source_base": save_checkpoint(str(tmp_path / "s"), base, shape.config()),
+             "source_finetuned": save_checkpoint(str(tmp_path / "f"), perturb(base, seed=12, scale=0.02),
+                                                 shape.config()),
+             "target_base": save_checkpoint(str(tmp_path / "t"), perturb(base, seed=13, scale=0.1), shape.config())}
+    result, warnings = graft(paths, tmp_path / "related")
+    proxies = result.manifest["stats"]["connectivity"]
+    # Small relative distances (float32 norms near 1 dominate ||target|| in so small a model).
+    assert 0.005 < proxies["bases_distance_ratio"] < 0.2
+    assert 0.001 < proxies["delta_ratio"] < proxies["bases_distance_ratio"]
+    assert abs(proxies["cos_bases_delta"]) < 0.3  # independent noise: nearly orthogonal
+    assert "weak_connectivity" not in {w["code"] for w in warnings}
+
+    unrelated = save_checkpoint(str(tmp_path / "u"), llama_state(shape, seed=99), shape.config())
+    result, warnings = graft({**paths, "target_base": unrelated}, tmp_path / "unrelated")
+    assert result.manifest["stats"]["connectivity"]["bases_distance_ratio"] > 1.0
+    assert "weak_connectivity" in {w["code"] for w in warnings}
+    assert "weak_connectivity" in {w["code"] for w in result.manifest["warnings"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,11 @@ from .options import GraftRequest
 from .plan import ROLES, Plan, build_plan
 from .sinks import MANIFEST, FileRecord, Sink, open_sink
 from .stream import StreamTotals, stream_plan
+from .transforms import TensorStats
 from .uris import parse_uri
+
+# ||target - source_base|| / ||target|| above this: the bases look like separate training runs.
+WEAK_CONNECTIVITY = 0.5
 
 
 @dataclass
@@ -92,6 +97,26 @@ def _side_files(models: dict[str, ResolvedModel], plan: Plan) -> list[tuple[str,
     return files
 
 
+def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
+    """Whole-model proxies: medians over the transferred matrices of how far apart the bases are (relative
+    to the target and to the fine-tune's diff) and how the bases' difference lines up with the diff.
+    Medians of per-matrix ratios, because a norm pooled over the model is dominated by whichever
+    tensors carry the most mass (in small models, the norms' ones)."""
+    ratios: dict[str, list[float]] = {"bases_distance_ratio": [], "delta_ratio": [], "bases_to_delta_ratio": [],
+                                      "cos_bases_delta": []}
+    for t in plan.tensors:
+        st = stats[t.name]
+        if t.action == "copied" or len(t.shape) < 2 or not (st.target_sq and st.delta_sq):
+            continue
+        target, delta, bases = st.target_sq ** 0.5, st.delta_sq ** 0.5, st.bases_sq ** 0.5
+        ratios["bases_distance_ratio"].append(bases / target)
+        ratios["delta_ratio"].append(delta / target)
+        ratios["bases_to_delta_ratio"].append(bases / delta)
+        if bases:
+            ratios["cos_bases_delta"].append(st.cross / (bases * delta))
+    return {name: round(statistics.median(values), 6) for name, values in ratios.items() if values}
+
+
 def _index(plan: Plan) -> bytes:
     weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
     index = {"metadata": {"total_size": plan.output_bytes},
@@ -142,11 +167,19 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
 
         stores = {role: m.store for role, m in models.items()}
         t0 = time.perf_counter()
-        records, stats, changed, totals = stream_plan(
+        records, stats, late_warnings, totals = stream_plan(
             plan, stores, sink, alpha=request.options.alpha, device=device, block_bytes=settings.block_bytes,
             prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, on_block=on_block,
             should_cancel=should_cancel)
         stream_seconds = time.perf_counter() - t0
+        connectivity = _connectivity(plan, stats)
+        if connectivity.get("bases_distance_ratio", 0.0) > WEAK_CONNECTIVITY:
+            late_warnings.append({"code": "weak_connectivity", "message":
+                                  f"the target is far from the source base (||target - base|| / ||target|| = "
+                                  f"{connectivity['bases_distance_ratio']:.2f}); transfer helps when the target "
+                                  "continues the source base's training, and rarely across unrelated runs"})
+        for w in late_warnings:
+            warn(w)
         nonfinite = [name for name, st in stats.items() if st.nonfinite]
         if nonfinite:
             raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
@@ -163,7 +196,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         hasher.join()
         if hasher.error is not None:
             raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")
-        warnings = plan.warnings + source_only + changed
+        warnings = plan.warnings + source_only + late_warnings
         run_stats = {
             "device": str(device),
             "seconds_total": round(time.perf_counter() - started, 3),
@@ -172,6 +205,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
             "bytes_read": total.bytes_read,
             "bytes_written": total.bytes_written,
             "tensors": len(plan.tensors),
+            "connectivity": connectivity,
             "input_gb_per_s": round(total.bytes_read / stream_seconds / 1e9, 3) if stream_seconds else None,
             "compute_thread": {"computing_s": round(totals.compute_s, 3),
                                "waiting_reads_s": round(totals.wait_read_s, 3),
