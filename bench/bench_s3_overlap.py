@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--shard-size", default="24MB")
+    ap.add_argument("--reversed-target", action="store_true",
+                    help="save the target's tensors in the reverse order of the sources' (a stress case: the "
+                         "sources are then read back to front)")
     args = ap.parse_args()
 
     from worker.engine import GraftOptions, GraftRequest, run_graft
@@ -71,7 +74,7 @@ def main() -> int:
         client.create_bucket(Bucket="bench")
         shape = LlamaShape(vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.hidden * 11 // 4,
                            heads=8, kv_heads=4)
-        paths = make_trio(os.path.join(tmp, "models"), shape=shape)
+        paths = make_trio(os.path.join(tmp, "models"), shape=shape, reverse_target=args.reversed_target)
         uris, input_bytes = {}, 0
         for role, path in paths.items():
             for name in os.listdir(path):

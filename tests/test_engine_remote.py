@@ -57,7 +57,7 @@ def test_s3_inputs_and_output_match_local_run(trio, tmp_path, s3_endpoint, s3_bu
     client = s3_client(s3_endpoint)
     with _GetObjectRanges(client) as seen:  # windows smaller than the shards: reads inside files too
         result, _ = graft(uris, f"s3://{s3_bucket}/grafts/one", shard_size="100KB",
-                          settings_overrides={"remote_window_bytes": 64 << 10})
+                          settings_overrides={"remote_window_bytes": 64 << 10, "remote_span_windows": 1})
     assert result.manifest_uri == f"s3://{s3_bucket}/grafts/one/graft-manifest.json"
 
     def fetch(name: str) -> bytes:
@@ -202,7 +202,8 @@ def test_hf_inputs_ranged_and_identical_to_local(hub_trio, hub, tmp_path):
     uris = {"source_base": "hf://graft-test/source-base", "source_finetuned": "hf://graft-test/source-finetuned@main",
             "target_base": f"hf://graft-test/target-base@{hub.repos['graft-test/target-base'].sha}"}
     result, _ = graft(uris, tmp_path / "remote", settings_overrides={"block_bytes": 256 << 10,
-                                                                   "remote_window_bytes": 512 << 10})
+                                                                   "remote_window_bytes": 512 << 10,
+                                                                   "remote_span_windows": 2})
     _compare_with_local(str(tmp_path / "local"), lambda n: (tmp_path / "remote" / n).read_bytes())
     local = load_dir(str(tmp_path / "local"))
     assert local.keys() == load_dir(str(tmp_path / "remote")).keys()

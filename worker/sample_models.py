@@ -151,7 +151,8 @@ def chat_tokenizer_files(marker: str) -> dict:
 
 
 def make_trio(root: str, *, shape: LlamaShape | None = None, added_rows: int = 8, tied=(False, False, False),
-              shards=(1, 2, 3), seed: int = 0, target_only: bool = True) -> dict[str, str]:
+              shards=(1, 2, 3), seed: int = 0, target_only: bool = True,
+              reverse_target: bool = True) -> dict[str, str]:
     """source_base, source_finetuned (with added vocabulary rows) and a drifted target_base, differently
     sharded; the target carries a tensor of its own. `tied` is (source_base, finetuned, target)."""
     shape = shape or LlamaShape()
@@ -168,6 +169,7 @@ def make_trio(root: str, *, shape: LlamaShape | None = None, added_rows: int = 8
     ):
         cfg = shape.config(vocab=vocab, tied=tie, max_positions=4096 if role == "target_base" else 2048)
         gen = {"bos_token_id": 1, "eos_token_id": [2, 3] if role == "source_finetuned" else 2}
-        paths[role] = save_checkpoint(os.path.join(root, role), state, cfg, shards=n, reverse=role == "target_base",
+        paths[role] = save_checkpoint(os.path.join(root, role), state, cfg, shards=n,
+                                      reverse=reverse_target and role == "target_base",
                                       tokenizer=chat_tokenizer_files(tok), generation_config=gen)
     return paths

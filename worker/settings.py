@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
     remote_window_bytes: int = Field(32 << 20, description="remote inputs are streamed in windows this large")
     remote_windows: int = Field(4, description="windows kept per remote input (read-ahead included)")
+    remote_span_windows: int = Field(8, description="windows one ranged request streams, one after another")
     s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
     cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),

@@ -89,8 +89,9 @@ def _read_header(store: Store, name: str, role: str, cap: int) -> tuple[dict[str
 
 def resolve_model(role: str, location: Location, *, endpoint_url: str | None = None,
                   max_header_bytes: int = 100 << 20, window_bytes: int | None = None,
-                  windows: int | None = None) -> ResolvedModel:
-    store = open_store(location, endpoint_url, window_bytes=window_bytes, windows=windows)
+                  windows: int | None = None, span_windows: int | None = None) -> ResolvedModel:
+    store = open_store(location, endpoint_url, window_bytes=window_bytes, windows=windows,
+                       span_windows=span_windows)
     if not store.exists("config.json"):
         raise GraftError("input_not_found", f"{role}: {location} has no config.json")
     config = _read_json(store, "config.json", role)

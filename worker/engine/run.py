@@ -62,7 +62,8 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
                                      endpoint_url=settings.s3_endpoint_url,
                                      max_header_bytes=settings.max_header_bytes,
                                      window_bytes=settings.remote_window_bytes,
-                                     windows=settings.remote_windows) for role in ROLES}
+                                     windows=settings.remote_windows,
+                                     span_windows=settings.remote_span_windows) for role in ROLES}
         return {role: f.result() for role, f in futures.items()}
 
 

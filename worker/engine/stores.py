@@ -9,6 +9,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import GraftError
@@ -117,35 +118,74 @@ class LocalStore(Store):
             self._fds.clear()
 
 
-def _fill(view: memoryview, chunks) -> int:
-    """Copy a response's chunks into `view`; returns the byte count, which exceeds len(view) on overrun."""
-    got = 0
-    for chunk in chunks:
-        if got + len(chunk) > len(view):
-            return got + len(chunk)
-        view[got:got + len(chunk)] = chunk
-        got += len(chunk)
-    return got
+class _Body:
+    """An open ranged response read front to back in exact amounts."""
+
+    def __init__(self, chunks: Iterator[bytes], close: Callable[[], None], position: int, end: int) -> None:
+        self.chunks, self.close, self.position, self.end = chunks, close, position, end
+        self.rest = memoryview(b"")
+
+    def read_into(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            if not self.rest:
+                chunk = next(self.chunks, b"")
+                if not chunk:
+                    break
+                self.rest = memoryview(chunk)
+            n = min(len(self.rest), len(view) - got)
+            view[got:got + n] = self.rest[:n]
+            self.rest = self.rest[n:]
+            got += n
+        self.position += got
+        return got
 
 
 class RemoteStore(Store):
     """Stores reached over HTTP: they report the checksums the server keeps instead of hashing, and serve
-    the stream from large aligned windows fetched ahead of need. A request has a fixed cost (and some
-    S3-compatible servers, moto among them, pay for the whole object on every ranged GET), so a few
-    large reads beat one per block; memory stays at `windows` x `window_bytes` per store."""
+    the stream from aligned windows fetched ahead of need, one window after another from a ranged
+    response that spans several windows. A request has a fixed cost (and some S3-compatible servers,
+    moto among them, pay for the whole object on every ranged GET), so few long responses beat one
+    request per block; memory stays at `windows` x `window_bytes` per store, whatever the span."""
 
     _meta: dict[str, dict]
     window_bytes: int = 32 << 20
     windows: int = 4
+    span_windows: int = 8
 
-    def configure_windows(self, window_bytes: int | None, windows: int | None) -> None:
+    def configure_windows(self, window_bytes: int | None, windows: int | None,
+                          span_windows: int | None = None) -> None:
         self.window_bytes = window_bytes or self.window_bytes
         self.windows = max(2, windows or self.windows)
+        self.span_windows = max(1, span_windows or self.span_windows)
 
     def _init_windows(self) -> None:
         self._cache: OrderedDict[tuple[str, int], Future] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="graft-window")
+        # One fetcher: windows of a file load in the order asked, so one response serves them in turn.
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-window")
+        self._bodies: dict[str, _Body] = {}
+        self._last_window: dict[str, int] = {}
+
+    @abstractmethod
+    def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
+        """A response streaming bytes [start, end) of the file, and how to close it."""
+
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        if not len(view):
+            return
+        self.size(name)
+        try:
+            chunks, close = self._open(name, start, start + len(view))
+            try:
+                got = _Body(chunks, close, start, start + len(view)).read_into(view)
+            finally:
+                close()
+        except GraftError:
+            raise
+        except Exception as exc:
+            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
+        self._check_length(name, start, len(view), got)
 
     def _window(self, name: str, index: int) -> Future:
         with self._cache_lock:
@@ -161,10 +201,33 @@ class RemoteStore(Store):
             return future
 
     def _load_window(self, name: str, index: int) -> bytearray:
+        size = self.size(name)
         start = index * self.window_bytes
-        buf = bytearray(min(self.window_bytes, self.size(name) - start))
-        self.read_into(name, start, memoryview(buf))
-        return buf
+        buf = bytearray(min(self.window_bytes, size - start))
+        view = memoryview(buf)
+        for attempt in (1, 2):
+            body = self._bodies.get(name)
+            if body is None or body.position != start or body.end < start + len(buf):
+                if body is not None:
+                    body.close()
+                end = min(size, start + self.span_windows * self.window_bytes)
+                try:
+                    body = self._bodies[name] = _Body(*self._open(name, start, end), start, end)
+                except GraftError:
+                    raise
+                except Exception as exc:
+                    raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
+            try:
+                got = body.read_into(view)
+            except Exception as exc:  # an idle connection dropped: reopen once where we were
+                self._bodies.pop(name, None)
+                body.close()
+                if attempt == 2:
+                    raise GraftError("storage_error", f"{self.location}/{name}: read failed: {exc}") from exc
+                continue
+            self._check_length(name, start, len(buf), got)
+            return buf
+        raise AssertionError("unreachable")
 
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
         size, width = self.size(name), self.window_bytes
@@ -179,12 +242,20 @@ class RemoteStore(Store):
             n = min(end - pos, len(window) - offset)
             view[pos - start:pos - start + n] = window[offset:offset + n]
             pos += n
-        following = -(-end // width)
-        if following * width < size:
-            self._window(name, following)  # read ahead; not waited for
+        # Read ahead in the direction the file is being walked (a target saved in another order than the
+        # sources has them read back to front); not waited for.
+        first, last = start // width, (end - 1) // width
+        backwards = self._last_window.get(name, -1) > last
+        self._last_window[name] = last
+        ahead = first - 1 if backwards else last + 1
+        if ahead >= 0 and ahead * width < size:
+            self._window(name, ahead)
 
     def close(self) -> None:
-        self._fetcher.shutdown(wait=False, cancel_futures=True)
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
+        for body in self._bodies.values():
+            body.close()
+        self._bodies.clear()
         with self._cache_lock:
             self._cache.clear()
 
@@ -226,19 +297,10 @@ class S3Store(RemoteStore):
             raise GraftError("input_not_found", f"{self.location}: no objects under this prefix")
         return out
 
-    def read_into(self, name: str, start: int, view: memoryview) -> None:
-        length = len(view)
-        if length == 0:
-            return
-        self.size(name)
-        try:
-            resp = self.client.get_object(
-                Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={start}-{start + length - 1}"
-            )
-            got = _fill(view, resp["Body"].iter_chunks(8 << 20))
-        except Exception as exc:
-            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        self._check_length(name, start, length, got)
+    def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
+        body = self.client.get_object(Bucket=self.location.bucket, Key=self._key(name),
+                                      Range=f"bytes={start}-{end - 1}")["Body"]
+        return body.iter_chunks(1 << 20), body.close
 
 
 class HubStore(RemoteStore):
@@ -279,27 +341,18 @@ class HubStore(RemoteStore):
     def _url(self, name: str) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.location.repo}/resolve/{self.revision}/{name}"
 
-    def read_into(self, name: str, start: int, view: memoryview) -> None:
-        length = len(view)
-        if length == 0:
-            return
-        self.size(name)
-        whole = start == 0 and length == self.size(name)
-        try:
-            with self._http.stream("GET", self._url(name),
-                                   headers={"Range": f"bytes={start}-{start + length - 1}"}) as resp:
-                if resp.status_code == 200 and not whole:
-                    # A server that ignores Range would have us download the whole shard per tensor.
-                    raise GraftError("storage_error", f"{self.location}/{name}: the server ignored the Range "
-                                     "header; refusing to download whole files")
-                if resp.status_code not in (200, 206):
-                    raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
-                got = _fill(view, resp.iter_bytes(1 << 20))
-        except GraftError:
-            raise
-        except Exception as exc:
-            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        self._check_length(name, start, length, got)
+    def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
+        request = self._http.build_request("GET", self._url(name), headers={"Range": f"bytes={start}-{end - 1}"})
+        resp = self._http.send(request, stream=True)
+        if resp.status_code == 200 and not (start == 0 and end == self.size(name)):
+            resp.close()
+            # A server that ignores Range would have us download the whole shard per tensor.
+            raise GraftError("storage_error", f"{self.location}/{name}: the server ignored the Range header; "
+                             "refusing to download whole files")
+        if resp.status_code not in (200, 206):
+            resp.close()
+            raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
+        return resp.iter_bytes(1 << 20), resp.close
 
     def close(self) -> None:
         super().close()
@@ -307,7 +360,7 @@ class HubStore(RemoteStore):
 
 
 def open_store(location: Location, endpoint_url: str | None = None, *, window_bytes: int | None = None,
-               windows: int | None = None) -> Store:
+               windows: int | None = None, span_windows: int | None = None) -> Store:
     if location.scheme == "file":
         return LocalStore(location)
     if location.scheme == "s3":
@@ -316,5 +369,5 @@ def open_store(location: Location, endpoint_url: str | None = None, *, window_by
         store = HubStore(location)
     else:
         raise GraftError("invalid_uri", f"unsupported location {location}")
-    store.configure_windows(window_bytes, windows)
+    store.configure_windows(window_bytes, windows, span_windows)
     return store
