@@ -174,3 +174,21 @@ def test_connectivity_proxies_and_weak_connectivity_warning(tmp_path):
     assert result.manifest["stats"]["connectivity"]["bases_distance_ratio"] > 1.0
     assert "weak_connectivity" in {w["code"] for w in warnings}
     assert "weak_connectivity" in {w["code"] for w in result.manifest["warnings"]}
+
+
+def test_output_order_follows_an_input_layout_to_spare_remote_seeks(trio, tmp_path):
+    """The target is saved in reverse; the plan streams in a source's layout instead, so that input is read
+    front to back, each output tensor still written exactly once."""
+    from worker.engine.options import GraftOptions, GraftRequest
+    from worker.engine.plan import _seeks
+    from worker.engine.run import plan_graft
+
+    request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], str(tmp_path / "o"),
+                           GraftOptions())
+    plan, models = plan_graft(request)
+    order = [t.name for t in plan.tensors]
+    assert len(order) == len(set(order)) == len(models["target_base"].tensors)
+    in_target_order = [n for n in models["target_base"].tensors]
+    total = sum(_seeks(order, m.tensors) for m in models.values())
+    assert total < sum(_seeks(in_target_order, m.tensors) for m in models.values())
+    assert _seeks(order, models["source_base"].tensors) == len(models["source_base"].weight_files)

@@ -127,6 +127,34 @@ def _shard(tensors: list[OutputTensor], shard_size: int) -> list[Shard]:
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def _seeks(order: list[str], tensors: dict[str, TensorInfo]) -> int:
+    """How often reading `tensors` in `order` jumps within a file instead of carrying on where that file's
+    last read ended (each file is streamed on its own, so moving between files costs nothing)."""
+    jumps, ends = 0, {}
+    for name in order:
+        info = tensors.get(name)
+        if info is None:
+            continue
+        if ends.get(info.file) != info.start:
+            jumps += 1
+        ends[info.file] = info.end
+    return jumps
+
+
+def _read_friendly_order(names: list[str], eff: dict[str, dict[str, TensorInfo]]) -> list[str]:
+    """The order to stream (and write) the output in: each input's own layout is a candidate, and the one
+    that makes the three inputs jump least wins. Sharding the same model differently reorders its
+    tensors (each file is sorted by name), and every jump costs remote inputs a new ranged request."""
+    wanted = set(names)
+    candidates = [names]
+    for role in ("source_base", "source_finetuned"):
+        # By name, not by the info's own name: a tied lm_head is an alias of the embedding's info.
+        seen = sorted((n for n in eff[role] if n in wanted), key=lambda n: (eff[role][n].file, eff[role][n].start))
+        placed = set(seen)
+        candidates.append(seen + [n for n in names if n not in placed])
+    return min(candidates, key=lambda order: sum(_seeks(order, eff[r]) for r in ROLES))
+
+
 def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedModel,
                options: GraftOptions) -> Plan:
     models = {"target_base": target, "source_base": base, "source_finetuned": finetuned}
@@ -145,7 +173,8 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
                          + ", ".join(r for r in ROLES if tied[r]) + " only; the output unties lm_head"})
 
     t_eff, s_eff, f_eff = eff["target_base"], eff["source_base"], eff["source_finetuned"]
-    order = list(target.tensors)
+    order = _read_friendly_order(list(target.tensors), eff)
+    assert sorted(order) == sorted(target.tensors), "the output order must hold each target tensor once"
     if head and head in t_eff and head not in target.tensors and not tied_output:
         order.append(head)  # the target was tied but the output cannot be: write lm_head out
 

@@ -196,8 +196,14 @@ class RemoteStore(Store):
                 return future
             future = self._fetcher.submit(self._load_window, name, index)
             self._cache[key] = future
-            while len(self._cache) > self.windows:  # a reader still waiting on an evicted one keeps it alive
-                self._cache.popitem(last=False)
+            while len(self._cache) > self.windows:
+                # Drop the window farthest from where its file is being read (several files of one input
+                # are often read side by side); the least recently used among equals. A reader still
+                # waiting on a dropped window keeps it alive.
+                victim = max(self._cache, key=lambda k: abs(k[1] - self._last_window.get(k[0], k[1])))
+                if abs(victim[1] - self._last_window.get(victim[0], victim[1])) <= 1:
+                    victim = next(iter(self._cache))
+                del self._cache[victim]
             return future
 
     def _load_window(self, name: str, index: int) -> bytearray:
