@@ -12,6 +12,7 @@ import torch
 from graft_helpers import (
     copy_trio,
     data_region,
+    graft,
     read_json,
     read_safetensors,
     shard_of,
@@ -224,3 +225,25 @@ def test_bad_uri(capsys, paths, tmp_path):
     code, _, err = run_cli(capsys, paths, tmp_path / "out")
     assert_failed(code, err, "invalid_uri", "ftp")
     assert_no_result(tmp_path)
+
+
+def test_a_killed_local_graft_leaves_nothing_behind_after_the_next_run(trio, tmp_path):
+    """A graft killed mid-write leaves its hidden temp directory; the next graft to that output removes it
+    (its writer is dead) and never touches a live writer's directory."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / ".out.graft-tmp-deadbeef0000"
+    orphan.mkdir()
+    (orphan / ".graft-owner").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    (orphan / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / ".out.graft-tmp-live00000000"
+    live.mkdir()
+    (live / ".graft-owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    graft(trio, tmp_path / "out")
+    assert not orphan.exists()
+    assert live.exists()
+    assert not (tmp_path / "out" / ".graft-owner").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [live.name]

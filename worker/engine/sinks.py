@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from .s3 import s3_client
 from .uris import Location
 
 MANIFEST = "graft-manifest.json"
+OWNER = ".graft-owner"  # in a local temp output: "host pid" of the process writing it
 PENDING = ".graft-pending"  # S3: marks a prefix a graft is writing (removed once the manifest is in)
 
 
@@ -115,6 +117,25 @@ class _LocalWriter(FileWriter):
             pass
 
 
+def _remove_orphans(parent: str, prefix: str) -> None:
+    """Remove what killed grafts to this output left: temp directories whose writer process is gone.
+    Only this host's are judged; a live writer's directory is never touched."""
+    host = socket.gethostname()
+    for entry in os.scandir(parent):
+        if not (entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            with open(os.path.join(entry.path, OWNER)) as fh:
+                owner_host, pid = fh.read().split()
+            if owner_host != host:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
 class LocalSink(Sink):
     def __init__(self, location: Location) -> None:
         self.location = location
@@ -123,8 +144,12 @@ class LocalSink(Sink):
             raise GraftError("output_exists", f"{location} already exists and is not an empty directory")
         parent = os.path.dirname(self.final) or "."
         os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}.graft-tmp-{uuid.uuid4().hex[:12]}")
+        prefix = f".{os.path.basename(self.final)}.graft-tmp-"
+        _remove_orphans(parent, prefix)
+        self.tmp = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
         os.makedirs(self.tmp)
+        with open(os.path.join(self.tmp, OWNER), "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-write")
 
     def open(self, name: str, expected_size: int | None = None) -> FileWriter:
@@ -133,6 +158,7 @@ class LocalSink(Sink):
     def commit(self, manifest: bytes) -> str:
         self.put(MANIFEST, manifest)
         self._io.shutdown(wait=True)
+        os.unlink(os.path.join(self.tmp, OWNER))
         if os.path.isdir(self.final):
             os.rmdir(self.final)  # empty by the check in __init__; a non-empty one makes rmdir fail loudly
         try:
