@@ -208,3 +208,33 @@ def test_failed_run_leaves_existing_parent_clean(trio, tmp_path):
     with pytest.raises(GraftError):
         graft(paths, tmp_path / "deep" / "out")
     assert not os.path.exists(tmp_path / "deep" / "out")
+
+
+def test_cancelled_run_closes_the_shard_it_was_writing(trio, tmp_path):
+    """A stream stopped mid-shard closes that shard's file: no descriptor of the removed temp directory stays
+    open (it would pin the preallocated shard's disk space until the process exits)."""
+    from worker.engine import GraftCancelled
+
+    def open_fds() -> set[str]:
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return out
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    before = open_fds()
+    calls = []
+
+    def should_cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(GraftCancelled):
+        graft(trio, tmp_path / "out", should_cancel=should_cancel, settings_overrides={"block_bytes": 4096})
+    leaked = [p for p in open_fds() - before if ".graft-tmp-" in p]
+    assert leaked == []
+    assert not os.path.exists(tmp_path / "out")

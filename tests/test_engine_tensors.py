@@ -88,6 +88,23 @@ def test_non_float_unchanged_gives_no_warning(tmp_path):
     assert not [w for w in result.warnings if w["code"] == "buffer_changed_by_finetune"]
 
 
+@pytest.mark.parametrize("target_len", [64, 1 << 20])
+def test_non_float_of_another_shape_in_target_is_copied_without_reading_past_the_sources(tmp_path, target_len):
+    """The sources' copies of a buffer are compared at the target's element indices: a longer target buffer
+    must not read past the sources' tensors (a spurious warning, or past the end of their file)."""
+    shape = LlamaShape()
+    base = llama_state(shape, seed=20)
+    base[IDS] = torch.arange(32, dtype=torch.int64)
+    ft = perturb(base, seed=21, scale=0.05)
+    target = perturb(base, seed=22, scale=0.2)
+    target[IDS] = torch.arange(target_len, dtype=torch.int64) + 100
+    paths = {role: save_checkpoint(os.path.join(str(tmp_path), role), state, shape.config())
+             for role, state in (("source_base", base), ("source_finetuned", ft), ("target_base", target))}
+    result, warnings = graft(paths, tmp_path / "out")
+    assert torch.equal(load_dir(str(tmp_path / "out"))[IDS], target[IDS])
+    assert not [w for w in warnings if w["code"] == "buffer_changed_by_finetune"]
+
+
 @pytest.mark.parametrize("where", ["source_finetuned", "source_base", "target_base"])
 def test_shape_conflict_fails_naming_the_tensor(tmp_path, where):
     paths = _build(tmp_path, q_shape_conflict=where)

@@ -216,7 +216,8 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
             if t.dtype in ARITHMETIC_FLOATS or s.dtype in ARITHMETIC_FLOATS or f.dtype in ARITHMETIC_FLOATS:
                 warnings.append({"code": "dtype_mismatch", "tensor": name, "message":
                                  f"{name}: dtypes {t.dtype}/{s.dtype}/{f.dtype} cannot be grafted; copied from target"})
-            elif s.shape == f.shape and s.dtype == f.dtype:
+            elif t.shape == s.shape == f.shape and s.dtype == f.dtype:
+                # Compared at the target's element indices: only when all three hold the same elements.
                 copy.sources = {"target_base": t, "source_base": s, "source_finetuned": f}
                 copy.check_sources_equal = True
             copy.note = copy.note or "not a float tensor"

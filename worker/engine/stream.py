@@ -139,6 +139,8 @@ class _Writer(threading.Thread):
             while True:
                 item = self.q.get()
                 if item is None:
+                    if writer is not None:  # stopped mid-shard (the stream failed or was cancelled)
+                        writer.abort()
                     return
                 if self.error is not None:
                     continue
