@@ -42,3 +42,23 @@ def test_whole_piece_path_flags_float16_overflow():
     stats = TensorStats()
     Arithmetic(torch.device("cpu"), whole_pieces=True).transfer(out, t, s, f, 1.0, torch.float32, stats)
     assert stats.nonfinite
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_huge_finite_values_are_not_reported_as_nan_or_inf(whole):
+    """Float masks near finfo.min square to Inf in float32; only a real NaN/Inf may fail a graft."""
+    n = 1000
+    t = torch.full((n,), -3.0e38)
+    s = torch.zeros(n)
+    f = torch.zeros(n)
+    arithmetic = Arithmetic(torch.device("cpu"), whole_pieces=whole)
+    out, stats = torch.empty(n), TensorStats()
+    arithmetic.transfer(out, t, s, f, 1.0, torch.float32, stats)
+    assert not stats.nonfinite and torch.equal(out, t)
+    stats = TensorStats()
+    arithmetic.copy(out, t, True, stats)
+    assert not stats.nonfinite
+    f[3] = float("nan")
+    stats = TensorStats()
+    arithmetic.transfer(out, t, s, f, 1.0, torch.float32, stats)
+    assert stats.nonfinite

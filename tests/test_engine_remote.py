@@ -232,3 +232,25 @@ def test_hf_unknown_repo_or_revision(hub_trio, hub, tmp_path):
             graft({**hub_trio, "target_base": bad}, tmp_path / "out")
         assert info.value.code == "input_not_found" and bad.split("@")[0] in info.value.message
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_manifest_put_refused_after_it_landed_is_a_success(s3_endpoint, s3_bucket, ours):
+    """If the conditional manifest PUT landed but its answer was lost, the retry is refused (412): the
+    sink must see its own manifest there and succeed, not abort and delete its own shards."""
+    from worker.engine.sinks import MANIFEST, PENDING, S3Sink
+    from worker.engine.uris import parse_uri
+
+    client = s3_client(s3_endpoint)
+    sink = S3Sink(parse_uri(f"s3://{s3_bucket}/race"), endpoint_url=s3_endpoint)
+    sink.put("config.json", b"{}")
+    manifest = b'{"format": "graft-manifest/1"}'
+    client.put_object(Bucket=s3_bucket, Key=f"race/{MANIFEST}", Body=manifest if ours else b"{}")
+    if ours:
+        assert sink.commit(manifest) == f"s3://{s3_bucket}/race/{MANIFEST}"
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="race/")["Contents"]}
+        assert keys == {"race/config.json", f"race/{MANIFEST}"} and f"race/{PENDING}" not in keys
+    else:
+        with pytest.raises(GraftError) as err:
+            sink.commit(manifest)
+        assert err.value.code == "output_exists"

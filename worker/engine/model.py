@@ -92,6 +92,14 @@ def resolve_model(role: str, location: Location, *, endpoint_url: str | None = N
                   windows: int | None = None, span_windows: int | None = None) -> ResolvedModel:
     store = open_store(location, endpoint_url, window_bytes=window_bytes, windows=windows,
                        span_windows=span_windows)
+    try:
+        return _resolve(role, location, store, max_header_bytes)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _resolve(role: str, location: Location, store: Store, max_header_bytes: int) -> ResolvedModel:
     if not store.exists("config.json"):
         raise GraftError("input_not_found", f"{role}: {location} has no config.json")
     config = _read_json(store, "config.json", role)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from .sinks import MANIFEST, FileRecord, Sink, open_sink
 from .stream import StreamTotals, stream_plan
 from .transforms import TensorStats
 from .uris import parse_uri
+
+log = logging.getLogger("graft.engine")
 
 # ||target - source_base|| / ||target|| above this: the bases look like separate training runs.
 WEAK_CONNECTIVITY = 0.5
@@ -64,13 +67,32 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
                                      window_bytes=settings.remote_window_bytes,
                                      windows=settings.remote_windows,
                                      span_windows=settings.remote_span_windows) for role in ROLES}
-        return {role: f.result() for role, f in futures.items()}
+        models, errors = {}, []
+        for role, future in futures.items():
+            try:
+                models[role] = future.result()
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:
+        close_models(models)
+        raise errors[0]
+    return models
+
+
+def close_models(models: dict[str, ResolvedModel]) -> None:
+    for model in models.values():
+        model.store.close()
 
 
 def plan_graft(request: GraftRequest, settings: Settings | None = None) -> tuple[Plan, dict[str, ResolvedModel]]:
     """The --dry-run: everything decided from headers alone."""
     models = resolve_inputs(request, settings)
-    plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"], request.options)
+    try:
+        plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
+                          request.options)
+    except BaseException:
+        close_models(models)
+        raise
     return plan, models
 
 
@@ -141,8 +163,7 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
         return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
                             warn or (lambda w: None), resolve_seconds)
     finally:
-        for m in models.values():
-            m.store.close()
+        close_models(models)
 
 
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
@@ -158,9 +179,10 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes)
-    hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
-    hasher.start()
     try:
+        hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
+        hasher.start()
+
         def on_block(totals: StreamTotals) -> None:
             total.tensors_done, total.bytes_read, total.bytes_written = (
                 totals.tensors_done, totals.bytes_read, totals.bytes_written)
@@ -216,7 +238,10 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                                   str(output))
         manifest_uri = sink.commit(dumps(manifest))
     except BaseException:
-        sink.abort()
+        try:
+            sink.abort()
+        except Exception as exc:  # the original failure is the one to report
+            log.warning("cleaning up %s after a failed graft failed too: %s", output, exc)
         raise
     total.phase = "done"
     report(total)

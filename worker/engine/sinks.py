@@ -159,9 +159,9 @@ class LocalSink(Sink):
         self.put(MANIFEST, manifest)
         self._io.shutdown(wait=True)
         os.unlink(os.path.join(self.tmp, OWNER))
-        if os.path.isdir(self.final):
-            os.rmdir(self.final)  # empty by the check in __init__; a non-empty one makes rmdir fail loudly
         try:
+            if os.path.isdir(self.final):
+                os.rmdir(self.final)  # empty at the check in __init__; filled since, rmdir refuses
             os.rename(self.tmp, self.final)
         except OSError as exc:
             raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
@@ -340,9 +340,12 @@ class S3Sink(Sink):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=manifest, IfNoneMatch="*")
         except self.client.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise GraftError("output_exists", f"{self.location} was committed by someone else") from exc
-            raise GraftError("storage_error", f"{self.location}: cannot write the manifest: {exc}") from exc
+            refused = code in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+            # A refusal of our own PUT's retry (the first landed, its answer was lost) is a success.
+            if not (refused and self._manifest_is(manifest)):
+                if refused:
+                    raise GraftError("output_exists", f"{self.location} was committed by someone else") from exc
+                raise GraftError("storage_error", f"{self.location}: cannot write the manifest: {exc}") from exc
         finally:
             self.pool.shutdown(wait=True)
             self._finisher.shutdown(wait=True)
@@ -351,6 +354,12 @@ class S3Sink(Sink):
         except Exception:
             pass  # harmless: readers trust the manifest, and a later graft here is refused anyway
         return f"s3://{self.bucket}/{key}"
+
+    def _manifest_is(self, manifest: bytes) -> bool:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(MANIFEST))["Body"].read() == manifest
+        except Exception:
+            return False
 
     def abort(self) -> None:
         # Let in-flight work settle first, so that nothing it completes escapes the clean-up below.

@@ -304,8 +304,15 @@ class S3Store(RemoteStore):
         return out
 
     def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
-        body = self.client.get_object(Bucket=self.location.bucket, Key=self._key(name),
-                                      Range=f"bytes={start}-{end - 1}")["Body"]
+        resp = self.client.get_object(Bucket=self.location.bucket, Key=self._key(name),
+                                      Range=f"bytes={start}-{end - 1}")
+        body = resp["Body"]
+        if not str(resp.get("ContentRange", "")).startswith(f"bytes {start}-") and not (
+                start == 0 and end == self.size(name)):
+            body.close()
+            # A server that ignored Range would hand us the object's first bytes as if they were these.
+            raise GraftError("storage_error", f"{self.location}/{name}: the server did not honour the Range "
+                             f"header (Content-Range {resp.get('ContentRange')!r})")
         return body.iter_chunks(1 << 20), body.close
 
 
@@ -348,7 +355,9 @@ class HubStore(RemoteStore):
         return f"{self.endpoint.rstrip('/')}/{self.location.repo}/resolve/{self.revision}/{name}"
 
     def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
-        request = self._http.build_request("GET", self._url(name), headers={"Range": f"bytes={start}-{end - 1}"})
+        # identity: a compressed ranged response would not be the file's bytes.
+        request = self._http.build_request("GET", self._url(name), headers={
+            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
         resp = self._http.send(request, stream=True)
         if resp.status_code == 200 and not (start == 0 and end == self.size(name)):
             resp.close()

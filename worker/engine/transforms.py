@@ -34,6 +34,13 @@ class TensorStats:
         return out
 
 
+def _finite(chunk: torch.Tensor) -> bool:
+    """No NaN or Inf in a float chunk. A NaN or Inf makes the sum of squares non-finite, and one dot is far
+    cheaper than isfinite(); huge finite values (|x| > 1.8e19, e.g. float masks near finfo.min) overflow
+    the dot too, so a non-finite dot is confirmed element-wise before anything is reported."""
+    return math.isfinite(float(torch.dot(chunk, chunk))) or bool(torch.isfinite(chunk).all())
+
+
 class Arithmetic:
     """Scratch buffers and the device the sums run on; one instance per graft, used by one thread."""
 
@@ -56,7 +63,8 @@ class Arithmetic:
             return self._transfer_device(out, t, s, f, alpha, compute, stats)
         a_buf, b_buf, c_buf = self._buffers(compute)
         n = out.numel()
-        dsq = tsq = bsq = cross = osq = 0.0
+        dsq = tsq = bsq = cross = 0.0
+        finite = True
         limit = _FINITE_LIMIT.get(out.dtype)
         big = 0.0
         for i in range(0, n, CHUNK):
@@ -75,8 +83,8 @@ class Arithmetic:
             if alpha != 1.0:
                 a.mul_(alpha)
             a.add_(b)
-            # A NaN or Inf anywhere makes the sum of squares non-finite: one cheap pass instead of isfinite().
-            osq += float(torch.dot(a, a))
+            if finite:
+                finite = _finite(a)
             if limit is not None:
                 big = max(big, float(a.abs().max()))
             out[i:j].copy_(a)  # the one rounding to the stored dtype
@@ -84,7 +92,7 @@ class Arithmetic:
         stats.target_sq += tsq
         stats.bases_sq += bsq
         stats.cross += cross
-        stats.nonfinite |= not math.isfinite(osq) or (limit is not None and big >= limit)
+        stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
     def _staging(self, slot: int, like: torch.Tensor) -> torch.Tensor:
         """A reused host buffer shaped like `like`: page-locked on CUDA so copies run asynchronously."""
@@ -121,7 +129,8 @@ class Arithmetic:
         stats.target_sq += tt
         stats.bases_sq += b
         stats.cross += c
-        stats.nonfinite |= not math.isfinite(o) or (big is not None and float(big) >= limit)
+        finite = math.isfinite(o) or bool(torch.isfinite(result).all())
+        stats.nonfinite |= not finite or (big is not None and float(big) >= limit)
         out.copy_(host_out)
 
     def copy(self, out: torch.Tensor, src: torch.Tensor, check_finite: bool, stats: TensorStats) -> None:
@@ -130,13 +139,14 @@ class Arithmetic:
             return
         a_buf = self._buffers(torch.float64 if src.dtype == torch.float64 else torch.float32)[0]
         n = out.numel()
-        osq = 0.0
+        finite = True
         for i in range(0, n, CHUNK):
             j = min(n, i + CHUNK)
             a = a_buf[:j - i]
             a.copy_(src[i:j])
-            osq += float(torch.dot(a, a))
+            if finite:
+                finite = _finite(a)
             out[i:j].copy_(a)
         limit = _FINITE_LIMIT.get(out.dtype)
-        if not math.isfinite(osq) or (limit is not None and n and float(out.float().abs().max()) >= limit):
+        if not finite or (limit is not None and n and float(out.float().abs().max()) >= limit):
             stats.nonfinite = True
