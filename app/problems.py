@@ -68,7 +68,14 @@ async def _http(request: Request, exc: StarletteHTTPException) -> Response:
                             headers=getattr(exc, "headers", None))
 
 
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    # Starlette's ServerErrorMiddleware sends this body (and still logs and re-raises the exception).
+    return problem_response(500, "internal_error", "the server failed to handle the request",
+                            instance=request.url.path)
+
+
 def install(app) -> None:
+    app.add_exception_handler(Exception, _unhandled)
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

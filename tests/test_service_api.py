@@ -83,6 +83,7 @@ def test_uri_policy(api, trio, tmp_path_factory):
     cases = [
         ("source_base", f"file://{root}/../../etc"),
         ("source_base", f"file://{root}/escape"),  # a symlink inside the root pointing outside
+        ("source_base", f"file://{root}/models%00x"),  # a NUL byte, percent-encoded
         ("source_base", f"file://{outside}"),
         ("source_base", trio["source_base"]),  # bare path: no scheme
         ("source_base", "s3://other-bucket/models/x"),
@@ -273,3 +274,18 @@ def test_local_graft_helper_is_deterministic(trio, tmp_path):
     a = local_graft(trio, str(tmp_path / "a"))
     b = local_graft(trio, str(tmp_path / "b"))
     compare_dirs(a, read_local(b))
+
+
+def test_unhandled_errors_are_problem_json():
+    """Redis unreachable (or any unexpected exception): the 500 is problem+json too, not text/plain."""
+    from fastapi.testclient import TestClient
+    from service_fixtures import free_port
+
+    from app.main import create_app
+    from worker.settings import Settings
+
+    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_keys="k:t"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for method, url in (("get", "/v1/jobs/job_x"), ("get", "/v1/jobs"), ("post", "/v1/jobs/job_x/cancel")):
+            body = _problem(getattr(c, method)(url, headers={"Authorization": "Bearer k"}), 500)
+            assert body["code"] == "internal_error" and body["instance"] == url

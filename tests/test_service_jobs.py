@@ -178,3 +178,82 @@ def test_metrics_after_jobs(svc, trio):
     assert values["graft_bytes_written_total"] > 0 and values["graft_tensors_total"] > 0
     assert values["graft_job_duration_seconds_count"] >= 1
     assert values['graft_jobs{status="succeeded"}'] >= 1
+
+
+def test_webhook_claimed_by_one_sender_only(redis_url):
+    """Two workers' senders both saw a due delivery: only the first claim wins (the second one's clock is later,
+    so a ZADD GT would let it win too and the webhook would be POSTed twice)."""
+    import uuid
+
+    import redis as redis_lib
+
+    from worker.settings import Settings
+    from worker.webhooks import WebhookSender
+
+    settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:")
+    conn = redis_lib.Redis.from_url(redis_url)
+    a, b = WebhookSender(conn, settings), WebhookSender(conn, settings)
+    key = a.store.webhooks_key
+    try:
+        member = json.dumps({"job": "job_x", "n": 0, "status": "succeeded"}).encode()
+        conn.zadd(key, {member: time.time() - 1})
+        now = time.time()
+        assert conn.zrangebyscore(key, "-inf", now) == [member]  # both senders see it due
+        assert a.claim(member, now)
+        time.sleep(0.01)
+        assert not b.claim(member, now)
+        assert conn.zscore(key, member) > now + settings.webhook_timeout
+        assert not a.claim(b"missing", now)
+    finally:
+        conn.delete(key)
+        a.pool.shutdown()
+        b.pool.shutdown()
+
+
+def test_webhook_connects_to_the_address_it_checked(redis_url, monkeypatch):
+    """DNS rebinding: the name resolves to a public address when checked and to 127.0.0.1 right after. The POST
+    must go to the checked address (pinned), never to a second, unchecked resolution."""
+    import socket
+    import uuid
+
+    import redis as redis_lib
+
+    from worker.job_store import JobStore
+    from worker.settings import Settings
+    from worker.webhooks import WebhookSender
+
+    _Receiver.calls, _Receiver.fail_first = [], 0
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    real = socket.getaddrinfo
+    answers = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "hook.example":
+            return real(host, port, *args, **kwargs)
+        addr = "8.8.8.8" if not answers else "127.0.0.1"
+        answers.append(addr)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:", webhook_allow_private=False, webhook_timeout=1)
+    conn = redis_lib.Redis.from_url(redis_url)
+    store = JobStore(conn, settings.key_prefix)
+    sender = WebhookSender(conn, settings)
+    job_id = "job_rebind"
+    try:
+        store.create({"id": job_id, "status": "succeeded", "created_at": "x",
+                      "webhook_url": f"http://hook.example:{server.server_port}/hook"}, "alpha")
+        member = json.dumps({"job": job_id, "n": 0, "status": "succeeded"}).encode()
+        conn.zadd(store.webhooks_key, {member: time.time()})
+        sender._deliver(member)
+        assert _Receiver.calls == [], "the POST reached 127.0.0.1 through a second DNS answer"
+        assert answers == ["8.8.8.8"], answers
+        failed = [e for e in store.events(job_id) if e["type"] == "webhook_failed"]
+        assert failed and failed[0]["will_retry"]
+    finally:
+        server.shutdown()
+        sender.pool.shutdown()
+        keys = [store.job_key(job_id), store.events_key(job_id), store.tenant_key("alpha"), store.webhooks_key,
+                store.status_key("succeeded")]
+        conn.delete(*keys)

@@ -94,3 +94,27 @@ def test_worker_killed_mid_job_is_retried_byte_identical(slow, trio, s3_endpoint
         "graft-manifest.json", "README.md"}, "no leftovers of the killed attempt"
     _, uploads = _objects(s3_endpoint, s3_bucket, "out/")
     assert uploads == []
+
+
+def test_work_horse_killed_on_last_attempt_fails_the_job(redis_url, trio, tmp_path):
+    """Only the work horse dies (OOM killer, segfault) while its worker lives, on the last attempt: RQ fails
+    the job without our failure callback; the record must still end (failed, worker_lost), not stay running."""
+    from service_fixtures import _descendants
+
+    svc = Service(redis_url, str(tmp_path), GRAFT_ALLOWED_ROOTS=f"{tmp_path},{os.path.dirname(trio['source_base'])}",
+                  GRAFT_MAX_ATTEMPTS=1, **SLOW)
+    try:
+        svc.start_api()
+        worker = svc.start_worker()
+        with svc.client() as c:
+            job = c.post("/v1/jobs", json=job_body(trio)).json()
+            _wait_streaming(c, job["id"])
+            horses = _descendants(worker.pid)
+            assert horses, "expected a work horse under the worker"
+            for pid in horses:
+                os.kill(pid, 9)
+            done = wait_job(c, job["id"], timeout=20)
+            assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+            assert worker.poll() is None, "the worker itself lives on"
+    finally:
+        svc.stop()

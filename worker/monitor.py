@@ -62,12 +62,21 @@ class Monitor(threading.Thread):
             job = Job.fetch(job_id, connection=self.conn)
         except NoSuchJobError:
             job = None
-        if job is None or job.get_status() != JobStatus.STARTED or job.origin != self.queue.name:
-            if job is None:  # RQ forgot it (e.g. Redis lost its keys): nothing can retry it
-                self.store.transition(job_id, ("validating", "running", "committing", "cancelling"), "failed",
-                                      finished_at=now_iso(), error={"code": "worker_lost",
-                                                                    "message": "the job vanished from the queue"},
-                                      event={"type": "finished", "status": "failed"})
+        rq_status = job.get_status() if job is not None else None
+        if job is None or rq_status != JobStatus.STARTED or job.origin != self.queue.name:
+            # RQ forgot it (e.g. Redis lost its keys), or RQ ended it without our callback: a work horse killed
+            # while its worker lives (OOM killer, segfault) on its last attempt is failed by RQ's
+            # handle_job_failure, which runs no failure callback. Nothing will touch the record again.
+            if job is None or rq_status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.FINISHED,
+                                            JobStatus.CANCELED):
+                message = "the job vanished from the queue" if job is None else "the job's process died"
+                if self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),
+                                         event={"type": "finished", "status": "cancelled", "worker_lost": True}):
+                    return
+                error = {"code": "worker_lost", "message": message}
+                self.store.transition(job_id, ("validating", "running", "committing"), "failed",
+                                      finished_at=now_iso(), error=error,
+                                      event={"type": "finished", "status": "failed", "error": error})
             return
         if self.store.status(job_id) == "cancelling":
             self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),

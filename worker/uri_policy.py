@@ -53,6 +53,8 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False)
     if loc.scheme == "file":
         if ".." in unquote(parts.path).split("/"):
             raise PolicyError(field, "'..' segments are not allowed")
+        if "\x00" in loc.path:  # %00: os.path.exists() says False to it, so the root check below would pass
+            raise PolicyError(field, "NUL byte in the path")
         roots = [os.path.realpath(r) for r in settings.allowed_root_list]
         if not roots:
             raise PolicyError(field, "file:// URIs are disabled (GRAFT_ALLOWED_ROOTS is not set)")

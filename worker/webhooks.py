@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -28,6 +28,16 @@ from .settings import Settings
 
 log = logging.getLogger("graft.webhooks")
 SIGNATURE_HEADER = "Graft-Signature"
+# Claim a due delivery: only while its score is still the due time the claimer saw (<= ARGV[2]), push it
+# to ARGV[3]. A later claimer sees the pushed score and loses (a ZADD GT alone lets every later clock win).
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -35,15 +45,18 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -> None:
-    """http(s) only; with `resolve`, every address the name resolves to must be public (unless allowed)."""
+def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -> list[str]:
+    """http(s) only; with `resolve`, every address the name resolves to must be public (unless allowed).
+
+    Returns the checked addresses (with `resolve` and not `allow_private`): the caller connects to one of
+    them, not to a second resolution of the name, which could answer a private address (DNS rebinding)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("webhook_url must be an http:// or https:// URL with a host")
     if parts.username or parts.password:
         raise ValueError("webhook_url must not carry credentials")
     if allow_private:
-        return
+        return []
     hosts = [parts.hostname]
     if resolve:
         hosts = [info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)]
@@ -56,6 +69,17 @@ def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -
             continue
         if not addr.is_global:
             raise ValueError("webhook_url must not point at a private, loopback or link-local address")
+    return hosts if resolve else []
+
+
+def _pinned(url: str, addr: str) -> tuple[str, dict, dict]:
+    """The URL with its host replaced by a checked address, plus the Host header and the TLS name (SNI and
+    certificate check) of the original host."""
+    parts = urlsplit(url)
+    host = f"[{addr}]" if ":" in addr else addr
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"Host": parts.netloc}, extensions
 
 
 class WebhookSender(threading.Thread):
@@ -66,6 +90,7 @@ class WebhookSender(threading.Thread):
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graft-webhook")
         self.client = httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False)
+        self._claim_script = conn.register_script(_CLAIM)
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
@@ -76,11 +101,15 @@ class WebhookSender(threading.Thread):
 
     def tick(self) -> None:
         r, key = self.store.r, self.store.webhooks_key
-        for member in r.zrangebyscore(key, "-inf", time.time(), start=0, num=20):
-            # Claim by pushing its due time past a delivery's duration: only one sender wins the ZADD XX GT.
-            rearm = time.time() + self.settings.webhook_timeout + 30
-            if r.zadd(key, {member: rearm}, xx=True, gt=True, ch=True):
+        now = time.time()
+        for member in r.zrangebyscore(key, "-inf", now, start=0, num=20):
+            if self.claim(member, now):
                 self.pool.submit(self._deliver, member)
+
+    def claim(self, member: bytes, due_by: float) -> bool:
+        """Push a due delivery's time past a delivery's duration; only one sender wins (see _CLAIM)."""
+        rearm = time.time() + self.settings.webhook_timeout + 30
+        return bool(self._claim_script(keys=[self.store.webhooks_key], args=[member, repr(due_by), repr(rearm)]))
 
     def _deliver(self, member: bytes) -> None:
         r, key = self.store.r, self.store.webhooks_key
@@ -98,8 +127,13 @@ class WebhookSender(threading.Thread):
             headers[SIGNATURE_HEADER] = sign(self.settings.webhook_secret, ts, body)
         error = None
         try:
-            check_webhook_url(job["webhook_url"], allow_private=self.settings.webhook_allow_private, resolve=True)
-            resp = self.client.post(job["webhook_url"], content=body, headers=headers)
+            addrs = check_webhook_url(job["webhook_url"], allow_private=self.settings.webhook_allow_private,
+                                      resolve=True)
+            url, extensions = job["webhook_url"], {}
+            if addrs:  # connect to the address just checked, not to a fresh (rebindable) DNS answer
+                url, host, extensions = _pinned(url, addrs[0])
+                headers = {**headers, **host}
+            resp = self.client.post(url, content=body, headers=headers, extensions=extensions)
             if 200 <= resp.status_code < 300:
                 r.zrem(key, member)
                 self.store.add_event(job_id, "webhook_delivered", attempt=n + 1, status_code=resp.status_code)
