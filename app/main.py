@@ -109,8 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             output = output_for(job_id, body.output, settings)
         except PolicyError as err:
             raise field_error("output", err.message.removeprefix("output: "), "uri_not_allowed") from err
+        idem_rkey = None
         if idempotency_key is not None:
-            replay = _claim_idempotency(tenant, idempotency_key, body, job_id)
+            replay, idem_rkey = _claim_idempotency(tenant, idempotency_key, body, job_id)
             if replay is not None:
                 return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
                                            "Retry-After": str(settings.retry_after_seconds)})
@@ -119,7 +120,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                "source_finetuned": body.source_finetuned, "target_base": body.target_base, "output": output,
                "options": options, "metadata": body.metadata, "webhook_url": body.webhook_url, "attempt": 0,
                "max_attempts": settings.max_attempts, "progress": None, "result": None, "error": None}
-        store.create(doc, tenant)
+        try:
+            store.create(doc, tenant)
+        except Exception:
+            if idem_rkey is not None:  # free the key: a retry must not wait 25 h on a job that never existed
+                sync_redis.delete(idem_rkey)
+            raise
         try:
             from worker.jobs import enqueue
 
@@ -130,13 +136,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(503, "enqueue_failed", f"the job could not be queued: {exc}") from exc
         return _json(doc, 202, {"Location": f"/v1/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)})
 
-    def _claim_idempotency(tenant: str, key: str, body: JobCreate, job_id: str) -> dict | None:
-        """None: this request owns the key. Otherwise the job an earlier identical request created."""
+    def _claim_idempotency(tenant: str, key: str, body: JobCreate, job_id: str) -> tuple[dict | None, str]:
+        """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
         body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
         rkey = store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest())
         if sync_redis.set(rkey, orjson.dumps({"body": body_hash, "job": job_id}), nx=True,
                           ex=settings.idempotency_ttl):
-            return None
+            return None, rkey
         held = orjson.loads(sync_redis.get(rkey) or b"{}")
         if held.get("body") != body_hash:
             raise Problem(422, "idempotency_key_reused",
@@ -147,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         while time.monotonic() < deadline:
             doc = store.get(held["job"])
             if doc is not None:
-                return doc
+                return doc, rkey
             time.sleep(0.02)
         raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
 

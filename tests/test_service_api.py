@@ -289,3 +289,25 @@ def test_unhandled_errors_are_problem_json():
         for method, url in (("get", "/v1/jobs/job_x"), ("get", "/v1/jobs"), ("post", "/v1/jobs/job_x/cancel")):
             body = _problem(getattr(c, method)(url, headers={"Authorization": "Bearer k"}), 500)
             assert body["code"] == "internal_error" and body["instance"] == url
+
+
+@pytest.mark.parametrize("address", ["[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[::ffff:10.0.0.1]"])
+def test_webhook_urls_hiding_a_private_ipv4_in_ipv6_are_refused(address):
+    from worker.webhooks import check_webhook_url
+
+    with pytest.raises(ValueError):
+        check_webhook_url(f"http://{address}/hook", allow_private=False)
+    check_webhook_url("http://[2001:4860:4860::8888]/hook", allow_private=False)
+
+
+def test_dangling_symlink_out_of_the_roots_is_refused(tmp_path):
+    from worker.settings import Settings
+    from worker.uri_policy import PolicyError, check_uri
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "out").symlink_to(tmp_path / "elsewhere" / "missing")
+    settings = Settings(allowed_roots=str(root))
+    with pytest.raises(PolicyError):
+        check_uri(f"file://{root}/out", "output", settings, output=True)
+    assert check_uri(f"file://{root}/fresh", "output", settings, output=True).path == f"{root}/fresh"

@@ -45,7 +45,11 @@ class Monitor(threading.Thread):
 
     def tick(self) -> None:
         for status in ("validating", "running", "committing", "cancelling"):
-            for job_id in self.store.ids_with_status(status):
+            ids = self.store.ids_with_status(status)
+            if status == "cancelling":  # forget jobs that left cancelling before their grace ran out
+                for gone in set(self._cancelling_since) - set(ids):
+                    self._cancelling_since.pop(gone, None)
+            for job_id in ids:
                 if status == "cancelling":
                     self._escalate_cancel(job_id)
                 if not self.store.lease_alive(job_id):

@@ -31,7 +31,7 @@ def _under(path: str, root: str) -> bool:
 def _real(path: str) -> str:
     """realpath of the deepest existing ancestor joined with the rest (outputs need not exist yet)."""
     head, tail = path, []
-    while not os.path.exists(head) and head not in ("/", ""):
+    while not os.path.lexists(head) and head not in ("/", ""):  # a dangling symlink is resolved, not skipped
         head, name = os.path.split(head)
         tail.append(name)
     return os.path.join(os.path.realpath(head), *reversed(tail))

@@ -67,9 +67,27 @@ def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -
             if host.lower() in ("localhost",) or host.lower().endswith(".localhost"):
                 raise ValueError("webhook_url must not point at this host") from None
             continue
-        if not addr.is_global:
+        if not all(a.is_global for a in _with_embedded_ipv4(addr)):
             raise ValueError("webhook_url must not point at a private, loopback or link-local address")
     return hosts if resolve else []
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _with_embedded_ipv4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The address and any IPv4 address an IPv6 form carries (mapped, 6to4, NAT64, IPv4-compatible):
+    `is_global` alone calls ::127.0.0.1 or 2002:7f00:1:: public."""
+    out = [addr]
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            out.append(addr.ipv4_mapped)
+        if addr.sixtofour:
+            out.append(addr.sixtofour)
+        if addr in _NAT64 or (addr in _IPV4_COMPATIBLE and int(addr) > 1):
+            out.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return out
 
 
 def _pinned(url: str, addr: str) -> tuple[str, dict, dict]:
