@@ -257,3 +257,47 @@ def test_webhook_connects_to_the_address_it_checked(redis_url, monkeypatch):
         keys = [store.job_key(job_id), store.events_key(job_id), store.tenant_key("alpha"), store.webhooks_key,
                 store.status_key("succeeded")]
         conn.delete(*keys)
+
+
+def test_an_attempt_taken_for_dead_stops_when_a_newer_one_starts(redis_url, trio, s3_endpoint, s3_bucket):
+    """The fence: an attempt whose lease lapsed while it lived sees the newer attempt's number at its next
+    check and stops, leaving the output (objects with the same names as the newer attempt's) untouched."""
+    import uuid
+
+    import redis as redis_lib
+
+    from worker.engine import GraftOptions, GraftRequest, GraftSuperseded, run_graft
+    from worker.engine.s3 import s3_client
+    from worker.job_store import JobStore
+    from worker.jobs import _Reporter
+    from worker.settings import Settings
+
+    settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:", block_bytes=16 << 10)
+    conn = redis_lib.Redis.from_url(redis_url)
+    store = JobStore(conn, settings.key_prefix)
+    job_id = "job_fence"
+    try:
+        store.update(job_id, attempt=1)
+        reporter = _Reporter(store, job_id, settings, attempt=1)
+        assert reporter.should_cancel() is False
+        blocks = []
+
+        def should_cancel() -> bool:
+            blocks.append(1)
+            if len(blocks) == 5:  # mid-stream, the monitor's retry starts attempt 2
+                store.update(job_id, attempt=2)
+                reporter._cancel_checked = 0.0
+            return reporter.should_cancel()
+
+        request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"],
+                               f"s3://{s3_bucket}/fenced", GraftOptions(shard_size="100KB"))
+        with pytest.raises(GraftSuperseded):
+            run_graft(request, settings=settings, should_cancel=should_cancel)
+        keys = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket,
+                                                                          Prefix="fenced/").get("Contents", [])}
+        assert "fenced/.graft-pending" in keys  # left for the newer attempt, which owns the prefix now
+        assert "fenced/graft-manifest.json" not in keys
+        assert store.get(job_id)["attempt"] == 2
+    finally:
+        for key in conn.scan_iter(match=f"{settings.key_prefix}*"):
+            conn.delete(key)

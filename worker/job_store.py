@@ -183,6 +183,14 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.cancel_key(job_id)))
 
+    def controls(self, job_id: str) -> tuple[bool, int]:
+        """(cancel requested, current attempt number) in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(self.cancel_key(job_id))
+            pipe.hget(self.job_key(job_id), "attempt")
+            cancel, attempt = pipe.execute()
+        return bool(cancel), int(orjson.loads(attempt)) if attempt else 0
+
     def renew_lease(self, job_id: str, seconds: float) -> None:
         self.r.set(self.lease_key(job_id), b"1", px=int(seconds * 1000))
 

@@ -13,7 +13,7 @@ import time
 import redis
 from rq import Callback, Queue, Retry
 
-from .engine.errors import GraftCancelled, GraftError
+from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from .job_store import ACTIVE, JobStore, now_iso
 from .settings import Settings, get_settings
 from .uri_policy import check_uri
@@ -61,8 +61,9 @@ class _Reporter:
     PHASE_STATUS = {"resolving": "validating", "planning": "validating", "streaming": "running",
                     "committing": "committing", "done": "committing"}
 
-    def __init__(self, store: JobStore, job_id: str, settings: Settings) -> None:
+    def __init__(self, store: JobStore, job_id: str, settings: Settings, attempt: int = 0) -> None:
         self.store, self.job_id, self.settings = store, job_id, settings
+        self.attempt = attempt
         self.phase = ""
         self.last_write = 0.0
         self.stream_started = 0.0
@@ -112,11 +113,15 @@ class _Reporter:
                                  message=f"more than {MAX_WARNING_EVENTS} warnings; the rest are in the manifest")
 
     def should_cancel(self) -> bool:
-        # Called between blocks; one Redis round trip at most every 0.2 s.
+        """Called between blocks; one Redis round trip at most every 0.2 s. Also the fence: if the monitor
+        took this attempt for dead (its lease lapsed while it lived) and a newer one started, this one
+        stops at once without touching the output the newer one is writing."""
         now = time.monotonic()
         if not self._cancel and now - self._cancel_checked >= 0.2:
             self._cancel_checked = now
-            self._cancel = self.store.cancel_requested(self.job_id)
+            self._cancel, current = self.store.controls(self.job_id)
+            if self.attempt and current > self.attempt:
+                raise GraftSuperseded(f"attempt {current} took over from attempt {self.attempt}")
         return self._cancel
 
 
@@ -138,7 +143,7 @@ def run_job(job_id: str) -> dict:
         return {"skipped": store.status(job_id)}
     lease = _Lease(store, job_id, settings.lease_seconds)
     lease.start()
-    reporter = _Reporter(store, job_id, settings)
+    reporter = _Reporter(store, job_id, settings, attempt)
     t0 = time.monotonic()
     try:
         return _execute(store, job_id, record, settings, reporter, t0)
@@ -158,6 +163,10 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
                                record["output"], GraftOptions(**record["options"]))
         result = run_graft(request, settings=settings, progress=reporter.progress,
                            should_cancel=reporter.should_cancel, warn=reporter.warn)
+    except GraftSuperseded as err:
+        # The record and the output belong to the newer attempt now: leave both alone.
+        store.add_event(job_id, "superseded", message=err.message)
+        return {"status": "superseded"}
     except GraftCancelled:
         store.transition(job_id, ACTIVE, "cancelled", event={"type": "finished", "status": "cancelled"},
                          finished_at=now_iso())

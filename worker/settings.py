@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # Service (API, queue worker, job records). Appended by the service work; see app/ and worker/jobs.py.
     key_prefix: str = Field("graft:", description="prefix of every Redis key of our own job records")
     progress_interval: float = Field(0.5, description="seconds between progress writes to the job record")
-    lease_seconds: float = Field(5.0, description="a running job whose lease is this stale is abandoned")
+    lease_seconds: float = Field(15.0, description="a running job whose lease is this stale is abandoned")
     monitor_interval: float = Field(1.0, description="seconds between the worker's recovery/cancel checks")
     cancel_grace_seconds: float = Field(30.0, description="after this, a cancelling job's process is stopped")
     job_timeout: int = Field(24 * 3600, description="RQ timeout of one graft job, seconds")

@@ -9,7 +9,7 @@ pay for importing torch.
 from importlib import import_module
 
 _EXPORTS = {
-    "GraftCancelled": "errors", "GraftError": "errors",
+    "GraftCancelled": "errors", "GraftError": "errors", "GraftSuperseded": "errors",
     "GraftOptions": "options", "GraftRequest": "options", "parse_size": "options",
     "GraftResult": "run", "Progress": "run", "plan_graft": "run", "resolve_inputs": "run", "run_graft": "run",
     "MANIFEST": "sinks",

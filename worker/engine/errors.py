@@ -19,6 +19,14 @@ class GraftError(Exception):
         return out
 
 
+class GraftSuperseded(GraftError):
+    """Another attempt now owns this graft's output: stop at once and touch nothing there (what this
+    attempt wrote has the same names as what the new one writes)."""
+
+    def __init__(self, message: str = "a newer attempt of this graft took over its output") -> None:
+        super().__init__("superseded", message)
+
+
 class GraftCancelled(GraftError):
     def __init__(self, message: str = "the graft was cancelled") -> None:
         super().__init__("cancelled", message)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..settings import Settings, get_settings
-from .errors import GraftCancelled, GraftError
+from .errors import GraftCancelled, GraftError, GraftSuperseded
 from .input_hashes import InputHasher
 from .manifest import build_manifest, dumps, model_card
 from .model import INDEX_FILE, ResolvedModel, resolve_model
@@ -237,6 +237,9 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
                                   str(output))
         manifest_uri = sink.commit(dumps(manifest))
+    except GraftSuperseded:
+        sink.abandon()
+        raise
     except BaseException:
         try:
             sink.abort()

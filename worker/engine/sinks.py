@@ -79,6 +79,10 @@ class Sink(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
+    @abstractmethod
+    def abandon(self) -> None:
+        """Stop writing without removing anything: another writer owns the output now."""
+
 
 class _LocalWriter(FileWriter):
     def __init__(self, name: str, path: str, expected_size: int | None, io: ThreadPoolExecutor) -> None:
@@ -170,6 +174,9 @@ class LocalSink(Sink):
     def abort(self) -> None:
         self._io.shutdown(wait=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abandon(self) -> None:
+        self.abort()  # the temp directory is this writer's own, whoever publishes the output
 
 
 class _S3Writer(FileWriter):
@@ -354,6 +361,10 @@ class S3Sink(Sink):
         except Exception:
             pass  # harmless: readers trust the manifest, and a later graft here is refused anyway
         return f"s3://{self.bucket}/{key}"
+
+    def abandon(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._finisher.shutdown(wait=False, cancel_futures=True)
 
     def _manifest_is(self, manifest: bytes) -> bool:
         try:
