@@ -26,11 +26,11 @@ def settings(**overrides) -> Settings:
 
 
 def graft(paths: dict[str, str], output: str, *, settings_overrides: dict | None = None, should_cancel=None,
-          **options):
+          writer: str | None = None, **options):
     """Run a graft in-process; returns (result, warnings sent to the warn callback)."""
     warnings: list[dict] = []
     request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
-                           GraftOptions(**options))
+                           GraftOptions(**options), writer=writer)
     result = run_graft(request, settings=settings(**(settings_overrides or {})), warn=warnings.append,
                        should_cancel=should_cancel)
     return result, warnings

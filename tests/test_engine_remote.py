@@ -163,11 +163,17 @@ def test_s3_output_retry_clears_leftovers_of_a_killed_attempt(trio, s3_endpoint,
     from worker.engine.uris import parse_uri
 
     client = s3_client(s3_endpoint)
-    sink = S3Sink(parse_uri(f"s3://{s3_bucket}/grafts/retry"), endpoint_url=s3_endpoint)
+    sink = S3Sink(parse_uri(f"s3://{s3_bucket}/grafts/retry"), endpoint_url=s3_endpoint, writer="job-7")
     sink.put("model-00001-of-00002.safetensors", b"partial")
     client.create_multipart_upload(Bucket=s3_bucket, Key="grafts/retry/model-00002-of-00002.safetensors")
     sink.pool.shutdown()  # the attempt dies here: no abort, no commit
-    result, _ = graft(trio, f"s3://{s3_bucket}/grafts/retry")
+    sink._finisher.shutdown()
+    before = _s3_listing(client, s3_bucket, "grafts/retry")
+    with pytest.raises(GraftError) as info:  # another job must not clear them: that writer may be alive
+        graft(trio, f"s3://{s3_bucket}/grafts/retry", writer="job-8")
+    assert info.value.code == "output_busy"
+    assert _s3_listing(client, s3_bucket, "grafts/retry") == before
+    result, _ = graft(trio, f"s3://{s3_bucket}/grafts/retry", writer="job-7")
     objects, uploads = _s3_listing(client, s3_bucket, "grafts/retry")
     assert uploads == []
     assert {k.rsplit("/", 1)[1] for k in objects} == {f["path"] for f in result.manifest["output"]["files"]} | {

@@ -160,7 +160,7 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
         from .engine import GraftOptions, GraftRequest, run_graft  # torch is imported here, in the job
 
         request = GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"],
-                               record["output"], GraftOptions(**record["options"]))
+                               record["output"], GraftOptions(**record["options"]), writer=job_id)
         result = run_graft(request, settings=settings, progress=reporter.progress,
                            should_cancel=reporter.should_cancel, warn=reporter.warn)
     except GraftSuperseded as err:

@@ -72,6 +72,9 @@ class GraftRequest:
     target_base: str
     output: str
     options: GraftOptions = field(default_factory=GraftOptions)
+    # Who writes the output. Attempts of one job share it, so a retry may clear what a killed attempt
+    # left under an S3 prefix; a graft never clears another writer's leftovers. None: this run alone.
+    writer: str | None = None
 
     def inputs(self) -> dict[str, str]:
         return {"source_base": self.source_base, "source_finetuned": self.source_finetuned,

@@ -8,6 +8,7 @@ prefix without `graft-manifest.json` is not a result. Abort removes whatever was
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -233,7 +234,7 @@ class _S3Writer(FileWriter):
 
 class S3Sink(Sink):
     def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
-                 parts_in_flight: int = 4) -> None:
+                 parts_in_flight: int = 4, writer: str | None = None) -> None:
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
@@ -249,17 +250,24 @@ class S3Sink(Sink):
         self._objects: set[str] = set()
         if self._exists(MANIFEST):
             raise GraftError("output_exists", f"{location} already holds a committed graft")
+        self.writer = writer or uuid.uuid4().hex
         if self._exists(PENDING):
-            self._clear_leftovers()
+            other = self._pending_writer()
+            if other != self.writer:
+                # Another graft claimed this prefix: it may be alive (another job or tenant), so its
+                # objects are not ours to delete.
+                raise GraftError("output_busy", f"{location} is being written by another graft ({other}); if "
+                                 f"that graft is dead, delete {self.key(PENDING)} and its partial objects")
+            self._clear_leftovers()  # a killed attempt of this same job
         elif self._has_objects():
             # Never empty a prefix we did not start: it may hold anything (another model, an input).
             raise GraftError("output_exists", f"{location} already holds objects and is not a graft's "
                              "leftovers; choose an empty prefix")
         # Claim the prefix first, so that a retry after a kill knows the leftovers are ours to clear.
         try:  # synchronously: the claim must exist before any upload starts
-            self.client.put_object(Bucket=self.bucket, Key=self.key(PENDING),
-                                   Body=b"a graft is being written under this prefix; it is not a result until "
-                                        b"graft-manifest.json exists\n")
+            self.client.put_object(Bucket=self.bucket, Key=self.key(PENDING), Body=json.dumps({
+                "writer": self.writer, "note": "a graft is being written under this prefix; it is not a result "
+                                               "until graft-manifest.json exists"}).encode())
         except Exception as exc:
             raise GraftError("storage_error", f"{location}: cannot write to the output: {exc}") from exc
         self.track_object(self.key(PENDING))
@@ -273,6 +281,13 @@ class S3Sink(Sink):
             if code not in ("404", "NoSuchKey", "NotFound"):
                 raise GraftError("storage_error", f"{self.location}: cannot check the output: {exc}") from exc
             return False
+
+    def _pending_writer(self) -> str:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(PENDING))["Body"].read()
+            return str(json.loads(body).get("writer") or "unknown")
+        except Exception:
+            return "unknown"
 
     def _has_objects(self) -> bool:
         prefix = f"{self.prefix}/" if self.prefix else ""
@@ -388,9 +403,10 @@ class S3Sink(Sink):
                                        Delete={"Objects": [{"Key": k} for k in objects], "Quiet": True})
 
 
-def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20) -> Sink:
+def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
+              writer: str | None = None) -> Sink:
     if location.scheme == "file":
         return LocalSink(location)
     if location.scheme == "s3":
-        return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes)
+        return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes, writer=writer)
     raise GraftError("invalid_uri", f"{location}: outputs go to a local directory or s3://")
