@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import pytest
+
+from worker.loopback import free_port, wait_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -23,21 +23,8 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("GRAFT_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"graft-test-cache-{os.getpid()}"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _redis_answers(url: str) -> bool:

