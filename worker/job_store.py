@@ -180,9 +180,6 @@ class JobStore:
     def request_cancel(self, job_id: str) -> None:
         self.r.set(self.cancel_key(job_id), b"1", ex=7 * 24 * 3600)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.r.exists(self.cancel_key(job_id)))
-
     def controls(self, job_id: str) -> tuple[bool, int]:
         """(cancel requested, current attempt number) in one round trip."""
         with self.r.pipeline(transaction=False) as pipe:

@@ -48,20 +48,8 @@ class ResolvedModel:
             value = self.config["text_config"].get("vocab_size")
         return value if isinstance(value, int) else None
 
-    @property
-    def declares_tied(self) -> bool:
-        # transformers' PretrainedConfig defaults tie_word_embeddings to True.
-        return bool(self.config.get("tie_word_embeddings", True))
-
     def tokenizer_files(self) -> list[str]:
         return [name for name in TOKENIZER_FILES if self.store.exists(name)]
-
-    def describe_inputs(self) -> dict:
-        return {
-            "uri": self.uri,
-            "revision": self.store.revision,
-            "files": {name: self.store.fingerprint(name) for name in sorted(self.store.files)},
-        }
 
 
 def _read_json(store: Store, name: str, role: str) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .errors import GraftError
 from .model import ResolvedModel
 from .options import GraftOptions
-from .safetensors_format import ARITHMETIC_FLOATS, DTYPE_NAMES, DTYPES, TensorInfo, itemsize
+from .safetensors_format import ARITHMETIC_FLOATS, TensorInfo, itemsize
 
 ROLES = ("target_base", "source_base", "source_finetuned")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
@@ -281,11 +281,3 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
             config[key] = options.dtype
     return Plan(tensors, _shard(tensors, options.shard_size), source_only, warnings, config, tied_output,
                 vocab_info)
-
-
-def torch_dtype(name: str):
-    return DTYPES[name]
-
-
-def dtype_name(dtype) -> str:
-    return DTYPE_NAMES[dtype]
