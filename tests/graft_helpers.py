@@ -129,6 +129,17 @@ def shard_of(directory: str, tensor: str) -> str:
     return os.path.join(directory, "model.safetensors")
 
 
+def set_element(directory: str, tensor: str, index: tuple[int, ...], value: float) -> None:
+    """Rewrite one element of a tensor in whichever shard of `directory` holds it."""
+    from safetensors.torch import load_file, save_file
+
+    shard = shard_of(directory, tensor)
+    state = load_file(shard)
+    state[tensor] = state[tensor].clone()
+    state[tensor][index] = value
+    save_file(state, shard, metadata={"format": "pt"})
+
+
 def tensor_names_sorted_by_offset(header: dict) -> list[str]:
     names = [k for k in header if k != "__metadata__"]
     return sorted(names, key=lambda k: header[k]["data_offsets"][0])

@@ -15,6 +15,7 @@ from graft_helpers import (
     graft,
     read_json,
     read_safetensors,
+    set_element,
     shard_of,
     tensor_names_sorted_by_offset,
     write_safetensors,
@@ -179,11 +180,7 @@ def test_sources_disagree_in_shape(capsys, paths, tmp_path):
 
 def test_nan_in_output_names_the_tensor(capsys, paths, tmp_path):
     name = "model.layers.1.mlp.down_proj.weight"
-    victim = shard_of(paths["source_finetuned"], name)
-    state = load_file(victim)
-    state[name] = state[name].clone()
-    state[name][3, 7] = float("inf")
-    save_file(state, victim, metadata={"format": "pt"})
+    set_element(paths["source_finetuned"], name, (3, 7), float("inf"))
     code, out, err = run_cli(capsys, paths, tmp_path / "out")
     assert_failed(code, err, "nonfinite_output", name)
     assert out == ""

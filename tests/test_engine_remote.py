@@ -80,16 +80,11 @@ def test_s3_inputs_and_output_match_local_run(trio, tmp_path, s3_endpoint, s3_bu
 
 
 def test_failing_graft_to_s3_leaves_nothing(trio, tmp_path, s3_endpoint, s3_bucket):
-    from graft_helpers import copy_trio, shard_of
-    from safetensors.torch import load_file, save_file
+    from graft_helpers import copy_trio, set_element
 
     paths = copy_trio(trio, tmp_path / "in")
     name = "model.layers.1.mlp.gate_proj.weight"
-    victim = shard_of(paths["source_finetuned"], name)
-    state = load_file(victim)
-    state[name] = state[name].clone()
-    state[name][0, 0] = float("nan")
-    save_file(state, victim, metadata={"format": "pt"})
+    set_element(paths["source_finetuned"], name, (0, 0), float("nan"))
     with pytest.raises(GraftError) as info:
         graft(paths, f"s3://{s3_bucket}/grafts/bad", shard_size="100KB")
     assert info.value.code == "nonfinite_output" and name in info.value.message

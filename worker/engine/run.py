@@ -6,7 +6,6 @@ import json
 import logging
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -180,7 +179,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                           writer=request.writer or uuid.uuid4().hex)
+                           writer=request.writer)
     try:
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()

@@ -200,8 +200,11 @@ class RemoteStore(Store):
                 # Drop the window farthest from where its file is being read (several files of one input
                 # are often read side by side); the least recently used among equals. A reader still
                 # waiting on a dropped window keeps it alive.
-                victim = max(self._cache, key=lambda k: abs(k[1] - self._last_window.get(k[0], k[1])))
-                if abs(victim[1] - self._last_window.get(victim[0], victim[1])) <= 1:
+                def distance(k: tuple[str, int]) -> int:
+                    return abs(k[1] - self._last_window.get(k[0], k[1]))
+
+                victim = max(self._cache, key=distance)
+                if distance(victim) <= 1:
                     victim = next(iter(self._cache))
                 del self._cache[victim]
             return future
