@@ -2,6 +2,10 @@
 process (asyncio, raw keep-alive HTTP/1.1 sockets) on loopback. Target: >= 1500 req/s, p99 < 25 ms.
 
     .venv/bin/python bench/bench_api.py [--seconds 10] [--connections 32]
+
+With --list-status, GET /v1/jobs (one page of 20) over one tenant's 10,000 jobs instead: unfiltered, by a
+rare status (20 failed jobs spread among succeeded ones: what a scan of the records pays most for) and by
+the common one, each from one connection by default. A filtered page should cost about an unfiltered one.
 """
 
 from __future__ import annotations
@@ -62,19 +66,51 @@ def load(port: int, path: str, key: str, seconds: float, connections: int) -> No
           f"p99_ms={lat[int(n * 0.99)] * 1e3:.2f} max_ms={lat[-1] * 1e3:.2f}", flush=True)
 
 
+LIST_JOBS, LIST_RARE_EVERY = 10_000, 500
+LIST_PATHS = ("/v1/jobs?limit=20", "/v1/jobs?limit=20&status=failed", "/v1/jobs?limit=20&status=succeeded")
+
+
+def _doc(job_id: str, status: str) -> dict:
+    from worker.job_store import now_iso
+
+    return {"id": job_id, "object": "graft.job", "status": status, "created_at": now_iso(),
+            "started_at": now_iso(), "finished_at": None, "source_base": "s3://models/a",
+            "source_finetuned": "s3://models/b", "target_base": "s3://models/c",
+            "output": f"s3://grafts/{job_id}", "options": {"alpha": 1.0, "vocab": "extend"},
+            "metadata": {"team": "bench"}, "webhook_url": None, "attempt": 1, "max_attempts": 3,
+            "progress": {"phase": "streaming", "tensors_done": 120, "tensors_total": 291,
+                         "bytes_read": 3 << 30, "bytes_written": 1 << 30, "bytes_total": 16 << 30,
+                         "fraction": 0.0625, "eta_seconds": 80.0},
+            "result": None, "error": None}
+
+
+def _seed(store, list_status: bool) -> str:
+    """The job the GET bench reads, or the tenant's 10,000 jobs of the listing bench."""
+    from worker.job_store import new_job_id
+
+    if not list_status:
+        job_id = new_job_id()
+        store.create(_doc(job_id, "running"), "bench")
+        return f"/v1/jobs/{job_id}"
+    for n in range(LIST_JOBS):
+        store.create(_doc(new_job_id(), "failed" if n % LIST_RARE_EVERY == 0 else "succeeded"), "bench")
+    return ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--connections", type=int, default=None, help="default 32, or 1 with --list-status")
+    ap.add_argument("--list-status", action="store_true", help="time GET /v1/jobs?status= against unfiltered")
     ap.add_argument("--load", nargs=3, metavar=("PORT", "PATH", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
-        load(int(args.load[0]), args.load[1], args.load[2], args.seconds, args.connections)
+        load(int(args.load[0]), args.load[1], args.load[2], args.seconds, args.connections or 32)
         return 0
 
     import redis
 
-    from worker.job_store import JobStore, new_job_id, now_iso
+    from worker.job_store import JobStore
 
     tmp = tempfile.mkdtemp(prefix="graft-bench-api-")
     procs = []
@@ -87,26 +123,21 @@ def main() -> int:
         redis_url = f"redis://127.0.0.1:{rport}/0"
         key, prefix = "bench-key", f"bench-{uuid.uuid4().hex[:8]}:"
         store = JobStore(redis.Redis.from_url(redis_url), prefix)
-        job_id = new_job_id()
-        store.create({"id": job_id, "object": "graft.job", "status": "running", "created_at": now_iso(),
-                      "started_at": now_iso(), "finished_at": None, "source_base": "s3://models/a",
-                      "source_finetuned": "s3://models/b", "target_base": "s3://models/c",
-                      "output": f"s3://grafts/{job_id}", "options": {"alpha": 1.0, "vocab": "extend"},
-                      "metadata": {"team": "bench"}, "webhook_url": None, "attempt": 1, "max_attempts": 3,
-                      "progress": {"phase": "streaming", "tensors_done": 120, "tensors_total": 291,
-                                   "bytes_read": 3 << 30, "bytes_written": 1 << 30, "bytes_total": 16 << 30,
-                                   "fraction": 0.0625, "eta_seconds": 80.0},
-                      "result": None, "error": None}, "bench")
+        get_path = _seed(store, args.list_status)
+        store.r.close()
         port = free_port()
         env = {**os.environ, "GRAFT_REDIS_URL": redis_url, "GRAFT_API_KEYS": f"{key}:bench",
                "GRAFT_KEY_PREFIX": prefix}
         procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port)], env=env,
                                       start_new_session=True))
         wait_port(port)
-        print(f"one uvicorn process on :{port}; GET /v1/jobs/{job_id}; {args.connections} keep-alive "
-              f"connections for {args.seconds}s (after 1s warm-up) from a second process")
-        subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--connections",
-                        str(args.connections), "--load", str(port), f"/v1/jobs/{job_id}", key], check=True)
+        connections = args.connections or (1 if args.list_status else 32)
+        for path in LIST_PATHS if args.list_status else (get_path,):
+            print(f"one uvicorn process on :{port}; GET {path}"
+                  f"{f' ({LIST_JOBS} jobs in the tenant)' if args.list_status else ''}; {connections} keep-alive "
+                  f"connections for {args.seconds}s (after 1s warm-up) from a second process", flush=True)
+            subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--connections",
+                            str(connections), "--load", str(port), path, key], check=True)
         return 0
     finally:
         for p in procs:

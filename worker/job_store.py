@@ -8,10 +8,13 @@ Layout (every key starts with `settings.key_prefix`):
 - `job:<id>:cancel`     flag set when a cancel was asked for (the job polls it between blocks)
 - `job:<id>:lease`      refreshed by the running job; its expiry means the process died
 - `tenant:<t>:jobs`     sorted set of job ids (all score 0; ids sort by creation time) for pagination
+- `tenant:<t>:status:<s>` the same, per status: listing by status and counting a tenant's unfinished jobs
+                        without reading its records (kept in the transactions that create and move jobs)
 - `status:<s>`          set of job ids per status (exact "jobs by status" metrics)
 - `idem:<t>:<sha>`      Idempotency-Key -> {"body": sha256 of the body, "job": id}
 - `webhooks`            sorted set of pending webhook deliveries, scored by due time
 - `stats`               hash of counters: bytes/tensors processed, job duration histogram buckets
+- `meta`                hash of layout versions (`tenant_status_index`: the per-tenant status sets are complete)
 """
 
 from __future__ import annotations
@@ -27,12 +30,32 @@ import redis
 STATUSES = ("queued", "validating", "running", "committing", "succeeded", "failed", "cancelling", "cancelled")
 ACTIVE = ("validating", "running", "committing", "cancelling")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Not ended: what a tenant's quota of jobs in flight counts.
+UNFINISHED = ("queued", *ACTIVE)
 # Order of the public document's fields (GET /v1/jobs/{id}).
 PUBLIC_FIELDS = ("id", "object", "status", "created_at", "started_at", "finished_at", "source_base",
                  "source_finetuned", "target_base", "output", "options", "metadata", "webhook_url", "attempt",
                  "max_attempts", "progress", "result", "error")
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 MAX_EVENTS = 1000
+STATUS_INDEX_VERSION = b"1"
+# Puts each given job (ARGV[2..]) in its tenant's set for the status its record holds now, and out of the
+# others: atomic per batch, so it cannot undo a transition that commits while a backfill runs.
+_INDEX_JOBS = """
+local p, statuses = ARGV[1], {STATUSES}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local held = redis.call('HMGET', p .. 'job:' .. id, 'status', 'tenant')
+  if held[1] and held[2] then
+    local current, base = cjson.decode(held[1]), p .. 'tenant:' .. held[2] .. ':status:'
+    for _, s in ipairs(statuses) do
+      if s ~= current then redis.call('ZREM', base .. s, id) end
+    end
+    redis.call('ZADD', base .. current, 0, id)
+  end
+end
+return #ARGV - 1
+""".replace("STATUSES", ", ".join(f"'{s}'" for s in STATUSES))
 
 
 def now_iso() -> str:
@@ -82,6 +105,9 @@ class JobStore:
     def status_key(self, status: str) -> str:
         return f"{self.p}status:{status}"
 
+    def tenant_status_key(self, tenant: str, status: str) -> str:
+        return f"{self.p}tenant:{tenant}:status:{status}"
+
     def idem_key(self, tenant: str, digest: str) -> str:
         return f"{self.p}idem:{tenant}:{digest}"
 
@@ -93,14 +119,38 @@ class JobStore:
     def stats_key(self) -> str:
         return f"{self.p}stats"
 
+    @property
+    def meta_key(self) -> str:
+        return f"{self.p}meta"
+
     # records
-    def create(self, doc: dict, tenant: str) -> None:
+    def create(self, doc: dict, tenant: str, *, max_unfinished: int | None = None) -> bool:
+        """Write a new job record and its index entries in one transaction.
+
+        With `max_unfinished`, only while the tenant has fewer unfinished jobs than that (counted and created
+        in the same transaction, so racing submissions cannot overshoot); False when refused."""
+        unfinished = [self.tenant_status_key(tenant, s) for s in UNFINISHED]
         with self.r.pipeline() as pipe:
-            pipe.hset(self.job_key(doc["id"]), mapping={**{k: _dumps(v) for k, v in doc.items()}, "tenant": tenant})
-            pipe.zadd(self.tenant_key(tenant), {doc["id"]: 0})
-            pipe.sadd(self.status_key(doc["status"]), doc["id"])
-            pipe.rpush(self.events_key(doc["id"]), _dumps({"at": doc["created_at"], "type": "queued"}))
-            pipe.execute()
+            while True:
+                try:
+                    if max_unfinished is not None:
+                        pipe.watch(*unfinished)  # from here until multi(), commands run at once
+                        if sum(pipe.zcard(key) for key in unfinished) >= max_unfinished:
+                            pipe.unwatch()
+                            return False
+                        pipe.multi()
+                    self._queue_create(pipe, doc, tenant)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def _queue_create(self, pipe: redis.client.Pipeline, doc: dict, tenant: str) -> None:
+        pipe.hset(self.job_key(doc["id"]), mapping={**{k: _dumps(v) for k, v in doc.items()}, "tenant": tenant})
+        pipe.zadd(self.tenant_key(tenant), {doc["id"]: 0})
+        pipe.zadd(self.tenant_status_key(tenant, doc["status"]), {doc["id"]: 0})
+        pipe.sadd(self.status_key(doc["status"]), doc["id"])
+        pipe.rpush(self.events_key(doc["id"]), _dumps({"at": doc["created_at"], "type": "queued"}))
 
     def get(self, job_id: str) -> dict | None:
         return decode_job(self.r.hgetall(self.job_key(job_id)))
@@ -131,7 +181,7 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(key)
-                    raw = pipe.hmget(key, "status", "webhook_url")
+                    raw = pipe.hmget(key, "status", "webhook_url", "tenant")
                     if raw[0] is None:
                         pipe.unwatch()
                         return None
@@ -144,6 +194,10 @@ class JobStore:
                     if current != to:
                         pipe.srem(self.status_key(current), job_id)
                         pipe.sadd(self.status_key(to), job_id)
+                        if raw[2] is not None:
+                            tenant = raw[2].decode()
+                            pipe.zrem(self.tenant_status_key(tenant, current), job_id)
+                            pipe.zadd(self.tenant_status_key(tenant, to), {job_id: 0})
                     if event is not None:
                         pipe.rpush(self.events_key(job_id), _dumps({"at": now_iso(), **event}))
                     if to in TERMINAL:
@@ -164,11 +218,46 @@ class JobStore:
     def events(self, job_id: str) -> list[dict]:
         return [orjson.loads(e) for e in self.r.lrange(self.events_key(job_id), 0, -1)]
 
-    def list_ids(self, tenant: str, after: str | None, count: int) -> list[str]:
-        """Newest first, strictly older than `after` (the previous page's last id)."""
+    def list_ids(self, tenant: str, after: str | None, count: int, status: str | None = None) -> list[str]:
+        """Newest first, strictly older than `after` (the previous page's last id); with `status`, only the
+        jobs in that status when read (one index read: no record is scanned)."""
+        key = self.tenant_key(tenant) if status is None else self.tenant_status_key(tenant, status)
         upper = f"({after}" if after else "+"
-        ids = self.r.zrevrangebylex(self.tenant_key(tenant), upper, "-", start=0, num=count)
+        ids = self.r.zrevrangebylex(key, upper, "-", start=0, num=count)
         return [i.decode() for i in ids]
+
+    def tenant_status_counts(self, tenant: str) -> dict[str, int]:
+        with self.r.pipeline(transaction=False) as pipe:
+            for s in STATUSES:
+                pipe.zcard(self.tenant_status_key(tenant, s))
+            return dict(zip(STATUSES, pipe.execute(), strict=True))
+
+    def active_count(self, tenant: str) -> int:
+        """The tenant's unfinished jobs (queued, validating, running, committing, cancelling)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for s in UNFINISHED:
+                pipe.zcard(self.tenant_status_key(tenant, s))
+            return sum(pipe.execute())
+
+    def backfill_status_index(self, *, force: bool = False, batch: int = 500) -> int:
+        """Build the per-tenant status sets for records written before they existed; returns the jobs
+        indexed (0 when the version key says it was done). Idempotent and safe beside live transitions;
+        run it once every process writing records runs this code (`force` to redo it after old writers
+        moved jobs meanwhile). One pass over every job: seconds per 100k jobs."""
+        if not force and self.r.hget(self.meta_key, "tenant_status_index") == STATUS_INDEX_VERSION:
+            return 0
+        script, done = self.r.register_script(_INDEX_JOBS), 0
+        for status in STATUSES:
+            ids: list[bytes] = []
+            for job_id in self.r.sscan_iter(self.status_key(status), count=batch):
+                ids.append(job_id)
+                if len(ids) >= batch:
+                    done += script(args=[self.p, *ids])
+                    ids = []
+            if ids:
+                done += script(args=[self.p, *ids])
+        self.r.hset(self.meta_key, "tenant_status_index", STATUS_INDEX_VERSION)
+        return done
 
     def get_many(self, ids: list[str]) -> list[dict | None]:
         with self.r.pipeline(transaction=False) as pipe:

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     worker_preload: bool = Field(True, description="import torch and the engine once in the worker parent "
                                  "(no CUDA is touched there) so each forked job starts fast")
 
+    # Webhook targets (worker/webhooks.py).
+    webhook_resolve_timeout: float = Field(2.0, description="seconds a webhook host's DNS lookup may take; "
+                                           "unanswered: accepted at submission (checked again at delivery), "
+                                           "retried at delivery")
+
     @property
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys)

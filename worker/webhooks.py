@@ -13,9 +13,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,31 +47,202 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False) -> list[str]:
-    """http(s) only; with `resolve`, every address the name resolves to must be public (unless allowed).
+class WebhookURLError(ValueError):
+    """A refused webhook_url; `code` is what the API's 422 puts in `errors[].type`."""
+
+    def __init__(self, message: str, code: str = "webhook_url_not_allowed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WebhookHostUnresolved(WebhookURLError):
+    """The host gave no address (no such name, resolver down or too slow): nothing to check or connect to."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "webhook_host_unresolved")
+
+
+def check_webhook_target(url: str, *, allow_private: bool, timeout: float = 2.0) -> None:
+    """Submission-time check: raises WebhookURLError (a ValueError) for a URL whose host parses or resolves
+    to a non-public address or names this machine. Blocks up to about `timeout` seconds on DNS: call it from
+    a worker thread, never from the event loop.
+
+    A host that does not resolve (no such name, resolver down or slow) is accepted: delivery resolves it
+    again, checks and pins the address, so nothing unchecked is ever contacted, while refusing here would
+    tie submissions to the API host's view of DNS (split horizon, outages) and to receivers that already
+    exist when the job is submitted."""
+    try:
+        check_webhook_url(url, allow_private=allow_private, resolve=True, resolve_timeout=timeout)
+    except WebhookHostUnresolved as exc:
+        log.info("webhook host not resolved at submission, checked again at delivery: %s", exc)
+
+
+def check_webhook_url(url: str, *, allow_private: bool, resolve: bool = False,
+                      resolve_timeout: float = 2.0) -> list[str]:
+    """http(s) only, no credentials; unless `allow_private`, the host must not be (or, with `resolve`,
+    resolve to) a non-public address nor name this machine. Raises WebhookURLError; with `resolve`, a host
+    that gives no address within `resolve_timeout` seconds raises WebhookHostUnresolved.
 
     Returns the checked addresses (with `resolve` and not `allow_private`): the caller connects to one of
     them, not to a second resolution of the name, which could answer a private address (DNS rebinding)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # bad brackets, port out of range
+        raise WebhookURLError(f"webhook_url is not a valid URL: {exc}", "invalid") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("webhook_url must be an http:// or https:// URL with a host")
+        raise WebhookURLError("webhook_url must be an http:// or https:// URL with a host", "invalid")
     if parts.username or parts.password:
-        raise ValueError("webhook_url must not carry credentials")
+        raise WebhookURLError("webhook_url must not carry credentials", "invalid")
     if allow_private:
         return []
-    hosts = [parts.hostname]
-    if resolve:
-        hosts = [info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)]
-    for host in hosts:
+    forms = _host_forms(parts.hostname)
+    literals = [a for form in forms for a in _literal_addresses(form)]
+    own_names, own_addrs = _this_host(resolve_timeout)
+    if literals:  # what the OS would connect to without asking DNS: check it, pin it
+        _refuse_non_public(literals, own_addrs)
+        return [str(literals[0])] if resolve else []
+    if any(form in _LOCAL_NAMES or form.endswith(".localhost") or form in own_names for form in forms):
+        raise WebhookURLError("webhook_url must not point at this host")
+    if not resolve:
+        return []
+    addrs = _resolve(parts.hostname, port, resolve_timeout)
+    _refuse_non_public([ipaddress.ip_address(a) for a in addrs], own_addrs)
+    return addrs
+
+
+# Names /etc/hosts commonly maps to loopback; a resolved check catches others, these are refused unresolved.
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost4", "localhost4.localdomain4",
+                          "localhost6", "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"})
+_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+_INET_ATON_PART = re.compile(r"0x[0-9a-f]*|0[0-7]*|[1-9][0-9]*")
+
+
+def _host_forms(host: str) -> list[str]:
+    """The ASCII names a resolver could make of the URL's host: IDNA (what getaddrinfo applies to a non-ASCII
+    name: NFKC, fullwidth digits and dots), lower case, trailing dots dropped. An IPv6 literal as itself."""
+    if ":" in host:  # urlsplit yields a colon only from a bracketed IPv6 literal
         try:
-            addr = ipaddress.ip_address(host)
+            return [str(ipaddress.IPv6Address(host))]
         except ValueError:
-            if host.lower() in ("localhost",) or host.lower().endswith(".localhost"):
-                raise ValueError("webhook_url must not point at this host") from None
+            raise WebhookURLError("webhook_url host is not a valid IPv6 address", "invalid") from None
+    candidates = {unicodedata.normalize("NFKC", host)}
+    try:
+        candidates.add(host.encode("idna").decode("ascii"))
+    except UnicodeError:
+        pass
+    forms = sorted(f for f in {c.lower().rstrip(".") for c in candidates} if _NAME.fullmatch(f))
+    if not forms:
+        raise WebhookURLError("webhook_url host is not a valid host name", "invalid")
+    return forms
+
+
+def _literal_addresses(form: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address(es) a host string means without DNS: an IPv6 literal, or IPv4 as inet_aton reads it
+    (and so getaddrinfo): 1 to 4 parts, each decimal, 0x hex or 0-led octal, the last part filling the
+    remaining bytes, so `127.1`, `2130706433`, `0x7f000001` and `0177.0.0.1` all mean 127.0.0.1."""
+    if ":" in form:
+        return [ipaddress.IPv6Address(form)]
+    out = []
+    parts = form.split(".")
+    if len(parts) <= 4 and all(_INET_ATON_PART.fullmatch(p) for p in parts):
+        values = [int(p[2:] or "0", 16) if p.startswith("0x") else int(p, 8) if p.startswith("0") else int(p)
+                  for p in parts]
+        *head, last = values
+        tail_bits = 8 * (4 - len(head))
+        if all(v <= 255 for v in head) and last < 1 << tail_bits:
+            out.append(ipaddress.IPv4Address(int.from_bytes(bytes(head), "big") << tail_bits | last))
+    try:  # the platform's own reading too, should it differ from the one above
+        out.append(ipaddress.IPv4Address(socket.inet_aton(form)))
+    except OSError:
+        pass
+    return out
+
+
+def _refuse_non_public(addrs: list, own: frozenset) -> None:
+    for addr in addrs:
+        if not all(a.is_global and not a.is_multicast for a in _with_embedded_ipv4(addr)):
+            raise WebhookURLError("webhook_url must not point at a private, loopback, link-local or reserved "
+                                  "address")
+        if addr in own:
+            raise WebhookURLError("webhook_url must not point at this host")
+
+
+# getaddrinfo has no timeout: each lookup runs on a daemon thread the caller stops waiting for. A thread
+# given up on ends when the resolver's own timeouts end it; this caps how many can be alive at once, so a
+# flood of slow names cannot pile threads up (past it, a lookup counts as unanswered).
+_LOOKUPS = threading.BoundedSemaphore(32)
+
+
+def _bounded(fn, timeout: float, what: str):
+    """fn() on a daemon thread; WebhookHostUnresolved when it raises OSError/UnicodeError or takes longer
+    than `timeout` seconds."""
+    if not _LOOKUPS.acquire(blocking=False):
+        raise WebhookHostUnresolved(f"{what}: too many lookups in flight")
+    box: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller, which decides what it means
+            box["error"] = exc
+        finally:
+            _LOOKUPS.release()
+            done.set()
+
+    try:
+        threading.Thread(target=run, daemon=True, name="graft-webhook-dns").start()
+    except RuntimeError:  # no thread to be had: the lookup did not happen
+        _LOOKUPS.release()
+        raise WebhookHostUnresolved(f"{what}: no thread for the lookup") from None
+    if not done.wait(timeout):
+        raise WebhookHostUnresolved(f"{what}: no answer within {timeout:g} s")
+    error = box.get("error")
+    if isinstance(error, OSError | UnicodeError):
+        raise WebhookHostUnresolved(f"{what}: {error}") from error
+    if error is not None:
+        raise error
+    return box["value"]
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[str]:
+    infos = _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout, host)
+    addrs = list(dict.fromkeys(info[4][0] for info in infos))
+    if not addrs:
+        raise WebhookHostUnresolved(f"{host}: no address")
+    return addrs
+
+
+_this_host_lock = threading.Lock()
+_this_host_cache: tuple[float, frozenset, frozenset] | None = None
+
+
+def _this_host(timeout: float) -> tuple[frozenset[str], frozenset]:
+    """This machine's names (host name, FQDN) and the addresses they resolve to, looked up (bounded) and
+    kept for 5 minutes; half an answer (a slow resolver) is kept for 30 s."""
+    global _this_host_cache
+    with _this_host_lock:
+        if _this_host_cache is None or time.monotonic() >= _this_host_cache[0]:
+            try:
+                names, addrs = _bounded(_gather_this_host, timeout, "this host's names")
+                ttl = 300.0
+            except WebhookHostUnresolved:
+                names, addrs, ttl = frozenset({socket.gethostname().lower().rstrip(".")}), frozenset(), 30.0
+            _this_host_cache = (time.monotonic() + ttl, names, addrs)
+        return _this_host_cache[1], _this_host_cache[2]
+
+
+def _gather_this_host() -> tuple[frozenset[str], frozenset]:
+    names = {socket.gethostname(), socket.getfqdn()}
+    addrs = set()
+    for name in names:
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
             continue
-        if not all(a.is_global for a in _with_embedded_ipv4(addr)):
-            raise ValueError("webhook_url must not point at a private, loopback or link-local address")
-    return hosts if resolve else []
+        addrs.update(ipaddress.ip_address(info[4][0]) for info in infos)
+    return frozenset(n.lower().rstrip(".") for n in names if n), frozenset(addrs)
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
