@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import orjson
+import redis
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 PROBLEM_JSON = "application/problem+json"
 TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-          409: "Conflict", 415: "Unsupported Media Type", 422: "Unprocessable Content",
-          500: "Internal Server Error", 503: "Service Unavailable"}
+          409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+          429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+          504: "Gateway Timeout"}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "body_too_large"}
 
 
 class Problem(Exception):
@@ -51,7 +55,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> Response
         loc = [str(p) for p in err.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:] if loc[0] == "body" else loc
-        if err.get("type") in ("json_invalid", "model_attributes_type") and len(loc) <= 1:
+        # Only the body itself not being an object is "malformed"; a field of the wrong type is named.
+        if err.get("type") == "json_invalid" or (err.get("type") == "model_attributes_type" and not loc):
             malformed = True
         errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
                        "type": err.get("type", "invalid")})
@@ -63,9 +68,24 @@ async def _validation(request: Request, exc: RequestValidationError) -> Response
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-    return problem_response(exc.status_code, code, str(exc.detail), instance=request.url.path,
-                            headers=getattr(exc, "headers", None))
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return problem_response(exc.status_code, code, str(exc.detail), instance=request.url.path, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path: Starlette's 405 names only the first route that matched
+    (and routers included by FastAPI do not expose their methods), so each method is tried."""
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+            if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in request.app.routes)]
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    retry = str(request.app.state.settings.unavailable_retry_after)
+    return problem_response(503, "unavailable", "the job store (Redis) is unreachable; retry later",
+                            instance=request.url.path, headers={"Retry-After": retry})
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
@@ -76,6 +96,8 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 
 def install(app) -> None:
     app.add_exception_handler(Exception, _unhandled)
+    for exc_type in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        app.add_exception_handler(exc_type, _unavailable)
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-Status = Literal["queued", "validating", "running", "committing", "succeeded", "failed", "cancelling", "cancelled"]
-URI = Field(min_length=1, max_length=2048, description="file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]")
+from worker.statuses import JobStatus
+
+Status = JobStatus
+URI = Field(min_length=1, max_length=2048, pattern=r"^(?i:file|s3|hf)://\S+$",
+            description="file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]")
+# Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
+MAX_PATTERNS = 100
+MAX_PATTERN_CHARS = 1000
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+MetaValue = Annotated[str, StringConstraints(max_length=1024)]
+
+
+def _size_type(value: object) -> object:
+    """A number of bytes or a size string; the engine checks the range (its error names the field)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("give a number of bytes or a size such as '500MB'")
+    if isinstance(value, str) and len(value) > 32:
+        raise ValueError("too long to be a size")
+    return value
 
 
 class Options(BaseModel):
     """What `graft run` takes."""
 
     model_config = ConfigDict(extra="forbid")
-    alpha: float = Field(1.0, description="scale of the diff")
+    alpha: float = Field(1.0, strict=True, allow_inf_nan=False, description="scale of the diff (a JSON number)")
     vocab: Literal["extend", "target"] = "extend"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    shard_size: int | str = Field("5GB", description="largest output shard: bytes or e.g. '500MB'")
+    shard_size: Annotated[int | str, BeforeValidator(_size_type)] = Field(
+        "5GB", description="largest output shard: bytes or e.g. '500MB' (1 KB to 5 TB)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    include: list[str] = Field(default_factory=list, max_length=100, description="regexes: only these get the diff")
-    exclude: list[str] = Field(default_factory=list, max_length=100, description="regexes: copied from the target")
+    include: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                   description="RE2 regexes (searched): only matching tensors get the diff")
+    exclude: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                   description="RE2 regexes (searched): matching tensors are copied from the target")
 
 
 class JobCreate(BaseModel):
@@ -28,12 +49,14 @@ class JobCreate(BaseModel):
     source_base: str = URI
     source_finetuned: str = URI
     target_base: str = URI
-    output: str | None = Field(None, max_length=2048,
-                               description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<job id>/")
+    output: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^(?i:file|s3)://\S+$",
+                               description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     options: Options = Field(default_factory=Options)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=32,
-                                     description="free-form labels, returned as given")
-    webhook_url: str | None = Field(None, max_length=2048, description="POSTed the job on a terminal status")
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32,
+                                               description="labels returned as given: at most 32, keys of at most 64 "
+                                                           "characters, values of at most 1024")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^(?i:https?)://\S+$",
+                                    description="POSTed the job on a terminal status; must reach a public address")
 
 
 class Progress(BaseModel):

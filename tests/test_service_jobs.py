@@ -49,7 +49,7 @@ def test_file_job_matches_local_run(svc, trio, tmp_path):
         assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
         assert int(resp.headers["retry-after"]) >= 1
         assert job["status"] == "queued" and job["object"] == "graft.job" and job["attempt"] == 0
-        assert job["output"] == f"file://{svc.root}/outputs/{job['id']}"
+        assert job["output"] == f"file://{svc.root}/outputs/alpha/{job['id']}"
         done = wait_job(c, job["id"])
         assert done["status"] == "succeeded", done
         assert done["attempt"] == 1 and done["metadata"] == {"team": "a"}

@@ -27,11 +27,9 @@ from datetime import UTC, datetime
 import orjson
 import redis
 
-STATUSES = ("queued", "validating", "running", "committing", "succeeded", "failed", "cancelling", "cancelled")
-ACTIVE = ("validating", "running", "committing", "cancelling")
-TERMINAL = ("succeeded", "failed", "cancelled")
-# Not ended: what a tenant's quota of jobs in flight counts.
-UNFINISHED = ("queued", *ACTIVE)
+from .statuses import ACTIVE, STATUSES, TERMINAL, UNFINISHED
+
+__all__ = ["ACTIVE", "STATUSES", "TERMINAL", "UNFINISHED", "JobStore", "decode_job", "new_job_id", "now_iso"]
 # Order of the public document's fields (GET /v1/jobs/{id}).
 PUBLIC_FIELDS = ("id", "object", "status", "created_at", "started_at", "finished_at", "source_base",
                  "source_finetuned", "target_base", "output", "options", "metadata", "webhook_url", "attempt",

@@ -58,10 +58,44 @@ class Settings(BaseSettings):
     worker_preload: bool = Field(True, description="import torch and the engine once in the worker parent "
                                  "(no CUDA is touched there) so each forked job starts fast")
 
+    # API limits and tenancy (see README "Limits and guarantees").
+    max_body_bytes: int = Field(256 << 10, description="largest request body the API reads (413 above)")
+    max_metadata_bytes: int = Field(8 << 10, description="a job's metadata, keys and values together (422 above)")
+    tenant_rate_per_minute: float = Field(120.0, description="job submissions and previews per tenant per minute "
+                                          "(429 with Retry-After above); 0 disables")
+    tenant_rate_burst: int = Field(30, description="submissions a tenant may make at once before the rate applies")
+    tenant_max_unfinished_jobs: int = Field(100, description="queued or running jobs a tenant may have (429 above); "
+                                            "0 disables")
+    tenant_grants: str = Field("", description="per-tenant extra prefixes, read and write: "
+                               "'tenant=uri|uri;tenant2=uri' (file:// or s3://)")
+    preview_workers: int = Field(2, description="processes that build previews, off the API's event loop")
+    preview_timeout: float = Field(20.0, description="seconds a preview may take before its process is killed (504)")
+    unavailable_retry_after: int = Field(5, description="Retry-After sent with 503 while Redis is unreachable")
+
+    # Engine input hardening (CLI).
+    debug: bool = Field(False, description="the CLI prints a traceback with an internal_error (never otherwise)")
+
     # Webhook targets (worker/webhooks.py).
     webhook_resolve_timeout: float = Field(2.0, description="seconds a webhook host's DNS lookup may take; "
                                            "unanswered: accepted at submission (checked again at delivery), "
                                            "retried at delivery")
+
+    # Redis outages in the worker (see worker/outage.py).
+    redis_timeout: float = Field(5.0, description="seconds one Redis command of the worker's threads and job "
+                                 "processes may take before Redis counts as unreachable")
+    redis_retry_max: float = Field(5.0, description="longest wait between tries while Redis is unreachable (the "
+                                   "waits start at 0.2 s and double)")
+    redis_wait_seconds: float = Field(300.0, description="how long a job waits for Redis to record its outcome "
+                                      "(succeeded, failed, cancelled); past it the attempt fails and RQ retries it")
+
+    # Storage faults (worker/engine/faults.py, worker/jobs.py).
+    storage_retry_seconds: float = Field(30.0, description="seconds one S3/hub operation keeps retrying storage "
+                                         "faults (refused, reset, timed out, 5xx, throttled) before the attempt "
+                                         "fails with storage_error; 0: no retry")
+    storage_timeout_seconds: float = Field(30.0, description="seconds one storage request may wait to connect or "
+                                           "for the next bytes of an answer (a stalled connection is a fault)")
+    retry_backoff: float = Field(5.0, description="seconds before a job that failed with storage_error is tried "
+                                 "again; doubled for each further attempt (capped at 10 minutes)")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -1,21 +1,34 @@
-"""Which model and output URIs a job may name: checked by the API before queueing and again by the worker
-(a symlink can change between the two).
+"""Which model and output URIs a tenant may name: checked by the API before queueing and again by the worker
+(a symlink can change between the two; the engine then checks every file it opens, see LocalStore).
 
-- file:// only under GRAFT_ALLOWED_ROOTS, after resolving symlinks; any `..` segment is refused outright.
-- s3:// only to GRAFT_ALLOWED_BUCKETS (unset: any bucket on the configured endpoint). The endpoint is ours:
-  a URI carries no host, port, credentials, query or fragment (no SSRF through a model reference).
-- hf:// only when GRAFT_HF_ENABLED.
-- Bare paths are refused: the API has no working directory a client could mean.
+- file:// only under GRAFT_ALLOWED_ROOTS (shared by every tenant), the tenant's grants and its own output
+  namespace, after resolving symlinks; any `..` segment is refused outright.
+- s3:// only to GRAFT_ALLOWED_BUCKETS (unset: any bucket on the configured endpoint), the tenant's grants and its
+  own output namespace. The endpoint is ours: a URI carries no host, port, credentials, query or fragment.
+- The default output (GRAFT_OUTPUT_URI) is split into one namespace per tenant, `<output>/<tenant>/<job id>`:
+  whatever lies under GRAFT_OUTPUT_URI outside the caller's own namespace is neither readable nor writable, even
+  where an allowed root contains it.
+- An output is never placed inside another graft's published result.
+- hf:// only when GRAFT_HF_ENABLED. Bare paths are refused: the API has no working directory a client could mean.
+
+Refusals say the same thing whether or not the path exists, so they cannot be used to probe the disk.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from .engine.errors import GraftError
 from .engine.uris import Location, parse_uri
 from .settings import Settings
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MANIFEST = "graft-manifest.json"  # the engine's name for it (worker.engine.sinks imports boto3; this stays light)
+MAX_OUTPUT_DEPTH = 32  # S3 output prefixes: each ancestor is checked for a result, so their number is capped
+NOT_ALLOWED = "not allowed: outside what this tenant may use (symlinks are resolved)"
 
 
 class PolicyError(GraftError):
@@ -37,7 +50,100 @@ def _real(path: str) -> str:
     return os.path.join(os.path.realpath(head), *reversed(tail))
 
 
-def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False) -> Location:
+def parse_grants(spec: str) -> dict[str, list[Location]]:
+    """`alpha=file:///models/a|s3://team-a/models;beta=s3://team-b` -> {tenant: [locations]}."""
+    out: dict[str, list[Location]] = {}
+    for entry in (e.strip() for e in spec.split(";")):
+        if not entry:
+            continue
+        tenant, sep, uris = entry.partition("=")
+        tenant = tenant.strip()
+        if not sep or not TENANT_NAME.match(tenant):
+            raise ValueError("GRAFT_TENANT_GRANTS must be 'tenant=uri|uri;tenant2=uri'")
+        for uri in (u.strip() for u in uris.split("|")):
+            loc = parse_uri(uri, field="GRAFT_TENANT_GRANTS")
+            if loc.scheme not in ("file", "s3") or "://" not in uri:
+                raise ValueError(f"GRAFT_TENANT_GRANTS: {uri!r} is not a file:// or s3:// URI")
+            out.setdefault(tenant, []).append(loc)
+    return out
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one tenant may name. `tenant=None` is the server itself (no namespace applies)."""
+
+    tenant: str | None
+    file_roots: tuple[str, ...]
+    s3_prefixes: tuple[tuple[str, str], ...]  # (bucket, prefix): granted beyond the allowed buckets
+    buckets: tuple[str, ...]  # empty: any bucket
+    outputs: Location | None  # GRAFT_OUTPUT_URI, whose per-tenant split is enforced
+
+    @property
+    def namespace(self) -> Location | None:
+        if self.outputs is None or self.tenant is None:
+            return None
+        return self.outputs.child(self.tenant)
+
+    def engine_roots(self) -> tuple[list[str], list[str]]:
+        """(allowed, denied) real directories for the engine's per-file check of local inputs and outputs."""
+        allowed = [os.path.realpath(r) for r in self.file_roots]
+        denied = []
+        if self.outputs is not None and self.outputs.scheme == "file" and self.tenant is not None:
+            denied.append(os.path.realpath(self.outputs.path))
+            allowed.append(os.path.realpath(self.namespace.path))
+        return allowed, denied
+
+
+def scope_for(tenant: str | None, settings: Settings) -> Scope:
+    grants = parse_grants(settings.tenant_grants).get(tenant, []) if tenant else []
+    outputs = parse_uri(settings.output_uri.rstrip("/"), field="GRAFT_OUTPUT_URI") if settings.output_uri else None
+    file_roots = list(settings.allowed_root_list) + [g.path for g in grants if g.scheme == "file"]
+    prefixes = [(g.bucket, g.prefix) for g in grants if g.scheme == "s3"]
+    scope = Scope(tenant, (), (), tuple(settings.allowed_bucket_list), outputs)
+    ns = scope.namespace
+    if ns is not None and ns.scheme == "file":
+        file_roots.append(ns.path)
+    elif ns is not None:
+        prefixes.append((ns.bucket, ns.prefix))
+    return Scope(tenant, tuple(file_roots), tuple(prefixes), scope.buckets, outputs)
+
+
+def _check_file(loc: Location, raw_path: str, field: str, scope: Scope) -> None:
+    if ".." in unquote(raw_path).split("/"):
+        raise PolicyError(field, "'..' segments are not allowed")
+    if "\x00" in loc.path:  # %00: os.path.exists() says False to it, so the root check below would pass
+        raise PolicyError(field, "NUL byte in the path")
+    if not scope.file_roots:
+        raise PolicyError(field, "file:// URIs are disabled (GRAFT_ALLOWED_ROOTS is not set)")
+    roots = [os.path.realpath(r) for r in scope.file_roots]
+    real = _real(loc.path)
+    if not any(_under(real, root) for root in roots) or not any(
+            _under(loc.path, r) for r in list(scope.file_roots) + roots):
+        raise PolicyError(field, NOT_ALLOWED)
+    allowed, denied = scope.engine_roots()
+    for guarded in denied:
+        if (_under(real, guarded) or _under(loc.path, guarded)) and not any(
+                _under(real, a) and _under(a, guarded) for a in allowed):
+            raise PolicyError(field, NOT_ALLOWED)
+
+
+def _check_s3(loc: Location, field: str, scope: Scope, output: bool) -> None:
+    granted = any(loc.bucket == b and (not p or _under(loc.prefix, p)) for b, p in scope.s3_prefixes)
+    if not granted and scope.buckets and loc.bucket not in scope.buckets:
+        raise PolicyError(field, NOT_ALLOWED)
+    out = scope.outputs
+    in_outputs = (out is not None and out.scheme == "s3" and scope.tenant is not None and loc.bucket == out.bucket
+                  and (not out.prefix or _under(loc.prefix, out.prefix)))
+    if in_outputs and not _under(loc.prefix, scope.namespace.prefix):
+        raise PolicyError(field, NOT_ALLOWED)
+    if output and not loc.prefix:
+        raise PolicyError(field, "an output needs a prefix under the bucket")
+    if output and loc.prefix.count("/") >= MAX_OUTPUT_DEPTH:
+        raise PolicyError(field, f"an output prefix may have at most {MAX_OUTPUT_DEPTH} levels")
+
+
+def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
+              tenant: str | None = None) -> Location:
     if not isinstance(uri, str) or "://" not in uri:
         raise PolicyError(field, "give a URI with a scheme: file:///abs/path, s3://bucket/prefix or hf://org/name")
     parts = urlsplit(uri.strip())
@@ -50,25 +156,12 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False)
         loc = parse_uri(uri, field=field)
     except GraftError as err:
         raise PolicyError(field, err.message.removeprefix(f"{field}: ")) from err
+    scope = scope_for(tenant, settings)
     if loc.scheme == "file":
-        if ".." in unquote(parts.path).split("/"):
-            raise PolicyError(field, "'..' segments are not allowed")
-        if "\x00" in loc.path:  # %00: os.path.exists() says False to it, so the root check below would pass
-            raise PolicyError(field, "NUL byte in the path")
-        roots = [os.path.realpath(r) for r in settings.allowed_root_list]
-        if not roots:
-            raise PolicyError(field, "file:// URIs are disabled (GRAFT_ALLOWED_ROOTS is not set)")
-        real = _real(loc.path)
-        if not any(_under(real, root) for root in roots) or not any(_under(loc.path, r) for r in
-                                                                   settings.allowed_root_list + roots):
-            raise PolicyError(field, "path is outside the allowed roots (symlinks are resolved)")
+        _check_file(loc, parts.path, field, scope)
         return loc
     if loc.scheme == "s3":
-        buckets = settings.allowed_bucket_list
-        if buckets and loc.bucket not in buckets:
-            raise PolicyError(field, f"bucket {loc.bucket!r} is not allowed")
-        if output and not loc.prefix:
-            raise PolicyError(field, "an output needs a prefix under the bucket")
+        _check_s3(loc, field, scope, output)
         return loc
     if loc.scheme == "hf":
         if output:
@@ -79,11 +172,41 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False)
     raise PolicyError(field, f"unsupported scheme {scheme!r}")
 
 
-def output_for(job_id: str, output: str | None, settings: Settings) -> str:
-    """The job's output URI: the one asked for, else GRAFT_OUTPUT_URI/<job id>/ (checked either way)."""
+def check_not_inside_result(loc: Location, field: str, settings: Settings) -> None:
+    """Refuse an output placed inside another graft's published result (a directory or prefix whose manifest
+    is at one of the output's ancestors). Touches storage: call it off the event loop."""
+    if loc.scheme == "file":
+        head = os.path.dirname(_real(loc.path))
+        while head not in ("/", ""):
+            if os.path.exists(os.path.join(head, MANIFEST)):
+                raise PolicyError(field, "inside another graft's result; choose a location outside it")
+            head = os.path.dirname(head)
+        return
+    if loc.scheme != "s3":
+        return
+    from .engine.s3 import s3_client
+
+    client = s3_client(settings.s3_endpoint_url)
+    parts = loc.prefix.split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        key = "/".join(parts[:depth] + [MANIFEST])
+        try:
+            client.head_object(Bucket=loc.bucket, Key=key)
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+                continue
+            raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+        except Exception as exc:  # connection errors: the storage's fault, worth a retry
+            raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+        raise PolicyError(field, "inside another graft's result; choose a location outside it")
+
+
+def output_for(job_id: str, output: str | None, settings: Settings, tenant: str | None = None) -> str:
+    """The job's output URI: the one asked for, else GRAFT_OUTPUT_URI/<tenant>/<job id>/ (checked either way)."""
     if output:
-        return str(check_uri(output, "output", settings, output=True))
+        return str(check_uri(output, "output", settings, output=True, tenant=tenant))
     if not settings.output_uri:
         raise PolicyError("output", "required: this server has no default output (GRAFT_OUTPUT_URI)")
+    base = parse_uri(settings.output_uri.rstrip("/"), field="GRAFT_OUTPUT_URI")
     # The server's own default is trusted configuration: no allowlist applies to it.
-    return str(parse_uri(settings.output_uri.rstrip("/"), field="GRAFT_OUTPUT_URI").child(job_id))
+    return str(base.child(tenant).child(job_id) if tenant else base.child(job_id))

@@ -1,0 +1,232 @@
+"""/v1/jobs: submit, read, list, cancel, events and preview. No tensor work here: previews run in their own
+processes (app/preview.py), jobs in the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import orjson
+from fastapi import APIRouter, Body, Depends, Header, Query
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from worker.engine.errors import GraftError
+from worker.engine.options import GraftOptions
+from worker.job_store import decode_job, new_job_id, now_iso
+from worker.statuses import ACTIVE, TERMINAL, JobStatus
+from worker.uri_policy import PolicyError, check_not_inside_result, check_uri, output_for, scope_for
+from worker.webhooks import check_webhook_target
+
+from .auth import tenant_of
+from .problems import Problem, field_error
+from .schemas import EventList, Job, JobCreate, JobList, Plan
+from .schemas import Problem as ProblemSchema
+from .state import AppState, app_state
+
+PROBLEM = {"model": ProblemSchema, "content": {"application/problem+json": {}}}
+ERRORS = {401: {**PROBLEM, "description": "missing or unknown API key"},
+          404: {**PROBLEM, "description": "no such job for this tenant"},
+          503: {**PROBLEM, "description": "the job store is unreachable (Retry-After says when to try again)"}}
+LIMITED = {413: {**PROBLEM, "description": "the body is larger than GRAFT_MAX_BODY_BYTES"},
+           422: {**PROBLEM, "description": "invalid field (named)"},
+           429: {**PROBLEM, "description": "the tenant's rate or job quota is exhausted (see Retry-After)"}}
+OPTION_FIELDS = ("shard_size", "include", "exclude", "alpha", "vocab", "dtype", "device")
+ROLES = ("source_base", "source_finetuned", "target_base")
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+def _json(doc, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+def rate_limited(tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> str:
+    """Dependency of the routes that cost work: one unit of the tenant's rate (a sync dependency: FastAPI runs
+    it on its thread pool, off the event loop)."""
+    state.limits.take(tenant)
+    return tenant
+
+
+def _options(body: JobCreate) -> dict:
+    try:
+        return GraftOptions(**body.options.model_dump()).to_dict()
+    except GraftError as err:
+        name = next((f for f in OPTION_FIELDS if err.message.startswith(f)), "")
+        raise field_error(f"options.{name}" if name else "options", err.message) from err
+
+
+def _check_request(body: JobCreate, state: AppState, tenant: str) -> None:
+    """Everything about a body that needs no job id: sizes, inputs, webhook (resolves the host: a thread)."""
+    settings = state.settings
+    if len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
+        raise field_error("metadata", f"larger than {settings.max_metadata_bytes} bytes", "too_large")
+    for role in ROLES:
+        try:
+            check_uri(getattr(body, role), role, settings, tenant=tenant)
+        except PolicyError as err:
+            raise field_error(err.field, err.message.removeprefix(f"{err.field}: "), "uri_not_allowed") from err
+    if body.webhook_url:
+        try:
+            check_webhook_target(body.webhook_url, allow_private=settings.webhook_allow_private,
+                                 timeout=settings.webhook_resolve_timeout)
+        except ValueError as err:
+            raise field_error("webhook_url", str(err), getattr(err, "code", "invalid")) from err
+
+
+def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
+    try:
+        output = output_for(job_id, body.output, state.settings, tenant)
+        if body.output:
+            check_not_inside_result(check_uri(output, "output", state.settings, output=True, tenant=tenant),
+                                    "output", state.settings)
+        return output
+    except PolicyError as err:
+        raise field_error("output", err.message.removeprefix("output: "), "uri_not_allowed") from err
+    except GraftError as err:
+        raise Problem(503, err.code, err.message, headers={"Retry-After": "5"}) from err
+
+
+@router.post("/jobs", status_code=202, response_model=Job, summary="Submit a graft job",
+             responses={**ERRORS, 400: PROBLEM, **LIMITED})
+def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
+               idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+    options = _options(body)
+    _check_request(body, state, tenant)
+    job_id = new_job_id()
+    output = _output(job_id, body, state, tenant)
+    settings, store = state.settings, state.store
+    idem_rkey = None
+    if idempotency_key is not None:
+        replay, idem_rkey = _claim_idempotency(state, tenant, idempotency_key, body, job_id)
+        if replay is not None:
+            return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
+                                       "Retry-After": str(settings.retry_after_seconds)})
+    doc = {"id": job_id, "object": "graft.job", "status": "queued", "created_at": now_iso(),
+           "started_at": None, "finished_at": None, "source_base": body.source_base,
+           "source_finetuned": body.source_finetuned, "target_base": body.target_base, "output": output,
+           "options": options, "metadata": body.metadata, "webhook_url": body.webhook_url, "attempt": 0,
+           "max_attempts": settings.max_attempts, "progress": None, "result": None, "error": None}
+    try:
+        cap = settings.tenant_max_unfinished_jobs
+        if not store.create(doc, tenant, max_unfinished=cap if cap > 0 else None):  # counted and created at once
+            raise state.limits.too_many_jobs(tenant)
+    except BaseException:
+        if idem_rkey is not None:  # free the key: a retry must not wait 25 h on a job that never existed
+            state.redis.delete(idem_rkey)
+        raise
+    try:
+        from worker.jobs import enqueue
+
+        enqueue(state.redis, job_id, settings)
+    except Exception as exc:
+        error = {"code": "enqueue_failed", "message": str(exc)}
+        store.transition(job_id, ("queued",), "failed", finished_at=now_iso(), error=error)
+        raise Problem(503, "enqueue_failed", f"the job could not be queued: {exc}",
+                      headers={"Retry-After": str(settings.unavailable_retry_after)}) from exc
+    return _json(doc, 202, {"Location": f"/v1/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)})
+
+
+def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate,
+                       job_id: str) -> tuple[dict | None, str]:
+    """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
+    body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    rkey = state.store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest())
+    if state.redis.set(rkey, orjson.dumps({"body": body_hash, "job": job_id}), nx=True,
+                       ex=state.settings.idempotency_ttl):
+        return None, rkey
+    held = orjson.loads(state.redis.get(rkey) or b"{}")
+    if held.get("body") != body_hash:
+        raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different body",
+                      errors=[{"field": "Idempotency-Key", "message": "reused with a different body",
+                               "type": "idempotency_key_reused"}])
+    deadline = time.monotonic() + 2.0  # the first request may still be writing its record
+    while time.monotonic() < deadline:
+        doc = state.store.get(held["job"])
+        if doc is not None:
+            return doc, rkey
+        time.sleep(0.02)
+    raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
+
+
+def _owned(state: AppState, job_id: str, tenant: str) -> dict:
+    raw = state.redis.hgetall(state.store.job_key(job_id))
+    if not raw or raw.get(b"tenant", b"").decode() != tenant:
+        raise Problem(404, "not_found", f"no job {job_id}")
+    return decode_job(raw)
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="Get a job")
+async def get_job(job_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
+    # The hot path: async Redis, the stored document as is.
+    raw = await state.aredis.hgetall(state.store.job_key(job_id))
+    if not raw or raw.get(b"tenant", b"").decode() != tenant:
+        raise Problem(404, "not_found", f"no job {job_id}")
+    return _json(decode_job(raw))
+
+
+@router.get("/jobs", response_model=JobList, responses={**ERRORS, 422: PROBLEM},
+            summary="List the caller's jobs, newest first")
+def list_jobs(tenant: str = Depends(tenant_of), state: AppState = Depends(app_state),
+              limit: int = Query(20, ge=1, le=100),
+              after: str | None = Query(None, max_length=64, description="last_id of the previous page"),
+              status: JobStatus | None = Query(None, description="only jobs with this status")) -> Response:
+    ids = state.store.list_ids(tenant, after, limit + 1, status=status.value if status else None)
+    # A job can move on between the index and its record: the page shows what the records say now.
+    data = [doc for doc in state.store.get_many(ids) if doc is not None and (status is None or doc["status"] == status)]
+    has_more = len(data) > limit
+    data = data[:limit]
+    return _json({"object": "list", "data": data, "has_more": has_more,
+                  "last_id": data[-1]["id"] if data else None})
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job",
+             responses={**ERRORS, 409: {**PROBLEM, "description": "the job already ended"}})
+def cancel_job(job_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
+    store = state.store
+    doc = _owned(state, job_id, tenant)
+    for _ in range(5):  # the status can move under us; each step below is a compare-and-set
+        status = doc["status"]
+        if status in TERMINAL:
+            raise Problem(409, "job_ended", f"job {job_id} already ended ({status})")
+        if status == "cancelling":
+            break
+        if status == "queued":
+            if store.transition(job_id, ("queued",), "cancelled", finished_at=now_iso(),
+                                event={"type": "finished", "status": "cancelled"}):
+                _drop_from_queue(state, job_id)
+                break
+        elif store.transition(job_id, ACTIVE[:-1], "cancelling", event={"type": "cancel_requested"}):
+            store.request_cancel(job_id)
+            break
+        doc = _owned(state, job_id, tenant)
+    return _json(_owned(state, job_id, tenant))
+
+
+def _drop_from_queue(state: AppState, job_id: str) -> None:
+    from rq.job import Job as RQJob
+
+    try:
+        RQJob.fetch(job_id, connection=state.redis).cancel()
+    except Exception:
+        pass  # already taken by a worker: run_job sees the cancelled record and does nothing
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventList, responses=ERRORS,
+            summary="Timestamped events of a job")
+def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
+    _owned(state, job_id, tenant)
+    return _json({"object": "list", "data": state.store.events(job_id)})
+
+
+@router.post("/jobs:preview", response_model=Plan, summary="The dry-run plan, from safetensors headers alone",
+             responses={**ERRORS, 400: PROBLEM, **LIMITED,
+                        504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
+async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
+                  state: AppState = Depends(app_state)) -> Response:
+    options = _options(body)
+    await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), state, tenant)
+    allowed, denied = scope_for(tenant, state.settings).engine_roots()
+    request = {role: getattr(body, role) for role in ROLES}
+    request.update(options=options, confinement={"allowed_roots": allowed, "denied_roots": denied})
+    return _json({"object": "graft.plan", **await state.previews.plan(request)})

@@ -1,0 +1,36 @@
+"""What the routes share: built once by create_app, handed to handlers as a dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import Request
+from prometheus_client import CollectorRegistry
+
+from worker.job_store import JobStore
+from worker.settings import Settings
+
+from .limits import TenantLimits
+from .preview import PreviewPool
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    keys: dict[str, str]
+    redis: redis.Redis
+    aredis: aioredis.Redis
+    store: JobStore
+    registry: CollectorRegistry
+    limits: TenantLimits
+    previews: PreviewPool
+
+    def close(self) -> None:
+        self.previews.close()
+        self.redis.close()
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.graft
