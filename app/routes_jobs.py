@@ -53,7 +53,7 @@ def _options(body: JobCreate) -> dict:
         return GraftOptions(**body.options.model_dump()).to_dict()
     except GraftError as err:
         name = next((f for f in OPTION_FIELDS if err.message.startswith(f)), "")
-        raise field_error(f"options.{name}" if name else "options", err.message) from err
+        raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
 
 
 def _check_request(body: JobCreate, state: AppState, tenant: str) -> None:
@@ -71,7 +71,8 @@ def _check_request(body: JobCreate, state: AppState, tenant: str) -> None:
             check_webhook_target(body.webhook_url, allow_private=settings.webhook_allow_private,
                                  timeout=settings.webhook_resolve_timeout)
         except ValueError as err:
-            raise field_error("webhook_url", str(err), getattr(err, "code", "invalid")) from err
+            kind = getattr(err, "code", "invalid")
+            raise field_error("webhook_url", str(err), kind if kind != "invalid" else "webhook_url_invalid") from err
 
 
 def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:

@@ -9,7 +9,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from worker.statuses import JobStatus
 
 Status = JobStatus
-URI = Field(min_length=1, max_length=2048, pattern=r"^(?i:file|s3|hf)://\S+$",
+# A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
+# (pydantic) and the ECMA regexes of JSON Schema (U+0085, U+001C..U+001F).
+URI_PATTERN = r"^({})://[^\x00-\x20\x7f-\x9f]+$"
+URI = Field(min_length=1, max_length=2048, pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3|[Hh][Ff]"),
             description="file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]")
 # Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
 MAX_PATTERNS = 100
@@ -19,13 +22,24 @@ MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 
 
+MIN_SHARD, MAX_SHARD = 1 << 10, 5 * 10**12
+
+
 def _size_type(value: object) -> object:
-    """A number of bytes or a size string; the engine checks the range (its error names the field)."""
+    """A number of bytes or a size string; the engine reads the string and checks the range (its error
+    names the field). JSON Schema's integers include 1024.0."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("give a number of bytes or a size such as '500MB'")
     if isinstance(value, str) and len(value) > 32:
         raise ValueError("too long to be a size")
     return value
+
+
+def _size_schema(schema: dict) -> None:
+    schema["anyOf"] = [{"type": "integer", "minimum": MIN_SHARD, "maximum": MAX_SHARD},
+                       {"type": "string", "minLength": 1, "maxLength": 32, "pattern": r"^\s*[0-9]"}]
 
 
 class Options(BaseModel):
@@ -36,7 +50,7 @@ class Options(BaseModel):
     vocab: Literal["extend", "target"] = "extend"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     shard_size: Annotated[int | str, BeforeValidator(_size_type)] = Field(
-        "5GB", description="largest output shard: bytes or e.g. '500MB' (1 KB to 5 TB)")
+        "5GB", json_schema_extra=_size_schema, description="largest output shard: bytes or e.g. '500MB' (1 KB to 5 TB)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     include: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
                                    description="RE2 regexes (searched): only matching tensors get the diff")
@@ -44,18 +58,29 @@ class Options(BaseModel):
                                    description="RE2 regexes (searched): matching tensors are copied from the target")
 
 
+def _metadata_schema(schema: dict) -> None:
+    """pydantic states the key pattern as patternProperties, under which keys that miss the pattern may hold
+    anything; the API refuses them, and so must the contract."""
+    pattern = schema.pop("patternProperties", None) or {}
+    for key_pattern, value_schema in pattern.items():
+        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": key_pattern}
+        schema["additionalProperties"] = value_schema
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source_base: str = URI
     source_finetuned: str = URI
     target_base: str = URI
-    output: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^(?i:file|s3)://\S+$",
+    output: str | None = Field(None, min_length=1, max_length=2048,
+                               pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
                                description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     options: Options = Field(default_factory=Options)
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32,
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
                                                description="labels returned as given: at most 32, keys of at most 64 "
                                                            "characters, values of at most 1024")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^(?i:https?)://\S+$",
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
+                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
                                     description="POSTed the job on a terminal status; must reach a public address")
 
 

@@ -74,6 +74,7 @@ def test_oversized_bodies_get_413(api, trio):
     ({"options": {"shard_size": 10**30}}, "options.shard_size"),
     ({"options": {"shard_size": "9" * 400}}, "options.shard_size"),
     ({"options": []}, "options"),
+    ({"source_base": "s3://bucket]x/models"}, "source_base"),  # urlsplit's ValueError was a 500
     ({"webhook_url": "http://2130706433/hook"}, "webhook_url"),
     ({"webhook_url": "http://LOCALHOST./hook"}, "webhook_url"),
 ])

@@ -146,7 +146,10 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
               tenant: str | None = None) -> Location:
     if not isinstance(uri, str) or "://" not in uri:
         raise PolicyError(field, "give a URI with a scheme: file:///abs/path, s3://bucket/prefix or hf://org/name")
-    parts = urlsplit(uri.strip())
+    try:
+        parts = urlsplit(uri.strip())
+    except ValueError as exc:  # e.g. an unbalanced '[' or ']' in the authority
+        raise PolicyError(field, f"not a valid URI: {exc}") from None
     scheme = parts.scheme.lower()
     if parts.query or parts.fragment:
         raise PolicyError(field, "query strings and fragments are not allowed in model URIs")

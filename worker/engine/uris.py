@@ -51,7 +51,10 @@ def parse_uri(uri: str, *, field: str = "uri") -> Location:
         raise GraftError("invalid_uri", f"{field}: NUL byte in URI")
     if "://" not in uri:
         return Location("file", path=os.path.abspath(os.path.expanduser(uri)))
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError as exc:  # e.g. an unbalanced '[' or ']' in the authority
+        raise GraftError("invalid_uri", f"{field}: not a valid URI: {exc}") from None
     scheme = parsed.scheme.lower()
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
