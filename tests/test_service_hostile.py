@@ -254,3 +254,25 @@ def test_redis_away_gives_503_with_retry_after():
             body = _problem(getattr(c, method)(url, headers=auth), 503, code="unavailable")
             assert body["instance"] == url
             assert int(c.get("/v1/jobs", headers=auth).headers["retry-after"]) > 0
+
+
+def test_tenant_grants_open_a_prefix_to_one_tenant(redis_url, trio, tmp_path):
+    """GRAFT_TENANT_GRANTS: a deployment gives one tenant a models directory (or S3 prefix) of its own."""
+    import shutil
+
+    root, private = tmp_path / "root", tmp_path / "beta-models"
+    root.mkdir()
+    shutil.copytree(trio["target_base"], private / "target")
+    svc = Service(redis_url, str(root), GRAFT_ALLOWED_ROOTS=f"{root},{os.path.dirname(trio['source_base'])}",
+                  GRAFT_TENANT_GRANTS=f"beta=file://{private}|s3://beta-bucket/models",
+                  GRAFT_ALLOWED_BUCKETS="shared-bucket")
+    try:
+        svc.start_api()
+        with svc.client("alpha") as a, svc.client("beta") as b:
+            for uri in (f"file://{private}/target", "s3://beta-bucket/models/x"):
+                _problem(a.post("/v1/jobs", json={**job_body(trio), "target_base": uri}), 422, "target_base")
+                assert b.post("/v1/jobs", json={**job_body(trio), "target_base": uri}).status_code == 202
+            _problem(b.post("/v1/jobs", json={**job_body(trio), "target_base": "s3://beta-bucket/other"}), 422,
+                     "target_base")
+    finally:
+        svc.stop()

@@ -77,6 +77,9 @@ class Scope:
     s3_prefixes: tuple[tuple[str, str], ...]  # (bucket, prefix): granted beyond the allowed buckets
     buckets: tuple[str, ...]  # empty: any bucket
     outputs: Location | None  # GRAFT_OUTPUT_URI, whose per-tenant split is enforced
+    # What is granted to other tenants only: theirs, even where a shared root or bucket contains it.
+    reserved_files: tuple[str, ...] = ()
+    reserved_s3: tuple[tuple[str, str], ...] = ()
 
     @property
     def namespace(self) -> Location | None:
@@ -87,7 +90,7 @@ class Scope:
     def engine_roots(self) -> tuple[list[str], list[str]]:
         """(allowed, denied) real directories for the engine's per-file check of local inputs and outputs."""
         allowed = [os.path.realpath(r) for r in self.file_roots]
-        denied = []
+        denied = [os.path.realpath(r) for r in self.reserved_files]
         if self.outputs is not None and self.outputs.scheme == "file" and self.tenant is not None:
             denied.append(os.path.realpath(self.outputs.path))
             allowed.append(os.path.realpath(self.namespace.path))
@@ -95,7 +98,9 @@ class Scope:
 
 
 def scope_for(tenant: str | None, settings: Settings) -> Scope:
-    grants = parse_grants(settings.tenant_grants).get(tenant, []) if tenant else []
+    every = parse_grants(settings.tenant_grants)
+    grants = every.get(tenant, []) if tenant else []
+    others = [g for t, gs in every.items() if t != tenant for g in gs if g not in grants]
     outputs = parse_uri(settings.output_uri.rstrip("/"), field="GRAFT_OUTPUT_URI") if settings.output_uri else None
     file_roots = list(settings.allowed_root_list) + [g.path for g in grants if g.scheme == "file"]
     prefixes = [(g.bucket, g.prefix) for g in grants if g.scheme == "s3"]
@@ -105,7 +110,9 @@ def scope_for(tenant: str | None, settings: Settings) -> Scope:
         file_roots.append(ns.path)
     elif ns is not None:
         prefixes.append((ns.bucket, ns.prefix))
-    return Scope(tenant, tuple(file_roots), tuple(prefixes), scope.buckets, outputs)
+    return Scope(tenant, tuple(file_roots), tuple(prefixes), scope.buckets, outputs,
+                 tuple(g.path for g in others if g.scheme == "file"),
+                 tuple((g.bucket, g.prefix) for g in others if g.scheme == "s3"))
 
 
 def _check_file(loc: Location, raw_path: str, field: str, scope: Scope) -> None:
@@ -128,8 +135,11 @@ def _check_file(loc: Location, raw_path: str, field: str, scope: Scope) -> None:
 
 
 def _check_s3(loc: Location, field: str, scope: Scope, output: bool) -> None:
-    granted = any(loc.bucket == b and (not p or _under(loc.prefix, p)) for b, p in scope.s3_prefixes)
-    if not granted and scope.buckets and loc.bucket not in scope.buckets:
+    def within(prefixes) -> bool:
+        return any(loc.bucket == b and (not p or _under(loc.prefix, p)) for b, p in prefixes)
+
+    granted = within(scope.s3_prefixes)
+    if not granted and (within(scope.reserved_s3) or (scope.buckets and loc.bucket not in scope.buckets)):
         raise PolicyError(field, NOT_ALLOWED)
     out = scope.outputs
     in_outputs = (out is not None and out.scheme == "s3" and scope.tenant is not None and loc.bucket == out.bucket
