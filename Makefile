@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean soak
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# Workers SIGKILLed at random points (a third with S3 outputs) and Redis outages: longer than `make test`.
+soak: venv
+	GRAFT_SOAK_TRIALS=$${GRAFT_SOAK_TRIALS:-20} $(BIN)/python -m pytest -q -s tests/test_faults_worker.py $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py

@@ -15,6 +15,7 @@ from rq import Callback, Queue, Retry
 
 from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from .job_store import ACTIVE, JobStore, now_iso
+from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
 from .uri_policy import check_uri
 
@@ -25,7 +26,15 @@ MAX_WARNING_EVENTS = 200
 
 
 def store_for(settings: Settings, conn: redis.Redis | None = None) -> JobStore:
-    return JobStore(conn or redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    conn = conn or redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                        socket_connect_timeout=settings.redis_timeout)
+    return JobStore(conn, settings.key_prefix)
+
+
+def _wait(settings: Settings, where: str, fn, *args, **kwargs):
+    """A job-record write that must not be lost to a Redis outage: retried (bounded by redis_wait_seconds)."""
+    return durable(fn, *args, limit=settings.redis_wait_seconds, cap=settings.redis_retry_max, where=where,
+                   **kwargs)
 
 
 def enqueue(conn: redis.Redis, job_id: str, settings: Settings) -> None:
@@ -40,7 +49,11 @@ def enqueue(conn: redis.Redis, job_id: str, settings: Settings) -> None:
 
 
 class _Lease(threading.Thread):
-    """Keeps the job's lease alive while this process lives; a SIGKILL lets it expire (see monitor.py)."""
+    """Keeps the job's lease alive while this process lives; a SIGKILL lets it expire (see monitor.py).
+
+    While Redis is unreachable the lease cannot be renewed and may expire (Redis expiries are wall-clock):
+    renewals are then retried every second at most, so the lease is back as soon as Redis is, well within the
+    full lease period a monitor waits after an outage before it judges leases."""
 
     def __init__(self, store: JobStore, job_id: str, seconds: float) -> None:
         super().__init__(daemon=True, name="graft-lease")
@@ -48,11 +61,21 @@ class _Lease(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(self.seconds / 3):
+        beat = self.seconds / 3
+        backoff = Backoff(cap=min(1.0, beat))
+        delay = beat
+        while not self.stop.wait(delay):
             try:
                 self.store.renew_lease(self.job_id, self.seconds)
+            except REDIS_DOWN as exc:
+                OUTAGE.down("a job's lease", exc)
+                delay = backoff.next()
+                continue
             except redis.RedisError:
-                pass  # the next beat retries; an expired lease only makes a monitor look at RQ's view
+                pass  # an answer, not an outage (OOM, READONLY): the next beat tries again
+            OUTAGE.up()
+            backoff.reset()
+            delay = beat
 
 
 class _Reporter:
@@ -71,17 +94,25 @@ class _Reporter:
         self.warnings = 0
         self._cancel_checked = 0.0
         self._cancel = False
+        # Everything the reporter writes or reads is best effort: while Redis is unreachable the graft goes on
+        # and the record catches up when Redis is back (a phase's status at the next block).
+        self._redis = Gate(settings.redis_retry_max, "a job's progress")
+        self._phase_due = False
 
     def progress(self, p) -> None:
         now = time.monotonic()
         if p.phase != self.phase:
             if p.phase == "streaming":
                 self.stream_started = now
-            status = self.PHASE_STATUS.get(p.phase, "running")
-            self.store.transition(self.job_id, ("validating", "running", "committing"), status,
-                                  event={"type": "phase", "phase": p.phase})
             self.phase = p.phase
-            self._write(p, now)
+            self._phase_due = True
+        if self._phase_due:
+            status = self.PHASE_STATUS.get(p.phase, "running")
+            written, _ = self._redis.call(self.store.transition, self.job_id, ("validating", "running", "committing"),
+                                          status, event={"type": "phase", "phase": p.phase})
+            if written:
+                self._phase_due = False
+                self._write(p, now)
         elif now - self.last_write >= self.settings.progress_interval:
             self._write(p, now)
         self.last = p
@@ -102,26 +133,31 @@ class _Reporter:
 
     def _write(self, p, now: float) -> None:
         self.last_write = now
-        self.store.update(self.job_id, progress=self.doc(p, now))
+        self._redis.call(self.store.update, self.job_id, progress=self.doc(p, now))
 
     def warn(self, warning: dict) -> None:
+        # A warning lost to an outage is still in the manifest.
         self.warnings += 1
         if self.warnings <= MAX_WARNING_EVENTS:
-            self.store.add_event(self.job_id, "warning", **{k: v for k, v in warning.items() if k != "type"})
+            self._redis.call(self.store.add_event, self.job_id, "warning",
+                             **{k: v for k, v in warning.items() if k != "type"})
         elif self.warnings == MAX_WARNING_EVENTS + 1:
-            self.store.add_event(self.job_id, "warning", code="truncated",
-                                 message=f"more than {MAX_WARNING_EVENTS} warnings; the rest are in the manifest")
+            self._redis.call(self.store.add_event, self.job_id, "warning", code="truncated",
+                             message=f"more than {MAX_WARNING_EVENTS} warnings; the rest are in the manifest")
 
     def should_cancel(self) -> bool:
         """Called between blocks; one Redis round trip at most every 0.2 s. Also the fence: if the monitor
         took this attempt for dead (its lease lapsed while it lived) and a newer one started, this one
-        stops at once without touching the output the newer one is writing."""
+        stops at once without touching the output the newer one is writing. An unreachable Redis is no news:
+        the graft goes on."""
         now = time.monotonic()
         if not self._cancel and now - self._cancel_checked >= 0.2:
             self._cancel_checked = now
-            self._cancel, current = self.store.controls(self.job_id)
-            if self.attempt and current > self.attempt:
-                raise GraftSuperseded(f"attempt {current} took over from attempt {self.attempt}")
+            answered, controls = self._redis.call(self.store.controls, self.job_id)
+            if answered:
+                self._cancel, current = controls
+                if self.attempt and current > self.attempt:
+                    raise GraftSuperseded(f"attempt {current} took over from attempt {self.attempt}")
         return self._cancel
 
 
@@ -129,18 +165,20 @@ def run_job(job_id: str) -> dict:
     """The RQ job. Its return value is informational only: the job record holds the outcome."""
     settings = get_settings()
     store = store_for(settings)
-    record = store.get(job_id)
+    # A start during a Redis outage waits for Redis rather than failing the attempt.
+    record = _wait(settings, "a job's start", store.get, job_id)
     if record is None:
         return {"skipped": "no job record"}
     attempt = int(record.get("attempt") or 0) + 1
-    store.renew_lease(job_id, settings.lease_seconds)
+    _wait(settings, "a job's start", store.renew_lease, job_id, settings.lease_seconds)
     fields = {"attempt": attempt, "started_at": record.get("started_at") or now_iso()}
-    previous = store.transition(job_id, ("queued", "validating", "running", "committing"), "validating",
-                                event={"type": "started", "attempt": attempt}, **fields)
+    previous = _wait(settings, "a job's start", store.transition, job_id,
+                     ("queued", "validating", "running", "committing"), "validating",
+                     event={"type": "started", "attempt": attempt}, **fields)
     if previous is None:  # cancelled while queued, or cancelling: nothing to run
-        store.transition(job_id, ("cancelling",), "cancelled", event={"type": "finished", "status": "cancelled"},
-                         finished_at=now_iso())
-        return {"skipped": store.status(job_id)}
+        _wait(settings, "a job's end", store.transition, job_id, ("cancelling",), "cancelled",
+              event={"type": "finished", "status": "cancelled"}, finished_at=now_iso())
+        return {"skipped": "not queued"}
     lease = _Lease(store, job_id, settings.lease_seconds)
     lease.start()
     reporter = _Reporter(store, job_id, settings, attempt)
@@ -165,19 +203,22 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
                            should_cancel=reporter.should_cancel, warn=reporter.warn)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
-        store.add_event(job_id, "superseded", message=err.message)
+        try:
+            store.add_event(job_id, "superseded", message=err.message)
+        except REDIS_DOWN:
+            pass  # a note only; the newer attempt owns the record
         return {"status": "superseded"}
     except GraftCancelled:
-        store.transition(job_id, ACTIVE, "cancelled", event={"type": "finished", "status": "cancelled"},
-                         finished_at=now_iso())
+        _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "cancelled",
+              event={"type": "finished", "status": "cancelled"}, finished_at=now_iso())
         return {"status": "cancelled"}
     except GraftError as err:
-        retry_left = int(store.get(job_id).get("attempt") or 1) < settings.max_attempts
+        retry_left = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1) < settings.max_attempts
         if err.code in RETRYABLE and retry_left:
             raise  # RQ retries it; on_job_failure records the retry
         error = {"code": err.code, "message": err.message}
-        store.transition(job_id, ACTIVE, "failed", event={"type": "finished", "status": "failed", "error": error},
-                         finished_at=now_iso(), error=error)
+        _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "failed",
+              event={"type": "finished", "status": "failed", "error": error}, finished_at=now_iso(), error=error)
         return {"status": "failed", "error": error}
     seconds = time.monotonic() - t0
     progress = reporter.doc(reporter.last) if reporter.last is not None else None
@@ -186,10 +227,13 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     out = {"uri": result.output_uri, "manifest_uri": result.manifest_uri,
            "files": [f.to_dict() for f in result.files], "stats": result.stats}
     # cancelling is allowed here: the manifest is written, so the result exists and is reported as such.
-    store.transition(job_id, ACTIVE, "succeeded", event={"type": "finished", "status": "succeeded"},
-                     finished_at=now_iso(), result=out, progress=progress)
-    store.record_finished(seconds, result.stats.get("bytes_read", 0), result.stats.get("bytes_written", 0),
-                          result.stats.get("tensors", 0))
+    _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "succeeded",
+          event={"type": "finished", "status": "succeeded"}, finished_at=now_iso(), result=out, progress=progress)
+    try:  # not repeatable (counters), so not waited for: a metric lost to an outage is the lesser harm
+        store.record_finished(seconds, result.stats.get("bytes_read", 0), result.stats.get("bytes_written", 0),
+                              result.stats.get("tensors", 0))
+    except REDIS_DOWN:
+        pass
     return {"status": "succeeded", "uri": result.output_uri}
 
 
@@ -200,20 +244,20 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
     reason = f"{exc_type.__name__}: {exc_value}" if exc_value is not None and str(exc_value) else exc_type.__name__
     lost = exc_type.__name__ == "AbandonedJobError"
     if job.retries_left:
-        store.transition(job.id, ("queued",) + ACTIVE[:-1], "queued",
-                         event={"type": "retry", "reason": "worker lost" if lost else reason,
-                                "retries_left": job.retries_left})
-        if store.status(job.id) == "cancelling":  # a cancel came in: do not start it again
-            store.transition(job.id, ("cancelling",), "cancelled", finished_at=now_iso(),
-                             event={"type": "finished", "status": "cancelled"})
+        _wait(settings, "a job's retry", store.transition, job.id, ("queued",) + ACTIVE[:-1], "queued",
+              event={"type": "retry", "reason": "worker lost" if lost else reason, "retries_left": job.retries_left})
+        if _wait(settings, "a job's retry", store.status, job.id) == "cancelling":  # do not start it again
+            _wait(settings, "a job's end", store.transition, job.id, ("cancelling",), "cancelled",
+                  finished_at=now_iso(), event={"type": "finished", "status": "cancelled"})
         return
     error = {"code": "worker_lost" if lost else "internal_error", "message": reason}
-    store.transition(job.id, ("queued",) + ACTIVE, "failed", finished_at=now_iso(), error=error,
-                     event={"type": "finished", "status": "failed", "error": error})
+    _wait(settings, "a job's end", store.transition, job.id, ("queued",) + ACTIVE, "failed", finished_at=now_iso(),
+          error=error, event={"type": "finished", "status": "failed", "error": error})
 
 
 def on_job_stopped(job, connection) -> None:
     """The hard stop after a cancel's grace period: the process is gone, so the record says cancelled."""
-    store = store_for(get_settings(), connection)
-    store.transition(job.id, ("queued",) + ACTIVE, "cancelled", finished_at=now_iso(),
-                     event={"type": "finished", "status": "cancelled", "stopped": True})
+    settings = get_settings()
+    store = store_for(settings, connection)
+    _wait(settings, "a job's end", store.transition, job.id, ("queued",) + ACTIVE, "cancelled", finished_at=now_iso(),
+          event={"type": "finished", "status": "cancelled", "stopped": True})

@@ -4,6 +4,11 @@ RQ notices a dead work horse only when the StartedJobRegistry entry expires (job
 60 s). Our job process renews a short lease instead (worker/jobs.py); when a running job's lease lapses,
 the monitor expires that one RQ execution now and runs RQ's own registry cleanup, which raises
 AbandonedJobError through the failure callback and consumes one Retry (re-queueing the job) or fails it.
+
+A lease also lapses when Redis is unreachable for longer than the lease (nobody can renew it, and Redis
+expiries are wall-clock), so leases are judged only once Redis has answered this monitor without a break for a
+full lease period: by then every live job process has renewed its lease. The fence (GraftSuperseded) still
+stops an attempt taken for dead that lived on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
 from .job_store import JobStore, now_iso
+from .outage import OUTAGE, REDIS_DOWN, Backoff
 from .settings import Settings
 
 log = logging.getLogger("graft.monitor")
@@ -35,15 +41,35 @@ class Monitor(threading.Thread):
         self.queue = Queue(settings.queue_name, connection=conn)
         self.stop = threading.Event()
         self._cancelling_since: dict[str, float] = {}
+        self._reachable_since: float | None = None  # monotonic time of the first tick after the last outage
 
     def run(self) -> None:
-        while not self.stop.wait(self.settings.monitor_interval):
+        backoff = Backoff(self.settings.redis_retry_max)
+        delay = self.settings.monitor_interval
+        while not self.stop.wait(delay):
+            delay = self.settings.monitor_interval
             try:
                 self.tick()
+            except REDIS_DOWN as exc:
+                self._reachable_since = None
+                OUTAGE.down("the recovery monitor", exc)
+                delay = backoff.next()
+                continue
             except Exception:  # never let the monitor die; the next tick tries again
                 log.exception("monitor tick failed")
+            OUTAGE.up()
+            backoff.reset()
+
+    def judges_leases(self) -> bool:
+        """True once Redis has answered for a full lease period since this monitor last found it unreachable."""
+        now = time.monotonic()
+        if self._reachable_since is None:
+            self._reachable_since = now
+        return now - self._reachable_since >= self.settings.lease_seconds
 
     def tick(self) -> None:
+        self.conn.ping()  # an outage shows here, before anything is judged
+        judge = self.judges_leases()
         for status in ("validating", "running", "committing", "cancelling"):
             ids = self.store.ids_with_status(status)
             if status == "cancelling":  # forget jobs that left cancelling before their grace ran out
@@ -52,7 +78,7 @@ class Monitor(threading.Thread):
             for job_id in ids:
                 if status == "cancelling":
                     self._escalate_cancel(job_id)
-                if not self.store.lease_alive(job_id):
+                if judge and not self.store.lease_alive(job_id):
                     self._recover(job_id)
 
     def _recover(self, job_id: str) -> None:

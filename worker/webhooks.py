@@ -26,6 +26,7 @@ import orjson
 import redis
 
 from .job_store import JobStore
+from .outage import OUTAGE, REDIS_DOWN, Backoff
 from .settings import Settings
 
 log = logging.getLogger("graft.webhooks")
@@ -284,11 +285,21 @@ class WebhookSender(threading.Thread):
         self._claim_script = conn.register_script(_CLAIM)
 
     def run(self) -> None:
-        while not self.stop.wait(0.2):
+        # A delivery whose thread met an outage stays claimed and comes due again later (at least once).
+        backoff = Backoff(self.settings.redis_retry_max)
+        delay = 0.2
+        while not self.stop.wait(delay):
+            delay = 0.2
             try:
                 self.tick()
+            except REDIS_DOWN as exc:
+                OUTAGE.down("the webhook sender", exc)
+                delay = backoff.next()
+                continue
             except Exception:
                 log.exception("webhook tick failed")
+            OUTAGE.up()
+            backoff.reset()
 
     def tick(self) -> None:
         r, key = self.store.r, self.store.webhooks_key
