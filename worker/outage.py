@@ -145,8 +145,9 @@ class RQLogFilter(logging.Filter):
         if isinstance(exc, REDIS_DOWN):
             OUTAGE.down("the RQ work loop", exc)
             return False
-        message = str(record.msg)
-        if any(marker in message for marker in self.MARKERS):
-            OUTAGE.down("the RQ work loop", ConnectionError(record.getMessage()))
+        if any(marker in str(record.msg) for marker in self.MARKERS):
+            args = record.args if isinstance(record.args, tuple) else ()
+            cause = next((a for a in args if isinstance(a, BaseException)), None)
+            OUTAGE.down("the RQ work loop", cause or ConnectionError(record.getMessage()))
             return False
         return True
