@@ -22,6 +22,7 @@ from .uri_policy import check_uri
 # Engine error codes worth another attempt: the storage may come back. Everything else is the request's
 # fault and fails the same way every time.
 RETRYABLE = {"storage_error"}
+RETRY_DELAY_CAP = 600.0  # seconds: the longest wait between two attempts of a job
 MAX_WARNING_EVENTS = 200
 
 
@@ -190,7 +191,7 @@ def run_job(job_id: str) -> dict:
 
 
 def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, reporter: _Reporter,
-             t0: float) -> dict:
+             t0: float) -> dict | Retry:
     try:
         for role in ("source_base", "source_finetuned", "target_base"):
             check_uri(record[role], role, settings)
@@ -213,9 +214,9 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
               event={"type": "finished", "status": "cancelled"}, finished_at=now_iso())
         return {"status": "cancelled"}
     except GraftError as err:
-        retry_left = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1) < settings.max_attempts
-        if err.code in RETRYABLE and retry_left:
-            raise  # RQ retries it; on_job_failure records the retry
+        attempt = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1)
+        if err.code in RETRYABLE and attempt < settings.max_attempts:
+            return _retry_later(store, job_id, settings, attempt, err)
         error = {"code": err.code, "message": err.message}
         _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "failed",
               event={"type": "finished", "status": "failed", "error": error}, finished_at=now_iso(), error=error)
@@ -237,13 +238,38 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     return {"status": "succeeded", "uri": result.output_uri}
 
 
+def retry_delay(settings: Settings, attempt: int) -> float:
+    """Seconds between a storage failure of attempt `attempt` (1-based) and the next attempt."""
+    return min(RETRY_DELAY_CAP, settings.retry_backoff * 2 ** (attempt - 1))
+
+
+def _retry_later(store: JobStore, job_id: str, settings: Settings, attempt: int, err: GraftError) -> Retry | dict:
+    """The storage failed past the engine's own retries: try the whole job again after a delay that doubles
+    each attempt. Returned to RQ, not raised: RQ's scheduler (run by every worker) enqueues it again
+    `delay` seconds from now. A raised error would be retried at once, through the failure callback,
+    which is right for a lost worker but not for an outage that has just outlasted one attempt."""
+    delay = retry_delay(settings, attempt)
+    event = {"type": "retry", "reason": f"{err.code}: {err.message}", "code": err.code, "attempt": attempt,
+             "delay_seconds": delay}
+    if _wait(settings, "a job's retry", store.transition, job_id, ACTIVE[:-1], "queued", event=event) is None:
+        # cancelling: the cancel wins, nothing is started again
+        _wait(settings, "a job's end", store.transition, job_id, ("cancelling",), "cancelled",
+              finished_at=now_iso(), event={"type": "finished", "status": "cancelled"})
+        return {"status": "cancelled"}
+    # max is never reached (our attempt count stops first); RQ fails a job past it without any callback.
+    return Retry(max=settings.max_attempts + 1, interval=[delay])
+
+
 def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
     """An attempt raised or its process died (RQ's AbandonedJobError): record a retry or the failure."""
     settings = get_settings()
     store = store_for(settings, connection)
     reason = f"{exc_type.__name__}: {exc_value}" if exc_value is not None and str(exc_value) else exc_type.__name__
     lost = exc_type.__name__ == "AbandonedJobError"
-    if job.retries_left:
+    # Storage retries (_retry_later) do not consume RQ's retries_left: our attempt count bounds them all. A
+    # retry RQ makes past it finds the record failed and does nothing (see run_job).
+    attempt = int((_wait(settings, "a job's retry", store.get, job.id) or {}).get("attempt") or 0)
+    if job.retries_left and attempt < settings.max_attempts:
         _wait(settings, "a job's retry", store.transition, job.id, ("queued",) + ACTIVE[:-1], "queued",
               event={"type": "retry", "reason": "worker lost" if lost else reason, "retries_left": job.retries_left})
         if _wait(settings, "a job's retry", store.status, job.id) == "cancelling":  # do not start it again

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import GraftError
+from .faults import StorageRetry
 from .safetensors_format import TensorInfo, header_length, parse_header
 from .stores import Store, open_store
 from .uris import Location
@@ -77,9 +78,10 @@ def _read_header(store: Store, name: str, role: str, cap: int) -> tuple[dict[str
 
 def resolve_model(role: str, location: Location, *, endpoint_url: str | None = None,
                   max_header_bytes: int = 100 << 20, window_bytes: int | None = None,
-                  windows: int | None = None, span_windows: int | None = None) -> ResolvedModel:
+                  windows: int | None = None, span_windows: int | None = None,
+                  retry: StorageRetry | None = None) -> ResolvedModel:
     store = open_store(location, endpoint_url, window_bytes=window_bytes, windows=windows,
-                       span_windows=span_windows)
+                       span_windows=span_windows, retry=retry)
     try:
         return _resolve(role, location, store, max_header_bytes)
     except BaseException:

@@ -14,6 +14,7 @@ import torch
 
 from ..settings import Settings, get_settings
 from .errors import GraftCancelled, GraftError, GraftSuperseded
+from .faults import StorageRetry
 from .input_hashes import InputHasher
 from .manifest import build_manifest, dumps, model_card
 from .model import INDEX_FILE, ResolvedModel, resolve_model
@@ -57,6 +58,10 @@ class GraftResult:
         return self.manifest["stats"]
 
 
+def storage_retry(settings: Settings) -> StorageRetry:
+    return StorageRetry(budget=settings.storage_retry_seconds, timeout=settings.storage_timeout_seconds)
+
+
 def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> dict[str, ResolvedModel]:
     settings = settings or get_settings()
     uris = request.inputs()
@@ -66,7 +71,8 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
                                      max_header_bytes=settings.max_header_bytes,
                                      window_bytes=settings.remote_window_bytes,
                                      windows=settings.remote_windows,
-                                     span_windows=settings.remote_span_windows) for role in ROLES}
+                                     span_windows=settings.remote_span_windows,
+                                     retry=storage_retry(settings)) for role in ROLES}
         models, errors = {}, []
         for role, future in futures.items():
             try:
@@ -179,7 +185,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                           writer=request.writer)
+                           writer=request.writer, retry=storage_retry(settings))
     try:
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import GraftError
+from .faults import StorageRetry, TransientStorageError
 from .s3 import s3_client
 from .uris import Location
 
@@ -146,12 +147,17 @@ class RemoteStore(Store):
     the stream from aligned windows fetched ahead of need, one window after another from a ranged
     response that spans several windows. A request has a fixed cost (and some S3-compatible servers,
     moto among them, pay for the whole object on every ranged GET), so few long responses beat one
-    request per block; memory stays at `windows` x `window_bytes` per store, whatever the span."""
+    request per block; memory stays at `windows` x `window_bytes` per store, whatever the span.
+
+    Every read goes through `retry` (faults.StorageRetry): a ranged read is idempotent, so a storage fault
+    (a reset, a timeout, a 5xx, a response cut short) reopens the range where it started, until the
+    budget runs out; a refusal of the request (404, 403) fails at once with its own code."""
 
     _meta: dict[str, dict]
     window_bytes: int = 32 << 20
     windows: int = 4
     span_windows: int = 8
+    retry: StorageRetry = StorageRetry()
 
     def configure_windows(self, window_bytes: int | None, windows: int | None,
                           span_windows: int | None = None) -> None:
@@ -166,6 +172,7 @@ class RemoteStore(Store):
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-window")
         self._bodies: dict[str, _Body] = {}
         self._last_window: dict[str, int] = {}
+        self._closing = threading.Event()  # retries in flight give up: nobody waits for their bytes any more
 
     @abstractmethod
     def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
@@ -175,17 +182,17 @@ class RemoteStore(Store):
         if not len(view):
             return
         self.size(name)
-        try:
-            chunks, close = self._open(name, start, start + len(view))
+        end = start + len(view)
+
+        def attempt() -> None:
+            chunks, close = self._open(name, start, end)
             try:
-                got = _Body(chunks, close, start, start + len(view)).read_into(view)
+                got = _Body(chunks, close, start, end).read_into(view)
             finally:
                 close()
-        except GraftError:
-            raise
-        except Exception as exc:
-            raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
-        self._check_length(name, start, len(view), got)
+            self._check_length(start, len(view), got)
+
+        self.retry.call(f"{self.location}/{name}: reading bytes {start}-{end - 1}", attempt, stop=self._closing)
 
     def _window(self, name: str, index: int) -> Future:
         with self._cache_lock:
@@ -214,29 +221,31 @@ class RemoteStore(Store):
         start = index * self.window_bytes
         buf = bytearray(min(self.window_bytes, size - start))
         view = memoryview(buf)
-        for attempt in (1, 2):
+
+        def attempt() -> bytearray:
             body = self._bodies.get(name)
             if body is None or body.position != start or body.end < start + len(buf):
-                if body is not None:
-                    body.close()
+                self._drop_body(name)
                 end = min(size, start + self.span_windows * self.window_bytes)
-                try:
-                    body = self._bodies[name] = _Body(*self._open(name, start, end), start, end)
-                except GraftError:
-                    raise
-                except Exception as exc:
-                    raise GraftError("storage_error", f"{self.location}/{name}: ranged read failed: {exc}") from exc
+                body = self._bodies[name] = _Body(*self._open(name, start, end), start, end)
             try:
                 got = body.read_into(view)
-            except Exception as exc:  # an idle connection dropped: reopen once where we were
-                self._bodies.pop(name, None)
-                body.close()
-                if attempt == 2:
-                    raise GraftError("storage_error", f"{self.location}/{name}: read failed: {exc}") from exc
-                continue
-            self._check_length(name, start, len(buf), got)
+                self._check_length(start, len(buf), got)
+            except BaseException:  # a dropped idle connection, a cut response: the next try reopens here
+                self._drop_body(name)
+                raise
             return buf
-        raise AssertionError("unreachable")
+
+        return self.retry.call(f"{self.location}/{name}: reading bytes {start}-{start + len(buf) - 1}", attempt,
+                               stop=self._closing)
+
+    def _drop_body(self, name: str) -> None:
+        body = self._bodies.pop(name, None)
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # closing a broken connection may fail in its own way; it is gone either way
+                pass
 
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
         size, width = self.size(name), self.window_bytes
@@ -261,27 +270,30 @@ class RemoteStore(Store):
             self._window(name, ahead)
 
     def close(self) -> None:
+        self._closing.set()
         self._fetcher.shutdown(wait=True, cancel_futures=True)
-        for body in self._bodies.values():
-            body.close()
-        self._bodies.clear()
+        for name in list(self._bodies):
+            self._drop_body(name)
         with self._cache_lock:
             self._cache.clear()
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}
 
-    def _check_length(self, name: str, start: int, length: int, got: int) -> None:
+    @staticmethod
+    def _check_length(start: int, length: int, got: int) -> None:
         if got != length:
-            raise GraftError("invalid_safetensors",
-                             f"{self.location}/{name}: expected {length} bytes at {start}, the server sent {got}")
+            # The listing said the bytes are there: a response cut short is the connection's fault.
+            raise TransientStorageError(f"expected {length} bytes at {start}, the server sent {got}")
 
 
 class S3Store(RemoteStore):
-    def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
+    def __init__(self, location: Location, endpoint_url: str | None = None,
+                 retry: StorageRetry | None = None) -> None:
         self.location = location
+        self.retry = retry or StorageRetry()
         self._init_windows()
-        self.client = s3_client(endpoint_url)
+        self.client = s3_client(endpoint_url, self.retry.timeout)
         self._meta: dict[str, dict] = {}
 
     def _key(self, name: str) -> str:
@@ -289,8 +301,10 @@ class S3Store(RemoteStore):
 
     def list_files(self) -> dict[str, int]:
         prefix = f"{self.location.prefix}/" if self.location.prefix else ""
-        out: dict[str, int] = {}
-        try:
+
+        def attempt() -> tuple[dict[str, int], dict[str, dict]]:  # a failed listing starts over
+            out: dict[str, int] = {}
+            meta: dict[str, dict] = {}
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"
             )
@@ -299,9 +313,11 @@ class S3Store(RemoteStore):
                     name = obj["Key"][len(prefix):]
                     if name:
                         out[name] = obj["Size"]
-                        self._meta[name] = {"etag": obj.get("ETag", "").strip('"')}
-        except Exception as exc:  # botocore raises many types; all mean the same to a user
-            raise GraftError("storage_error", f"{self.location}: cannot list: {exc}") from exc
+                        meta[name] = {"etag": obj.get("ETag", "").strip('"')}
+            return out, meta
+
+        out, meta = self.retry.call(f"{self.location}: listing", attempt)
+        self._meta.update(meta)
         if not out:
             raise GraftError("input_not_found", f"{self.location}: no objects under this prefix")
         return out
@@ -322,20 +338,16 @@ class S3Store(RemoteStore):
 class HubStore(RemoteStore):
     """A Hugging Face hub repository, pinned to the commit its revision resolves to."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, retry: StorageRetry | None = None) -> None:
         import httpx
-        from huggingface_hub import HfApi, constants
+        from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers
 
         self.location = location
+        self.retry = retry or StorageRetry()
         self._init_windows()
         self.endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-        try:
-            info = HfApi(endpoint=self.endpoint).model_info(
-                location.repo, revision=location.revision, files_metadata=True
-            )
-        except Exception as exc:
-            raise GraftError("input_not_found", f"{location}: cannot resolve on the hub: {exc}") from exc
+        info = self._model_info()
         self.revision = info.sha
         self._files = {}
         self._meta = {}
@@ -349,7 +361,28 @@ class HubStore(RemoteStore):
             if sib.blob_id:
                 meta["git_blob"] = sib.blob_id
             self._meta[sib.rfilename] = meta
-        self._http = httpx.Client(headers=build_hf_headers(), follow_redirects=True, timeout=120.0)
+        self._http = httpx.Client(headers=build_hf_headers(), follow_redirects=True, timeout=self.retry.timeout)
+
+    def _model_info(self):
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        location = self.location
+
+        def attempt():
+            try:
+                return HfApi(endpoint=self.endpoint).model_info(location.repo, revision=location.revision,
+                                                                files_metadata=True)
+            except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+                # The hub answers 401 for a repository it will not admit exists: not found, whatever the status.
+                raise GraftError("input_not_found", f"{location}: cannot resolve on the hub: {exc}") from exc
+
+        try:
+            return self.retry.call(f"{location}: resolving on the hub", attempt)
+        except GraftError:
+            raise
+        except Exception as exc:  # not a storage fault: a name or revision the hub client refuses
+            raise GraftError("input_not_found", f"{location}: cannot resolve on the hub: {exc}") from exc
 
     def list_files(self) -> dict[str, int]:
         return self._files
@@ -362,14 +395,19 @@ class HubStore(RemoteStore):
         request = self._http.build_request("GET", self._url(name), headers={
             "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
         resp = self._http.send(request, stream=True)
-        if resp.status_code == 200 and not (start == 0 and end == self.size(name)):
+        status = resp.status_code
+        if status == 200 and not (start == 0 and end == self.size(name)):
             resp.close()
             # A server that ignores Range would have us download the whole shard per tensor.
             raise GraftError("storage_error", f"{self.location}/{name}: the server ignored the Range header; "
                              "refusing to download whole files")
-        if resp.status_code not in (200, 206):
+        if status not in (200, 206):
             resp.close()
-            raise GraftError("storage_error", f"{self.location}/{name}: HTTP {resp.status_code}")
+            if status >= 500 or status == 429:
+                raise TransientStorageError(f"HTTP {status}")
+            code = {404: "input_not_found", 401: "storage_denied", 403: "storage_denied"}.get(status,
+                                                                                             "storage_rejected")
+            raise GraftError(code, f"{self.location}/{name}: HTTP {status}")
         return resp.iter_bytes(1 << 20), resp.close
 
     def close(self) -> None:
@@ -378,13 +416,14 @@ class HubStore(RemoteStore):
 
 
 def open_store(location: Location, endpoint_url: str | None = None, *, window_bytes: int | None = None,
-               windows: int | None = None, span_windows: int | None = None) -> Store:
+               windows: int | None = None, span_windows: int | None = None,
+               retry: StorageRetry | None = None) -> Store:
     if location.scheme == "file":
         return LocalStore(location)
     if location.scheme == "s3":
-        store: RemoteStore = S3Store(location, endpoint_url)
+        store: RemoteStore = S3Store(location, endpoint_url, retry)
     elif location.scheme == "hf":
-        store = HubStore(location)
+        store = HubStore(location, retry)
     else:
         raise GraftError("invalid_uri", f"unsupported location {location}")
     store.configure_windows(window_bytes, windows, span_windows)
