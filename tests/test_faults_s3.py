@@ -273,3 +273,94 @@ def test_service_retries_a_job_after_a_delay_when_storage_is_down(redis_url, tri
 
 def _at(event: dict) -> datetime:
     return datetime.fromisoformat(event["at"].replace("Z", "+00:00"))
+
+
+def test_hub_reads_ride_out_resets(trio, tmp_path, monkeypatch, storage_log):
+    """hf:// inputs go through the same retries: resets in the middle of ranged reads are read again."""
+    from hub_server import HubServer
+
+    small = {"block_bytes": 16 << 10, "remote_window_bytes": 16 << 10, "remote_span_windows": 1,
+             "storage_retry_seconds": 20}
+    graft(trio, tmp_path / "local", settings_overrides=small)
+    hub = HubServer()
+    for role, path in trio.items():
+        hub.add(f"graft-test/{role.replace('_', '-')}", path)
+    hub.start()
+    blocks = 0
+
+    def outage() -> None:
+        proxy.reset()
+        time.sleep(1.0)
+        proxy.passthrough()
+
+    def hook() -> bool:
+        nonlocal blocks
+        blocks += 1
+        if blocks == 3:
+            threading.Thread(target=outage, daemon=True).start()
+        return False
+
+    try:
+        with FaultProxy(("127.0.0.1", urlparse(hub.endpoint).port)) as proxy:
+            monkeypatch.setenv("HF_ENDPOINT", proxy.endpoint)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            uris = {role: f"hf://graft-test/{role.replace('_', '-')}" for role in trio}
+            graft(uris, tmp_path / "remote", should_cancel=hook, settings_overrides=small)
+    finally:
+        hub.stop()
+    assert blocks > 3
+    names = sorted(set(os.listdir(tmp_path / "local")) - {MANIFEST, "README.md"})
+    for name in names:
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert any("retrying" in r.getMessage() for r in storage_log.records), "the resets were never met"
+
+
+def test_classification_of_storage_failures():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from worker.engine.faults import classify
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert classify(client_error("SlowDown", 503)) == ("storage_error", True)
+    assert classify(client_error("InternalError", 500)) == ("storage_error", True)
+    assert classify(client_error("RequestTimeout", 400)) == ("storage_error", True)
+    assert classify(client_error("Whatever", 502)) == ("storage_error", True)
+    assert classify(client_error("NoSuchKey", 404)) == ("input_not_found", False)
+    assert classify(client_error("NoSuchBucket", 404), missing="output_not_found") == ("output_not_found", False)
+    assert classify(client_error("AccessDenied", 403)) == ("storage_denied", False)
+    assert classify(client_error("InvalidArgument", 400)) == ("storage_rejected", False)
+    assert classify(client_error("NoSuchUpload", 404)) == ("storage_error", False)
+    assert classify(EndpointConnectionError(endpoint_url="http://x")) == ("storage_error", True)
+    assert classify(ReadTimeoutError(endpoint_url="http://x")) == ("storage_error", True)
+    assert classify(ConnectionResetError()) == ("storage_error", True)
+    assert classify(ValueError("a bug")) is None  # not the storage's: reported as an internal error
+
+
+def test_proxy_stop_closes_its_sockets_and_threads(s3_endpoint):
+    import socket
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    threads, before = threading.active_count(), fds()
+    proxy = FaultProxy(("127.0.0.1", urlparse(s3_endpoint).port)).start()
+    clients = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(3)]
+    for c in clients:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.recv(12).startswith(b"HTTP/1.1")
+    proxy.stop()
+    for c in clients:  # the proxy's end is gone: reset or closed, never left hanging
+        c.settimeout(5)  # a timeout here (socket.timeout) fails the test
+        try:
+            while c.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+        c.close()
+    assert threading.active_count() == threads
+    assert fds() == before
+    with pytest.raises(ValueError):
+        FaultProxy(("192.0.2.1", 80))  # not loopback

@@ -281,6 +281,7 @@ class S3Sink(Sink):
         self._stop = threading.Event()  # set when the graft ends badly: retries in flight give up
         self._uploads: dict[str, str] = {}
         self._keys: set[str] = set()  # every key this graft has written or may have
+        self._manifest: bytes | None = None  # once its PUT was sent: it may have landed, answered or not
         self.writer = writer or uuid.uuid4().hex
         self._claim()
 
@@ -442,6 +443,7 @@ class S3Sink(Sink):
         key = self.key(MANIFEST)
         try:
             self._abort_strays()
+            self._manifest = manifest
             self.call("writing the manifest", lambda: self._put_manifest(key, manifest), stoppable=False)
         finally:
             self.pool.shutdown(wait=True)
@@ -477,13 +479,17 @@ class S3Sink(Sink):
             if not self._manifest_is(manifest):
                 raise GraftError("output_exists", f"{self.location} was committed by someone else") from exc
 
-    def _manifest_is(self, manifest: bytes) -> bool:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(MANIFEST))["Body"].read() == manifest
-        except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey"):
-                return False
-            raise
+    def _manifest_is(self, manifest: bytes, retried: bool = False) -> bool:
+        def attempt() -> bool:
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self.key(MANIFEST))["Body"].read() == manifest
+            except ClientError as exc:
+                if error_code(exc) in ("404", "NoSuchKey"):
+                    return False
+                raise
+
+        # Inside _put_manifest it is one try of the caller's retried call; on its own, retried like the rest.
+        return self.call("reading the manifest", attempt, stoppable=False) if retried else attempt()
 
     def abandon(self) -> None:
         self._stop.set()
@@ -498,6 +504,9 @@ class S3Sink(Sink):
         self._stop.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._finisher.shutdown(wait=True, cancel_futures=True)
+        if self._manifest is not None and self._manifest_is(self._manifest, retried=True):
+            # Our manifest PUT landed though no answer said so: it goes first, or it would name deleted files.
+            self._delete_keys([self.key(MANIFEST)])
         with self._lock:
             uploads, keys = set(self._uploads.items()), set(self._keys)
         if keys:
