@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean soak
+.PHONY: venv run test lint bench clean soak fuzz
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: venv
 # Workers SIGKILLed at random points (a third with S3 outputs) and Redis outages: longer than `make test`.
 soak: venv
 	GRAFT_SOAK_TRIALS=$${GRAFT_SOAK_TRIALS:-20} $(BIN)/python -m pytest -q -s tests/test_faults_worker.py $(PYTEST_ARGS)
+
+# The input parsers' fuzz tests with many more examples than `make test` runs (derandomized: reproducible).
+fuzz: venv
+	GRAFT_FUZZ_EXAMPLES=$${GRAFT_FUZZ_EXAMPLES:-5000} $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from .engine.errors import GraftError
 
@@ -117,6 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graft: interrupted; nothing was published", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours, not the user's input: one line unless asked for more
+        if _debug():
+            traceback.print_exc()
+        message = " ".join(str(exc).split())[:500] or "no message"
+        print(f"graft: error [internal_error]: {type(exc).__name__}: {message} (set GRAFT_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _debug() -> bool:
+    try:
+        from .settings import Settings
+
+        return Settings().debug
+    except Exception:  # settings that cannot be read must not hide the error being reported
+        return False
 
 
 if __name__ == "__main__":

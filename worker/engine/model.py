@@ -3,13 +3,12 @@ read from safetensors headers alone (no tensor data)."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import GraftError
 from .faults import StorageRetry
-from .safetensors_format import TensorInfo, header_length, parse_header
+from .safetensors_format import TensorInfo, header_length, load_json, parse_header
 from .stores import Store, open_store
 from .uris import Location
 
@@ -47,17 +46,15 @@ class ResolvedModel:
         value = self.config.get("vocab_size")
         if value is None and isinstance(self.config.get("text_config"), dict):
             value = self.config["text_config"].get("vocab_size")
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def tokenizer_files(self) -> list[str]:
         return [name for name in TOKENIZER_FILES if self.store.exists(name)]
 
 
-def _read_json(store: Store, name: str, role: str) -> dict:
-    try:
-        value = json.loads(store.read_bytes(name))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GraftError("invalid_input", f"{role}: {store.location}/{name} is not valid JSON: {exc}") from exc
+def _read_json(store: Store, name: str, role: str, *, unique_keys: bool = False) -> dict:
+    value = load_json(store.read_bytes(name), f"{role}: {store.location}/{name}", "invalid_input",
+                      unique_keys=unique_keys)
     if not isinstance(value, dict):
         raise GraftError("invalid_input", f"{role}: {store.location}/{name} is not a JSON object")
     return value
@@ -79,29 +76,53 @@ def _read_header(store: Store, name: str, role: str, cap: int) -> tuple[dict[str
 def resolve_model(role: str, location: Location, *, endpoint_url: str | None = None,
                   max_header_bytes: int = 100 << 20, window_bytes: int | None = None,
                   windows: int | None = None, span_windows: int | None = None,
-                  retry: StorageRetry | None = None) -> ResolvedModel:
+                  allowed_roots: list[str] | None = None, denied_roots: list[str] | None = None,
+                  require_model_type: bool = False, retry: StorageRetry | None = None) -> ResolvedModel:
+    """`require_model_type`: for the model whose config.json the output inherits (the target), which
+    transformers cannot load without a model_type. `allowed_roots`/`denied_roots`: see open_store."""
     store = open_store(location, endpoint_url, window_bytes=window_bytes, windows=windows,
-                       span_windows=span_windows, retry=retry)
+                       span_windows=span_windows, allowed_roots=allowed_roots, denied_roots=denied_roots,
+                       retry=retry)
     try:
-        return _resolve(role, location, store, max_header_bytes)
+        return _resolve(role, location, store, max_header_bytes, require_model_type)
     except BaseException:
         store.close()
         raise
 
 
-def _resolve(role: str, location: Location, store: Store, max_header_bytes: int) -> ResolvedModel:
+def _shown(name: str) -> str:
+    return repr(name) if len(name) <= 100 else repr(name[:100]) + "..."
+
+
+def _index_files(store: Store, role: str, location: Location) -> tuple[dict[str, str], list[str]]:
+    # Duplicate keys refused: which shard a repeated tensor name points at would be the parser's choice.
+    index = _read_json(store, INDEX_FILE, role, unique_keys=True)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise GraftError("invalid_input", f"{role}: {location}/{INDEX_FILE} has no weight_map")
+    for tname, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise GraftError("invalid_input", f"{role}: {location}/{INDEX_FILE} places {_shown(tname)} in a "
+                             f"{type(fname).__name__}, not a file name")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        if "/" in name or not store.exists(name):
+            raise GraftError("input_not_found",
+                             f"{role}: {location}: shard {_shown(name)} named by the index is missing")
+    return weight_map, files
+
+
+def _resolve(role: str, location: Location, store: Store, max_header_bytes: int,
+             require_model_type: bool) -> ResolvedModel:
     if not store.exists("config.json"):
         raise GraftError("input_not_found", f"{role}: {location} has no config.json")
     config = _read_json(store, "config.json", role)
+    if require_model_type and not isinstance(config.get("model_type"), str):
+        raise GraftError("invalid_input", f"{role}: {location}/config.json has no model_type string; the output "
+                         "takes this config, and transformers cannot load a model without one")
+    weight_map: dict[str, str] | None
     if store.exists(INDEX_FILE):
-        index = _read_json(store, INDEX_FILE, role)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise GraftError("invalid_input", f"{role}: {location}/{INDEX_FILE} has no weight_map")
-        files = list(dict.fromkeys(weight_map.values()))
-        for name in files:
-            if not isinstance(name, str) or "/" in name or not store.exists(name):
-                raise GraftError("input_not_found", f"{role}: {location}: shard {name!r} named by the index is missing")
+        weight_map, files = _index_files(store, role, location)
     elif store.exists(SINGLE_FILE):
         weight_map, files = None, [SINGLE_FILE]
     else:
@@ -115,11 +136,17 @@ def _resolve(role: str, location: Location, store: Store, max_header_bytes: int)
         metadata[name] = meta
         for tname, info in sorted(file_tensors.items(), key=lambda kv: kv[1].start):
             if tname in tensors:
-                raise GraftError("invalid_input", f"{role}: tensor {tname!r} appears in two shards")
+                raise GraftError("invalid_input", f"{role}: tensor {_shown(tname)} appears in two shards")
             tensors[tname] = info
     if weight_map is not None:
         for tname, fname in weight_map.items():
             info = tensors.get(tname)
             if info is None or info.file != fname:
-                raise GraftError("invalid_input", f"{role}: index places {tname!r} in {fname}, which lacks it")
+                raise GraftError("invalid_input",
+                                 f"{role}: index places {_shown(tname)} in {_shown(fname)}, which lacks it")
+        unlisted = [tname for tname in tensors if tname not in weight_map]
+        if unlisted:
+            # Loaders disagree on such a tensor (some read whole shards, some only what the index names).
+            raise GraftError("invalid_input", f"{role}: {location}/{INDEX_FILE} omits {len(unlisted)} tensor(s) "
+                             f"its shards hold: " + ", ".join(_shown(t) for t in unlisted[:5]))
     return ResolvedModel(role, store, config, tensors, files, metadata)

@@ -2,28 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 from .errors import GraftError
+from .patterns import check_patterns, matches_any
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
           "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
 VOCAB_POLICIES = ("extend", "target")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MIN_SHARD = 1 << 10
+MAX_SHARD = 5 * 10**12  # S3's largest object; no output file of ours may be larger
+_SIZE_TEXT_CAP = 64  # characters: a size is short, and a long one is not worth parsing
 
 
-def parse_size(value: str | int) -> int:
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(str(value))
-    unit = (match.group(2) or "").upper() if match else None
-    if not match or unit not in _UNITS:
-        raise GraftError("invalid_option", f"shard_size: cannot read {value!r} as a size (e.g. 5GB, 500MB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+def parse_size(value: object) -> int:
+    """Bytes from an int or a size string such as "5GB", "500MB" or "1.5GiB"; GraftError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and len(value) <= _SIZE_TEXT_CAP and (match := _SIZE.fullmatch(value.strip())):
+        unit = match.group(2).upper()
+        if unit not in _UNITS:
+            raise GraftError("invalid_option", f"shard_size: unknown unit in {value!r} (e.g. 5GB, 500MB)")
+        # Exact arithmetic: float("9" * 400) is inf, and int(inf) raised OverflowError.
+        size = int(Fraction(match.group(1)) * _UNITS[unit])
+    else:
+        shown = repr(value[:40] + "..." * (len(value) > 40)) if isinstance(value, str) else type(value).__name__
+        raise GraftError("invalid_option", f"shard_size: cannot read {shown} as a size (e.g. 5GB, 500MB)")
+    if size <= 0:
+        raise GraftError("invalid_option", "shard_size: must be a positive size")
+    if size > MAX_SHARD:
+        raise GraftError("invalid_option", f"shard_size: at most {MAX_SHARD:,} bytes (5TB)")
+    return size
+
+
+def _check_alpha(value: object) -> float:
+    # bool is an int in Python and "1" floats fine: both are refused, a caller who sent them meant something else.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GraftError("invalid_option", f"alpha: must be a number, got {type(value).__name__}")
+    try:
+        alpha = float(value)
+    except OverflowError:
+        raise GraftError("invalid_option", "alpha: must be a finite number") from None
+    if not math.isfinite(alpha):
+        raise GraftError("invalid_option", "alpha: must be a finite number")
+    return alpha
 
 
 @dataclass
@@ -38,28 +66,19 @@ class GraftOptions:
 
     def __post_init__(self) -> None:
         self.shard_size = parse_size(self.shard_size)
-        self.alpha = float(self.alpha)
-        if self.alpha != self.alpha or self.alpha in (float("inf"), float("-inf")):
-            raise GraftError("invalid_option", "alpha must be a finite number")
-        if self.vocab not in VOCAB_POLICIES:
-            raise GraftError("invalid_option", f"vocab must be one of {', '.join(VOCAB_POLICIES)}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise GraftError("invalid_option", f"dtype must be one of {', '.join(DTYPE_CHOICES)}")
-        if self.device not in DEVICE_CHOICES:
-            raise GraftError("invalid_option", f"device must be one of {', '.join(DEVICE_CHOICES)}")
+        self.alpha = _check_alpha(self.alpha)
+        for name, choices in (("vocab", VOCAB_POLICIES), ("dtype", DTYPE_CHOICES), ("device", DEVICE_CHOICES)):
+            if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
+                raise GraftError("invalid_option", f"{name} must be one of {', '.join(choices)}")
         if self.shard_size < MIN_SHARD:
-            raise GraftError("invalid_option", f"shard_size must be at least {MIN_SHARD} bytes")
-        for kind in ("include", "exclude"):
-            for pattern in getattr(self, kind):
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise GraftError("invalid_option", f"{kind}: bad regular expression {pattern!r}: {exc}") from exc
+            raise GraftError("invalid_option", f"shard_size: must be at least {MIN_SHARD} bytes")
+        self.include = check_patterns(self.include, "include")
+        self.exclude = check_patterns(self.exclude, "exclude")
 
     def selects(self, name: str) -> bool:
-        if self.include and not any(re.search(p, name) for p in self.include):
+        if self.include and not matches_any(self.include, name, "include"):
             return False
-        return not any(re.search(p, name) for p in self.exclude)
+        return not matches_any(self.exclude, name, "exclude")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +94,12 @@ class GraftRequest:
     # Who writes the output. Attempts of one job share it, so a retry may clear what a killed attempt
     # left under an S3 prefix; a graft never clears another writer's leftovers. None: this run alone.
     writer: str | None = None
+    # Directories every local file read or written must resolve under, symlinks followed (the service's
+    # roots). None: unconfined, as for the CLI, where the Hugging Face cache's snapshot symlinks lead out.
+    allowed_roots: list[str] | None = None
+    # Directories refused even under an allowed root, except below an allowed root inside them (the
+    # shared output directory, minus the tenant's own namespace in it).
+    denied_roots: list[str] | None = None
 
     def inputs(self) -> dict[str, str]:
         return {"source_base": self.source_base, "source_finetuned": self.source_finetuned,

@@ -72,6 +72,8 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
                                      window_bytes=settings.remote_window_bytes,
                                      windows=settings.remote_windows,
                                      span_windows=settings.remote_span_windows,
+                                     allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                                     require_model_type=role == "target_base",
                                      retry=storage_retry(settings)) for role in ROLES}
         models, errors = {}, []
         for role, future in futures.items():
@@ -185,7 +187,8 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     report(total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                           writer=request.writer, retry=storage_retry(settings))
+                           writer=request.writer, allowed_roots=request.allowed_roots,
+                           denied_roots=request.denied_roots, retry=storage_retry(settings))
     try:
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()

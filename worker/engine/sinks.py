@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 from .errors import GraftError
 from .faults import StorageRetry, TransientStorageError, error_code
 from .s3 import s3_client
+from .stores import Confinement, fd_path
 from .uris import Location
 
 MANIFEST = "graft-manifest.json"
@@ -95,9 +96,9 @@ class Sink(ABC):
 
 
 class _LocalWriter(FileWriter):
-    def __init__(self, name: str, path: str, expected_size: int | None, io: ThreadPoolExecutor) -> None:
+    def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor) -> None:
         super().__init__(name)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = _create(name, dir_fd)
         self._io = io
         if expected_size:
             try:  # one extent up front: block allocation while streaming costs more than the copy
@@ -150,40 +151,102 @@ def _remove_orphans(parent: str, prefix: str) -> None:
             continue
 
 
+def _create(name: str, dir_fd: int) -> int:
+    """A new file in the directory `dir_fd` holds. O_EXCL | O_NOFOLLOW: whatever someone planted under
+    that name (a symlink out of the allowed roots, a file) is refused, never followed or overwritten."""
+    try:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                       dir_fd=dir_fd)
+    except OSError as exc:
+        raise GraftError("storage_error", f"cannot create {name} in the output: {exc.strerror}") from None
+
+
+def _real_ancestor(path: str) -> str:
+    """realpath of the deepest existing ancestor joined with the rest (an output need not exist yet)."""
+    head, tail = path, []
+    while not os.path.lexists(head) and head not in ("/", ""):
+        head, name = os.path.split(head)
+        tail.append(name)
+    return os.path.join(os.path.realpath(head), *reversed(tail))
+
+
 class LocalSink(Sink):
-    def __init__(self, location: Location) -> None:
+    """The output is built in a hidden sibling directory, reached through descriptors (of the parent and
+    of the temp directory) opened once: confined, the parent is checked on its descriptor, and no later
+    swap of a path component for a symlink can move where the files land."""
+
+    def __init__(self, location: Location, confinement: Confinement | None = None) -> None:
         self.location = location
         self.final = location.path
-        if os.path.exists(self.final) and (not os.path.isdir(self.final) or os.listdir(self.final)):
+        try:
+            occupied = os.path.exists(self.final) and (not os.path.isdir(self.final) or bool(os.listdir(self.final)))
+        except OSError as exc:
+            raise GraftError("storage_error", f"{location}: cannot inspect the output: {exc.strerror}") from None
+        if occupied:
             raise GraftError("output_exists", f"{location} already exists and is not an empty directory")
         parent = os.path.dirname(self.final) or "."
-        os.makedirs(parent, exist_ok=True)
+        if confinement is not None and not confinement.admits(_real_ancestor(parent)):
+            raise self._escape()  # before makedirs creates anything out there
         prefix = f".{os.path.basename(self.final)}.graft-tmp-"
-        _remove_orphans(parent, prefix)
-        self.tmp = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
-        os.makedirs(self.tmp)
-        with open(os.path.join(self.tmp, OWNER), "w") as fh:
-            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+        self._tmp_name = prefix + uuid.uuid4().hex[:12]
+        self.tmp = os.path.join(parent, self._tmp_name)
+        self._parent_fd = self._dir_fd = -1
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if confinement is not None and not confinement.admits(fd_path(self._parent_fd, parent)):
+                raise self._escape()
+            _remove_orphans(parent, prefix)
+            os.mkdir(self._tmp_name, 0o755, dir_fd=self._parent_fd)
+            self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   dir_fd=self._parent_fd)
+            fd = _create(OWNER, self._dir_fd)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise GraftError("storage_error", f"{location}: cannot create the output: {exc.strerror}") from None
+            raise
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-write")
 
+    def _escape(self) -> GraftError:
+        return GraftError("uri_not_allowed", f"{self.location}: the output's directory resolves outside the "
+                          "allowed roots")
+
     def open(self, name: str, expected_size: int | None = None) -> FileWriter:
-        return _LocalWriter(name, os.path.join(self.tmp, name), expected_size, self._io)
+        return _LocalWriter(name, self._dir_fd, expected_size, self._io)
 
     def commit(self, manifest: bytes) -> str:
         self.put(MANIFEST, manifest)
         self._io.shutdown(wait=True)
-        os.unlink(os.path.join(self.tmp, OWNER))
+        final_name = os.path.basename(self.final)
         try:
-            if os.path.isdir(self.final):
-                os.rmdir(self.final)  # empty at the check in __init__; filled since, rmdir refuses
-            os.rename(self.tmp, self.final)
+            os.unlink(OWNER, dir_fd=self._dir_fd)
+            try:
+                os.rmdir(final_name, dir_fd=self._parent_fd)  # empty at the check in __init__; filled since, refused
+            except FileNotFoundError:
+                pass
+            os.rename(self._tmp_name, final_name, src_dir_fd=self._parent_fd, dst_dir_fd=self._parent_fd)
         except OSError as exc:
             raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
+        self._close_fds()
         return f"file://{os.path.join(self.final, MANIFEST)}"
+
+    def _close_fds(self) -> None:
+        for fd in (self._dir_fd, self._parent_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fd = self._parent_fd = -1
+
+    def _discard(self) -> None:
+        if self._parent_fd >= 0:
+            shutil.rmtree(self._tmp_name, ignore_errors=True, dir_fd=self._parent_fd)
+        self._close_fds()
 
     def abort(self) -> None:
         self._io.shutdown(wait=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._discard()
 
     def abandon(self) -> None:
         self.abort()  # the temp directory is this writer's own, whoever publishes the output
@@ -521,9 +584,11 @@ class S3Sink(Sink):
 
 
 def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
-              writer: str | None = None, retry: StorageRetry | None = None) -> Sink:
+              writer: str | None = None, allowed_roots: list[str] | None = None,
+              denied_roots: list[str] | None = None, retry: StorageRetry | None = None) -> Sink:
+    """`allowed_roots`/`denied_roots` confine a local output (see stores.Confinement); None: unconfined."""
     if location.scheme == "file":
-        return LocalSink(location)
+        return LocalSink(location, Confinement.of(allowed_roots, denied_roots))
     if location.scheme == "s3":
         return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes, writer=writer, retry=retry)
     raise GraftError("invalid_uri", f"{location}: outputs go to a local directory or s3://")

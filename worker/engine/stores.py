@@ -6,6 +6,7 @@ Every store is safe to call from several threads at once: the reader issues rang
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -72,10 +73,48 @@ class Store(ABC):
         pass
 
 
+class Confinement:
+    """Where local files may be, judged on real paths: under one of `allowed`, and not under one of
+    `denied` unless also under an allowed root inside it (a tenant's own directory within a shared
+    output directory whose other tenants' outputs it must not read)."""
+
+    def __init__(self, allowed: list[str], denied: list[str] | None = None) -> None:
+        self.allowed = [os.path.join(os.path.realpath(r), "") for r in allowed if r]
+        self.denied = [os.path.join(os.path.realpath(r), "") for r in denied or () if r]
+
+    @classmethod
+    def of(cls, allowed: list[str] | None, denied: list[str] | None = None) -> Confinement | None:
+        """None (unconfined) when neither list is given."""
+        if allowed is None and not denied:
+            return None
+        return cls(["/"] if allowed is None else allowed, denied)
+
+    def admits(self, real: str) -> bool:
+        path = os.path.join(real, "")
+        if not any(path.startswith(a) for a in self.allowed):
+            return False
+        return all(not path.startswith(d) or any(path.startswith(a) and a.startswith(d) for a in self.allowed)
+                   for d in self.denied)
+
+
+def fd_path(fd: int, fallback: str) -> str:
+    """Where an open descriptor really is: the kernel's name for it (no race with a swapped symlink),
+    or the path's realpath where /proc is not mounted."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(fallback)
+
+
 class LocalStore(Store):
-    def __init__(self, location: Location) -> None:
+    """A local model directory. Confined, every file is checked after it is opened, on the descriptor
+    itself, to lie where the confinement admits: a symlink inside the directory (or a file swapped for
+    one) cannot make the graft read, copy or report the digest of a file outside the allowed roots."""
+
+    def __init__(self, location: Location, confinement: Confinement | None = None) -> None:
         self.location = location
         self.root = location.path
+        self.confinement = confinement
         if not os.path.isdir(self.root):
             raise GraftError("input_not_found", f"{location}: not a directory")
         self._fds: dict[str, int] = {}
@@ -83,10 +122,41 @@ class LocalStore(Store):
 
     def list_files(self) -> dict[str, int]:
         out = {}
-        for entry in os.scandir(self.root):
-            if entry.is_file():
-                out[entry.name] = entry.stat().st_size
+        try:
+            for entry in os.scandir(self.root):
+                if self.confinement is not None and entry.is_symlink() and not self.confinement.admits(
+                        os.path.realpath(entry.path)):
+                    # Refused at once, not only when opened: the input hashes would otherwise report the
+                    # digest of a file outside the roots (they hash every file the directory lists).
+                    raise self._escape(entry.name)
+                if entry.is_file():
+                    out[entry.name] = entry.stat().st_size
+        except OSError as exc:
+            raise GraftError("storage_error", f"{self.location}: cannot list: {exc.strerror}") from None
         return out
+
+    def _escape(self, name: str) -> GraftError:
+        # Where the link leads is not said: that would tell a client about files it may not see.
+        return GraftError("uri_not_allowed", f"{self.location}/{name} resolves outside the allowed roots")
+
+    def _open(self, name: str) -> int:
+        if name not in self.files:
+            raise GraftError("input_not_found", f"{self.location}: no file {name}")
+        path = os.path.join(self.root, name)
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO since the listing must not block the open forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GraftError("input_not_found", f"{self.location}/{name}: cannot open: {exc.strerror}") from None
+        try:
+            if self.confinement is not None and not self.confinement.admits(fd_path(fd, path)):
+                raise self._escape(name)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise GraftError("invalid_input", f"{self.location}/{name} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -94,8 +164,7 @@ class LocalStore(Store):
             with self._lock:
                 fd = self._fds.get(name)
                 if fd is None:
-                    self.size(name)
-                    fd = self._fds[name] = os.open(os.path.join(self.root, name), os.O_RDONLY)
+                    fd = self._fds[name] = self._open(name)
         return fd
 
     def read_into(self, name: str, start: int, view: memoryview) -> None:
@@ -103,7 +172,10 @@ class LocalStore(Store):
         length = len(view)
         got = 0
         while got < length:
-            n = os.preadv(fd, [view[got:]], start + got)
+            try:
+                n = os.preadv(fd, [view[got:]], start + got)
+            except OSError as exc:
+                raise GraftError("storage_error", f"{self.location}/{name}: read failed: {exc.strerror}") from None
             if n == 0:
                 raise GraftError("invalid_safetensors",
                                  f"{self.location}/{name}: file ends before byte {start + length}")
@@ -417,9 +489,11 @@ class HubStore(RemoteStore):
 
 def open_store(location: Location, endpoint_url: str | None = None, *, window_bytes: int | None = None,
                windows: int | None = None, span_windows: int | None = None,
+               allowed_roots: list[str] | None = None, denied_roots: list[str] | None = None,
                retry: StorageRetry | None = None) -> Store:
+    """`allowed_roots`/`denied_roots` confine a local store (see Confinement); None: unconfined."""
     if location.scheme == "file":
-        return LocalStore(location)
+        return LocalStore(location, Confinement.of(allowed_roots, denied_roots))
     if location.scheme == "s3":
         store: RemoteStore = S3Store(location, endpoint_url, retry)
     elif location.scheme == "hf":
