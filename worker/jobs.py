@@ -17,7 +17,7 @@ from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from .job_store import ACTIVE, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
-from .uri_policy import check_uri
+from .uri_policy import check_uri, scope_for
 
 # Engine error codes worth another attempt: the storage may come back. Everything else is the request's
 # fault and fails the same way every time.
@@ -193,13 +193,17 @@ def run_job(job_id: str) -> dict:
 def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, reporter: _Reporter,
              t0: float) -> dict | Retry:
     try:
+        # The policy is the submitting tenant's, checked again here (a read that waits out an outage).
+        tenant = _wait(settings, "reading the job's tenant", store.tenant_of, job_id)
         for role in ("source_base", "source_finetuned", "target_base"):
-            check_uri(record[role], role, settings)
-        check_uri(record["output"], "output", settings, output=True)
+            check_uri(record[role], role, settings, tenant=tenant)
+        check_uri(record["output"], "output", settings, output=True, tenant=tenant)
+        confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
+                               strict=True))
         from .engine import GraftOptions, GraftRequest, run_graft  # torch is imported here, in the job
 
         request = GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"],
-                               record["output"], GraftOptions(**record["options"]), writer=job_id)
+                               record["output"], GraftOptions(**record["options"]), writer=job_id, **confinement)
         result = run_graft(request, settings=settings, progress=reporter.progress,
                            should_cancel=reporter.should_cancel, warn=reporter.warn)
     except GraftSuperseded as err:
