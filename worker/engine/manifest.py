@@ -12,7 +12,8 @@ from .plan import Plan
 from .sinks import FileRecord
 from .transforms import TensorStats
 
-ENGINE_VERSION = "0.1.0"
+ENGINE_VERSION = "0.2.0"
+RECIPE_FORMULA = "target_base + merge_i(weight_i * transform_i(source_finetuned_i - source_base_i))"
 
 
 def build_manifest(request: GraftRequest, models: dict[str, ResolvedModel], input_files: dict[str, dict],
@@ -27,11 +28,16 @@ def build_manifest(request: GraftRequest, models: dict[str, ResolvedModel], inpu
             entry["rows"] = t.rows
         if t.action in ("transferred", "vocab_extended", "untied_transfer"):
             entry.update(stats[t.name].to_dict())
+        merged = plan.merge.tensor_report(t.name) if plan.merge is not None else None
+        if merged is not None:
+            entry["merge"] = merged
         tensors[t.name] = entry
     return {
         "format": "graft-manifest/1",
         "engine": {"name": "graft", "version": ENGINE_VERSION, "torch": torch.__version__},
-        "formula": "target_base + alpha * (source_finetuned - source_base)",
+        "formula": RECIPE_FORMULA if request.recipe is not None else
+        "target_base + alpha * (source_finetuned - source_base)",
+        **({"recipe": request.recipe.to_dict()} if request.recipe is not None else {}),
         "inputs": {role: {"uri": models[role].uri, "revision": models[role].store.revision,
                           "files": input_files[role]} for role in models},
         "options": request.options.to_dict(),
@@ -63,11 +69,19 @@ This checkpoint is `target_base + alpha * (source_finetuned - source_base)`, bui
 | source base | `{request.source_base}` |
 | source fine-tune | `{request.source_finetuned}` |
 
-- alpha: {request.options.alpha}; vocabulary policy: {request.options.vocab}; dtype: {request.options.dtype}
+- {_strength(request)}; vocabulary policy: {request.options.vocab}; dtype: {request.options.dtype}
 - tensors: {counts}; tied embeddings: {plan.tied_output}
 - config from the target base; tokenizer and chat template from the source fine-tune.
 - `graft-manifest.json` lists every tensor, how it was made, and the sha256 of every file.
 """
+
+
+def _strength(request: GraftRequest) -> str:
+    recipe = request.recipe
+    if recipe is None:
+        return f"alpha: {request.options.alpha}"
+    return (f"recipe: {len(recipe.diffs)} diff(s) merged by `{recipe.merge.method}`, {len(recipe.rules)} rule(s) "
+            "(the manifest holds the whole recipe and what was applied to each tensor)")
 
 
 def dumps(value: dict) -> bytes:

@@ -64,6 +64,7 @@ class Plan:
     config: dict
     tied_output: bool
     vocab: dict
+    merge: object | None = None  # a recipe's MergeContext (worker/engine/merging.py); None: the plain transfer
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -89,6 +90,7 @@ class Plan:
             "vocab": self.vocab,
             "source_only": self.source_only,
             "warnings": self.warnings,
+            **({"recipe": self.merge.summary()} if self.merge is not None else {}),
         }
 
 

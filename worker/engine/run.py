@@ -19,7 +19,7 @@ from .input_hashes import InputHasher
 from .manifest import build_manifest, dumps, model_card
 from .model import INDEX_FILE, ResolvedModel, resolve_model
 from .options import GraftRequest
-from .plan import ROLES, Plan, build_plan
+from .plan import Plan, build_plan
 from .sinks import MANIFEST, FileRecord, Sink, open_sink
 from .stream import StreamTotals, stream_plan
 from .transforms import TensorStats
@@ -65,39 +65,55 @@ def storage_retry(settings: Settings) -> StorageRetry:
 def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> dict[str, ResolvedModel]:
     settings = settings or get_settings()
     uris = request.inputs()
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {role: pool.submit(resolve_model, role, parse_uri(uris[role], field=role),
+    # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
+    first_role: dict[str, str] = {}
+    for role, uri in uris.items():
+        first_role.setdefault(uri, role)
+    with ThreadPoolExecutor(max_workers=min(8, len(first_role))) as pool:
+        futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
                                      endpoint_url=settings.s3_endpoint_url,
                                      max_header_bytes=settings.max_header_bytes,
                                      window_bytes=settings.remote_window_bytes,
                                      windows=settings.remote_windows,
                                      span_windows=settings.remote_span_windows,
                                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                                     require_model_type=role == "target_base",
-                                     retry=storage_retry(settings)) for role in ROLES}
-        models, errors = {}, []
+                                     require_model_type=uri == uris["target_base"],
+                                     retry=storage_retry(settings)) for uri, role in first_role.items()}
+        resolved, errors = {}, []
         for role, future in futures.items():
             try:
-                models[role] = future.result()
+                resolved[uris[role]] = future.result()
             except BaseException as exc:
                 errors.append(exc)
     if errors:
-        close_models(models)
+        close_models(resolved)
         raise errors[0]
-    return models
+    return {role: resolved[uri] for role, uri in uris.items()}
 
 
 def close_models(models: dict[str, ResolvedModel]) -> None:
-    for model in models.values():
+    for model in {id(m): m for m in models.values()}.values():  # a model shared by several roles, once
         model.store.close()
+
+
+def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:
+    """Role -> the first role naming the same model: reads of one model are issued (and coalesced) once."""
+    first: dict[int, str] = {}
+    return {role: first.setdefault(id(m), role) for role, m in models.items()}
 
 
 def plan_graft(request: GraftRequest, settings: Settings | None = None) -> tuple[Plan, dict[str, ResolvedModel]]:
     """The --dry-run: everything decided from headers alone."""
     models = resolve_inputs(request, settings)
     try:
-        plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
-                          request.options)
+        if request.recipe is not None:
+            from .merging import build_recipe_plan
+
+            by_uri = {uri: models[role] for role, uri in request.inputs().items()}
+            plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
+        else:
+            plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
+                              request.options)
     except BaseException:
         close_models(models)
         raise
@@ -174,6 +190,29 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
         close_models(models)
 
 
+def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, settings: Settings,
+                     report: Callable[[Progress], None], total: Progress,
+                     should_cancel: Callable[[], bool] | None) -> int:
+    """A recipe's magnitude thresholds (exact, two reads of the diffs concerned) before the compute pass;
+    progress names the pass, so that an ETA taken from the compute pass alone is not misread."""
+    if plan.merge is None or not plan.merge.windows():
+        return 0
+    from .stream import rank_statistics
+
+    phase = Progress("statistics", tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+    report(phase)
+
+    def on_pass(index: int, done: int, blocks: int) -> None:
+        phase.bytes_written = int(total.bytes_total * (index + done / blocks) / 2)  # how far through both passes
+        report(phase)
+
+    read = rank_statistics(plan, plan.merge, stores, device=device, block_bytes=settings.block_bytes,
+                           prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, canon=canon,
+                           should_cancel=should_cancel, on_pass=on_pass)
+    report(total)  # back to streaming
+    return read
+
+
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
                  settings: Settings, report: Callable[[Progress], None],
                  should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
@@ -199,11 +238,14 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
             report(total)
 
         stores = {role: m.store for role, m in models.items()}
+        canon = canonical_roles(models)
         t0 = time.perf_counter()
+        stats_read = _statistics_pass(plan, stores, canon, device, settings, report, total, should_cancel)
         records, stats, late_warnings, totals = stream_plan(
             plan, stores, sink, alpha=request.options.alpha, device=device, block_bytes=settings.block_bytes,
             prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, on_block=on_block,
-            should_cancel=should_cancel)
+            should_cancel=should_cancel, merge=plan.merge, canon=canon)
+        total.bytes_read += stats_read
         stream_seconds = time.perf_counter() - t0
         connectivity = _connectivity(plan, stats)
         if connectivity.get("bases_distance_ratio", 0.0) > WEAK_CONNECTIVITY:

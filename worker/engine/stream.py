@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -16,11 +16,14 @@ import torch
 
 from .buffers import BufferPool
 from .errors import GraftCancelled, GraftError
-from .plan import OutputTensor, Plan, Shard
+from .merging import MergeContext, merge_chunks
+from .methods.base import magnitude_bits
+from .plan import OutputTensor, Plan, Segment, Shard
+from .rank_select import RankSelect
 from .safetensors_format import DTYPES, build_header, itemsize
 from .sinks import FileRecord, Sink
 from .stores import Store
-from .transforms import Arithmetic, TensorStats
+from .transforms import CHUNK, Arithmetic, TensorStats
 
 COALESCE_GAP = 256 << 10  # read through gaps this small rather than issue another request
 _ROLES_FOR_OP = {"transfer": ("target_base", "source_base", "source_finetuned"), "target": ("target_base",),
@@ -51,14 +54,20 @@ class Block:
 def _roles(tensor: OutputTensor, op: str) -> tuple[str, ...]:
     if op == "target" and tensor.check_sources_equal:
         return ("target_base", "source_base", "source_finetuned")
+    if op in ("merge", "stat"):  # a recipe's segment (or its statistics): every input it names
+        return tuple(tensor.sources)
+    if op.startswith("finetuned."):  # a recipe's extra vocabulary rows, from one diff's fine-tune
+        return (f"source_finetuned.{op.partition('.')[2]}",)
     return _ROLES_FOR_OP[op]
 
 
-def _coalesce(block: Block, wanted: list[tuple[Piece, str, str, int, int]]) -> None:
-    """Group the pieces' reads into as few ranged requests as the gaps allow."""
+def _coalesce(block: Block, wanted: list[tuple[Piece, str, str, int, int]], canon: dict[str, str] | None = None
+              ) -> None:
+    """Group the pieces' reads into as few ranged requests as the gaps allow. Roles naming the same model
+    (`canon`: role -> the role whose store is read) share their requests."""
     by_file: dict[tuple[str, str], list] = {}
     for item in wanted:
-        by_file.setdefault((item[1], item[2]), []).append(item)
+        by_file.setdefault(((canon or {}).get(item[1], item[1]), item[2]), []).append(item)
     for (role, file), items in by_file.items():
         items.sort(key=lambda it: it[3])
         runs: list[list] = []  # [start, end, members]
@@ -76,7 +85,7 @@ def _coalesce(block: Block, wanted: list[tuple[Piece, str, str, int, int]]) -> N
                 piece.reads[r] = (idx, start - run_start)
 
 
-def build_blocks(plan: Plan, block_bytes: int) -> list[Block]:
+def build_blocks(plan: Plan, block_bytes: int, canon: dict[str, str] | None = None) -> list[Block]:
     blocks: list[Block] = []
     for shard_index, shard in enumerate(plan.shards):
         header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], {"format": "pt"})
@@ -86,7 +95,7 @@ def build_blocks(plan: Plan, block_bytes: int) -> list[Block]:
         def close() -> None:
             nonlocal current, wanted
             if current is not None:
-                _coalesce(current, wanted)
+                _coalesce(current, wanted, canon)
                 blocks.append(current)
             current, wanted = None, []
 
@@ -180,17 +189,67 @@ class StreamTotals:
     wait_write_s: float = 0.0
 
 
-def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: float, device: torch.device,
-                block_bytes: int, prefetch: int, io_threads: int,
-                on_block: Callable[[StreamTotals], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None,
-                ) -> tuple[list[FileRecord], dict[str, TensorStats], list[dict], StreamTotals]:
-    blocks = build_blocks(plan, block_bytes)
+class _Reader:
+    """Reads each block's input ranges ahead of the compute on a thread pool, into pooled buffers, and hands
+    the blocks over in order. Closing it cancels what is still pending."""
+
+    def __init__(self, blocks: list[Block], stores: dict[str, Store], buffers: BufferPool, io_threads: int,
+                 prefetch: int) -> None:
+        self.blocks, self.stores, self.buffers, self.prefetch = blocks, stores, buffers, prefetch
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="graft-read")
+        self.window: deque[list[tuple[memoryview, Future]]] = deque()
+        self.submitted = 0
+
+    def _submit(self, index: int) -> list[tuple[memoryview, Future]]:
+        reads = []
+        for role, file, start, length in self.blocks[index].reads:
+            view = self.buffers.take(length)
+            reads.append((view, self.pool.submit(self.stores[role].stream_into, file, start, view)))
+        return reads
+
+    def __iter__(self) -> Iterator[tuple[Block, list[memoryview], float]]:
+        """(block, its read buffers, seconds waited for them); give the buffers back when done."""
+        for index, block in enumerate(self.blocks):
+            while self.submitted < len(self.blocks) and self.submitted <= index + self.prefetch:
+                self.window.append(self._submit(self.submitted))
+                self.submitted += 1
+            t0 = time.perf_counter()
+            reads = self.window.popleft()
+            for _view, future in reads:
+                future.result()
+            yield block, [view for view, _f in reads], time.perf_counter() - t0
+
+    def close(self) -> None:
+        for reads in self.window:
+            for _view, future in reads:
+                future.cancel()
+        self.window.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _one_compute_thread(device: torch.device) -> int:
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # One compute thread: the other core reads, hashes and writes. Two intra-op threads would stall
         # on each other's barriers whenever I/O takes the second core.
         torch.set_num_threads(1)
+    return threads
+
+
+def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: float, device: torch.device,
+                block_bytes: int, prefetch: int, io_threads: int,
+                on_block: Callable[[StreamTotals], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None,
+                merge: MergeContext | None = None, canon: dict[str, str] | None = None,
+                ) -> tuple[list[FileRecord], dict[str, TensorStats], list[dict], StreamTotals]:
+    blocks = build_blocks(plan, block_bytes, canon)
+    threads = _one_compute_thread(device)
     stats: dict[str, TensorStats] = {t.name: TensorStats() for t in plan.tensors}
     changed_buffers: list[dict] = []
     arithmetic = Arithmetic(device)
@@ -198,47 +257,29 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
     buffers_pool = BufferPool()
     writer = _Writer(sink, plan, buffers_pool)
     writer.start()
-    pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="graft-read")
-    window: deque[list[tuple[memoryview, Future]]] = deque()
-    submitted = 0
-
-    def submit(index: int) -> list[tuple[memoryview, Future]]:
-        reads = []
-        for role, file, start, length in blocks[index].reads:
-            view = buffers_pool.take(length)
-            reads.append((view, pool.submit(stores[role].stream_into, file, start, view)))
-        return reads
-
     try:
-        for index, block in enumerate(blocks):
-            while submitted < len(blocks) and submitted <= index + prefetch:
-                window.append(submit(submitted))
-                submitted += 1
-            if should_cancel is not None and should_cancel():
-                raise GraftCancelled()
-            t0 = time.perf_counter()
-            reads = window.popleft()
-            for _view, future in reads:
-                future.result()
-            t1 = time.perf_counter()
-            buffers = [view for view, _f in reads]
-            totals.bytes_read += sum(len(b) for b in buffers)
-            out = buffers_pool.take(block.out_bytes)
-            for piece in block.pieces:
-                _compute_piece(piece, buffers, out, arithmetic, alpha, stats, changed_buffers)
-                if piece.last:
-                    totals.tensors_done += 1
-            for view in buffers:
-                buffers_pool.give(view)
-            t2 = time.perf_counter()
-            writer.put((block, out))
-            t3 = time.perf_counter()
-            totals.wait_read_s += t1 - t0
-            totals.compute_s += t2 - t1
-            totals.wait_write_s += t3 - t2
-            totals.bytes_written += len(out)
-            if on_block is not None:
-                on_block(totals)
+        with _Reader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
+            for block, buffers, waited in reader:
+                if should_cancel is not None and should_cancel():
+                    raise GraftCancelled()
+                t1 = time.perf_counter()
+                totals.bytes_read += sum(len(b) for b in buffers)
+                out = buffers_pool.take(block.out_bytes)
+                for piece in block.pieces:
+                    _compute_piece(piece, buffers, out, arithmetic, alpha, stats, changed_buffers, merge)
+                    if piece.last:
+                        totals.tensors_done += 1
+                for view in buffers:
+                    buffers_pool.give(view)
+                t2 = time.perf_counter()
+                writer.put((block, out))
+                t3 = time.perf_counter()
+                totals.wait_read_s += waited
+                totals.compute_s += t2 - t1
+                totals.wait_write_s += t3 - t2
+                totals.bytes_written += len(out)
+                if on_block is not None:
+                    on_block(totals)
         writer.put(None)
         t0 = time.perf_counter()
         writer.join()
@@ -246,18 +287,67 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
         if writer.error is not None:
             raise writer.error
     except BaseException:
-        for reads in window:
-            for _view, f in reads:
-                f.cancel()
         if writer.is_alive():
             writer.error = writer.error or GraftError("aborted", "stream aborted")
             writer.q.put(None)
             writer.join()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
     return writer.records, stats, changed_buffers, totals
+
+
+def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *, device: torch.device,
+                    block_bytes: int, prefetch: int, io_threads: int, canon: dict[str, str] | None = None,
+                    should_cancel: Callable[[], bool] | None = None,
+                    on_pass: Callable[[int, int, int], None] | None = None) -> int:
+    """The statistics passes of a recipe whose transforms keep magnitude-rank windows: two reads of the
+    diffs those windows belong to (coarse, then fine radix select), after which every window holds its exact
+    thresholds. Returns the bytes read. `on_pass(pass, blocks_done, blocks_total)` reports progress."""
+    items = merge.windows()
+    if not items:
+        return 0
+    by_name = {t.name: t for t in plan.tensors}
+    pseudo, selectors = [], {}
+    for name, use in items:
+        tensor = by_name[name]
+        roles = (f"source_base.{use.index}", f"source_finetuned.{use.index}")
+        segments = [Segment("stat", seg.start, seg.stop) for seg in tensor.segments if seg.op == "merge"]
+        key = f"{name}\x00{use.index}"
+        pseudo.append(OutputTensor(key, "F32", tensor.shape, "stat", segments,
+                                   {r: tensor.sources[r] for r in roles}, tensor.compute_dtype))
+        selectors[key] = RankSelect([use.window])
+    stat_plan = Plan(pseudo, [Shard("statistics", pseudo)], [], [], {}, False, {})
+    blocks = build_blocks(stat_plan, block_bytes, canon)
+    threads = _one_compute_thread(device)
+    read = 0
+    try:
+        for pass_index, (add, finish) in enumerate((("add_coarse", "finish_coarse"), ("add_fine", "finish_fine"))):
+            buffers_pool = BufferPool()
+            with _Reader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
+                for done, (block, buffers, _waited) in enumerate(reader):
+                    if should_cancel is not None and should_cancel():
+                        raise GraftCancelled()
+                    read += sum(len(b) for b in buffers)
+                    for piece in block.pieces:
+                        selector = selectors[piece.tensor.name]
+                        s_role, f_role = piece.tensor.sources
+                        count = piece.stop - piece.start
+                        s = _view(buffers, piece.reads[s_role], piece.tensor.sources[s_role].dtype, count)
+                        f = _view(buffers, piece.reads[f_role], piece.tensor.sources[f_role].dtype, count)
+                        compute = DTYPES[piece.tensor.compute_dtype]
+                        for i in range(0, count, CHUNK):
+                            delta = f[i:i + CHUNK].to(compute) - s[i:i + CHUNK].to(compute)
+                            getattr(selector, add)(magnitude_bits(delta))
+                        if piece.last:
+                            getattr(selector, finish)()
+                    for view in buffers:
+                        buffers_pool.give(view)
+                    if on_pass is not None:
+                        on_pass(pass_index, done + 1, len(blocks))
+    finally:
+        torch.set_num_threads(threads)
+    return read
 
 
 def _view(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.Tensor:
@@ -266,18 +356,26 @@ def _view(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.
 
 
 def _compute_piece(piece: Piece, buffers: list[memoryview], out: memoryview, arithmetic: Arithmetic, alpha: float,
-                   stats: dict[str, TensorStats], changed: list[dict]) -> None:
+                   stats: dict[str, TensorStats], changed: list[dict], merge: MergeContext | None = None) -> None:
     tensor = piece.tensor
     count = piece.stop - piece.start
     out_t = torch.frombuffer(out, dtype=DTYPES[tensor.dtype], count=count, offset=piece.out_offset)
     st = stats[tensor.name]
     src = tensor.sources
+    if piece.op == "merge":
+        uses = merge.uses[tensor.name]
+        target = _view(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
+        pairs = [tuple(_view(buffers, piece.reads[r], src[r].dtype, count)
+                       for r in (f"source_base.{u.index}", f"source_finetuned.{u.index}")) for u in uses]
+        merge_chunks(out_t, target, pairs, uses, merge, tensor.name, piece.start, DTYPES[tensor.compute_dtype], st,
+                     arithmetic.device, arithmetic.whole_pieces)
+        return
     if piece.op == "transfer":
         t, s, f = (_view(buffers, piece.reads[r], src[r].dtype, count)
                    for r in ("target_base", "source_base", "source_finetuned"))
         arithmetic.transfer(out_t, t, s, f, alpha, DTYPES[tensor.compute_dtype], st)
         return
-    role = "target_base" if piece.op == "target" else "source_finetuned"
+    role = _roles(tensor, piece.op)[0]
     info = src[role]
     is_float = tensor.dtype in ("F64", "F32", "F16", "BF16")
     if info.dtype == tensor.dtype and not is_float:

@@ -1,0 +1,63 @@
+"""`dare`: drop each delta element with probability `drop` and rescale the survivors by 1 / (1 - drop)
+(the DARE paper's rescale; mergekit's dare methods rescale to the L1 norm instead).
+
+The draw is a counter-based hash of (seed, tensor name, element index), not a stateful generator: the same
+recipe keeps the same elements whatever the block size, the device or a split of the job over workers."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import TransformMethod
+
+_M32 = 0xFFFFFFFF
+
+
+class DareParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["dare"] = "dare"
+    drop: float = Field(ge=0, lt=1, description="probability that an element of the delta is dropped")
+    seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
+
+
+def draw_key(seed: int, tensor: str) -> int:
+    """32 bits naming (seed, tensor): the draw's stream for one tensor."""
+    digest = hashlib.sha256(f"{seed}\x00{tensor}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def uniform32(key: int, start: int, count: int, device: torch.device | None = None) -> torch.Tensor:
+    """A 32-bit hash (murmur3's finaliser over key ^ index, twice) per element index in [start, start+count),
+    as int64 in [0, 2**32). Products of two 32-bit values are kept below 2**63 by splitting the constant."""
+    x = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    x = ((x & _M32) ^ key) ^ ((x >> 32) * 0x9E3779B1 & _M32)
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = _mul32(x, 0x85EBCA6B)
+        x = x ^ (x >> 13)
+        x = _mul32(x, 0xC2B2AE35)
+        x = x ^ (x >> 16)
+    return x
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x < 2**32, without an int64 overflow: c split into 16-bit halves."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & _M32
+
+
+class Dare(TransformMethod):
+    name = "dare"
+    Params = DareParams
+
+    def apply(self, delta, params: DareParams, *, window, key, start):
+        if params.drop <= 0:
+            return None
+        cut = int(params.drop * 2**32)
+        keep = uniform32(key, start, delta.numel(), delta.device) >= cut
+        delta.div_(1.0 - params.drop)
+        return keep

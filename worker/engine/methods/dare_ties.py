@@ -1,0 +1,32 @@
+"""`dare_ties`: DARE on each delta (keep probability `density`, survivors rescaled by 1 / density), then the
+TIES sign vote and disjoint mean."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import MergeMethod
+from .dare import DareParams
+from .ties import elect
+
+
+class DareTiesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: Literal["dare_ties"] = "dare_ties"
+    density: float = Field(gt=0, le=1, description="probability that an element of each delta is kept")
+    seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
+    normalize: bool = Field(True, description="divide by the sum of the agreeing weights")
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
+
+
+class DareTies(MergeMethod):
+    name = "dare_ties"
+    Params = DareTiesParams
+
+    def default_transform(self, params: DareTiesParams) -> BaseModel | None:
+        return DareParams(drop=1.0 - params.density, seed=params.seed) if params.density < 1 else None
+
+    def combine(self, out, deltas, weights, params: DareTiesParams, tally):
+        elect(out, deltas, weights, params.normalize, params.lambda_, tally)

@@ -1,0 +1,33 @@
+"""`sum`: weighted task arithmetic, sum(w_i * delta_i) (divided by sum(w_i) when `normalize`), times `lambda`.
+With one diff, weight alpha and no transform this is the plain fine-tuning transfer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import MergeMethod
+
+
+class SumParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: Literal["sum"] = "sum"
+    normalize: bool = Field(False, description="divide by the sum of the weights")
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
+
+
+class Sum(MergeMethod):
+    name = "sum"
+    Params = SumParams
+
+    def combine(self, out, deltas, weights, params: SumParams, tally):
+        scale = params.lambda_
+        if params.normalize and sum(weights):
+            scale /= sum(weights)
+        for delta, w in zip(deltas, weights, strict=True):
+            if w == 0:
+                continue
+            if w * scale != 1.0:
+                delta.mul_(w * scale)
+            out.add_(delta)

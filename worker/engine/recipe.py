@@ -1,0 +1,162 @@
+"""A recipe: what to build from a target base and one or more diffs (`finetuned - base`), declared once.
+
+The same model is what `graft run --recipe FILE` reads (YAML or JSON), what `POST /v1/jobs` and
+`/v1/jobs:preview` accept, and what the manifest records. Method parameters come from the registry
+(worker/engine/methods): a new method appears here, in the API schema and in the CLI's help by itself.
+
+    output[tensor] = target + merge(transform_i(finetuned_i - base_i), weight_i(tensor))
+
+Weights may be lists, interpolated linearly over the layer index (the first value at layer 0, the last at the
+last layer; tensors before the first layer take the first value, those after the last take the last). Rules
+override the weight and/or the transform of every diff for the tensors they match (first match wins).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import GraftError
+from .methods import MERGES, TRANSFORMS
+from .methods.sum import SumParams
+from .options import DEVICE_CHOICES, DTYPE_CHOICES, VOCAB_POLICIES, GraftOptions
+from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_any
+
+MAX_DIFFS = 16
+MAX_RULES = 100
+MAX_WEIGHT_POINTS = 1024
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+Transform = Annotated[Union[tuple(m.Params for m in TRANSFORMS.values())],  # noqa: UP007
+                      Field(discriminator="method")]
+Merge = Annotated[Union[tuple(m.Params for m in MERGES.values())],  # noqa: UP007
+                  Field(discriminator="method")]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Weight = Number | Annotated[list[Number], Field(min_length=1, max_length=MAX_WEIGHT_POINTS)]
+URI = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class Diff(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source_base: URI
+    source_finetuned: URI
+    weight: Weight = Field(1.0, description="a number, or a list interpolated over the layer index")
+    transform: Transform | None = Field(None, description="applied to this diff before the merge")
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    match: str = Field(min_length=1, max_length=MAX_PATTERN_LENGTH, description="RE2 regex, searched in the name")
+    weight: Weight | None = Field(None, description="replaces every diff's weight for matching tensors")
+    transform: Transform | None = Field(None, description="replaces every diff's transform for matching tensors")
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Rule:
+        if self.weight is None and self.transform is None:
+            raise ValueError("a rule sets a weight, a transform or both")
+        check_patterns([self.match], "rules.match")
+        return self
+
+
+class RecipeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vocab: Literal[VOCAB_POLICIES] = "extend"  # type: ignore[valid-type]
+    dtype: Literal[DTYPE_CHOICES] = "auto"  # type: ignore[valid-type]
+    shard_size: int | str = Field("5GB", description="largest output shard: bytes or e.g. '500MB'")
+    device: Literal[DEVICE_CHOICES] = "auto"  # type: ignore[valid-type]
+    include: list[str] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                               description="RE2 regexes: only matching tensors get the diffs")
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                               description="RE2 regexes: matching tensors are copied from the target")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("give a number of bytes or a size such as '500MB'")
+        return value
+
+    def engine_options(self, alpha: float = 1.0) -> GraftOptions:
+        return GraftOptions(alpha=alpha, **self.model_dump())
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target_base: URI
+    diffs: list[Diff] = Field(min_length=1, max_length=MAX_DIFFS)
+    merge: Merge = Field(default_factory=SumParams, description="how the diffs combine (default: sum)")
+    rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES,
+                              description="per-tensor overrides, first match wins")
+    options: RecipeOptions = Field(default_factory=RecipeOptions)
+
+    @model_validator(mode="after")
+    def _engine_checks(self) -> Recipe:
+        self.options.engine_options()  # sizes and patterns, with the engine's messages
+        return self
+
+    @classmethod
+    def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions) -> Recipe:
+        """Today's three fields and alpha as a one-diff recipe."""
+        opts = {k: v for k, v in options.to_dict().items() if k != "alpha"}
+        return cls(target_base=target_base, diffs=[Diff(source_base=source_base, source_finetuned=source_finetuned,
+                                                        weight=options.alpha)], options=RecipeOptions(**opts))
+
+    def plain_alpha(self) -> float | None:
+        """The alpha of a plain fine-tuning transfer (one diff, a plain sum, one number as weight, no
+        transform, no rules): such a recipe runs on the single-diff path and writes today's bytes."""
+        merge = self.merge
+        diff = self.diffs[0]
+        if (len(self.diffs) == 1 and merge.method == "sum" and merge.lambda_ == 1.0 and not merge.normalize
+                and diff.transform is None and not self.rules and isinstance(diff.weight, float | int)):
+            return float(diff.weight)
+        return None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
+    """A recipe from parsed YAML/JSON, or GraftError("invalid_recipe") naming the fields."""
+    from pydantic import ValidationError
+
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or where}: {e['msg']}" for e in exc.errors()[:8])
+        raise GraftError("invalid_recipe", f"{where}: {problems}",
+                         {"errors": [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                                     for e in exc.errors()[:50]]}) from None
+    except GraftError as err:
+        raise GraftError("invalid_recipe", f"{where}: {err.message}") from None
+
+
+def layer_position(name: str, layers: int | None) -> float:
+    """Where a tensor sits along the depth, in [0, 1]: its layer index over the last index; embeddings
+    and anything before the first layer at 0, the final norm and head at 1."""
+    match = _LAYER.search(name)
+    if match is None:
+        return 0.0 if "embed" in name or ".wte." in name or name.startswith("wte") else 1.0
+    if not layers or layers <= 1:
+        return 0.0
+    return min(1.0, int(match.group(1)) / (layers - 1))
+
+
+def weight_at(weight: float | list[float], position: float) -> float:
+    """A weight list interpolated linearly at `position` in [0, 1] (its points evenly spread)."""
+    if not isinstance(weight, list):
+        return float(weight)
+    if len(weight) == 1:
+        return float(weight[0])
+    x = position * (len(weight) - 1)
+    i = min(int(x), len(weight) - 2)
+    frac = x - i
+    return float(weight[i] * (1 - frac) + weight[i + 1] * frac)
+
+
+def rule_for(rules: list[Rule], name: str) -> Rule | None:
+    for rule in rules:
+        if matches_any([rule.match], name, "rules.match"):
+            return rule
+    return None
