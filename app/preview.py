@@ -22,14 +22,17 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
     constructors do not survive pickling, and a crash here must not become the API's 500)."""
     from worker.engine.errors import GraftError
     from worker.engine.options import GraftOptions, GraftRequest
+    from worker.engine.recipe import load_recipe
     from worker.engine.run import close_models, plan_graft
     from worker.settings import Settings
 
     try:
         settings = Settings(**settings_dump)
-        options = GraftOptions(**request["options"])
-        graft = GraftRequest(request["source_base"], request["source_finetuned"], request["target_base"], "",
-                             options, **request.get("confinement", {}))
+        if request.get("recipe"):
+            graft = GraftRequest.from_recipe(load_recipe(request["recipe"]), "", **request.get("confinement", {}))
+        else:
+            graft = GraftRequest(request["source_base"], request["source_finetuned"], request["target_base"], "",
+                                 GraftOptions(**request["options"]), **request.get("confinement", {}))
         plan, models = plan_graft(graft, settings)
         try:
             return {"plan": plan.to_dict()}

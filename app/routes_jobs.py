@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from worker.engine.errors import GraftError
 from worker.engine.options import GraftOptions
+from worker.engine.recipe import Diff, Recipe, RecipeOptions
 from worker.job_store import decode_job, new_job_id, now_iso
 from worker.statuses import ACTIVE, TERMINAL, JobStatus
 from worker.uri_policy import PolicyError, check_not_inside_result, check_uri, output_for, scope_for
@@ -32,7 +33,6 @@ LIMITED = {413: {**PROBLEM, "description": "the body is larger than GRAFT_MAX_BO
            422: {**PROBLEM, "description": "invalid field (named)"},
            429: {**PROBLEM, "description": "the tenant's rate or job quota is exhausted (see Retry-After)"}}
 OPTION_FIELDS = ("shard_size", "include", "exclude", "alpha", "vocab", "dtype", "device")
-ROLES = ("source_base", "source_finetuned", "target_base")
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -56,14 +56,50 @@ def _options(body: JobCreate) -> dict:
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
 
 
+def _recipe(body: JobCreate) -> Recipe | None:
+    """The body's recipe beyond the plain transfer (None: today's three fields and alpha say it all).
+    `diffs` replace source_base/source_finetuned; `merge` and `rules` may go with either."""
+    if body.diffs is not None:
+        for role in ("source_base", "source_finetuned"):
+            if getattr(body, role) is not None:
+                raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
+        if body.options.alpha != 1.0:
+            raise field_error("options.alpha", "a recipe's strength is each diff's weight; leave alpha out")
+        diffs = body.diffs
+    else:
+        for role in ("source_base", "source_finetuned"):
+            if getattr(body, role) is None:
+                raise field_error(role, "required (or give diffs)", "missing")
+        diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned,
+                      weight=body.options.alpha)]
+    try:
+        recipe = Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [],
+                        options=RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"})),
+                        **({"merge": body.merge} if body.merge is not None else {}))
+    except GraftError as err:
+        raise field_error("options", err.message, err.code) from err
+    return None if recipe.plain_alpha() is not None else recipe
+
+
+def _inputs(body: JobCreate) -> dict[str, str]:
+    """Field name -> URI of every model the body names."""
+    named = {"target_base": body.target_base}
+    if body.diffs is None:
+        named.update(source_base=body.source_base, source_finetuned=body.source_finetuned)
+    for i, diff in enumerate(body.diffs or ()):
+        named[f"diffs.{i}.source_base"] = diff.source_base
+        named[f"diffs.{i}.source_finetuned"] = diff.source_finetuned
+    return named
+
+
 def _check_request(body: JobCreate, state: AppState, tenant: str) -> None:
     """Everything about a body that needs no job id: sizes, inputs, webhook (resolves the host: a thread)."""
     settings = state.settings
     if len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise field_error("metadata", f"larger than {settings.max_metadata_bytes} bytes", "too_large")
-    for role in ROLES:
+    for name, uri in _inputs(body).items():
         try:
-            check_uri(getattr(body, role), role, settings, tenant=tenant)
+            check_uri(uri, name, settings, tenant=tenant)
         except PolicyError as err:
             raise field_error(err.field, err.message.removeprefix(f"{err.field}: "), "uri_not_allowed") from err
     if body.webhook_url:
@@ -93,6 +129,7 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
 def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                idempotency_key: str | None = Header(None, max_length=255)) -> Response:
     options = _options(body)
+    recipe = _recipe(body)
     _check_request(body, state, tenant)
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
@@ -104,10 +141,12 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
             return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
                                        "Retry-After": str(settings.retry_after_seconds)})
     doc = {"id": job_id, "object": "graft.job", "status": "queued", "created_at": now_iso(),
-           "started_at": None, "finished_at": None, "source_base": body.source_base,
-           "source_finetuned": body.source_finetuned, "target_base": body.target_base, "output": output,
-           "options": options, "metadata": body.metadata, "webhook_url": body.webhook_url, "attempt": 0,
-           "max_attempts": settings.max_attempts, "progress": None, "result": None, "error": None}
+           "started_at": None, "finished_at": None, "source_base": body.source_base or body.diffs[0].source_base,
+           "source_finetuned": body.source_finetuned or body.diffs[0].source_finetuned,
+           "target_base": body.target_base, "output": output, "options": options,
+           "recipe": recipe.to_dict() if recipe is not None else None, "metadata": body.metadata,
+           "webhook_url": body.webhook_url, "attempt": 0, "max_attempts": settings.max_attempts, "progress": None,
+           "result": None, "error": None}
     try:
         cap = settings.tenant_max_unfinished_jobs
         if not store.create(doc, tenant, max_unfinished=cap if cap > 0 else None):  # counted and created at once
@@ -226,8 +265,12 @@ def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = 
 async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                   state: AppState = Depends(app_state)) -> Response:
     options = _options(body)
+    recipe = _recipe(body)
     await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), state, tenant)
     allowed, denied = scope_for(tenant, state.settings).engine_roots()
-    request = {role: getattr(body, role) for role in ROLES}
-    request.update(options=options, confinement={"allowed_roots": allowed, "denied_roots": denied})
+    request = {"source_base": body.source_base or body.diffs[0].source_base,
+               "source_finetuned": body.source_finetuned or body.diffs[0].source_finetuned,
+               "target_base": body.target_base, "options": options,
+               "recipe": recipe.to_dict() if recipe is not None else None,
+               "confinement": {"allowed_roots": allowed, "denied_roots": denied}}
     return _json({"object": "graft.plan", **await state.previews.plan(request)})

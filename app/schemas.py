@@ -4,58 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
 from worker.statuses import JobStatus
 
 Status = JobStatus
 # A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
 # (pydantic) and the ECMA regexes of JSON Schema (U+0085, U+001C..U+001F).
 URI_PATTERN = r"^({})://[^\x00-\x20\x7f-\x9f]+$"
-URI = Field(min_length=1, max_length=2048, pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3|[Hh][Ff]"),
-            description="file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]")
+URI_FIELD = {"min_length": 1, "max_length": 2048, "pattern": URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3|[Hh][Ff]"),
+             "description": "file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]"}
+URI = Field(**URI_FIELD)
 # Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
-MAX_PATTERNS = 100
-MAX_PATTERN_CHARS = 1000
-Pattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 
 
-MIN_SHARD, MAX_SHARD = 1 << 10, 5 * 10**12
+class Options(RecipeOptions):
+    """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
 
-
-def _size_type(value: object) -> object:
-    """A number of bytes or a size string; the engine reads the string and checks the range (its error
-    names the field). JSON Schema's integers include 1024.0."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("give a number of bytes or a size such as '500MB'")
-    if isinstance(value, str) and len(value) > 32:
-        raise ValueError("too long to be a size")
-    return value
-
-
-def _size_schema(schema: dict) -> None:
-    schema["anyOf"] = [{"type": "integer", "minimum": MIN_SHARD, "maximum": MAX_SHARD},
-                       {"type": "string", "minLength": 1, "maxLength": 32, "pattern": r"^\s*[0-9]"}]
-
-
-class Options(BaseModel):
-    """What `graft run` takes."""
-
-    model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.0, strict=True, allow_inf_nan=False, description="scale of the diff (a JSON number)")
-    vocab: Literal["extend", "target"] = "extend"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    shard_size: Annotated[int | str, BeforeValidator(_size_type)] = Field(
-        "5GB", json_schema_extra=_size_schema, description="largest output shard: bytes or e.g. '500MB' (1 KB to 5 TB)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    include: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
-                                   description="RE2 regexes (searched): only matching tensors get the diff")
-    exclude: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
-                                   description="RE2 regexes (searched): matching tensors are copied from the target")
 
 
 def _metadata_schema(schema: dict) -> None:
@@ -69,9 +38,13 @@ def _metadata_schema(schema: dict) -> None:
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source_base: str = URI
-    source_finetuned: str = URI
+    source_base: str | None = Field(None, **URI_FIELD)
+    source_finetuned: str | None = Field(None, **URI_FIELD)
     target_base: str = URI
+    diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="a recipe's diffs, in place of "
+                                     "source_base and source_finetuned (see README: recipes)")
+    merge: Merge | None = Field(None, description="how a recipe's diffs combine (default: sum)")
+    rules: list[Rule] | None = Field(None, max_length=100, description="a recipe's per-tensor overrides")
     output: str | None = Field(None, min_length=1, max_length=2048,
                                pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
                                description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
@@ -125,6 +98,8 @@ class Job(BaseModel):
     target_base: str
     output: str
     options: dict[str, Any]
+    recipe: dict[str, Any] | None = Field(None, description="the recipe, when the job is more than the plain "
+                                          "transfer (several diffs, transforms, a merge method, rules)")
     metadata: dict[str, str]
     webhook_url: str | None = None
     attempt: int

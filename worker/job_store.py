@@ -32,7 +32,7 @@ from .statuses import ACTIVE, STATUSES, TERMINAL, UNFINISHED
 __all__ = ["ACTIVE", "STATUSES", "TERMINAL", "UNFINISHED", "JobStore", "decode_job", "new_job_id", "now_iso"]
 # Order of the public document's fields (GET /v1/jobs/{id}).
 PUBLIC_FIELDS = ("id", "object", "status", "created_at", "started_at", "finished_at", "source_base",
-                 "source_finetuned", "target_base", "output", "options", "metadata", "webhook_url", "attempt",
+                 "source_finetuned", "target_base", "output", "options", "recipe", "metadata", "webhook_url", "attempt",
                  "max_attempts", "progress", "result", "error")
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 MAX_EVENTS = 1000

@@ -195,15 +195,25 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     try:
         # The policy is the submitting tenant's, checked again here (a read that waits out an outage).
         tenant = _wait(settings, "reading the job's tenant", store.tenant_of, job_id)
-        for role in ("source_base", "source_finetuned", "target_base"):
-            check_uri(record[role], role, settings, tenant=tenant)
+        named = {role: record[role] for role in ("source_base", "source_finetuned", "target_base")}
+        for i, diff in enumerate((record.get("recipe") or {}).get("diffs", ())):
+            named.update({f"diffs.{i}.source_base": diff["source_base"],
+                          f"diffs.{i}.source_finetuned": diff["source_finetuned"]})
+        for role, uri in named.items():
+            check_uri(uri, role, settings, tenant=tenant)
         check_uri(record["output"], "output", settings, output=True, tenant=tenant)
         confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
                                strict=True))
         from .engine import GraftOptions, GraftRequest, run_graft  # torch is imported here, in the job
 
-        request = GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"],
-                               record["output"], GraftOptions(**record["options"]), writer=job_id, **confinement)
+        if record.get("recipe"):
+            from .engine.recipe import load_recipe
+
+            request = GraftRequest.from_recipe(load_recipe(record["recipe"]), record["output"], writer=job_id,
+                                               **confinement)
+        else:
+            request = GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"],
+                                   record["output"], GraftOptions(**record["options"]), writer=job_id, **confinement)
         result = run_graft(request, settings=settings, progress=reporter.progress,
                            should_cancel=reporter.should_cancel, warn=reporter.warn)
     except GraftSuperseded as err:

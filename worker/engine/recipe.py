@@ -16,12 +16,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from .errors import GraftError
 from .methods import MERGES, TRANSFORMS
 from .methods.sum import SumParams
-from .options import DEVICE_CHOICES, DTYPE_CHOICES, VOCAB_POLICIES, GraftOptions
+from .options import DEVICE_CHOICES, DTYPE_CHOICES, MAX_SHARD, MIN_SHARD, VOCAB_POLICIES, GraftOptions
 from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_any
 
 MAX_DIFFS = 16
@@ -60,26 +60,44 @@ class Rule(BaseModel):
         return self
 
 
-class RecipeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    vocab: Literal[VOCAB_POLICIES] = "extend"  # type: ignore[valid-type]
-    dtype: Literal[DTYPE_CHOICES] = "auto"  # type: ignore[valid-type]
-    shard_size: int | str = Field("5GB", description="largest output shard: bytes or e.g. '500MB'")
-    device: Literal[DEVICE_CHOICES] = "auto"  # type: ignore[valid-type]
-    include: list[str] = Field(default_factory=list, max_length=MAX_PATTERNS,
-                               description="RE2 regexes: only matching tensors get the diffs")
-    exclude: list[str] = Field(default_factory=list, max_length=MAX_PATTERNS,
-                               description="RE2 regexes: matching tensors are copied from the target")
+def _size_type(value: object) -> object:
+    """A number of bytes or a size string; GraftOptions reads the string and checks the range (its error
+    names the field). JSON Schema's integers include 1024.0."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("give a number of bytes or a size such as '500MB'")
+    if isinstance(value, str) and len(value) > 32:
+        raise ValueError("too long to be a size")
+    return value
 
-    @field_validator("shard_size", mode="before")
-    @classmethod
-    def _size(cls, value):
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError("give a number of bytes or a size such as '500MB'")
-        return value
+
+def _size_schema(schema: dict) -> None:
+    schema["anyOf"] = [{"type": "integer", "minimum": MIN_SHARD, "maximum": MAX_SHARD},
+                       {"type": "string", "minLength": 1, "maxLength": 32, "pattern": r"^\s*[0-9]"}]
+
+
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_LENGTH)]
+
+
+class RecipeOptions(BaseModel):
+    """How the output is written and which tensors take the diffs: declared once, for the CLI's flags, the
+    API's `options` and recipes."""
+
+    model_config = ConfigDict(extra="forbid")
+    vocab: Literal[VOCAB_POLICIES] = Field(  # type: ignore[valid-type]
+        "extend", description="extend: keep the fine-tune's added rows; target: keep the target's rows only")
+    dtype: Literal[DTYPE_CHOICES] = Field("auto", description="stored dtype of the output's float tensors")  # type: ignore[valid-type]
+    shard_size: Annotated[int | str, BeforeValidator(_size_type)] = Field(
+        "5GB", json_schema_extra=_size_schema, description="largest output shard: bytes or e.g. '500MB' (1 KB to 5 TB)")
+    device: Literal[DEVICE_CHOICES] = Field("auto", description="where the arithmetic runs")  # type: ignore[valid-type]
+    include: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                   description="RE2 regexes (searched): only matching tensors get the diff")
+    exclude: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                   description="RE2 regexes (searched): matching tensors are copied from the target")
 
     def engine_options(self, alpha: float = 1.0) -> GraftOptions:
-        return GraftOptions(alpha=alpha, **self.model_dump())
+        return GraftOptions(alpha=alpha, **RecipeOptions.model_dump(self))
 
 
 class Recipe(BaseModel):

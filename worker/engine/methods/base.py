@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -24,6 +27,8 @@ class RankWindow:
 
     def selected(self, mag_bits: torch.Tensor, k: int) -> torch.Tensor:
         """Members of the top-k among this chunk's elements (int32 bits of |delta|), in index order."""
+        import torch
+
         if k <= 0:
             return torch.zeros_like(mag_bits, dtype=torch.bool)
         value = self.value_bits[k]
@@ -45,6 +50,8 @@ class RankWindow:
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     """|delta| as int32 that sort like the values (non-negative IEEE floats do): exact comparisons and
     histograms without rounding. Float64 deltas are ranked by their float32 rounding."""
+    import torch
+
     mag = delta.abs()
     return (mag if mag.dtype == torch.float32 else mag.float()).view(torch.int32)
 

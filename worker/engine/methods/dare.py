@@ -7,10 +7,12 @@ recipe keeps the same elements whatever the block size, the device or a split of
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 from .base import TransformMethod
 
@@ -33,6 +35,8 @@ def draw_key(seed: int, tensor: str) -> int:
 def uniform32(key: int, start: int, count: int, device: torch.device | None = None) -> torch.Tensor:
     """A 32-bit hash (murmur3's finaliser over key ^ index, twice) per element index in [start, start+count),
     as int64 in [0, 2**32). Products of two 32-bit values are kept below 2**63 by splitting the constant."""
+    import torch
+
     x = torch.arange(start, start + count, dtype=torch.int64, device=device)
     x = ((x & _M32) ^ key) ^ ((x >> 32) * 0x9E3779B1 & _M32)
     for _ in range(2):

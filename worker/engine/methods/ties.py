@@ -5,10 +5,12 @@ disjoint mean) times `lambda`. As mergekit's ties with its `sum` consensus."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 from .base import MergeMethod
 from .magnitude import MagnitudeParams
@@ -25,6 +27,8 @@ class TiesParams(BaseModel):
 def elect(out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool, scale: float,
           tally: dict) -> None:
     """The sign vote and disjoint mean shared by ties and dare_ties. `deltas` are scaled in place."""
+    import torch
+
     for delta, w in zip(deltas, weights, strict=True):
         delta.mul_(w)
     total = deltas[0].clone()
