@@ -11,36 +11,97 @@ from .engine.errors import GraftError
 
 
 def _add_graft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source-base", required=True, help="URI of the base the fine-tune started from")
-    p.add_argument("--source-finetuned", required=True, help="URI of the fine-tune whose diff is transferred")
-    p.add_argument("--target-base", required=True, help="URI of the newer base that receives the diff")
+    models = p.add_argument_group("what to graft: three URIs, or a recipe")
+    models.add_argument("--source-base", help="URI of the base the fine-tune started from")
+    models.add_argument("--source-finetuned", help="URI of the fine-tune whose diff is transferred")
+    models.add_argument("--target-base", help="URI of the newer base that receives the diff")
+    models.add_argument("--alpha", type=float, default=None, help="scale of the diff (default 1.0)")
+    models.add_argument("--recipe", metavar="FILE", help="a recipe (YAML or JSON): several diffs, transforms, a "
+                        "merge method, per-layer weights, rules (see README: recipes)")
+    models.add_argument("--mergekit-config", metavar="FILE", help="a mergekit config of the task-vector family, "
+                        "run as the equivalent recipe")
     p.add_argument("--output", help="where the checkpoint goes: directory, file:// or s3:// (not with --dry-run)")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the diff (default 1.0)")
-    p.add_argument("--vocab", choices=("extend", "target"), default="extend",
-                   help="extend: keep the fine-tune's added rows; target: keep the target's rows only")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    p.add_argument("--shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--include", action="append", default=[], metavar="REGEX",
-                   help="only tensors matching get the diff (others are copied from the target)")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                   help="tensors matching are copied from the target")
+    _add_option_flags(p.add_argument_group("options (override a recipe's)"))
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; read no data")
     p.add_argument("--json", action="store_true", help="print the plan or summary as JSON")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .engine.options import GraftOptions, GraftRequest
+def _add_option_flags(group) -> None:
+    """One flag per field of the engine's RecipeOptions: the CLI, the API and recipes share one declaration."""
+    from typing import get_args, get_origin
 
+    from .engine.recipe import RecipeOptions
+
+    for name, field in RecipeOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        help_ = f"{field.description} (default {default or 'none'})"
+        if get_origin(field.annotation) is list:
+            group.add_argument(flag, dest=name, action="append", default=None, metavar="REGEX", help=help_)
+        elif get_args(field.annotation) and all(isinstance(a, str) for a in get_args(field.annotation)):
+            group.add_argument(flag, dest=name, choices=get_args(field.annotation), default=None, help=help_)
+        else:
+            group.add_argument(flag, dest=name, default=None, help=help_)
+
+
+def _read_document(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)  # YAML is a superset of JSON
+    except OSError as exc:
+        raise GraftError("input_not_found", f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise GraftError("invalid_recipe", f"{path}: not valid YAML or JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GraftError("invalid_recipe", f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _request(args: argparse.Namespace):
+    """The GraftRequest the flags describe: three URIs and alpha, or a recipe (whose options the option
+    flags override)."""
+    from .engine.options import GraftRequest
+    from .engine.recipe import RecipeOptions, load_recipe
+
+    flags = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
+    three = [args.source_base, args.source_finetuned, args.target_base]
+    documents = [f for f in (args.recipe, args.mergekit_config) if f]
+    if len(documents) > 1 or (documents and (any(three) or args.alpha is not None)):
+        raise GraftError("invalid_option", "give either --recipe, --mergekit-config or the three model URIs "
+                         "(with --alpha)")
+    if args.recipe:
+        data = _read_document(args.recipe)
+        data["options"] = {**(data.get("options") or {}), **flags}
+        recipe = load_recipe(data, where=args.recipe)
+    elif args.mergekit_config:
+        from .engine.mergekit_config import recipe_from_mergekit
+
+        recipe = recipe_from_mergekit(_read_document(args.mergekit_config))
+        recipe = load_recipe({**recipe.to_dict(), "options": {**recipe.options.model_dump(), **flags}},
+                             where=args.mergekit_config)
+    else:
+        missing = [f"--{n}" for n, v in zip(("source-base", "source-finetuned", "target-base"), three,
+                                            strict=True) if not v]
+        if missing:
+            raise GraftError("invalid_option", f"{', '.join(missing)} required (or --recipe FILE)")
+        from .engine.options import GraftOptions
+
+        options = GraftOptions(alpha=1.0 if args.alpha is None else args.alpha, **flags)
+        return GraftRequest(args.source_base, args.source_finetuned, args.target_base, args.output or "", options)
+    return GraftRequest.from_recipe(recipe, args.output or "")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.output:
         raise GraftError("invalid_option", "--output is required (or use --dry-run)")
-    options = GraftOptions(alpha=args.alpha, vocab=args.vocab, dtype=args.dtype, shard_size=args.shard_size,
-                           device=args.device, include=args.include, exclude=args.exclude)
-    request = GraftRequest(args.source_base, args.source_finetuned, args.target_base, args.output or "", options)
+    request = _request(args)
     if args.dry_run:
-        from .engine.run import plan_graft
+        from .engine.run import close_models, plan_graft
 
-        plan, _ = plan_graft(request)
+        plan, models = plan_graft(request)
+        close_models(models)
         summary = plan.to_dict()
         print(json.dumps(summary, indent=2) if args.json else _format_plan(summary))
         return 0
@@ -78,6 +139,10 @@ def _format_plan(summary: dict) -> str:
         lines.append(f"source only (not written): {d['tensor']} in {', '.join(d['in'])}")
     for w in summary["warnings"]:
         lines.append(f"warning: {w['message']}")
+    if "recipe" in summary:
+        r = summary["recipe"]
+        lines.append(f"recipe: merge {r['merge']['method']}, {r['merged_tensors']} tensors merged, tensors per diff "
+                     f"{r['tensors_per_diff']}, {r['statistics_passes']} statistics pass(es) before the compute")
     return "\n".join(lines)
 
 
