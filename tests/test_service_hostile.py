@@ -276,3 +276,34 @@ def test_tenant_grants_open_a_prefix_to_one_tenant(redis_url, trio, tmp_path):
                      "target_base")
     finally:
         svc.stop()
+
+
+def test_symlinked_files_inside_a_model_cannot_lead_out(redis_url, trio, tmp_path):
+    """A link to a file outside the roots, inside an allowed model directory: refused by the preview and by
+    the job, which fails cleanly without publishing anything (the worker checks every opened file)."""
+    import shutil
+
+    from service_fixtures import wait_job
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"stolen": true}')
+    finetuned = root / "finetuned"
+    shutil.copytree(trio["source_finetuned"], finetuned)
+    (finetuned / "tokenizer_config.json").unlink()
+    (finetuned / "tokenizer_config.json").symlink_to(outside / "secret.json")
+    svc = Service(redis_url, str(root), GRAFT_ALLOWED_ROOTS=f"{root},{os.path.dirname(trio['source_base'])}")
+    try:
+        svc.start_api()
+        svc.start_worker()
+        body = {**job_body(trio), "source_finetuned": f"file://{finetuned}"}
+        with svc.client() as c:
+            preview = _problem(c.post("/v1/jobs:preview", json=body), 422, code="uri_not_allowed")
+            assert "secret" not in preview["detail"] and str(outside) not in preview["detail"]
+            job = c.post("/v1/jobs", json=body).json()
+            done = wait_job(c, job["id"], timeout=90)
+        assert done["status"] == "failed" and done["error"]["code"] == "uri_not_allowed", done
+        assert not os.path.exists(done["output"].removeprefix("file://"))
+    finally:
+        svc.stop()
