@@ -2,7 +2,7 @@
 Llama-shaped job grafted with --device cpu and --device cuda, best of N, and the outputs compared byte for
 byte (the CUDA path must write exactly the CPU path's bytes).
 
-    python bench/bench_device.py [--layers 5,10] [--repeat 3]
+    python bench/bench_device.py [--layers 5,10] [--repeat 3] [--job plain|ties]
 
 Prints, per model size and device: streaming GB/s (input bytes / streaming phase), wall seconds of run_graft,
 where the compute thread's time went, and whether the output files' sha256 agree.
@@ -22,21 +22,40 @@ sys.path.insert(0, ROOT)
 BENCH = os.path.join(ROOT, ".bench")
 
 
+def _request(job: str, paths: dict[str, str], out: str, device: str):
+    """`plain`: the fine-tuning transfer. `ties`: TIES over two fine-tunes of one base (the generated trio's
+    fine-tune and its drifted target are both perturbations of its base), base as target, density 0.2."""
+    from worker.engine import GraftOptions, GraftRequest
+    from worker.engine.recipe import load_recipe
+
+    if job == "plain":
+        return GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], out,
+                            GraftOptions(device=device))
+    base = paths["source_base"]
+    recipe = load_recipe({"target_base": base, "merge": {"method": "ties", "density": 0.2},
+                          "diffs": [{"source_base": base, "source_finetuned": paths["source_finetuned"]},
+                                    {"source_base": base, "source_finetuned": paths["target_base"]}],
+                          "options": {"device": device}})
+    return GraftRequest.from_recipe(recipe, out)
+
+
 def main() -> int:
     import torch
 
     from bench.bench_engine import input_bytes, model_dir, warm
-    from worker.engine import GraftOptions, GraftRequest, run_graft
+    from worker.engine import run_graft
     from worker.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="5,10")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--job", choices=("plain", "ties"), default="plain",
+                    help="plain: the fine-tuning transfer; ties: TIES over two fine-tunes of one base")
     args = ap.parse_args()
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     if torch.cuda.is_available():
-        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs")
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs, job {args.job}")
     else:
         print(f"torch {torch.__version__}: no GPU visible; CPU only")
     settings = Settings(cache_dir="", hash_inputs=False)
@@ -54,8 +73,7 @@ def main() -> int:
                 for i in range(args.repeat):
                     out = os.path.join(tmp, f"l{layers}-{device}-{i}")
                     warm(paths)
-                    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"],
-                                           out, GraftOptions(device=device))
+                    request = _request(args.job, paths, out, device)
                     t0 = time.perf_counter()
                     result = run_graft(request, settings=settings)
                     wall = time.perf_counter() - t0

@@ -48,7 +48,8 @@ class DiffUse:
         out = {"diff": self.index, "weight": self.weight,
                "transform": self.transform.model_dump(by_alias=True) if self.transform else None}
         if self.seen:
-            out["kept_fraction"] = round(self.kept / self.seen, 6)
+            kept = self.window.high - self.window.low if self.window is not None else self.kept
+            out["kept_fraction"] = round(kept / self.seen, 6)
         return out
 
 
@@ -60,6 +61,7 @@ class MergeContext:
     params: BaseModel
     uses: dict[str, list[DiffUse]]
     tallies: dict[str, dict] = field(default_factory=dict)
+    scratch: Scratch = field(default_factory=lambda: Scratch())
 
     def windows(self) -> list[tuple[str, DiffUse]]:
         return [(name, u) for name, uses in self.uses.items() for u in uses if u.window is not None]
@@ -154,6 +156,20 @@ def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: 
     return uses
 
 
+class Scratch:
+    """Reused chunk buffers of one compute thread: fresh megabyte tensors per chunk cost page faults."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[key] = torch.empty(max(n, CHUNK), dtype=dtype, device=device)
+        return buf[:n]
+
+
 def merge_chunks(out: torch.Tensor, target: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]],
                  uses: list[DiffUse], ctx: MergeContext, name: str, start: int, compute: torch.dtype,
                  stats: TensorStats, device: torch.device, whole: bool) -> None:
@@ -164,37 +180,45 @@ def merge_chunks(out: torch.Tensor, target: torch.Tensor, pairs: list[tuple[torc
     step = n if whole else CHUNK
     tally = ctx.tallies.setdefault(name, {})
     limit = _FINITE_LIMIT.get(out.dtype)
+    scratch = ctx.scratch
     for i in range(0, n, step):
         j = min(n, i + step)
-        acc = target[i:j].to(device=device, dtype=compute)
-        deltas = []
+        m = j - i
+        acc = scratch.get("acc", m, compute, device)
+        acc.copy_(target[i:j])
+        bases: dict[int, torch.Tensor] = {}  # diffs of one base share its conversion
         for k, ((s, f), use) in enumerate(zip(pairs, uses, strict=True)):
-            base = s[i:j].to(device=device, dtype=compute)
-            delta = f[i:j].to(device=device, dtype=compute) - base
+            base = bases.get(s.data_ptr())
+            if base is None:
+                base = bases[s.data_ptr()] = scratch.get(f"base{len(bases)}", m, compute, device)
+                base.copy_(s[i:j])
+            delta = scratch.get(f"delta{k}", m, compute, device)
+            delta.copy_(f[i:j])
+            delta.sub_(base)
             if k == 0:
-                _connectivity(stats, acc, base, delta)
+                _connectivity(stats, acc, base, delta, scratch.get("tmp", m, compute, device))
+            use.seen += m
             if use.transform is not None:
                 keep = TRANSFORMS[use.transform.method].apply(delta, use.transform, window=use.window, key=use.key,
                                                              start=start + i)
                 if keep is not None:
-                    delta = torch.where(keep, delta, 0.0)
-                    use.kept += int(keep.sum())
-                else:
-                    use.kept += j - i
-            else:
-                use.kept += j - i
-            use.seen += j - i
-            deltas.append(delta)
-        ctx.method.combine(acc, deltas, [u.weight for u in uses], ctx.params, tally)
-        finite = _finite(acc.reshape(-1))
-        big = float(acc.abs().max()) if limit is not None and acc.numel() else 0.0
+                    delta.mul_(keep)
+                    if use.window is None:  # a window keeps exactly its width: no count needed
+                        use.kept += int(keep.sum())
+                    continue
+            use.kept += m
+        ctx.method.combine(acc, [scratch.get(f"delta{k}", m, compute, device) for k in range(len(uses))],
+                           [u.weight for u in uses], ctx.params, tally)
+        finite = _finite(acc)
+        big = float(acc.abs().max()) if limit is not None and m else 0.0
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
         out[i:j].copy_(acc.to(out.dtype).cpu() if acc.device != out.device else acc)
 
 
-def _connectivity(stats: TensorStats, target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> None:
+def _connectivity(stats: TensorStats, target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor,
+                  bases: torch.Tensor) -> None:
     """The manifest's proxies, from the first diff: ||delta||, ||target||, ||target - base||, their dot."""
-    bases = target - base
+    torch.sub(target, base, out=bases)
     stats.delta_sq += float(torch.dot(delta, delta))
     stats.target_sq += float(torch.dot(target, target))
     stats.bases_sq += float(torch.dot(bases, bases))

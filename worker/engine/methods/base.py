@@ -44,7 +44,8 @@ class RankWindow:
         return greater | (equal & (running <= budget))
 
     def keep(self, mag_bits: torch.Tensor) -> torch.Tensor:
-        return self.selected(mag_bits, self.high) & ~self.selected(mag_bits, self.low)
+        top = self.selected(mag_bits, self.high)
+        return top if self.low <= 0 else top & ~self.selected(mag_bits, self.low)
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:

@@ -26,35 +26,36 @@ class TiesParams(BaseModel):
 
 def elect(out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool, scale: float,
           tally: dict) -> None:
-    """The sign vote and disjoint mean shared by ties and dare_ties. `deltas` are scaled in place."""
+    """The sign vote and disjoint mean shared by ties and dare_ties. `deltas` are overwritten."""
     import torch
 
     for delta, w in zip(deltas, weights, strict=True):
-        delta.mul_(w)
+        if w != 1.0:
+            delta.mul_(w)
     total = deltas[0].clone()
     for delta in deltas[1:]:  # in diff order, one add at a time: the same sums on every device
         total.add_(delta)
-    majority = torch.where(total >= 0, 1.0, -1.0)
-    mixed = torch.zeros_like(out)
-    divisor = torch.zeros_like(out)
-    agree_all = torch.ones_like(out, dtype=torch.bool)
-    voters = torch.zeros_like(out, dtype=torch.bool)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)  # the elected sign; 0 counts as +
+    mixed, divisor = total.zero_(), None
+    voters = minority = None
     for delta, w in zip(deltas, weights, strict=True):
-        nonzero = delta != 0
-        joins = nonzero & (torch.sign(delta) == majority)
-        mixed.add_(torch.where(joins, delta, 0.0))
+        agreement = delta * sign  # > 0: joins; < 0: votes against; 0: does not vote
+        joins = agreement > 0
+        voters = agreement != 0 if voters is None else voters.logical_or_(agreement != 0)
+        minority = agreement < 0 if minority is None else minority.logical_or_(agreement < 0)
+        delta.mul_(joins)
+        mixed.add_(delta)
         if normalize:
-            divisor.add_(joins.to(out.dtype) * w)
-        agree_all &= joins | ~nonzero
-        voters |= nonzero
+            divisor = joins * w if divisor is None else divisor.add_(joins, alpha=w)
     if normalize:
-        divisor[divisor == 0] = 1.0
-        mixed.div_(divisor)
+        divisor = divisor.to(mixed.dtype)
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if scale != 1.0:
         mixed.mul_(scale)
     out.add_(mixed)
-    tally["voted"] = tally.get("voted", 0) + int(voters.sum())
-    tally["unanimous"] = tally.get("unanimous", 0) + int((agree_all & voters).sum())
+    voted = int(voters.sum())
+    tally["voted"] = tally.get("voted", 0) + voted
+    tally["unanimous"] = tally.get("unanimous", 0) + voted - int(minority.sum())
 
 
 class Ties(MergeMethod):
