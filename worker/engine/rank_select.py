@@ -18,7 +18,10 @@ class RankSelect:
     def __init__(self, windows: list[RankWindow]) -> None:
         self.windows = windows
         self.ranks = sorted({k for w in windows for k in (w.low, w.high) if k > 0})
-        self.coarse = torch.zeros(BINS, dtype=torch.int64)
+        # Histograms come into being when their tensor is first read and go when it is done: the passes make
+        # a selector for every tensor up front, and 512 KB each for a model's hundreds of tensors would be the
+        # model's size, not the block's, deciding the memory.
+        self.coarse: torch.Tensor | None = None
         self.fine: dict[int, torch.Tensor] = {}
         self.chosen: dict[int, tuple[int, int]] = {}  # rank -> (high bin, elements in higher bins)
 
@@ -27,28 +30,30 @@ class RankSelect:
         return bool(self.ranks)
 
     def add_coarse(self, bits: torch.Tensor) -> None:
-        self.coarse += torch.bincount((bits >> 16).long(), minlength=BINS)
+        counts = torch.bincount((bits >> 16).long(), minlength=BINS)
+        self.coarse = counts if self.coarse is None else self.coarse.add_(counts)
 
     def finish_coarse(self) -> None:
-        above = torch.flip(torch.cumsum(torch.flip(self.coarse, [0]), 0), [0])  # elements in bins >= b
+        coarse = self.coarse if self.coarse is not None else torch.zeros(BINS, dtype=torch.int64)  # no elements
+        above = torch.flip(torch.cumsum(torch.flip(coarse, [0]), 0), [0])  # elements in bins >= b
         for k in self.ranks:
             b = int(torch.nonzero(above >= k)[-1])  # the highest bin whose tail reaches rank k
             higher = int(above[b + 1]) if b + 1 < BINS else 0
             self.chosen[k] = (b, higher)
-            self.fine.setdefault(b, torch.zeros(BINS, dtype=torch.int64))
         self.coarse = None
 
     def add_fine(self, bits: torch.Tensor) -> None:
         high = bits >> 16
-        for b, hist in self.fine.items():
+        for b in {b for b, _ in self.chosen.values()}:
             inside = bits[high == b]
             if inside.numel():
-                hist += torch.bincount((inside & 0xFFFF).long(), minlength=BINS)
+                counts = torch.bincount((inside & 0xFFFF).long(), minlength=BINS)
+                self.fine[b] = self.fine[b].add_(counts) if b in self.fine else counts
 
     def finish_fine(self) -> None:
         for k in self.ranks:
             b, higher = self.chosen[k]
-            hist = self.fine[b]
+            hist = self.fine[b]  # bin b holds the k-th element: it was read
             above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) + higher
             low = int(torch.nonzero(above >= k)[-1])
             value = (b << 16) | low

@@ -44,6 +44,10 @@ class RankWindow:
         return greater | (equal & (running <= budget))
 
     def keep(self, mag_bits: torch.Tensor) -> torch.Tensor:
+        if self.high <= self.low:
+            # An empty window (breadcrumbs keeping int(density * n) = 0): selecting rank `low` twice would
+            # advance its tie counter twice and keep the tie at the threshold.
+            return self.selected(mag_bits, 0)
         top = self.selected(mag_bits, self.high)
         return top if self.low <= 0 else top & ~self.selected(mag_bits, self.low)
 
