@@ -660,3 +660,32 @@ def test_statistics_memory_does_not_grow_with_the_number_of_tensors(tmp_path):
                           capture_output=True, text=True, timeout=120, check=True)
     plain_peak, ties_peak = json.loads(done.stdout.splitlines()[-1])
     assert ties_peak - plain_peak < 100 << 20, (plain_peak >> 20, ties_peak >> 20)
+
+
+def test_a_diff_of_another_architecture_is_refused_before_any_data_is_read(tmp_path):
+    """mismatched architectures: a diff whose configs name another model_type than the target's."""
+    import json
+    import shutil
+
+    from worker.engine.errors import GraftError
+    from worker.engine.options import GraftRequest
+    from worker.engine.recipe import load_recipe
+    from worker.engine.run import run_graft
+    from worker.sample_models import make_trio
+    from worker.settings import Settings
+
+    paths = make_trio(str(tmp_path / "trio"), added_rows=0)
+    other = tmp_path / "other-arch"
+    shutil.copytree(paths["source_finetuned"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    base = paths["source_base"]
+    recipe = load_recipe({"target_base": paths["target_base"], "merge": {"method": "ties", "density": 0.5},
+                          "diffs": [{"source_base": base, "source_finetuned": paths["source_finetuned"]},
+                                    {"source_base": base, "source_finetuned": str(other)}]})
+    phases = []
+    with pytest.raises(GraftError) as err:
+        run_graft(GraftRequest.from_recipe(recipe, str(tmp_path / "out")), settings=Settings(cache_dir=""),
+                  progress=lambda p: phases.append(p.phase))
+    assert err.value.code == "architecture_mismatch" and "diffs.1.source_finetuned" in err.value.message
+    assert phases == ["resolving"] and not (tmp_path / "out").exists()

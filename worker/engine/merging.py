@@ -99,6 +99,7 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     """`models` maps each URI of the recipe to its resolved model (one per distinct URI)."""
     options: GraftOptions = recipe.options.engine_options()
     target = models[recipe.target_base]
+    _check_architectures(recipe, models)
     plans = [build_plan(target, models[d.source_base], models[d.source_finetuned], options) for d in recipe.diffs]
     plan = plans[0]
     by_name = [{t.name: t for t in p.tensors} for p in plans]
@@ -115,6 +116,18 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
         plan.warnings += [w for w in p.warnings if (w.get("code"), w.get("tensor")) not in seen]
         plan.source_only += [d for d in p.source_only if d not in plan.source_only]
     return plan, MergeContext(method, recipe.merge, uses)
+
+
+def _check_architectures(recipe: Recipe, models: dict[str, ResolvedModel]) -> None:
+    """Every input of a recipe is the target's architecture (its config's model_type, where one is given):
+    a diff taken from another architecture would be added by name to whatever happens to share it."""
+    expected = models[recipe.target_base].config.get("model_type")
+    for i, diff in enumerate(recipe.diffs):
+        for role in ("source_base", "source_finetuned"):
+            found = models[getattr(diff, role)].config.get("model_type")
+            if found is not None and found != expected:
+                raise GraftError("architecture_mismatch", f"diffs.{i}.{role}: model_type {found!r}, the "
+                                 f"target's is {expected!r}", {"field": f"diffs.{i}.{role}"})
 
 
 def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: Recipe, default: BaseModel | None,
