@@ -211,17 +211,15 @@ def merge_chunks(out: torch.Tensor, target: torch.Tensor, pairs: list[tuple[torc
             if k == 0:
                 _connectivity(stats, acc, base, delta, scratch.get("tmp", m, compute, device))
             use.seen += m
+            kept = None
             if use.transform is not None:
-                keep = TRANSFORMS[use.transform.method].apply(delta, use.transform, window=use.window, key=use.key,
-                                                             start=start + i)
-                if keep is not None:
-                    delta.mul_(keep)
-                    if use.window is None:  # a window keeps exactly its width: no count needed
-                        use.kept += int(keep.sum())
-                    continue
-            use.kept += m
+                kept = TRANSFORMS[use.transform.method].apply(delta, use.transform, window=use.window, key=use.key,
+                                                              start=start + i,
+                                                              spare=scratch.get("spare", m, compute, device))
+            use.kept += m if kept is None else kept  # a window's count comes from its width (DiffUse.to_dict)
         ctx.method.combine(acc, [scratch.get(f"delta{k}", m, compute, device) for k in range(len(uses))],
-                           [u.weight for u in uses], ctx.params, tally)
+                           [u.weight for u in uses], ctx.params, tally,
+                           lambda name, m=m: scratch.get(name, m, compute, device))
         finite = _finite(acc)
         big = float(acc.abs().max()) if limit is not None and m else 0.0
         stats.nonfinite |= not finite or (limit is not None and big >= limit)

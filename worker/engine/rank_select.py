@@ -30,7 +30,7 @@ class RankSelect:
         return bool(self.ranks)
 
     def add_coarse(self, bits: torch.Tensor) -> None:
-        counts = torch.bincount((bits >> 16).long(), minlength=BINS)
+        counts = torch.bincount(bits >> 16, minlength=BINS)  # int32 bins: no int64 copy of the chunk
         self.coarse = counts if self.coarse is None else self.coarse.add_(counts)
 
     def finish_coarse(self) -> None:
@@ -43,12 +43,12 @@ class RankSelect:
         self.coarse = None
 
     def add_fine(self, bits: torch.Tensor) -> None:
-        high = bits >> 16
         for b in {b for b, _ in self.chosen.values()}:
-            inside = bits[high == b]
-            if inside.numel():
-                counts = torch.bincount((inside & 0xFFFF).long(), minlength=BINS)
-                self.fine[b] = self.fine[b].add_(counts) if b in self.fine else counts
+            # Offsets into bin b, with everything outside it clamped onto two sentinel bins (no boolean
+            # mask, no gather: integer arithmetic and one bincount).
+            rel = torch.sub(bits, (b << 16) - 1).clamp_(0, BINS + 1)
+            counts = torch.bincount(rel, minlength=BINS + 2)[1:BINS + 1]
+            self.fine[b] = self.fine[b].add_(counts) if b in self.fine else counts.clone()
 
     def finish_fine(self) -> None:
         for k in self.ranks:
@@ -60,5 +60,5 @@ class RankSelect:
             strictly = int(above[low + 1]) if low + 1 < BINS else higher
             for w in self.windows:
                 if k in (w.low, w.high):
-                    w.value_bits[k], w.above[k] = value, strictly
+                    w.value_bits[k], w.above[k], w.ties_total[k] = value, strictly, int(hist[low])
         self.fine = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,40 @@ class RankWindow:
     # many elements are strictly larger; k = 0 selects nothing.
     value_bits: dict[int, int] = field(default_factory=dict)
     above: dict[int, int] = field(default_factory=dict)
+    ties_total: dict[int, int] = field(default_factory=dict)  # elements equal to the k-th value
     ties_seen: dict[int, int] = field(default_factory=dict)
+
+    def _shrink(self, k: int) -> float | None:
+        """The hardshrink threshold that selects the top-k in this chunk without counting ties (|x| > it
+        is kept), or None when ties at the threshold must be counted here. `-1` keeps everything."""
+        if k <= 0:
+            return math.inf
+        value = self.value_bits[k]
+        budget, seen = k - self.above[k], self.ties_seen.get(k, 0)
+        if budget <= seen:  # every tie that rank k takes is placed: strictly greater only
+            return _float(value)
+        if budget - seen >= self.ties_total.get(k, 0) - seen:  # every remaining tie is taken
+            return _float(value - 1) if value > 0 else -1.0
+        return None
+
+    def zero_outside(self, delta: torch.Tensor, spare: torch.Tensor) -> None:
+        """Zero, in place, the float32 chunk's elements outside the window, walking the tensor in index order.
+        One or two fused hardshrinks where the chunk's ties are decided; counted ties otherwise."""
+        import torch
+
+        if self.high <= self.low:
+            delta.zero_()
+            return
+        high, low = self._shrink(self.high), self._shrink(self.low)
+        if high is None or low is None or delta.dtype != torch.float32:  # float64 ranks by float32 bits
+            delta.mul_(self.keep(magnitude_bits(delta)))
+            return
+        if low == math.inf:  # the window starts at the top (magnitude): one pass
+            torch.hardshrink(delta, high, out=delta)
+            return
+        torch.hardshrink(delta, low, out=spare)  # above the window: removed below
+        torch.hardshrink(delta, high, out=delta)
+        delta.sub_(spare)
 
     def selected(self, mag_bits: torch.Tensor, k: int) -> torch.Tensor:
         """Members of the top-k among this chunk's elements (int32 bits of |delta|), in index order."""
@@ -33,12 +68,11 @@ class RankWindow:
             return torch.zeros_like(mag_bits, dtype=torch.bool)
         value = self.value_bits[k]
         greater = mag_bits > value
-        equal = mag_bits == value
         budget = k - self.above[k]
         seen = self.ties_seen.get(k, 0)
-        if budget <= seen:
-            self.ties_seen[k] = seen + int(equal.sum())
+        if budget <= seen:  # the ties at the threshold are all placed: later ones are never kept
             return greater
+        equal = mag_bits == value
         running = torch.cumsum(equal, 0, dtype=torch.int64) + seen
         self.ties_seen[k] = int(running[-1]) if running.numel() else seen
         return greater | (equal & (running <= budget))
@@ -50,6 +84,11 @@ class RankWindow:
             return self.selected(mag_bits, 0)
         top = self.selected(mag_bits, self.high)
         return top if self.low <= 0 else top & ~self.selected(mag_bits, self.low)
+
+
+def _float(bits: int) -> float:
+    """The float32 whose bit pattern is `bits` (non-negative), as a Python float (exact)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
@@ -72,10 +111,11 @@ class TransformMethod:
         return None
 
     def apply(self, delta: torch.Tensor, params: BaseModel, *, window: RankWindow | None, key: int,
-              start: int) -> torch.Tensor | None:
-        """The kept mask of one chunk of the tensor's delta (float32), elements [start, start + n), or None
-        to keep all; `key` identifies (seed, tensor) for methods that draw. Scales `delta` in place where the
-        method rescales."""
+              start: int, spare: torch.Tensor) -> int | None:
+        """Rewrite one chunk of the tensor's delta in place (elements [start, start + n); dropped ones become
+        0, survivors rescaled where the method rescales). Returns how many were kept when the method had to
+        count them, None when the window's width says it. `key` names (seed, diff, tensor) for methods that
+        draw; `spare` is a scratch chunk of the same shape."""
         raise NotImplementedError
 
 
@@ -90,6 +130,7 @@ class MergeMethod:
         return None
 
     def combine(self, out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], params: BaseModel,
-                tally: dict) -> None:
-        """out += merged delta (all float32 chunks of one length); `tally` collects per-tensor statistics."""
+                tally: dict, scratch) -> None:
+        """out += merged delta (float chunks of one length; the deltas may be overwritten); `tally` collects
+        per-tensor statistics; `scratch(name)` lends a chunk-sized buffer."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import RankWindow, TransformMethod, magnitude_bits
+from .base import RankWindow, TransformMethod
 
 
 class BreadcrumbsParams(BaseModel):
@@ -26,5 +26,6 @@ class Breadcrumbs(TransformMethod):
         top = int(params.gamma * numel)
         return RankWindow(min(top, numel), min(numel, top + int(params.density * numel)))
 
-    def apply(self, delta, params, *, window, key, start):
-        return window.keep(magnitude_bits(delta))
+    def apply(self, delta, params, *, window, key, start, spare):
+        window.zero_outside(delta, spare)
+        return None

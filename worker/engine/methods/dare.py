@@ -58,10 +58,12 @@ class Dare(TransformMethod):
     name = "dare"
     Params = DareParams
 
-    def apply(self, delta, params: DareParams, *, window, key, start):
+    def apply(self, delta, params: DareParams, *, window, key, start, spare):
+        import torch
+
         if params.drop <= 0:
             return None
         cut = int(params.drop * 2**32)
-        keep = uniform32(key, start, delta.numel(), delta.device) >= cut
-        delta.div_(1.0 - params.drop)
-        return keep
+        keep = torch.ge(uniform32(key, start, delta.numel(), delta.device), cut, out=spare)  # 1.0 / 0.0
+        delta.mul_(keep).div_(1.0 - params.drop)
+        return int(keep.sum())

@@ -28,5 +28,5 @@ class DareTies(MergeMethod):
     def default_transform(self, params: DareTiesParams) -> BaseModel | None:
         return DareParams(drop=1.0 - params.density, seed=params.seed) if params.density < 1 else None
 
-    def combine(self, out, deltas, weights, params: DareTiesParams, tally):
-        elect(out, deltas, weights, params.normalize, params.lambda_, tally)
+    def combine(self, out, deltas, weights, params: DareTiesParams, tally, scratch):
+        elect(out, deltas, weights, params.normalize, params.lambda_, tally, scratch)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import RankWindow, TransformMethod, magnitude_bits
+from .base import RankWindow, TransformMethod
 
 
 class MagnitudeParams(BaseModel):
@@ -24,5 +24,7 @@ class Magnitude(TransformMethod):
         k = min(numel, max(1, int(params.density * numel)))
         return None if k >= numel else RankWindow(0, k)
 
-    def apply(self, delta, params, *, window, key, start):
-        return None if window is None else window.keep(magnitude_bits(delta))
+    def apply(self, delta, params, *, window, key, start, spare):
+        if window is not None:
+            window.zero_outside(delta, spare)
+        return None

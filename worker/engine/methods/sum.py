@@ -21,7 +21,7 @@ class Sum(MergeMethod):
     name = "sum"
     Params = SumParams
 
-    def combine(self, out, deltas, weights, params: SumParams, tally):
+    def combine(self, out, deltas, weights, params: SumParams, tally, scratch):
         scale = params.lambda_
         if params.normalize and sum(weights):
             scale /= sum(weights)
