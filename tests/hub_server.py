@@ -1,5 +1,9 @@
 """A small Hugging Face hub on 127.0.0.1 for the hf:// tests: the two API routes HfApi.model_info uses and
-`resolve/` with HTTP ranges. It records every file request (and its Range header)."""
+`resolve/` with HTTP ranges. It records every file request (and its Range header).
+
+`redirect=True` answers `resolve/` as the hub does for stored files: a redirect to where the bytes are
+(`/cdn/...` here), which serves the ranges. `fail(n, status)` answers the next n file requests with that
+status (a 503 of an overloaded server, say)."""
 
 from __future__ import annotations
 
@@ -37,9 +41,12 @@ class HubRepo:
 
 
 class HubServer:
-    def __init__(self) -> None:
+    def __init__(self, redirect: bool = False) -> None:
         self.repos: dict[str, HubRepo] = {}
-        self.requests: list[dict] = []  # {"method", "repo", "revision", "file", "range", "status", "bytes"}
+        # {"method", "repo", "revision", "file", "range", "status", "bytes", "route": "resolve" | "cdn"}
+        self.requests: list[dict] = []
+        self.redirect = redirect
+        self._failures: list[int] = []
         self._lock = threading.Lock()
         hub = self
 
@@ -72,6 +79,10 @@ class HubServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def fail(self, count: int, status: int = 503) -> None:
+        with self._lock:
+            self._failures += [status] * count
+
     def file_requests(self, repo_id: str | None = None) -> list[dict]:
         with self._lock:
             return [r for r in self.requests if r.get("file") and (repo_id is None or r["repo"] == repo_id)]
@@ -101,8 +112,9 @@ class HubServer:
             with self._lock:
                 self.requests.append({"method": h.command, "repo": m.group(1), "api": True})
             return self._send(h, 200, body, {"Content-Type": "application/json"}, head)
-        m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
-        if not m or m.group(1) not in self.repos:
+        m = re.match(r"^/(?:cdn/)?([^/]+/[^/]+)/(?:resolve/)?([^/]+)/(.+)$", path)
+        route = "cdn" if path.startswith("/cdn/") else "resolve"
+        if not m or m.group(1) not in self.repos or (route == "resolve" and "/resolve/" not in path):
             return self._send(h, 404, b"not found", head=head)
         repo, rev, name = self.repos[m.group(1)], m.group(2), m.group(3)
         if rev not in ("main", repo.sha) or name not in repo.files:
@@ -110,7 +122,19 @@ class HubServer:
         data = repo.files[name]
         rng = h.headers.get("Range")
         record = {"method": h.command, "repo": m.group(1), "revision": rev, "file": name, "range": rng,
-                  "size": len(data)}
+                  "size": len(data), "route": route}
+        with self._lock:
+            failure = self._failures.pop(0) if self._failures else None
+        if failure is not None:
+            record["status"] = failure
+            with self._lock:
+                self.requests.append(record)
+            return self._send(h, failure, b"try again", head=head)
+        if route == "resolve" and self.redirect:
+            record["status"] = 302
+            with self._lock:
+                self.requests.append(record)
+            return self._send(h, 302, b"", {"Location": f"/cdn/{m.group(1)}/{repo.sha}/{name}"}, head)
         headers = {"ETag": f'"{repo.sibling(name)["blobId"]}"', "X-Repo-Commit": repo.sha,
                    "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if rng:

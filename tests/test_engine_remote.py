@@ -15,6 +15,7 @@ from hub_server import HubServer
 from worker.engine import GraftCancelled, GraftError
 from worker.engine.model import HEADER_PROBE
 from worker.engine.s3 import s3_client
+from worker.engine.stores import S3Store
 from worker.sample_models import LlamaShape, make_trio
 
 SKIP_COMPARE = {"graft-manifest.json", "README.md"}  # these name the input URIs
@@ -55,7 +56,8 @@ def test_s3_inputs_and_output_match_local_run(trio, tmp_path, s3_endpoint, s3_bu
     graft(trio, tmp_path / "local", shard_size="100KB")
     uris = {role: upload_dir(s3_endpoint, path, s3_bucket, f"models/{role}") for role, path in trio.items()}
     client = s3_client(s3_endpoint)
-    with _GetObjectRanges(client) as seen:  # windows smaller than the shards: reads inside files too
+    # S3Store.client_for: the client inputs are read with (its read timeout is the stall limit)
+    with _GetObjectRanges(S3Store.client_for(s3_endpoint)) as seen:  # windows smaller than the shards
         result, _ = graft(uris, f"s3://{s3_bucket}/grafts/one", shard_size="100KB",
                           settings_overrides={"remote_window_bytes": 64 << 10, "remote_span_windows": 1})
     assert result.manifest_uri == f"s3://{s3_bucket}/grafts/one/graft-manifest.json"

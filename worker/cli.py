@@ -130,6 +130,10 @@ def _format_plan(summary: dict) -> str:
              f"output: {summary['output_bytes']:,} bytes in {len(summary['shards'])} shard(s); "
              f"{summary['input_bytes_to_read']:,} input bytes to read",
              f"tied word embeddings: {summary['tied_word_embeddings']}"]
+    memory = summary.get("memory") or {}
+    for role, held in memory.get("remote_inputs", {}).items():
+        lines.append(f"{role}: remote reads hold at most {held['bytes']:,} bytes ({held['lanes']} lanes, "
+                     f"{held['windows']} windows of {held['window_bytes']:,} bytes)")
     for shard in summary["shards"]:
         lines.append(f"  {shard['file']}: {shard['tensors']} tensors, {shard['bytes']:,} bytes")
     for name, rows in summary["vocab"].get("tensors", {}).items():

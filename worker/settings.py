@@ -33,9 +33,12 @@ class Settings(BaseSettings):
     prefetch_blocks: int = Field(3, description="blocks read ahead of the compute")
     io_threads: int = Field(4, description="threads issuing ranged reads")
     max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
-    remote_window_bytes: int = Field(32 << 20, description="remote inputs are streamed in windows this large")
-    remote_windows: int = Field(4, description="windows kept per remote input (read-ahead included)")
-    remote_span_windows: int = Field(8, description="windows one ranged request streams, one after another")
+    remote_window_bytes: int = Field(16 << 20, description="remote inputs are fetched in aligned windows this "
+                                     "large, one ranged GET per window (or per run of adjacent windows)")
+    remote_windows: int = Field(0, description="windows held per remote input, read-ahead included; 0 or fewer "
+                                "than GRAFT_REMOTE_LANES + 1: lanes + 1 (memory: windows x window bytes per input)")
+    remote_span_windows: int = Field(8, description="adjacent windows one ranged GET may cover when there are "
+                                     "more windows to fetch than idle lanes")
     s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
     cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
@@ -96,6 +99,15 @@ class Settings(BaseSettings):
                                            "for the next bytes of an answer (a stalled connection is a fault)")
     retry_backoff: float = Field(5.0, description="seconds before a job that failed with storage_error is tried "
                                  "again; doubled for each further attempt (capped at 10 minutes)")
+
+    # Storage-speed I/O (worker/engine/lanes.py, stores.py, sinks.py).
+    remote_lanes: int = Field(8, description="ranged GETs in flight at once per remote input (S3 and hf://), each "
+                              "on a pooled connection; storage serves each connection at a capped rate")
+    remote_stall_seconds: float = Field(10.0, description="a ranged GET that receives no bytes for this long is "
+                                        "re-issued from where it stopped (0: only GRAFT_STORAGE_TIMEOUT_SECONDS)")
+    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: parts x part "
+                                    "bytes); the output is a third of the input bytes, so as many as lanes keeps "
+                                    "the upload at the pace of one input's reads")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -3,7 +3,8 @@
 Modes: `passthrough` forwards bytes; `refuse` closes the listening socket (new connections get ECONNREFUSED)
 and resets every open connection; `reset` accepts new connections and resets them at once, and resets every
 open one; `stall` accepts but forwards nothing (new and open connections alike), so clients run into their
-read timeouts. Independently of the mode: a byte-rate cap per connection in each direction, and a latency
+read timeouts; `stall_open` freezes only the connections open now and lets new ones through (one stalled
+request among healthy ones). Independently of the mode: a byte-rate cap per connection in each direction, and a latency
 added before each new connection is put through.
 
 In-process (tests):
@@ -13,7 +14,8 @@ In-process (tests):
         proxy.refuse(); ...; proxy.passthrough()
 
 Standalone: `python -m worker.tcp_proxy --listen PORT --upstream HOST:PORT`; it reads commands from stdin,
-one a line: `pass`, `refuse`, `reset`, `stall`, `rate UP DOWN` (bytes/s, 0 = unlimited), `latency SECONDS`.
+one a line: `pass`, `refuse`, `reset`, `stall`, `stall-open`, `rate UP DOWN` (bytes/s, 0 = unlimited),
+`latency SECONDS`.
 
 Only loopback addresses: it listens on 127.0.0.1 and refuses an upstream that resolves elsewhere.
 """
@@ -34,7 +36,8 @@ from typing import Any
 
 PASS, REFUSE, RESET, STALL = "pass", "refuse", "reset", "stall"
 LISTEN_HOST = "127.0.0.1"
-CHUNK = 64 << 10
+CHUNK = 256 << 10  # bytes forwarded per read at most: larger reads cost the proxy less CPU per byte
+BURST_SECONDS = 0.05  # a capped direction may run this far ahead of its rate, never more
 
 
 def _loopback(host: str) -> bool:
@@ -57,26 +60,27 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 
 
 class _Limiter:
-    """One direction of one connection: at most `rate` bytes per second on average since it started."""
+    """One direction of one connection: at most `rate` bytes per second. A connection that was idle saves
+    no credit beyond BURST_SECONDS of its rate: a pooled connection reused after a pause is as slow as a
+    busy one (a link's rate does not grow while it is unused)."""
 
     def __init__(self, proxy: FaultProxy, direction: str) -> None:
         self.proxy, self.direction = proxy, direction
-        self.sent = 0
-        self.since = time.monotonic()
+        self.free_at = 0.0  # when the bytes sent so far would have left at `rate`
         self.rate = 0
 
     def chunk(self) -> int:
         rate = self.proxy.rates[self.direction]
         if rate != self.rate:  # a new cap counts from now
-            self.rate, self.sent, self.since = rate, 0, time.monotonic()
-        return max(1024, min(CHUNK, rate // 20)) if rate else CHUNK
+            self.rate, self.free_at = rate, 0.0
+        return max(1024, min(CHUNK, int(rate * BURST_SECONDS))) if rate else CHUNK
 
     async def account(self, n: int) -> None:
-        self.sent += n
         if self.rate:
-            wait = self.sent / self.rate - (time.monotonic() - self.since)
-            if wait > 0:
-                await asyncio.sleep(wait)
+            now = time.monotonic()
+            self.free_at = max(self.free_at, now - BURST_SECONDS) + n / self.rate
+            if self.free_at > now:
+                await asyncio.sleep(self.free_at - now)
 
 
 class _Connection:
@@ -84,6 +88,8 @@ class _Connection:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task] = []
+        self.open = asyncio.Event()  # cleared: this connection alone forwards nothing
+        self.open.set()
 
     def abort(self) -> None:
         for writer in (self.client, self.upstream):
@@ -174,6 +180,10 @@ class FaultProxy:
     def stall(self) -> None:
         self._call(self._set_mode(STALL))
 
+    def stall_open(self) -> int:
+        """Freeze the connections open now (until passthrough); returns how many."""
+        return self._call(self._freeze())
+
     def set_rate(self, up: int = 0, down: int = 0) -> None:
         """Bytes per second per connection, each direction; 0 lifts the cap."""
         self.rates = {"up": max(0, int(up)), "down": max(0, int(down))}
@@ -189,7 +199,8 @@ class FaultProxy:
 
     async def _listen(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._handle, LISTEN_HOST, self.port, reuse_address=True)
+            self._server = await asyncio.start_server(self._handle, LISTEN_HOST, self.port, reuse_address=True,
+                                                      limit=CHUNK)
             self.port = self._server.sockets[0].getsockname()[1]
 
     def _close_listener(self) -> None:
@@ -197,9 +208,17 @@ class FaultProxy:
             self._server.close()  # the listening socket closes now; connections are ours to end
             self._server = None
 
+    async def _freeze(self) -> int:
+        for conn in self._conns:
+            conn.open.clear()
+        return len(self._conns)
+
     async def _set_mode(self, mode: str) -> None:
         assert self._flowing is not None
         self.mode = mode
+        if mode == PASS:
+            for conn in self._conns:
+                conn.open.set()
         if mode == STALL:
             self._flowing.clear()
             return
@@ -236,11 +255,11 @@ class FaultProxy:
             await self._flowing.wait()  # a stalled proxy holds new connections here
             if conn not in self._conns:
                 return
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=CHUNK)
             conn.upstream = up_writer
-            down = asyncio.ensure_future(self._pump(up_reader, writer, _Limiter(self, "down")))
+            down = asyncio.ensure_future(self._pump(up_reader, writer, _Limiter(self, "down"), conn))
             conn.tasks.append(down)
-            await self._pump(reader, up_writer, _Limiter(self, "up"))
+            await self._pump(reader, up_writer, _Limiter(self, "up"), conn)
             await down
         except (OSError, asyncio.CancelledError, asyncio.IncompleteReadError):
             pass
@@ -254,15 +273,18 @@ class FaultProxy:
                 if task is not asyncio.current_task():
                     task.cancel()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: _Limiter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: _Limiter,
+                    conn: _Connection) -> None:
         assert self._flowing is not None
         try:
             while True:
                 await self._flowing.wait()
+                await conn.open.wait()
                 data = await reader.read(limit.chunk())
                 if not data:
                     break
                 await self._flowing.wait()  # what was read when a stall began waits with the rest
+                await conn.open.wait()
                 writer.write(data)
                 await writer.drain()
                 await limit.account(len(data))
@@ -276,7 +298,8 @@ class FaultProxy:
 
 
 def _commands(proxy: FaultProxy, stop: threading.Event) -> None:
-    actions = {PASS: proxy.passthrough, REFUSE: proxy.refuse, RESET: proxy.reset, STALL: proxy.stall}
+    actions = {PASS: proxy.passthrough, REFUSE: proxy.refuse, RESET: proxy.reset, STALL: proxy.stall,
+               "stall-open": proxy.stall_open}
     for line in sys.stdin:
         words = line.split()
         if not words:

@@ -65,6 +65,7 @@ class Plan:
     tied_output: bool
     vocab: dict
     merge: object | None = None  # a recipe's MergeContext (worker/engine/merging.py); None: the plain transfer
+    memory: dict = field(default_factory=dict)  # what remote I/O holds at most (run.memory_bound)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -91,6 +92,7 @@ class Plan:
             "source_only": self.source_only,
             "warnings": self.warnings,
             **({"recipe": self.merge.summary()} if self.merge is not None else {}),
+            **({"memory": self.memory} if self.memory else {}),
         }
 
 

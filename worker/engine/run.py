@@ -16,11 +16,13 @@ from ..settings import Settings, get_settings
 from .errors import GraftCancelled, GraftError, GraftSuperseded
 from .faults import StorageRetry
 from .input_hashes import InputHasher
+from .lanes import RemoteReads
 from .manifest import build_manifest, dumps, model_card
-from .model import INDEX_FILE, ResolvedModel, resolve_model
+from .model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
 from .options import GraftRequest
 from .plan import Plan, build_plan
 from .sinks import MANIFEST, FileRecord, Sink, open_sink
+from .stores import RemoteStore
 from .stream import StreamTotals, stream_plan
 from .transforms import TensorStats
 from .uris import parse_uri
@@ -62,7 +64,26 @@ def storage_retry(settings: Settings) -> StorageRetry:
     return StorageRetry(budget=settings.storage_retry_seconds, timeout=settings.storage_timeout_seconds)
 
 
-def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> dict[str, ResolvedModel]:
+def remote_reads(settings: Settings) -> RemoteReads:
+    return RemoteReads(lanes=settings.remote_lanes, window_bytes=settings.remote_window_bytes,
+                       windows=settings.remote_windows, span_windows=settings.remote_span_windows,
+                       stall_seconds=settings.remote_stall_seconds)
+
+
+def _side_files_of(uri: str, uris: dict[str, str]) -> tuple[str, ...]:
+    """The small files a graft copies from this input: the fine-tune's tokenizer and generation config, the
+    target's generation config (used when the fine-tune has none)."""
+    names: tuple[str, ...] = ()
+    if uri == uris["source_finetuned"]:
+        names += (*TOKENIZER_FILES, GENERATION_CONFIG)
+    if uri == uris["target_base"]:
+        names += (GENERATION_CONFIG,)
+    return names
+
+
+def resolve_inputs(request: GraftRequest, settings: Settings | None = None, *,
+                   side_files: bool = False) -> dict[str, ResolvedModel]:
+    """`side_files`: also fetch the small files the output copies (a graft, not a dry run), all at once."""
     settings = settings or get_settings()
     uris = request.inputs()
     # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
@@ -73,11 +94,10 @@ def resolve_inputs(request: GraftRequest, settings: Settings | None = None) -> d
         futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
                                      endpoint_url=settings.s3_endpoint_url,
                                      max_header_bytes=settings.max_header_bytes,
-                                     window_bytes=settings.remote_window_bytes,
-                                     windows=settings.remote_windows,
-                                     span_windows=settings.remote_span_windows,
+                                     reads=remote_reads(settings),
                                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                                      require_model_type=uri == uris["target_base"],
+                                     side_files=_side_files_of(uri, uris) if side_files else (),
                                      retry=storage_retry(settings)) for uri, role in first_role.items()}
         resolved, errors = {}, []
         for role, future in futures.items():
@@ -102,9 +122,21 @@ def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:
     return {role: first.setdefault(id(m), role) for role, m in models.items()}
 
 
-def plan_graft(request: GraftRequest, settings: Settings | None = None) -> tuple[Plan, dict[str, ResolvedModel]]:
-    """The --dry-run: everything decided from headers alone."""
-    models = resolve_inputs(request, settings)
+def memory_bound(models: dict[str, ResolvedModel], settings: Settings) -> dict:
+    """What remote I/O holds at most: per remote input, its windows (lanes x window bytes, plus the window
+    being read); for an S3 output, its parts in flight plus the one being filled."""
+    canon = canonical_roles(models)
+    remote = {role: m.store.reads.describe() for role, m in models.items()
+              if canon[role] == role and isinstance(m.store, RemoteStore)}
+    return {"remote_inputs": remote, "remote_input_bytes": sum(r["bytes"] for r in remote.values()),
+            "s3_output_bytes": settings.s3_part_bytes * (max(1, settings.s3_parts_in_flight) + 1)}
+
+
+def plan_graft(request: GraftRequest, settings: Settings | None = None, *,
+               side_files: bool = False) -> tuple[Plan, dict[str, ResolvedModel]]:
+    """The --dry-run: everything decided from headers alone (`side_files`: see resolve_inputs)."""
+    settings = settings or get_settings()
+    models = resolve_inputs(request, settings, side_files=side_files)
     try:
         if request.recipe is not None:
             from .merging import build_recipe_plan
@@ -114,6 +146,7 @@ def plan_graft(request: GraftRequest, settings: Settings | None = None) -> tuple
         else:
             plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
                               request.options)
+        plan.memory = memory_bound(models, settings)
     except BaseException:
         close_models(models)
         raise
@@ -131,17 +164,33 @@ def pick_device(choice: str) -> torch.device:
 
 
 def _side_files(models: dict[str, ResolvedModel], plan: Plan) -> list[tuple[str, bytes]]:
-    """config from the target; tokenizer, chat template and generation config from the fine-tune."""
+    """config from the target; tokenizer, chat template and generation config from the fine-tune. Fetched
+    while resolving, but for a target's tokenizer (a fine-tune without one), read here, all at once."""
     target, finetuned = models["target_base"], models["source_finetuned"]
     files = [("config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())]
     tokenizer_from = finetuned if finetuned.tokenizer_files() else target
-    for name in tokenizer_from.tokenizer_files():
-        files.append((name, tokenizer_from.store.read_bytes(name)))
+    names = tokenizer_from.tokenizer_files()
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        files += zip(names, pool.map(tokenizer_from.side_file, names), strict=True)
     for model in (finetuned, target):
-        if model.store.exists("generation_config.json"):
-            files.append(("generation_config.json", model.store.read_bytes("generation_config.json")))
+        if model.store.exists(GENERATION_CONFIG):
+            files.append((GENERATION_CONFIG, model.side_file(GENERATION_CONFIG)))
             break
     return files
+
+
+def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, ResolvedModel],
+                      plan: Plan) -> list[FileRecord]:
+    """Everything but the shards and the manifest, known from the plan: written before the shards stream
+    (an S3 sink uploads them on its own threads), so that the end of a graft is the shards' last parts,
+    their completion and the manifest."""
+    records = []
+    if len(plan.shards) > 1:
+        records.append(sink.put(INDEX_FILE, _index(plan)))
+    for name, data in _side_files(models, plan):
+        records.append(sink.put(name, data))
+    records.append(sink.put("README.md", model_card(request, plan).encode()))
+    return records
 
 
 def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
@@ -181,7 +230,7 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
     report = progress or (lambda p: None)
     report(Progress("resolving"))
     t0 = time.perf_counter()
-    plan, models = plan_graft(request, settings)
+    plan, models = plan_graft(request, settings, side_files=True)
     resolve_seconds = time.perf_counter() - t0
     try:
         return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
@@ -229,11 +278,13 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     report(Progress("statistics", tensors_total=total.tensors_total, bytes_total=total.bytes_total)
            if statistics_first else total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                           writer=request.writer, allowed_roots=request.allowed_roots,
-                           denied_roots=request.denied_roots, retry=storage_retry(settings))
+                           parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
+                           allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                           retry=storage_retry(settings))
     try:
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()
+        side_records = _write_side_files(sink, request, models, plan)
 
         def on_block(totals: StreamTotals) -> None:
             total.tensors_done, total.bytes_read, total.bytes_written = (
@@ -266,11 +317,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
             raise GraftCancelled()
         total.phase = "committing"
         report(total)
-        if len(plan.shards) > 1:
-            records.append(sink.put(INDEX_FILE, _index(plan)))
-        for name, data in _side_files(models, plan):
-            records.append(sink.put(name, data))
-        records.append(sink.put("README.md", model_card(request, plan).encode()))
+        records += side_records
         hasher.join()
         if hasher.error is not None:
             raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")

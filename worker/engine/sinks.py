@@ -258,6 +258,7 @@ class _S3Writer(FileWriter):
     Every request goes through the sink's retry: a part stays in memory until the storage took it."""
 
     MIN_PART = 8 << 20
+    TAIL_PART = 5 << 20  # S3's smallest part but the last
 
     def __init__(self, sink: S3Sink, name: str, expected_size: int | None) -> None:
         super().__init__(name)
@@ -268,15 +269,23 @@ class _S3Writer(FileWriter):
         if expected_size:  # stay within S3's 10,000 parts whatever the file size
             part = max(part, -(-expected_size // 9000))
         self.part_bytes = max(part, self.MIN_PART)
+        self.expected = expected_size or 0
+        self.sent = 0  # bytes handed to parts so far
         self.buf = bytearray()
         self.upload_id: str | None = None
         self.parts: list[Future] = []
 
+    def _next_part(self) -> int:
+        # The last part_bytes of a file go out in parts of S3's minimum, side by side: what is left to upload
+        # when the stream ends is then one small part's time on a connection, not a whole part's.
+        return self.TAIL_PART if 0 < self.expected - self.sent <= self.part_bytes else self.part_bytes
+
     def _write(self, data) -> None:
         self.buf += data
-        while len(self.buf) >= self.part_bytes:
-            part = bytes(self.buf[:self.part_bytes])
-            del self.buf[:self.part_bytes]
+        while len(self.buf) >= (size := self._next_part()):
+            part = bytes(self.buf[:size])
+            del self.buf[:size]
+            self.sent += size
             self._send(part)
 
     def _send(self, part: bytes) -> None:
@@ -327,15 +336,18 @@ class S3Sink(Sink):
     retried until the budget runs out. What a graft writes is known by key from the moment it opens a
     file, so abort() removes it even when a request's answer was lost."""
 
-    def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
-                 parts_in_flight: int = 4, writer: str | None = None, retry: StorageRetry | None = None) -> None:
+    def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
+                 parts_in_flight: int = 8, writer: str | None = None, retry: StorageRetry | None = None) -> None:
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.retry = retry or StorageRetry()
-        self.client = s3_client(endpoint_url, self.retry.timeout)
+        parts_in_flight = max(1, parts_in_flight)
+        # Each part in flight has a connection of its own: pooled, kept open from one part to the next.
+        self.client = s3_client(endpoint_url, self.retry.timeout, connections=parts_in_flight + 8)
         self.part_bytes = part_bytes
-        # Parts in flight across all files: memory is part_bytes times this, whatever the output size.
+        # Parts in flight across all files: memory is part_bytes times this (plus the part being filled),
+        # whatever the output size; the storage takes as many parts at once as it has connections for.
         self._slots = threading.BoundedSemaphore(parts_in_flight)
         self.pool = ThreadPoolExecutor(max_workers=parts_in_flight, thread_name_prefix="s3-upload")
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3-finish")
@@ -583,12 +595,14 @@ class S3Sink(Sink):
         self._delete_keys([self.key(PENDING)])
 
 
-def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 32 << 20,
-              writer: str | None = None, allowed_roots: list[str] | None = None,
+def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
+              parts_in_flight: int = 8, writer: str | None = None, allowed_roots: list[str] | None = None,
               denied_roots: list[str] | None = None, retry: StorageRetry | None = None) -> Sink:
-    """`allowed_roots`/`denied_roots` confine a local output (see stores.Confinement); None: unconfined."""
+    """`allowed_roots`/`denied_roots` confine a local output (see stores.Confinement); None: unconfined.
+    `part_bytes`, `parts_in_flight`: an S3 output's multipart uploads."""
     if location.scheme == "file":
         return LocalSink(location, Confinement.of(allowed_roots, denied_roots))
     if location.scheme == "s3":
-        return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes, writer=writer, retry=retry)
+        return S3Sink(location, endpoint_url=endpoint_url, part_bytes=part_bytes, parts_in_flight=parts_in_flight,
+                      writer=writer, retry=retry)
     raise GraftError("invalid_uri", f"{location}: outputs go to a local directory or s3://")

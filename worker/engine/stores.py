@@ -5,20 +5,24 @@ Every store is safe to call from several threads at once: the reader issues rang
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from .errors import GraftError
-from .faults import StorageRetry, TransientStorageError
+from .faults import StorageRetry, TransientStorageError, classify, describe
+from .lanes import Lanes, RemoteReads
 from .s3 import s3_client
 from .uris import Location
 
+log = logging.getLogger("graft.storage")
+
 SMALL_FILE_CAP = 64 << 20  # config/tokenizer files larger than this are refused
+CHUNK = 256 << 10  # a response is read in pieces this large: what a broken one delivered is kept to this
 
 
 class Store(ABC):
@@ -36,6 +40,10 @@ class Store(ABC):
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
         """Like read_into, for the stream's reads, which walk each file mostly front to back."""
         self.read_into(name, start, view)
+
+    def expect(self, reads: list[tuple[str, int, int]]) -> None:  # noqa: B027 - optional hook
+        """The (file, start, length) reads stream_into will be asked for, in order (stores that fetch ahead
+        follow it)."""
 
     def read_range(self, name: str, start: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -191,182 +199,119 @@ class LocalStore(Store):
             self._fds.clear()
 
 
-class _Body:
-    """An open ranged response read front to back in exact amounts."""
-
-    def __init__(self, chunks: Iterator[bytes], close: Callable[[], None], position: int, end: int) -> None:
-        self.chunks, self.close, self.position, self.end = chunks, close, position, end
-        self.rest = memoryview(b"")
-
-    def read_into(self, view: memoryview) -> int:
-        got = 0
-        while got < len(view):
-            if not self.rest:
-                chunk = next(self.chunks, b"")
-                if not chunk:
-                    break
-                self.rest = memoryview(chunk)
-            n = min(len(self.rest), len(view) - got)
-            view[got:got + n] = self.rest[:n]
-            self.rest = self.rest[n:]
-            got += n
-        self.position += got
-        return got
-
-
 class RemoteStore(Store):
-    """Stores reached over HTTP: they report the checksums the server keeps instead of hashing, and serve
-    the stream from aligned windows fetched ahead of need, one window after another from a ranged
-    response that spans several windows. A request has a fixed cost (and some S3-compatible servers,
-    moto among them, pay for the whole object on every ranged GET), so few long responses beat one
-    request per block; memory stays at `windows` x `window_bytes` per store, whatever the span.
+    """Stores reached over HTTP: they report the checksums the server keeps instead of hashing, and serve the
+    stream through lanes.Lanes: several ranged GETs at once per input, each on a pooled connection, filling
+    windows ahead of the stream (memory: `reads.held` x `reads.window_bytes` per input).
 
-    Every read goes through `retry` (faults.StorageRetry): a ranged read is idempotent, so a storage fault
-    (a reset, a timeout, a 5xx, a response cut short) reopens the range where it started, until the
-    budget runs out; a refusal of the request (404, 403) fails at once with its own code."""
+    Every request goes through `retry` (faults.StorageRetry). A ranged read is idempotent, so a storage fault
+    (a reset, a timeout, a 5xx, SlowDown, a response cut short) reopens the range where its bytes stopped:
+    at once when the broken request had delivered some, after the retry's backoff otherwise; nothing is read
+    twice. A request that receives no bytes for `reads.stall_seconds` times out and is re-issued the same
+    way. A refusal of the request (404, 403) fails at once with its own code."""
 
     _meta: dict[str, dict]
-    window_bytes: int = 32 << 20
-    windows: int = 4
-    span_windows: int = 8
     retry: StorageRetry = StorageRetry()
+    reads: RemoteReads = RemoteReads()
 
-    def configure_windows(self, window_bytes: int | None, windows: int | None,
-                          span_windows: int | None = None) -> None:
-        self.window_bytes = window_bytes or self.window_bytes
-        self.windows = max(2, windows or self.windows)
-        self.span_windows = max(1, span_windows or self.span_windows)
-
-    def _init_windows(self) -> None:
-        self._cache: OrderedDict[tuple[str, int], Future] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        # One fetcher: windows of a file load in the order asked, so one response serves them in turn.
-        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-window")
-        self._bodies: dict[str, _Body] = {}
-        self._last_window: dict[str, int] = {}
+    def _init_remote(self, reads: RemoteReads | None, retry: StorageRetry | None) -> None:
+        self.retry = retry or StorageRetry()
+        self.reads = reads or RemoteReads()
         self._closing = threading.Event()  # retries in flight give up: nobody waits for their bytes any more
+        self.lanes = Lanes(self.reads, self.size, self._transfer, self._closing)
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds a request may go without receiving bytes: the stall limit, within the storage timeout."""
+        stall = self.reads.stall_seconds
+        return min(self.retry.timeout, stall) if stall > 0 else self.retry.timeout
 
     @abstractmethod
     def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
         """A response streaming bytes [start, end) of the file, and how to close it."""
 
+    def _transfer(self, name: str, start: int, end: int, take: Callable[[memoryview], None]) -> None:
+        """Hand bytes [start, end) of the file to `take`, in order and each once, whatever breaks on the way."""
+        pos = start
+        what = f"{self.location}/{name}: reading bytes {start}-{end - 1}"
+
+        def attempt() -> bool:  # True: done; False: cut short after some bytes, reopen from there at once
+            nonlocal pos
+            began = pos
+            chunks, close = self._open(name, pos, end)
+            try:
+                for chunk in chunks:
+                    if self._closing.is_set():
+                        raise GraftError("storage_error", f"{what}: stopped, the input is being closed")
+                    if len(chunk) > end - pos:
+                        raise GraftError("storage_error", f"{what}: the server sent more bytes than asked for")
+                    take(memoryview(chunk))
+                    pos += len(chunk)
+            except Exception as exc:
+                fault = classify(exc)
+                if pos > began and fault is not None and fault[1]:
+                    log.warning("%s: %s after %d bytes; reopening from byte %d", what, describe(exc),
+                                pos - began, pos)
+                    return False
+                raise
+            finally:
+                close()
+            if pos < end:
+                if pos > began:
+                    return False
+                # The listing said the bytes are there: a response cut short is the connection's fault.
+                raise TransientStorageError(f"expected {end - pos} bytes at {pos}, the server sent none")
+            return True
+
+        while not self.retry.call(what, attempt, stop=self._closing):
+            pass
+
     def read_into(self, name: str, start: int, view: memoryview) -> None:
         if not len(view):
             return
         self.size(name)
-        end = start + len(view)
+        filled = 0
 
-        def attempt() -> None:
-            chunks, close = self._open(name, start, end)
-            try:
-                got = _Body(chunks, close, start, end).read_into(view)
-            finally:
-                close()
-            self._check_length(start, len(view), got)
+        def take(data: memoryview) -> None:
+            nonlocal filled
+            view[filled:filled + len(data)] = data
+            filled += len(data)
 
-        self.retry.call(f"{self.location}/{name}: reading bytes {start}-{end - 1}", attempt, stop=self._closing)
-
-    def _window(self, name: str, index: int) -> Future:
-        with self._cache_lock:
-            key = (name, index)
-            future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                return future
-            future = self._fetcher.submit(self._load_window, name, index)
-            self._cache[key] = future
-            while len(self._cache) > self.windows:
-                # Drop the window farthest from where its file is being read (several files of one input
-                # are often read side by side); the least recently used among equals. A reader still
-                # waiting on a dropped window keeps it alive.
-                def distance(k: tuple[str, int]) -> int:
-                    return abs(k[1] - self._last_window.get(k[0], k[1]))
-
-                victim = max(self._cache, key=distance)
-                if distance(victim) <= 1:
-                    victim = next(iter(self._cache))
-                del self._cache[victim]
-            return future
-
-    def _load_window(self, name: str, index: int) -> bytearray:
-        size = self.size(name)
-        start = index * self.window_bytes
-        buf = bytearray(min(self.window_bytes, size - start))
-        view = memoryview(buf)
-
-        def attempt() -> bytearray:
-            body = self._bodies.get(name)
-            if body is None or body.position != start or body.end < start + len(buf):
-                self._drop_body(name)
-                end = min(size, start + self.span_windows * self.window_bytes)
-                body = self._bodies[name] = _Body(*self._open(name, start, end), start, end)
-            try:
-                got = body.read_into(view)
-                self._check_length(start, len(buf), got)
-            except BaseException:  # a dropped idle connection, a cut response: the next try reopens here
-                self._drop_body(name)
-                raise
-            return buf
-
-        return self.retry.call(f"{self.location}/{name}: reading bytes {start}-{start + len(buf) - 1}", attempt,
-                               stop=self._closing)
-
-    def _drop_body(self, name: str) -> None:
-        body = self._bodies.pop(name, None)
-        if body is not None:
-            try:
-                body.close()
-            except Exception:  # closing a broken connection may fail in its own way; it is gone either way
-                pass
+        self._transfer(name, start, start + len(view), take)
 
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
-        size, width = self.size(name), self.window_bytes
-        end = start + len(view)
-        if end > size:
+        if start + len(view) > self.size(name):
             raise GraftError("invalid_safetensors", f"{self.location}/{name}: read past the end of the file")
-        pos = start
-        while pos < end:
-            index = pos // width
-            window = self._window(name, index).result()
-            offset = pos - index * width
-            n = min(end - pos, len(window) - offset)
-            view[pos - start:pos - start + n] = window[offset:offset + n]
-            pos += n
-        # Read ahead in the direction the file is being walked (a target saved in another order than the
-        # sources has them read back to front); not waited for.
-        first, last = start // width, (end - 1) // width
-        backwards = self._last_window.get(name, -1) > last
-        self._last_window[name] = last
-        ahead = first - 1 if backwards else last + 1
-        if ahead >= 0 and ahead * width < size:
-            self._window(name, ahead)
+        if len(view):
+            self.lanes.read(name, start, view)
+
+    def expect(self, reads: list[tuple[str, int, int]]) -> None:
+        self.lanes.expect(reads)
 
     def close(self) -> None:
-        self._closing.set()
-        self._fetcher.shutdown(wait=True, cancel_futures=True)
-        for name in list(self._bodies):
-            self._drop_body(name)
-        with self._cache_lock:
-            self._cache.clear()
+        self.lanes.close()
 
     def fingerprint(self, name: str) -> dict:
         return {"size": self.size(name), **self._meta.get(name, {})}
 
-    @staticmethod
-    def _check_length(start: int, length: int, got: int) -> None:
-        if got != length:
-            # The listing said the bytes are there: a response cut short is the connection's fault.
-            raise TransientStorageError(f"expected {length} bytes at {start}, the server sent {got}")
-
 
 class S3Store(RemoteStore):
     def __init__(self, location: Location, endpoint_url: str | None = None,
-                 retry: StorageRetry | None = None) -> None:
+                 retry: StorageRetry | None = None, reads: RemoteReads | None = None) -> None:
         self.location = location
-        self.retry = retry or StorageRetry()
-        self._init_windows()
-        self.client = s3_client(endpoint_url, self.retry.timeout)
+        self._init_remote(reads, retry)
+        self.client = self.client_for(endpoint_url, self.retry, self.reads)
         self._meta: dict[str, dict] = {}
+
+    @staticmethod
+    def client_for(endpoint_url: str | None = None, retry: StorageRetry | None = None,
+                   reads: RemoteReads | None = None):
+        """The client S3 inputs are read with: its wait for the next bytes (an answer's headers or its body's
+        next chunk) is the stall limit; every lane of three inputs has a pooled connection."""
+        retry, reads = retry or StorageRetry(), reads or RemoteReads()
+        stall = reads.stall_seconds
+        return s3_client(endpoint_url, retry.timeout, read_timeout=min(retry.timeout, stall) if stall > 0 else None,
+                         connections=3 * reads.lane_count + 8)
 
     def _key(self, name: str) -> str:
         return f"{self.location.prefix}/{name}" if self.location.prefix else name
@@ -404,20 +349,31 @@ class S3Store(RemoteStore):
             # A server that ignored Range would hand us the object's first bytes as if they were these.
             raise GraftError("storage_error", f"{self.location}/{name}: the server did not honour the Range "
                              f"header (Content-Range {resp.get('ContentRange')!r})")
-        return body.iter_chunks(1 << 20), body.close
+        return body.iter_chunks(CHUNK), body.close
+
+
+# A cached location that answers these has expired (signed URLs do) or moved: ask the hub again.
+_STALE_LOCATION = {301, 302, 303, 307, 308, 401, 403, 404, 410}
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
 
 
 class HubStore(RemoteStore):
-    """A Hugging Face hub repository, pinned to the commit its revision resolves to."""
+    """A Hugging Face hub repository, pinned to the commit its revision resolves to. The hub answers a file's
+    `resolve/` URL with a redirect to where its bytes are (a CDN, for large files): the redirect is followed
+    once per file, and every ranged read after goes straight to that final location."""
 
-    def __init__(self, location: Location, retry: StorageRetry | None = None) -> None:
+    def __init__(self, location: Location, retry: StorageRetry | None = None,
+                 reads: RemoteReads | None = None) -> None:
         import httpx
         from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers
 
         self.location = location
-        self.retry = retry or StorageRetry()
-        self._init_windows()
+        self._init_remote(reads, retry)
         self.endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
         info = self._model_info()
         self.revision = info.sha
@@ -433,7 +389,14 @@ class HubStore(RemoteStore):
             if sib.blob_id:
                 meta["git_blob"] = sib.blob_id
             self._meta[sib.rfilename] = meta
-        self._http = httpx.Client(headers=build_hf_headers(), follow_redirects=True, timeout=self.retry.timeout)
+        # Every lane keeps a connection open from one ranged GET to the next.
+        pool = httpx.Limits(max_connections=self.reads.lane_count + 4,
+                            max_keepalive_connections=self.reads.lane_count + 4)
+        self._http = httpx.Client(headers=build_hf_headers(), follow_redirects=False, limits=pool,
+                                  timeout=httpx.Timeout(self.retry.timeout, read=self.read_timeout))
+        self._final: dict[str, str] = {}  # file -> where its bytes are
+        self._resolving: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
 
     def _model_info(self):
         from huggingface_hub import HfApi
@@ -462,11 +425,40 @@ class HubStore(RemoteStore):
     def _url(self, name: str) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.location.repo}/resolve/{self.revision}/{name}"
 
-    def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
+    def _get(self, url: str, start: int, end: int, follow: bool):
         # identity: a compressed ranged response would not be the file's bytes.
-        request = self._http.build_request("GET", self._url(name), headers={
-            "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
-        resp = self._http.send(request, stream=True)
+        request = self._http.build_request("GET", url, headers={"Range": f"bytes={start}-{end - 1}",
+                                                                "Accept-Encoding": "identity"})
+        if _origin(url) != _origin(self.endpoint):
+            request.headers.pop("authorization", None)  # the hub's token is for the hub only
+        return self._http.send(request, stream=True, follow_redirects=follow)
+
+    def _file_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._resolving.setdefault(name, threading.Lock())
+
+    def _open(self, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
+        url = self._final.get(name)
+        if url is not None:
+            resp = self._get(url, start, end, follow=False)
+            if resp.status_code not in _STALE_LOCATION:
+                return self._ranged(resp, name, start, end)
+            resp.close()
+            with self._lock:
+                if self._final.get(name) == url:
+                    del self._final[name]
+        # Lanes starting on a file at once wait for one of them to learn its location.
+        with self._file_lock(name):
+            url = self._final.get(name)
+            if url is not None:
+                return self._ranged(self._get(url, start, end, follow=False), name, start, end)
+            resp = self._get(self._url(name), start, end, follow=True)
+            if resp.status_code in (200, 206):
+                with self._lock:
+                    self._final[name] = str(resp.url)
+            return self._ranged(resp, name, start, end)
+
+    def _ranged(self, resp, name: str, start: int, end: int) -> tuple[Iterator[bytes], Callable[[], None]]:
         status = resp.status_code
         if status == 200 and not (start == 0 and end == self.size(name)):
             resp.close()
@@ -480,25 +472,22 @@ class HubStore(RemoteStore):
             code = {404: "input_not_found", 401: "storage_denied", 403: "storage_denied"}.get(status,
                                                                                              "storage_rejected")
             raise GraftError(code, f"{self.location}/{name}: HTTP {status}")
-        return resp.iter_bytes(1 << 20), resp.close
+        return resp.iter_bytes(CHUNK), resp.close
 
     def close(self) -> None:
         super().close()
         self._http.close()
 
 
-def open_store(location: Location, endpoint_url: str | None = None, *, window_bytes: int | None = None,
-               windows: int | None = None, span_windows: int | None = None,
+def open_store(location: Location, endpoint_url: str | None = None, *, reads: RemoteReads | None = None,
                allowed_roots: list[str] | None = None, denied_roots: list[str] | None = None,
                retry: StorageRetry | None = None) -> Store:
-    """`allowed_roots`/`denied_roots` confine a local store (see Confinement); None: unconfined."""
+    """`reads`: how a remote input is read (lanes, windows; lanes.RemoteReads). `allowed_roots`/
+    `denied_roots` confine a local store (see Confinement); None: unconfined."""
     if location.scheme == "file":
         return LocalStore(location, Confinement.of(allowed_roots, denied_roots))
     if location.scheme == "s3":
-        store: RemoteStore = S3Store(location, endpoint_url, retry)
-    elif location.scheme == "hf":
-        store = HubStore(location, retry)
-    else:
-        raise GraftError("invalid_uri", f"unsupported location {location}")
-    store.configure_windows(window_bytes, windows, span_windows)
-    return store
+        return S3Store(location, endpoint_url, retry, reads)
+    if location.scheme == "hf":
+        return HubStore(location, retry, reads)
+    raise GraftError("invalid_uri", f"unsupported location {location}")

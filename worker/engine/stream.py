@@ -197,6 +197,13 @@ class _Reader:
                  prefetch: int) -> None:
         self.blocks, self.stores, self.buffers, self.prefetch = blocks, stores, buffers, prefetch
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="graft-read")
+        # Stores that fetch ahead learn the whole order of the reads now (each store once: roles may share one).
+        expected: dict[int, tuple[Store, list[tuple[str, int, int]]]] = {}
+        for block in blocks:
+            for role, file, start, length in block.reads:
+                expected.setdefault(id(stores[role]), (stores[role], []))[1].append((file, start, length))
+        for store, reads in expected.values():
+            store.expect(reads)
         self.window: deque[list[tuple[memoryview, Future]]] = deque()
         self.submitted = 0
 
