@@ -305,6 +305,7 @@ def test_hf_lanes_follow_the_redirect_once_per_file_and_retry_5xx(models, expect
             hub.fail(3, 503)  # the first file requests: the servers are busy
             uris = {role: f"hf://graft-test/{role.replace('_', '-')}" for role in models}
             graft(uris, tmp_path / "out", settings_overrides={**SMALL, "storage_retry_seconds": 20})
+            connections = proxy.accepted
     finally:
         hub.stop()
     _same(expected, lambda name: (tmp_path / "out" / name).read_bytes())
@@ -317,6 +318,8 @@ def test_hf_lanes_follow_the_redirect_once_per_file_and_retry_5xx(models, expect
     assert redirects and set(redirects.values()) == {1}, redirects
     ranged = [r for r in requests if r["file"].endswith(".safetensors") and r["status"] == 206]
     assert len(ranged) > 3 * len(models) and all(r["route"] == "cdn" for r in ranged)
+    # this server keeps connections open: the lanes' are reused from one ranged GET to the next
+    assert connections <= 3 * (SMALL["remote_lanes"] + 4) < len(requests), (connections, len(requests))
     assert any("503" in r.getMessage() for r in storage_log.records)
 
 

@@ -105,9 +105,9 @@ class Settings(BaseSettings):
                               "on a pooled connection; storage serves each connection at a capped rate")
     remote_stall_seconds: float = Field(10.0, description="a ranged GET that receives no bytes for this long is "
                                         "re-issued from where it stopped (0: only GRAFT_STORAGE_TIMEOUT_SECONDS)")
-    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: parts x part "
-                                    "bytes); the output is a third of the input bytes, so as many as lanes keeps "
-                                    "the upload at the pace of one input's reads")
+    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: (parts + 1) x "
+                                    "part bytes); the output is a third of the input bytes, so as many parts as an "
+                                    "input has lanes keep the upload at the pace of the reads")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -291,11 +291,21 @@ class _S3Writer(FileWriter):
     def _send(self, part: bytes) -> None:
         if self.upload_id is None:
             sink = self.sink
-            resp = sink.call(f"starting the upload of {self.name}",
-                             lambda: sink.client.create_multipart_upload(Bucket=sink.bucket, Key=self.key))
+            resp = sink.call(f"starting the upload of {self.name}", self._create)
             self.upload_id = resp["UploadId"]
             sink.track_upload(self.key, self.upload_id)
         self.parts.append(self.sink.upload_part(self.key, self.upload_id, len(self.parts) + 1, part))
+
+    def _create(self) -> dict:
+        sink = self.sink
+        try:
+            resp = sink.client.create_multipart_upload(Bucket=sink.bucket, Key=self.key)
+        except Exception:
+            sink.strays_possible = True  # it may have landed, its answer lost: an upload we hold no id of
+            raise
+        if resp.get("ResponseMetadata", {}).get("RetryAttempts"):
+            sink.strays_possible = True  # botocore sent it again: the first may have landed too
+        return resp
 
     def _finish(self) -> None:
         if self.upload_id is None:
@@ -357,6 +367,7 @@ class S3Sink(Sink):
         self._uploads: dict[str, str] = {}
         self._keys: set[str] = set()  # every key this graft has written or may have
         self._manifest: bytes | None = None  # once its PUT was sent: it may have landed, answered or not
+        self.strays_possible = False  # a multipart upload of ours may exist that we hold no id of
         self.writer = writer or uuid.uuid4().hex
         self._claim()
 
@@ -532,10 +543,11 @@ class S3Sink(Sink):
 
     def _abort_strays(self) -> None:
         """Every upload of ours is complete by now; one still open on a key of ours was created by a request
-        whose answer never came (a timeout, a reset) and that landed all the same: abort it."""
+        whose answer never came (a timeout, a reset) and that landed all the same: abort it. Only looked for
+        when such a request was seen, so that a graft's end is its last parts, completions and manifest."""
         with self._lock:
             keys = set(self._keys)
-        if keys:
+        if keys and self.strays_possible:
             prefix = f"{self.prefix}/" if self.prefix else ""
             for key, upload_id in self._list_uploads(prefix):
                 if key in keys:
