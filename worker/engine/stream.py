@@ -16,7 +16,7 @@ import torch
 
 from .buffers import BufferPool
 from .errors import GraftCancelled, GraftError
-from .merging import MergeContext, merge_chunks
+from .merging import MergeContext, Scratch, merge_chunks
 from .methods.base import magnitude_bits
 from .plan import OutputTensor, Plan, Segment, Shard
 from .rank_select import RankSelect
@@ -327,6 +327,7 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
     stat_plan = Plan(pseudo, [Shard("statistics", pseudo)], [], [], {}, False, {})
     blocks = build_blocks(stat_plan, block_bytes, canon)
     threads = _one_compute_thread(device)
+    scratch, cpu = Scratch(), torch.device("cpu")
     read = 0
     try:
         for pass_index, (add, finish) in enumerate((("add_coarse", "finish_coarse"), ("add_fine", "finish_fine"))):
@@ -344,7 +345,10 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
                         f = _view(buffers, piece.reads[f_role], piece.tensor.sources[f_role].dtype, count)
                         compute = DTYPES[piece.tensor.compute_dtype]
                         for i in range(0, count, CHUNK):
-                            delta = f[i:i + CHUNK].to(compute) - s[i:i + CHUNK].to(compute)
+                            m = min(CHUNK, count - i)
+                            delta, base = scratch.get("delta", m, compute, cpu), scratch.get("base", m, compute, cpu)
+                            delta.copy_(f[i:i + m])
+                            delta.sub_(base.copy_(s[i:i + m]))
                             getattr(selector, add)(magnitude_bits(delta))
                         if piece.last:
                             getattr(selector, finish)()
