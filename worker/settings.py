@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from .engine.config import EngineSettings
 
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-class Settings(BaseSettings):
+class Settings(EngineSettings):
+    """The engine's knobs (worker/engine/config.py, inherited) and the service's."""
+
     model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     api_keys: str = ""
     allowed_roots: str = ""
     output_uri: str = ""
-    s3_endpoint_url: str | None = None
     allowed_buckets: str = ""
     webhook_secret: str = ""
     hf_enabled: bool = True
@@ -28,21 +30,6 @@ class Settings(BaseSettings):
     queue_name: str = "graft"
     max_attempts: int = 3
 
-    # Engine tuning: sizes are bytes.
-    block_bytes: int = Field(16 << 20, description="output bytes per streamed work block")
-    prefetch_blocks: int = Field(3, description="blocks read ahead of the compute")
-    io_threads: int = Field(4, description="threads issuing ranged reads")
-    max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
-    remote_window_bytes: int = Field(16 << 20, description="remote inputs are fetched in aligned windows this "
-                                     "large, one ranged GET per window (or per run of adjacent windows)")
-    remote_windows: int = Field(0, description="windows held per remote input, read-ahead included; 0 or fewer "
-                                "than GRAFT_REMOTE_LANES + 1: lanes + 1 (memory: windows x window bytes per input)")
-    remote_span_windows: int = Field(8, description="adjacent windows one ranged GET may cover when there are "
-                                     "more windows to fetch than idle lanes")
-    s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
-    hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
-    cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
-                           description="remembered input digests; empty to disable")
 
     # Service (API, queue worker, job records). Appended by the service work; see app/ and worker/jobs.py.
     key_prefix: str = Field("graft:", description="prefix of every Redis key of our own job records")
@@ -91,23 +78,10 @@ class Settings(BaseSettings):
     redis_wait_seconds: float = Field(300.0, description="how long a job waits for Redis to record its outcome "
                                       "(succeeded, failed, cancelled); past it the attempt fails and RQ retries it")
 
-    # Storage faults (worker/engine/faults.py, worker/jobs.py).
-    storage_retry_seconds: float = Field(30.0, description="seconds one S3/hub operation keeps retrying storage "
-                                         "faults (refused, reset, timed out, 5xx, throttled) before the attempt "
-                                         "fails with storage_error; 0: no retry")
-    storage_timeout_seconds: float = Field(30.0, description="seconds one storage request may wait to connect or "
-                                           "for the next bytes of an answer (a stalled connection is a fault)")
+    # Storage faults between job attempts (worker/jobs.py).
     retry_backoff: float = Field(5.0, description="seconds before a job that failed with storage_error is tried "
                                  "again; doubled for each further attempt (capped at 10 minutes)")
 
-    # Storage-speed I/O (worker/engine/lanes.py, stores.py, sinks.py).
-    remote_lanes: int = Field(8, description="ranged GETs in flight at once per remote input (S3 and hf://), each "
-                              "on a pooled connection; storage serves each connection at a capped rate")
-    remote_stall_seconds: float = Field(10.0, description="a ranged GET that receives no bytes for this long is "
-                                        "re-issued from where it stopped (0: only GRAFT_STORAGE_TIMEOUT_SECONDS)")
-    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: (parts + 1) x "
-                                    "part bytes); the output is a third of the input bytes, so as many parts as an "
-                                    "input has lanes keep the upload at the pace of the reads")
 
     @property
     def api_key_list(self) -> list[str]:

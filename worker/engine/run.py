@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..settings import Settings, get_settings
+from .config import EngineSettings
 from .errors import GraftCancelled, GraftError, GraftSuperseded
 from .faults import StorageRetry
 from .input_hashes import InputHasher
@@ -60,11 +60,11 @@ class GraftResult:
         return self.manifest["stats"]
 
 
-def storage_retry(settings: Settings) -> StorageRetry:
+def storage_retry(settings: EngineSettings) -> StorageRetry:
     return StorageRetry(budget=settings.storage_retry_seconds, timeout=settings.storage_timeout_seconds)
 
 
-def remote_reads(settings: Settings) -> RemoteReads:
+def remote_reads(settings: EngineSettings) -> RemoteReads:
     return RemoteReads(lanes=settings.remote_lanes, window_bytes=settings.remote_window_bytes,
                        windows=settings.remote_windows, span_windows=settings.remote_span_windows,
                        stall_seconds=settings.remote_stall_seconds)
@@ -81,10 +81,10 @@ def _side_files_of(uri: str, uris: dict[str, str]) -> tuple[str, ...]:
     return names
 
 
-def resolve_inputs(request: GraftRequest, settings: Settings | None = None, *,
+def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None, *,
                    side_files: bool = False) -> dict[str, ResolvedModel]:
     """`side_files`: also fetch the small files the output copies (a graft, not a dry run), all at once."""
-    settings = settings or get_settings()
+    settings = settings or EngineSettings()
     uris = request.inputs()
     # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
     first_role: dict[str, str] = {}
@@ -122,7 +122,7 @@ def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:
     return {role: first.setdefault(id(m), role) for role, m in models.items()}
 
 
-def memory_bound(models: dict[str, ResolvedModel], settings: Settings) -> dict:
+def memory_bound(models: dict[str, ResolvedModel], settings: EngineSettings) -> dict:
     """What remote I/O holds at most: per remote input, its windows (lanes x window bytes, plus the window
     being read); for an S3 output, its parts in flight plus the one being filled."""
     canon = canonical_roles(models)
@@ -132,10 +132,10 @@ def memory_bound(models: dict[str, ResolvedModel], settings: Settings) -> dict:
             "s3_output_bytes": settings.s3_part_bytes * (max(1, settings.s3_parts_in_flight) + 1)}
 
 
-def plan_graft(request: GraftRequest, settings: Settings | None = None, *,
+def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
                side_files: bool = False) -> tuple[Plan, dict[str, ResolvedModel]]:
     """The --dry-run: everything decided from headers alone (`side_files`: see resolve_inputs)."""
-    settings = settings or get_settings()
+    settings = settings or EngineSettings()
     models = resolve_inputs(request, settings, side_files=side_files)
     try:
         if request.recipe is not None:
@@ -220,11 +220,11 @@ def _index(plan: Plan) -> bytes:
     return (json.dumps(index, indent=2) + "\n").encode()
 
 
-def run_graft(request: GraftRequest, *, settings: Settings | None = None,
+def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
               progress: Callable[[Progress], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
               warn: Callable[[dict], None] | None = None) -> GraftResult:
-    settings = settings or get_settings()
+    settings = settings or EngineSettings()
     output = parse_uri(request.output, field="output")
     device = pick_device(request.options.device)
     report = progress or (lambda p: None)
@@ -239,7 +239,7 @@ def run_graft(request: GraftRequest, *, settings: Settings | None = None,
         close_models(models)
 
 
-def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, settings: Settings,
+def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, settings: EngineSettings,
                      report: Callable[[Progress], None], total: Progress,
                      should_cancel: Callable[[], bool] | None) -> int:
     """A recipe's magnitude thresholds (exact, two reads of the diffs concerned) before the compute pass;
@@ -263,7 +263,7 @@ def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, se
 
 
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
-                 settings: Settings, report: Callable[[Progress], None],
+                 settings: EngineSettings, report: Callable[[Progress], None],
                  should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
                  resolve_seconds: float) -> GraftResult:
     started = time.perf_counter()

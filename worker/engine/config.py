@@ -1,0 +1,42 @@
+"""The engine's own settings: how it streams, reads and writes. Every knob comes from the environment with
+the GRAFT_ prefix. The engine reads nothing else; the service's Settings (worker/settings.py) extends this class,
+so a service Settings object is an engine one, and the CLI passes either."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+
+    block_bytes: int = Field(16 << 20, description="output bytes per streamed work block")
+    prefetch_blocks: int = Field(3, description="blocks read ahead of the compute")
+    io_threads: int = Field(4, description="threads issuing ranged reads")
+    max_header_bytes: int = Field(100 << 20, description="cap on a safetensors JSON header")
+    remote_window_bytes: int = Field(16 << 20, description="remote inputs are fetched in aligned windows this "
+                                     "large, one ranged GET per window (or per run of adjacent windows)")
+    remote_windows: int = Field(0, description="windows held per remote input, read-ahead included; 0 or fewer "
+                                "than GRAFT_REMOTE_LANES + 1: lanes + 1 (memory: windows x window bytes per input)")
+    remote_span_windows: int = Field(8, description="adjacent windows one ranged GET may cover when there are "
+                                     "more windows to fetch than idle lanes")
+    remote_lanes: int = Field(8, description="ranged GETs in flight at once per remote input (S3 and hf://), each "
+                              "on a pooled connection; storage serves each connection at a capped rate")
+    remote_stall_seconds: float = Field(10.0, description="a ranged GET that receives no bytes for this long is "
+                                        "re-issued from where it stopped (0: only GRAFT_STORAGE_TIMEOUT_SECONDS)")
+    s3_endpoint_url: str | None = None
+    s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
+    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: (parts + 1) x "
+                                    "part bytes); the output is a third of the input bytes, so as many parts as an "
+                                    "input has lanes keep the upload at the pace of the reads")
+    storage_retry_seconds: float = Field(30.0, description="seconds one S3/hub operation keeps retrying storage "
+                                         "faults (refused, reset, timed out, 5xx, throttled) before the attempt "
+                                         "fails with storage_error; 0: no retry")
+    storage_timeout_seconds: float = Field(30.0, description="seconds one storage request may wait to connect or "
+                                           "for the next bytes of an answer (a stalled connection is a fault)")
+    hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
+    cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
+                           description="remembered input digests; empty to disable")
