@@ -17,6 +17,7 @@ from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from .job_store import ACTIVE, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
+from .statuses import JobStatus
 from .uri_policy import check_uri, scope_for
 
 # Engine error codes worth another attempt: the storage may come back. Everything else is the request's
@@ -82,8 +83,9 @@ class _Lease(threading.Thread):
 class _Reporter:
     """Engine callbacks -> job record: progress throttled to settings.progress_interval, phases as status."""
 
-    PHASE_STATUS = {"resolving": "validating", "planning": "validating", "streaming": "running",
-                    "committing": "committing", "done": "committing"}
+    # Engine phases (worker.engine.run.Phase) -> job statuses; anything else (statistics) is "running".
+    PHASE_STATUS = {"resolving": JobStatus.VALIDATING, "streaming": JobStatus.RUNNING,
+                    "committing": JobStatus.COMMITTING, "done": JobStatus.COMMITTING}
 
     def __init__(self, store: JobStore, job_id: str, settings: Settings, attempt: int = 0) -> None:
         self.store, self.job_id, self.settings = store, job_id, settings
@@ -108,7 +110,7 @@ class _Reporter:
             self.phase = p.phase
             self._phase_due = True
         if self._phase_due:
-            status = self.PHASE_STATUS.get(p.phase, "running")
+            status = self.PHASE_STATUS.get(p.phase, JobStatus.RUNNING)
             written, _ = self._redis.call(self.store.transition, self.job_id, ("validating", "running", "committing"),
                                           status, event={"type": "phase", "phase": p.phase})
             if written:

@@ -11,7 +11,8 @@ from importlib import import_module
 _EXPORTS = {
     "GraftCancelled": "errors", "GraftError": "errors", "GraftSuperseded": "errors",
     "GraftOptions": "options", "GraftRequest": "options", "parse_size": "options",
-    "GraftResult": "run", "Progress": "run", "plan_graft": "run", "resolve_inputs": "run", "run_graft": "run",
+    "GraftResult": "run", "Phase": "run", "Progress": "run", "plan_graft": "run", "resolve_inputs": "run",
+    "run_graft": "run",
     "MANIFEST": "sinks",
     "Location": "uris", "parse_uri": "uris",
 }

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -33,9 +34,19 @@ log = logging.getLogger("graft.engine")
 WEAK_CONNECTIVITY = 0.5
 
 
+class Phase(StrEnum):
+    """Where a graft is: the engine reports it, the worker maps it to job statuses, events name it."""
+
+    RESOLVING = "resolving"
+    STATISTICS = "statistics"  # a recipe's magnitude thresholds, read before the compute pass
+    STREAMING = "streaming"  # the compute pass: every output byte is written here
+    COMMITTING = "committing"
+    DONE = "done"
+
+
 @dataclass
 class Progress:
-    phase: str  # resolving | planning | streaming | committing | done
+    phase: Phase
     tensors_done: int = 0
     tensors_total: int = 0
     bytes_read: int = 0
@@ -228,7 +239,7 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
     output = parse_uri(request.output, field="output")
     device = pick_device(request.options.device)
     report = progress or (lambda p: None)
-    report(Progress("resolving"))
+    report(Progress(Phase.RESOLVING))
     t0 = time.perf_counter()
     plan, models = plan_graft(request, settings, side_files=True)
     resolve_seconds = time.perf_counter() - t0
@@ -248,7 +259,7 @@ def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, se
         return 0
     from .stream import rank_statistics
 
-    phase = Progress("statistics", tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+    phase = Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
     report(phase)
 
     def on_pass(index: int, done: int, blocks: int) -> None:
@@ -272,10 +283,10 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                    for d in plan.source_only]
     for w in plan.warnings + source_only:
         warn(w)
-    total = Progress("streaming", tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
+    total = Progress(Phase.STREAMING, tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     # A recipe's statistics pass runs first: a job's events must not say streaming before it has begun.
     statistics_first = plan.merge is not None and bool(plan.merge.windows())
-    report(Progress("statistics", tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+    report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
            if statistics_first else total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
                            parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
@@ -315,7 +326,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                              + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
         if should_cancel is not None and should_cancel():
             raise GraftCancelled()
-        total.phase = "committing"
+        total.phase = Phase.COMMITTING
         report(total)
         records += side_records
         hasher.join()
@@ -348,9 +359,9 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         except Exception as exc:  # the original failure is the one to report
             log.warning("cleaning up %s after a failed graft failed too: %s", output, exc)
         raise
-    total.phase = "done"
+    total.phase = Phase.DONE
     report(total)
     return GraftResult(str(output), manifest_uri, records, manifest, warnings)
 
 
-__all__ = ["GraftResult", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]
+__all__ = ["GraftResult", "Phase", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]
