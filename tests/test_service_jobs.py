@@ -301,3 +301,35 @@ def test_an_attempt_taken_for_dead_stops_when_a_newer_one_starts(redis_url, trio
     finally:
         for key in conn.scan_iter(match=f"{settings.key_prefix}*"):
             conn.delete(key)
+
+
+def test_recipe_job_matches_local_run(svc, trio, tmp_path):
+    """A recipe through the API (diffs in place of the three fields, a merge, rules): the job records it, the
+    statistics phase shows in the events, and the output equals the engine's own run of the same recipe."""
+    from worker.engine import GraftRequest, run_graft
+    from worker.engine.recipe import load_recipe
+    from worker.settings import Settings
+
+    diffs = [{"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['source_finetuned']}",
+              "weight": [0.5, 1.0]},
+             {"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['target_base']}",
+              "weight": 0.5, "transform": {"method": "dare", "drop": 0.5, "seed": 3}}]
+    body = {"target_base": f"file://{trio['target_base']}", "diffs": diffs, "merge": {"method": "ties", "density": 0.3},
+            "rules": [{"match": "embed_tokens|lm_head", "weight": 0.0}],
+            "options": {"vocab": "target", "shard_size": "40KB"}}
+    recipe = load_recipe({k: v for k, v in body.items()})
+    expected = str(tmp_path / "expected")
+    run_graft(GraftRequest.from_recipe(recipe, expected), settings=Settings(cache_dir=""))
+    with svc.client() as c:
+        resp = c.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["recipe"]["merge"]["method"] == "ties"
+        done = wait_job(c, resp.json()["id"])
+        assert done["status"] == "succeeded", done
+        phases = [e.get("phase") for e in c.get(f"/v1/jobs/{done['id']}/events").json()["data"] if e["type"] == "phase"]
+        assert phases.index("statistics") < phases.index("streaming")
+        both = c.post("/v1/jobs", json={**body, "source_base": diffs[0]["source_base"]})
+        assert both.status_code == 422 and both.json()["errors"][0]["field"] == "source_base"
+    got = read_local(done["output"].removeprefix("file://"))
+    compare_dirs(expected, got)
+    assert json.loads(got["graft-manifest.json"])["recipe"]["merge"]["method"] == "ties"
