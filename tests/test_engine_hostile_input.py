@@ -439,3 +439,32 @@ def test_denied_roots_carve_out_inside_allowed(tmp_path):
     assert not confinement.admits(str(shared / "tenant-b" / "model.safetensors"))
     assert not confinement.admits(str(tmp_path) + "-sibling/x")  # a prefix of the name is not a parent
     assert Confinement.of(None) is None
+
+
+def test_a_failed_attempt_that_was_superseded_leaves_the_output_alone(tmp_path):
+    """The fence is asked again before a failed attempt cleans up: when a newer attempt owns the output, the
+    failure becomes GraftSuperseded and nothing is deleted (abandon, not abort)."""
+    from worker.engine import GraftRequest, run_graft
+    from worker.engine.errors import GraftSuperseded
+    from worker.sample_models import make_trio
+    from worker.settings import Settings
+
+    paths = make_trio(str(tmp_path / "trio"))
+    taken_over = []
+
+    def should_cancel() -> bool:
+        if taken_over:  # by the time the stream failed, a newer attempt had taken the output over
+            raise GraftSuperseded("attempt 2 took over from attempt 1")
+        return False
+
+    def progress(p) -> None:
+        if p.phase == "streaming" and p.bytes_written:
+            taken_over.append(True)
+            raise OSError("the disk went away")
+
+    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"],
+                           str(tmp_path / "out"))
+    with pytest.raises(GraftSuperseded) as err:
+        run_graft(request, settings=Settings(cache_dir="", block_bytes=4096), progress=progress,
+                  should_cancel=should_cancel)
+    assert isinstance(err.value.__cause__, OSError)

@@ -273,6 +273,21 @@ def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, se
     return read
 
 
+def _superseded(should_cancel: Callable[[], bool] | None, failure: BaseException) -> bool:
+    """The fence, asked once more before a failed attempt cleans up: a newer attempt of the same job may
+    have taken the output over while this one failed (a storage fault, say), and its objects carry the same
+    names as this one's."""
+    if should_cancel is None or isinstance(failure, GraftCancelled | KeyboardInterrupt):
+        return False
+    try:
+        should_cancel()
+    except GraftSuperseded:
+        return True
+    except Exception:  # the check itself failing says nothing about who owns the output
+        return False
+    return False
+
+
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
                  settings: EngineSettings, report: Callable[[Progress], None],
                  should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
@@ -353,7 +368,10 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     except GraftSuperseded:
         sink.abandon()
         raise
-    except BaseException:
+    except BaseException as failure:
+        if _superseded(should_cancel, failure):  # the output is the newer attempt's: touch nothing there
+            sink.abandon()
+            raise GraftSuperseded() from failure
         try:
             sink.abort()
         except Exception as exc:  # the original failure is the one to report
