@@ -63,9 +63,10 @@ def _recipe(body: JobCreate) -> Recipe | None:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is not None:
                 raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
-        if body.options.alpha != 1.0:
-            raise field_error("options.alpha", "a recipe's strength is each diff's weight; leave alpha out")
-        diffs = body.diffs
+        alpha = body.options.alpha  # beside diffs: a strength applied to every diff's weight
+        diffs = body.diffs if alpha == 1.0 else [d.model_copy(update={"weight": [w * alpha for w in d.weight]
+                                                                       if isinstance(d.weight, list)
+                                                                       else d.weight * alpha}) for d in body.diffs]
     else:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is None:

@@ -24,7 +24,8 @@ MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 class Options(RecipeOptions):
     """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
 
-    alpha: float = Field(1.0, strict=True, allow_inf_nan=False, description="scale of the diff (a JSON number)")
+    alpha: float = Field(1.0, strict=True, allow_inf_nan=False, description="scale of the diff (a JSON number); "
+                         "with `diffs`, a factor on every diff's weight")
 
 
 def _metadata_schema(schema: dict) -> None:
@@ -36,8 +37,18 @@ def _metadata_schema(schema: dict) -> None:
         schema["additionalProperties"] = value_schema
 
 
+def _either_diffs_or_three_fields(schema: dict) -> None:
+    """A recipe's `diffs` take the place of source_base and source_finetuned: the schema says so."""
+    def given(*names: str, kind: str = "string") -> dict:  # present and not null
+        return {"required": list(names), "properties": {n: {"type": kind} for n in names}}
+
+    schema["anyOf"] = [{**given("diffs", kind="array"),
+                        "not": {"anyOf": [given("source_base"), given("source_finetuned")]}},
+                       {**given("source_base", "source_finetuned"), "not": given("diffs", kind="array")}]
+
+
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
     source_base: str | None = Field(None, **URI_FIELD)
     source_finetuned: str | None = Field(None, **URI_FIELD)
     target_base: str = URI

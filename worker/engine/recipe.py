@@ -14,9 +14,11 @@ override the weight and/or the transform of every diff for the tensors they matc
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import GraftError
 from .methods import MERGES, TRANSFORMS
@@ -38,6 +40,16 @@ Weight = Number | Annotated[list[Number], Field(min_length=1, max_length=MAX_WEI
 URI = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
+@contextmanager
+def _as_validation_error():
+    """An engine check inside a pydantic validator: its GraftError becomes a validation error that keeps the
+    engine's code as its type (a refusal for a reason no schema states, such as a pattern RE2 cannot run)."""
+    try:
+        yield
+    except GraftError as err:
+        raise PydanticCustomError(err.code, err.message) from None
+
+
 class Diff(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source_base: URI
@@ -46,8 +58,13 @@ class Diff(BaseModel):
     transform: Transform | None = Field(None, description="applied to this diff before the merge")
 
 
+def _rule_says_something(schema: dict) -> None:
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("weight", "transform")]
+
+
 class Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rule_says_something)
     match: str = Field(min_length=1, max_length=MAX_PATTERN_LENGTH, description="RE2 regex, searched in the name")
     weight: Weight | None = Field(None, description="replaces every diff's weight for matching tensors")
     transform: Transform | None = Field(None, description="replaces every diff's transform for matching tensors")
@@ -56,7 +73,8 @@ class Rule(BaseModel):
     def _says_something(self) -> Rule:
         if self.weight is None and self.transform is None:
             raise ValueError("a rule sets a weight, a transform or both")
-        check_patterns([self.match], "rules.match")
+        with _as_validation_error():
+            check_patterns([self.match], "rules.match")
         return self
 
 
@@ -104,14 +122,16 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target_base: URI
     diffs: list[Diff] = Field(min_length=1, max_length=MAX_DIFFS)
-    merge: Merge = Field(default_factory=SumParams, description="how the diffs combine (default: sum)")
+    merge: Merge = Field(default_factory=lambda: SumParams(method="sum"), description="how the diffs combine "
+                         "(default: sum)")
     rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES,
                               description="per-tensor overrides, first match wins")
     options: RecipeOptions = Field(default_factory=RecipeOptions)
 
     @model_validator(mode="after")
     def _engine_checks(self) -> Recipe:
-        self.options.engine_options()  # sizes and patterns, with the engine's messages
+        with _as_validation_error():
+            self.options.engine_options()  # sizes and patterns, with the engine's messages
         return self
 
     @classmethod

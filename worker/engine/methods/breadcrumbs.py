@@ -13,7 +13,7 @@ from .base import RankWindow, TransformMethod
 
 class BreadcrumbsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["breadcrumbs"] = "breadcrumbs"
+    method: Literal["breadcrumbs"]
     density: float = Field(gt=0, le=1, description="fraction kept below the dropped outliers")
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of the largest |delta| dropped as outliers")
 

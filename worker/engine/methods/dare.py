@@ -21,7 +21,7 @@ _M32 = 0xFFFFFFFF
 
 class DareParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["dare"] = "dare"
+    method: Literal["dare"]
     drop: float = Field(ge=0, lt=1, description="probability that an element of the delta is dropped")
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
 

@@ -14,7 +14,7 @@ from .ties import elect
 
 class DareTiesParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: Literal["dare_ties"] = "dare_ties"
+    method: Literal["dare_ties"]
     density: float = Field(gt=0, le=1, description="probability that an element of each delta is kept")
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
     normalize: bool = Field(True, description="divide by the sum of the agreeing weights")
@@ -26,7 +26,7 @@ class DareTies(MergeMethod):
     Params = DareTiesParams
 
     def default_transform(self, params: DareTiesParams) -> BaseModel | None:
-        return DareParams(drop=1.0 - params.density, seed=params.seed) if params.density < 1 else None
+        return DareParams(method="dare", drop=1.0 - params.density, seed=params.seed) if params.density < 1 else None
 
     def combine(self, out, deltas, weights, params: DareTiesParams, tally, scratch):
         elect(out, deltas, weights, params.normalize, params.lambda_, tally, scratch)

@@ -12,7 +12,7 @@ from .base import RankWindow, TransformMethod
 
 class MagnitudeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["magnitude"] = "magnitude"
+    method: Literal["magnitude"]
     density: float = Field(gt=0, le=1, description="fraction of each tensor's delta kept, by magnitude")
 
 

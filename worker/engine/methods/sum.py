@@ -12,7 +12,7 @@ from .base import MergeMethod
 
 class SumParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: Literal["sum"] = "sum"
+    method: Literal["sum"]
     normalize: bool = Field(False, description="divide by the sum of the weights")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
 

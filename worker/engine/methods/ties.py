@@ -18,7 +18,7 @@ from .magnitude import MagnitudeParams
 
 class TiesParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: Literal["ties"] = "ties"
+    method: Literal["ties"]
     density: float = Field(1.0, gt=0, le=1, description="fraction of each delta kept by magnitude before the vote")
     normalize: bool = Field(True, description="divide by the sum of the agreeing weights (the disjoint mean)")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
@@ -69,7 +69,7 @@ class Ties(MergeMethod):
     Params = TiesParams
 
     def default_transform(self, params: TiesParams) -> BaseModel | None:
-        return MagnitudeParams(density=params.density) if params.density < 1 else None
+        return MagnitudeParams(method="magnitude", density=params.density) if params.density < 1 else None
 
     def combine(self, out, deltas, weights, params: TiesParams, tally, scratch):
         elect(out, deltas, weights, params.normalize, params.lambda_, tally, scratch)
