@@ -6,6 +6,8 @@ mergekit's formula written here."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -205,7 +207,9 @@ def test_refused_models_and_semantics():
     assert "models[1].extra" in _refused(cfg)
     linear = {"merge_method": "linear", "base_model": BASE, "models": [{"model": FT1, "parameters": {"weight": 1}}]}
     assert "weighs the base model" in _refused(linear)
-    linear["models"].append({"model": BASE, "parameters": {"weight": 1}})
+    linear["models"].append({"model": BASE, "parameters": {"weight": [1, 2]}})
+    assert ": models[1].parameters.weight:" in _refused(linear)  # the base's weight, named where it is
+    linear["models"][1]["parameters"]["weight"] = 1
     linear["parameters"] = {"normalize": False}
     assert "parameters.normalize" in _refused(linear)
     assert "not valid YAML" in _refused("merge_method: [ties")
@@ -266,3 +270,14 @@ out_dtype: bfloat16
         assert ulp_error(t, ref).max() <= 1.0, name
         exact = torch.equal(t, correctly_rounded(ref, torch.bfloat16))
         assert exact or (t != correctly_rounded(ref, torch.bfloat16)).float().mean() < 1e-3, name
+
+
+def test_the_cli_refuses_naming_the_key(tmp_path):
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(yaml.safe_dump(_config("ties", {"weight": 1, "density": 0.5}, tokenizer_source="union")))
+    graft = os.path.join(os.path.dirname(sys.executable), "graft")
+    proc = subprocess.run([graft, "run", "--mergekit-config", str(cfg), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "[invalid_recipe]" in proc.stderr and "tokenizer_source" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -233,11 +233,12 @@ def _scalar(value: Any, key: str) -> float:
     return _number(value, key)
 
 
-def _diffs(models: Any, top: dict, method: _Method, base: str, resolve_local: bool) -> tuple[list[dict], Any]:
+def _diffs(models: Any, top: dict, method: _Method, base: str,
+           resolve_local: bool) -> tuple[list[dict], tuple[Any, str]]:
     """One diff per model other than the base, and the base's own weight (linear counts it)."""
     if not isinstance(models, list) or not models:
         raise _refuse("models", "a list of models to merge is required")
-    diffs, seen, base_weight = [], set(), top.get("weight")
+    diffs, seen, base_weight = [], set(), (top.get("weight"), "parameters.weight")
     for i, entry in enumerate(models):
         key = f"models[{i}]"
         if isinstance(entry, str):
@@ -253,7 +254,9 @@ def _diffs(models: Any, top: dict, method: _Method, base: str, resolve_local: bo
         seen.add(uri)
         params = {**top, **_parameters(entry.get("parameters"), f"{key}.parameters", set(method.per_model))}
         if uri == base:
-            base_weight = params.get("weight")  # the base's delta is zero; only linear's average counts it
+            if "weight" in params:  # the base's delta is zero; only linear's average counts its weight
+                base_weight = (params["weight"], f"{key}.parameters.weight" if "weight" in (
+                    entry.get("parameters") or {}) else "parameters.weight")
             continue
         diffs.append(_diff(params, method, base, uri, key))
     if not diffs:
@@ -282,13 +285,13 @@ def _diff(params: dict, method: _Method, base: str, uri: str, key: str) -> dict:
     return diff
 
 
-def _linear_weights(diffs: list[dict], base_weight: Any, normalize: bool) -> None:
+def _linear_weights(diffs: list[dict], base_weight: tuple[Any, str], normalize: bool) -> None:
     """linear: sum_i w_i m_i (/ sum_i w_i) = base + sum_i w_i (m_i - base) / W, where W = sum of all the
     weights, the base's included (or W = 1 without normalize, which only holds when the weights add to 1)."""
-    if base_weight is None:
+    if base_weight[0] is None:
         raise _refuse("models", "linear weighs the base model too: list base_model under models with its "
                       "weight, or set parameters.weight")
-    weights = [_number(base_weight, "base_model weight")]
+    weights = [_number(*base_weight)]
     for i, diff in enumerate(diffs):
         if isinstance(diff["weight"], list):
             raise _refuse(f"models[{i}].parameters.weight", "linear takes one weight per model here")
