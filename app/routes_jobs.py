@@ -56,35 +56,56 @@ def _options(body: JobCreate) -> dict:
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
 
 
-def _recipe(body: JobCreate) -> Recipe | None:
-    """The body's recipe beyond the plain transfer (None: today's three fields and alpha say it all).
-    `diffs` replace source_base/source_finetuned; `merge` and `rules` may go with either."""
+def _scaled(diffs: list[Diff], alpha: float) -> list[Diff]:
+    """Diffs with alpha applied to their weights: alpha beside diffs (or a mergekit config) is a strength on all."""
+    if alpha == 1.0:
+        return diffs
+    return [d.model_copy(update={"weight": [w * alpha for w in d.weight] if isinstance(d.weight, list)
+                                 else d.weight * alpha}) for d in diffs]
+
+
+def _recipe(body: JobCreate) -> Recipe:
+    """The recipe the body describes, in one of three ways: today's three fields (with alpha), `diffs` in place
+    of source_base/source_finetuned, or a mergekit config in place of all the models. `merge` and `rules` go
+    with the first two; `options` with all (over a mergekit config's own)."""
+    options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
+    if body.mergekit_config is not None:
+        for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
+            if getattr(body, name) is not None:
+                raise field_error(name, "a mergekit_config names the models and the method itself")
+        from worker.engine.mergekit_config import recipe_from_mergekit
+
+        try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
+            recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
+        except GraftError as err:
+            raise field_error("mergekit_config", err.message, err.code) from err
+        given = body.options.model_fields_set - {"alpha"}
+        merged = {**recipe.options.model_dump(), **options.model_dump(include=given)}
+        return recipe.model_copy(update={"diffs": _scaled(recipe.diffs, body.options.alpha),
+                                         "options": RecipeOptions.model_validate(merged)})
+    if body.target_base is None:
+        raise field_error("target_base", "required (or give a mergekit_config)", "missing")
     if body.diffs is not None:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is not None:
                 raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
-        alpha = body.options.alpha  # beside diffs: a strength applied to every diff's weight
-        diffs = body.diffs if alpha == 1.0 else [d.model_copy(update={"weight": [w * alpha for w in d.weight]
-                                                                       if isinstance(d.weight, list)
-                                                                       else d.weight * alpha}) for d in body.diffs]
+        diffs = _scaled(body.diffs, body.options.alpha)
     else:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is None:
                 raise field_error(role, "required (or give diffs)", "missing")
         diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned,
                       weight=body.options.alpha)]
-    try:
-        recipe = Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [],
-                        options=RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"})),
-                        **({"merge": body.merge} if body.merge is not None else {}))
-    except GraftError as err:
-        raise field_error("options", err.message, err.code) from err
-    return None if recipe.plain_alpha() is not None else recipe
+    return Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
+                  **({"merge": body.merge} if body.merge is not None else {}))
 
 
-def _inputs(body: JobCreate) -> dict[str, str]:
-    """Field name -> URI of every model the body names."""
-    named = {"target_base": body.target_base}
+def _inputs(body: JobCreate, recipe: Recipe) -> dict[str, str]:
+    """Field name -> URI of every model the body names (a mergekit config's under its own name)."""
+    if body.mergekit_config is not None:
+        return {f"mergekit_config ({uri})": uri for uri in
+                {recipe.target_base, *(u for d in recipe.diffs for u in (d.source_base, d.source_finetuned))}}
+    named = {"target_base": recipe.target_base}
     if body.diffs is None:
         named.update(source_base=body.source_base, source_finetuned=body.source_finetuned)
     for i, diff in enumerate(body.diffs or ()):
@@ -93,12 +114,23 @@ def _inputs(body: JobCreate) -> dict[str, str]:
     return named
 
 
-def _check_request(body: JobCreate, state: AppState, tenant: str) -> None:
+def _graft_fields(recipe: Recipe) -> dict:
+    """What the job record (and a preview process) needs of a recipe: the first diff's and the target's URIs,
+    the engine options, and the recipe itself unless it is the plain transfer."""
+    alpha = recipe.plain_alpha()
+    first = recipe.diffs[0]
+    return {"source_base": first.source_base, "source_finetuned": first.source_finetuned,
+            "target_base": recipe.target_base,
+            "options": recipe.options.engine_options(1.0 if alpha is None else alpha).to_dict(),
+            "recipe": recipe.to_dict() if alpha is None else None}
+
+
+def _check_request(body: JobCreate, recipe: Recipe, state: AppState, tenant: str) -> None:
     """Everything about a body that needs no job id: sizes, inputs, webhook (resolves the host: a thread)."""
     settings = state.settings
     if len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise field_error("metadata", f"larger than {settings.max_metadata_bytes} bytes", "too_large")
-    for name, uri in _inputs(body).items():
+    for name, uri in _inputs(body, recipe).items():
         try:
             check_uri(uri, name, settings, tenant=tenant)
         except PolicyError as err:
@@ -129,9 +161,9 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
              responses={**ERRORS, 400: PROBLEM, **LIMITED})
 def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                idempotency_key: str | None = Header(None, max_length=255)) -> Response:
-    options = _options(body)
+    _options(body)
     recipe = _recipe(body)
-    _check_request(body, state, tenant)
+    _check_request(body, recipe, state, tenant)
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
     settings, store = state.settings, state.store
@@ -142,10 +174,8 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
             return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
                                        "Retry-After": str(settings.retry_after_seconds)})
     doc = {"id": job_id, "object": "graft.job", "status": "queued", "created_at": now_iso(),
-           "started_at": None, "finished_at": None, "source_base": body.source_base or body.diffs[0].source_base,
-           "source_finetuned": body.source_finetuned or body.diffs[0].source_finetuned,
-           "target_base": body.target_base, "output": output, "options": options,
-           "recipe": recipe.to_dict() if recipe is not None else None, "metadata": body.metadata,
+           "started_at": None, "finished_at": None, **_graft_fields(recipe), "output": output,
+           "metadata": body.metadata,
            "webhook_url": body.webhook_url, "attempt": 0, "max_attempts": settings.max_attempts, "progress": None,
            "result": None, "error": None}
     try:
@@ -265,13 +295,9 @@ def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = 
                         504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
 async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                   state: AppState = Depends(app_state)) -> Response:
-    options = _options(body)
+    _options(body)
     recipe = _recipe(body)
-    await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), state, tenant)
+    await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)
     allowed, denied = scope_for(tenant, state.settings).engine_roots()
-    request = {"source_base": body.source_base or body.diffs[0].source_base,
-               "source_finetuned": body.source_finetuned or body.diffs[0].source_finetuned,
-               "target_base": body.target_base, "options": options,
-               "recipe": recipe.to_dict() if recipe is not None else None,
-               "confinement": {"allowed_roots": allowed, "denied_roots": denied}}
+    request = {**_graft_fields(recipe), "confinement": {"allowed_roots": allowed, "denied_roots": denied}}
     return _json({"object": "graft.plan", **await state.previews.plan(request)})

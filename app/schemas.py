@@ -38,24 +38,33 @@ def _metadata_schema(schema: dict) -> None:
 
 
 def _either_diffs_or_three_fields(schema: dict) -> None:
-    """A recipe's `diffs` take the place of source_base and source_finetuned: the schema says so."""
+    """The models come one way of three: today's three fields, target_base with `diffs`, or a mergekit config
+    alone (the schema says so, and the handler checks the same)."""
     def given(*names: str, kind: str = "string") -> dict:  # present and not null
         return {"required": list(names), "properties": {n: {"type": kind} for n in names}}
 
-    schema["anyOf"] = [{**given("diffs", kind="array"),
-                        "not": {"anyOf": [given("source_base"), given("source_finetuned")]}},
-                       {**given("source_base", "source_finetuned"), "not": given("diffs", kind="array")}]
+    models = ("target_base", "source_base", "source_finetuned")
+    schema["anyOf"] = [{"required": ["target_base", "diffs"],
+                        "properties": {"target_base": {"type": "string"}, "diffs": {"type": "array"}},
+                        "not": {"anyOf": [given("source_base"), given("source_finetuned"), given("mergekit_config")]}},
+                       {**given(*models), "not": {"anyOf": [given("diffs", kind="array"), given("mergekit_config")]}},
+                       {**given("mergekit_config"),
+                        "not": {"anyOf": [*(given(m) for m in models), given("diffs", kind="array"),
+                                          given("merge", kind="object"), given("rules", kind="array")]}}]
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
     source_base: str | None = Field(None, **URI_FIELD)
     source_finetuned: str | None = Field(None, **URI_FIELD)
-    target_base: str = URI
+    target_base: str | None = Field(None, **URI_FIELD)
     diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="a recipe's diffs, in place of "
                                      "source_base and source_finetuned (see README: recipes)")
     merge: Merge | None = Field(None, description="how a recipe's diffs combine (default: sum)")
     rules: list[Rule] | None = Field(None, max_length=100, description="a recipe's per-tensor overrides")
+    mergekit_config: str | None = Field(None, min_length=1, max_length=64 << 10, description="a mergekit YAML "
+                                        "of the task-vector family, in place of the models, merge and rules "
+                                        "(its base_model is the target and every diff's base)")
     output: str | None = Field(None, min_length=1, max_length=2048,
                                pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
                                description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<tenant>/<job id>/")

@@ -3,7 +3,8 @@
 A schema says which requests are well formed, not which models exist or which paths a tenant may use.
 Schemathesis' `positive_data_acceptance` therefore gives way to this stricter reading: a schema-valid request
 may be refused only with 422 for a reason no schema can state (the URI policy, a regular expression RE2
-cannot compile, a webhook address that is not public, a configured size limit, a model that is not there),
+cannot compile, a webhook address that is not public, a configured size limit, a model that is not there,
+a mergekit config that is no task-vector merge),
 and the refusal must say which; any other refusal of schema-valid data is a contract violation.
 """
 
@@ -14,7 +15,8 @@ import json
 import schemathesis
 
 SEMANTIC = {"uri_not_allowed", "invalid_option", "webhook_url_not_allowed", "webhook_url_invalid", "too_large",
-            "input_not_found", "invalid_input", "invalid_safetensors", "shape_conflict", "vocab_mismatch"}
+            "input_not_found", "invalid_input", "invalid_safetensors", "shape_conflict", "vocab_mismatch",
+            "invalid_recipe", "architecture_mismatch"}
 
 
 @schemathesis.check

@@ -333,3 +333,40 @@ def test_recipe_job_matches_local_run(svc, trio, tmp_path):
     got = read_local(done["output"].removeprefix("file://"))
     compare_dirs(expected, got)
     assert json.loads(got["graft-manifest.json"])["recipe"]["merge"]["method"] == "ties"
+
+
+def test_mergekit_config_job_matches_the_cli(svc, trio, tmp_path):
+    """The same mergekit YAML through the API and through `graft run --mergekit-config` writes the same bytes;
+    its model references go through the tenant's URI policy like any other."""
+    import subprocess
+    import sys
+
+    config = f"""merge_method: ties
+base_model: file://{trio['source_base']}
+models:
+  - model: file://{trio['source_finetuned']}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: file://{trio['target_base']}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: float32
+out_dtype: bfloat16
+"""
+    path = tmp_path / "ties.yml"
+    path.write_text(config)
+    expected = tmp_path / "expected"
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--mergekit-config", str(path), "--output",
+                           str(expected), "--shard-size", "40KB"], capture_output=True, text=True,
+                          env={**os.environ, "GRAFT_CACHE_DIR": ""}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with svc.client() as c:
+        resp = c.post("/v1/jobs", json={"mergekit_config": config, "options": {"shard_size": "40KB"}})
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["recipe"]["merge"]["method"] == "ties"
+        job = wait_job(c, resp.json()["id"])
+        assert job["status"] == "succeeded", job
+        refused = c.post("/v1/jobs", json={"mergekit_config": config.replace(f"file://{trio['target_base']}",
+                                                                            "file:///etc")})
+        assert refused.status_code == 422 and refused.json()["errors"][0]["type"] == "uri_not_allowed"
+        both = c.post("/v1/jobs", json={"mergekit_config": config, "target_base": f"file://{trio['target_base']}"})
+        assert both.status_code == 422 and both.json()["errors"][0]["field"] == "target_base"
+    compare_dirs(str(expected), read_local(job["output"].removeprefix("file://")))
