@@ -32,5 +32,6 @@ class AppState:
         self.redis.close()
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
+    """Async on purpose: no thread-pool hop for a lookup (see auth.tenant_of)."""
     return request.app.state.graft
