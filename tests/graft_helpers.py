@@ -36,6 +36,15 @@ def graft(paths: dict[str, str], output: str, *, settings_overrides: dict | None
     return result, warnings
 
 
+def multipart_trio(root: str) -> dict[str, str]:
+    """About 11 MB per model in one shard each: many windows and blocks per file, and an output that goes up
+    as a multipart upload (the remote-storage tests' models)."""
+    from worker.sample_models import LlamaShape, make_trio
+
+    shape = LlamaShape(vocab=8192, hidden=320, layers=1, intermediate=64, heads=4, kv_heads=2)
+    return make_trio(root, shape=shape, added_rows=0, shards=(1, 1, 1), target_only=False)
+
+
 def load_dir(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, whatever its sharding."""
     out: dict[str, torch.Tensor] = {}

@@ -13,14 +13,13 @@ from urllib.parse import urlparse
 
 import pytest
 from conftest import upload_dir
-from graft_helpers import graft
+from graft_helpers import graft, multipart_trio
 from service_fixtures import Service, compare_dirs, local_graft, read_s3, wait_job
 
 from worker.engine import GraftError
 from worker.engine.s3 import s3_client
 from worker.engine.sinks import MANIFEST, PENDING
 from worker.loopback import free_port
-from worker.sample_models import LlamaShape, make_trio
 from worker.tcp_proxy import FaultProxy
 
 # Small blocks and 8 MiB parts: the ~11 MB output is a multipart upload of two parts, streamed in many blocks.
@@ -30,9 +29,7 @@ STREAM = {"block_bytes": 512 << 10, "s3_part_bytes": 8 << 20, "prefetch_blocks":
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    shape = LlamaShape(vocab=8192, hidden=320, layers=1, intermediate=64, heads=4, kv_heads=2)
-    return make_trio(str(tmp_path_factory.mktemp("faults")), shape=shape, added_rows=0, shards=(1, 1, 1),
-                     target_only=False)
+    return multipart_trio(str(tmp_path_factory.mktemp("faults")))
 
 
 @pytest.fixture(scope="module")

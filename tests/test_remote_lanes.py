@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pytest
 from conftest import upload_dir
-from graft_helpers import graft
+from graft_helpers import graft, multipart_trio
 from hub_server import HubServer
 
 from worker.engine.faults import StorageRetry
@@ -23,7 +23,6 @@ from worker.engine.s3 import s3_client
 from worker.engine.sinks import MANIFEST, open_sink
 from worker.engine.stores import S3Store, open_store
 from worker.engine.uris import parse_uri
-from worker.sample_models import LlamaShape, make_trio
 from worker.tcp_proxy import FaultProxy
 
 SKIP = {MANIFEST, "README.md"}  # these name the input URIs
@@ -35,10 +34,7 @@ SMALL = {"block_bytes": 512 << 10, "prefetch_blocks": 1, "remote_window_bytes": 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """About 11 MB per model in one shard: many windows per file, a multipart output."""
-    shape = LlamaShape(vocab=8192, hidden=320, layers=1, intermediate=64, heads=4, kv_heads=2)
-    return make_trio(str(tmp_path_factory.mktemp("lanes")), shape=shape, added_rows=0, shards=(1, 1, 1),
-                     target_only=False)
+    return multipart_trio(str(tmp_path_factory.mktemp("lanes")))
 
 
 @pytest.fixture(scope="module")
