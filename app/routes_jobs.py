@@ -48,9 +48,10 @@ def rate_limited(tenant: str = Depends(tenant_of), state: AppState = Depends(app
     return tenant
 
 
-def _options(body: JobCreate) -> dict:
+def _check_options(body: JobCreate) -> None:
+    """The engine's checks of the options (RE2 patterns, sizes), with the failing option named."""
     try:
-        return GraftOptions(**body.options.model_dump()).to_dict()
+        GraftOptions(**body.options.model_dump())
     except GraftError as err:
         name = next((f for f in OPTION_FIELDS if err.message.startswith(f)), "")
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
@@ -161,7 +162,7 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
              responses={**ERRORS, 400: PROBLEM, **LIMITED})
 def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                idempotency_key: str | None = Header(None, max_length=255)) -> Response:
-    _options(body)
+    _check_options(body)
     recipe = _recipe(body)
     _check_request(body, recipe, state, tenant)
     job_id = new_job_id()
@@ -295,7 +296,7 @@ def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = 
                         504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
 async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                   state: AppState = Depends(app_state)) -> Response:
-    _options(body)
+    _check_options(body)
     recipe = _recipe(body)
     await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)
     allowed, denied = scope_for(tenant, state.settings).engine_roots()

@@ -17,19 +17,10 @@ from .methods import MERGES, TRANSFORMS
 from .methods.base import RankWindow
 from .methods.dare import draw_key
 from .model import ResolvedModel
-from .options import GraftOptions
+from .options import GraftOptions, base_role, finetuned_role
 from .plan import OutputTensor, Plan, Segment, build_plan
 from .recipe import Recipe, layer_position, rule_for, weight_at
-from .safetensors_format import DTYPES
 from .transforms import _FINITE_LIMIT, CHUNK, TensorStats, _finite
-
-
-def base_role(i: int) -> str:
-    return f"source_base.{i}"
-
-
-def finetuned_role(i: int) -> str:
-    return f"source_finetuned.{i}"
 
 
 @dataclass
@@ -234,7 +225,3 @@ def _connectivity(stats: TensorStats, target: torch.Tensor, base: torch.Tensor, 
     stats.target_sq += float(torch.dot(target, target))
     stats.bases_sq += float(torch.dot(bases, bases))
     stats.cross += float(torch.dot(bases, delta))
-
-
-def dtype_of(name: str) -> torch.dtype:
-    return DTYPES[name]

@@ -58,6 +58,15 @@ def _check_alpha(value: object) -> float:
     return alpha
 
 
+def base_role(i: int) -> str:
+    """The role of a recipe's i-th diff's base (and of its fine-tune, below): one spelling everywhere."""
+    return f"source_base.{i}"
+
+
+def finetuned_role(i: int) -> str:
+    return f"source_finetuned.{i}"
+
+
 @dataclass
 class GraftOptions:
     alpha: float = 1.0
@@ -115,8 +124,8 @@ class GraftRequest:
         roles = {"source_base": self.source_base, "source_finetuned": self.source_finetuned,
                  "target_base": self.target_base}
         for i, diff in enumerate(self.recipe.diffs if self.recipe is not None else ()):
-            roles[f"source_base.{i}"] = diff.source_base
-            roles[f"source_finetuned.{i}"] = diff.source_finetuned
+            roles[base_role(i)] = diff.source_base
+            roles[finetuned_role(i)] = diff.source_finetuned
         return roles
 
     @classmethod

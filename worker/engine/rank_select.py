@@ -25,10 +25,6 @@ class RankSelect:
         self.fine: dict[int, torch.Tensor] = {}
         self.chosen: dict[int, tuple[int, int]] = {}  # rank -> (high bin, elements in higher bins)
 
-    @property
-    def needed(self) -> bool:
-        return bool(self.ranks)
-
     def add_coarse(self, bits: torch.Tensor) -> None:
         counts = torch.bincount(bits >> 16, minlength=BINS)  # int32 bins: no int64 copy of the chunk
         self.coarse = counts if self.coarse is None else self.coarse.add_(counts)

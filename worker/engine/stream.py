@@ -18,6 +18,7 @@ from .buffers import BufferPool
 from .errors import GraftCancelled, GraftError
 from .merging import MergeContext, Scratch, merge_chunks
 from .methods.base import magnitude_bits
+from .options import base_role, finetuned_role
 from .plan import OutputTensor, Plan, Segment, Shard
 from .rank_select import RankSelect
 from .safetensors_format import DTYPES, build_header, itemsize
@@ -57,7 +58,7 @@ def _roles(tensor: OutputTensor, op: str) -> tuple[str, ...]:
     if op in ("merge", "stat"):  # a recipe's segment (or its statistics): every input it names
         return tuple(tensor.sources)
     if op.startswith("finetuned."):  # a recipe's extra vocabulary rows, from one diff's fine-tune
-        return (f"source_finetuned.{op.partition('.')[2]}",)
+        return (finetuned_role(int(op.partition(".")[2])),)
     return _ROLES_FOR_OP[op]
 
 
@@ -318,7 +319,7 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
     pseudo, selectors = [], {}
     for name, use in items:
         tensor = by_name[name]
-        roles = (f"source_base.{use.index}", f"source_finetuned.{use.index}")
+        roles = (base_role(use.index), finetuned_role(use.index))
         segments = [Segment("stat", seg.start, seg.stop) for seg in tensor.segments if seg.op == "merge"]
         key = f"{name}\x00{use.index}"
         pseudo.append(OutputTensor(key, "F32", tensor.shape, "stat", segments,
@@ -377,7 +378,7 @@ def _compute_piece(piece: Piece, buffers: list[memoryview], out: memoryview, ari
         uses = merge.uses[tensor.name]
         target = _view(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
         pairs = [tuple(_view(buffers, piece.reads[r], src[r].dtype, count)
-                       for r in (f"source_base.{u.index}", f"source_finetuned.{u.index}")) for u in uses]
+                       for r in (base_role(u.index), finetuned_role(u.index))) for u in uses]
         merge_chunks(out_t, target, pairs, uses, merge, tensor.name, piece.start, DTYPES[tensor.compute_dtype], st,
                      arithmetic.device, arithmetic.whole_pieces)
         return
