@@ -40,3 +40,11 @@ class EngineSettings(BaseSettings):
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
     cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
                            description="remembered input digests; empty to disable")
+    # Running the models (the function-level probe, the evaluation of a graft, an alpha sweep's scoring).
+    eval_memory_bytes: int = Field(8 << 30, description="memory the models loaded at once for a function-level "
+                                   "probe or an evaluation may take (float32 parameters); past it the probe or "
+                                   "evaluation is refused with model_too_large (lowered to 80% of available memory)")
+    eval_seconds: float = Field(600.0, description="wall-clock budget of one function-level probe or evaluation; "
+                                "past it the work stops with eval_timeout")
+    probe_max_tokens: int = Field(2048, description="tokens of a probe text used at most (the rest is ignored)")
+    eval_max_new_tokens: int = Field(64, description="cap on the greedy sample's length per prompt")
