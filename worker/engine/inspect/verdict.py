@@ -1,0 +1,132 @@
+"""The verdict of `graft inspect`: its levels, its reasons, the thresholds behind them, and how the levels
+combine. Every threshold lives here, named, beside what it rests on, so recalibrating is one edit.
+
+A reason is a plain dict (JSON-able, stored on jobs):
+    {"code", "level", "verdict" (what this reason alone implies), "message", "values", "thresholds"}
+The report's verdict is the worst verdict among the reasons that stand (see `combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+
+class Verdict(StrEnum):
+    COMPATIBLE = "compatible"
+    RISKY = "risky"
+    INCOMPATIBLE = "incompatible"
+
+
+class Level(StrEnum):
+    HEADERS = "headers"
+    WEIGHTS = "weights"
+    FUNCTION = "function"
+
+
+# Levels in the order they run: asking for one runs the ones before it too.
+LEVEL_ORDER = (Level.HEADERS, Level.WEIGHTS, Level.FUNCTION)
+_RANK = {Verdict.COMPATIBLE: 0, Verdict.RISKY: 1, Verdict.INCOMPATIBLE: 2}
+
+# --- weights level --------------------------------------------------------------------------------------
+# median over transferred tensors of ||target - source_base|| / ||target||. Two independent inits of the
+# same shape sit near sqrt(2) (orthogonal vectors of equal norm); a continuation of the same run moves a
+# small fraction of the weights' norm. Provisional: recalibrated on the trained toy family (examples/).
+BASES_DISTANCE_INCOMPATIBLE = 0.9
+BASES_DISTANCE_RISKY = 0.25
+# median over transferred tensors of cos(target - source_base, delta): strongly negative means the target
+# undid what the fine-tune did (training on the same signal in the other direction), so adding the delta
+# pushes further along a direction the target's own training rejected.
+COS_AGAINST_RISKY = -0.3
+# share of the target's parameters that a transferred tensor covers: below this, most of the model gets
+# nothing from the fine-tune (a diff restricted by rules, or names that do not line up).
+COVERAGE_RISKY = 0.5
+
+# --- function level -------------------------------------------------------------------------------------
+# barrier_ratio = max over lambda of (loss on the line - linear interpolation of the ends), over the mean
+# of the ends' losses. Linearly connected bases show no barrier (a few percent is noise of a short probe);
+# unrelated ones show a barrier of the order of the loss itself. Provisional, like the weights thresholds.
+BARRIER_COMPATIBLE = 0.02
+BARRIER_RISKY = 0.10
+
+# Weights-level codes about whether the bases are linearly connected: a function probe that ran measures
+# the same thing directly, so it overrules these (and only these).
+CONNECTIVITY_CODES = frozenset({"bases_unrelated", "bases_far", "target_moved_against_finetune"})
+
+
+def reason(code: str, level: Level | str, verdict: Verdict | str, message: str, *,
+           values: dict | None = None, thresholds: dict | None = None) -> dict:
+    return {"code": code, "level": str(Level(level)), "verdict": str(Verdict(verdict)), "message": message,
+            "values": dict(values or {}), "thresholds": dict(thresholds or {})}
+
+
+def worst(verdicts: Iterable[Verdict | str]) -> Verdict:
+    """The worst of some verdicts; compatible when there are none."""
+    return max((Verdict(v) for v in verdicts), key=_RANK.__getitem__, default=Verdict.COMPATIBLE)
+
+
+def levels_up_to(level: Level | str) -> list[Level]:
+    return list(LEVEL_ORDER[: LEVEL_ORDER.index(Level(level)) + 1])
+
+
+def combine(reasons: list[dict], levels_run: Iterable[Level | str]) -> tuple[Verdict, list[dict]]:
+    """(verdict, reasons): when the function level ran, the weights level's connectivity reasons are kept
+    in the list but marked `"overruled": true` and no longer count; headers' reasons always stand."""
+    function_ran = Level.FUNCTION in {Level(x) for x in levels_run}
+    out = []
+    for r in reasons:
+        r = dict(r)
+        if function_ran and r["level"] == Level.WEIGHTS and r["code"] in CONNECTIVITY_CODES:
+            r["overruled"] = True
+        out.append(r)
+    return worst(r["verdict"] for r in out if not r.get("overruled")), out
+
+
+def weights_reasons(*, bases_distance_ratio: float | None, cos_bases_delta: float | None,
+                    coverage: float | None, label: str = "") -> list[dict]:
+    """Reasons from one diff's whole-model figures (medians over transferred tensors, coverage share);
+    `label` names the diff when a recipe has several ("" for a plain three-model graft)."""
+    where = f" ({label})" if label else ""
+    extra = {"diff": label} if label else {}
+    out = []
+    d = bases_distance_ratio
+    if d is not None and d > BASES_DISTANCE_RISKY:
+        bad = d > BASES_DISTANCE_INCOMPATIBLE
+        out.append(reason(
+            "bases_unrelated" if bad else "bases_far", Level.WEIGHTS,
+            Verdict.INCOMPATIBLE if bad else Verdict.RISKY,
+            f"median ||target - source_base|| / ||target|| is {d:.3g}{where}: "
+            + ("the bases look like independent training runs (unrelated inits sit near 1.41)" if bad
+               else "the target moved far from the source base; the diff may not carry over"),
+            values={"bases_distance_ratio": d, **extra},
+            thresholds={"risky": BASES_DISTANCE_RISKY, "incompatible": BASES_DISTANCE_INCOMPATIBLE}))
+    c = cos_bases_delta
+    if c is not None and c < COS_AGAINST_RISKY:
+        out.append(reason(
+            "target_moved_against_finetune", Level.WEIGHTS, Verdict.RISKY,
+            f"median cos(target - source_base, delta) is {c:.3g}{where}: the target moved against what "
+            "the fine-tune changed", values={"cos_bases_delta": c, **extra},
+            thresholds={"risky_below": COS_AGAINST_RISKY}))
+    if coverage is not None and coverage < COVERAGE_RISKY:
+        out.append(reason(
+            "low_coverage", Level.WEIGHTS, Verdict.RISKY,
+            f"the diff covers {coverage:.1%} of the target's parameters{where}",
+            values={"coverage": coverage, **extra}, thresholds={"risky_below": COVERAGE_RISKY}))
+    return out
+
+
+def function_reasons(result: dict) -> list[dict]:
+    """The function level's one reason, from function_probe's result (always given, even when it says
+    compatible: it is what overrules the weights level's connectivity reasons)."""
+    ratio = float(result["barrier_ratio"])
+    verdict = (Verdict.COMPATIBLE if ratio <= BARRIER_COMPATIBLE
+               else Verdict.RISKY if ratio <= BARRIER_RISKY else Verdict.INCOMPATIBLE)
+    text = {Verdict.COMPATIBLE: "the bases look linearly connected",
+            Verdict.RISKY: "a small loss barrier between the bases",
+            Verdict.INCOMPATIBLE: "a loss barrier between the bases: they are not linearly connected"}
+    return [reason(
+        "loss_barrier", Level.FUNCTION, verdict,
+        f"loss barrier on the line source_base -> target_base is {ratio:.3g} of the ends' mean loss "
+        f"({result.get('tokens', '?')} tokens): {text[verdict]}",
+        values={"barrier_ratio": ratio, "barrier": float(result["barrier"])},
+        thresholds={"compatible": BARRIER_COMPATIBLE, "risky": BARRIER_RISKY})]
