@@ -8,11 +8,13 @@ import math
 import os
 import re
 import statistics
+import sys
+import types
 
 import pytest
 from graft_helpers import HEAD, effective, load_dir
 
-from worker.engine import GraftCancelled, GraftRequest
+from worker.engine import GraftCancelled, GraftError, GraftRequest
 from worker.engine.config import EngineSettings
 from worker.engine.inspect import Level, inspect_graft
 from worker.engine.inspect import weights as weights_module
@@ -294,3 +296,66 @@ def test_cancelled_between_blocks(trio):
                       should_cancel=cancel, progress=seen.append)
     streamed = [p for p in seen if p.phase == "streaming" and p.bytes_total]
     assert streamed and streamed[-1].bytes_read < streamed[-1].bytes_total
+
+
+# --- the function level's place in the verdict ------------------------------------------------------------
+
+def fake_probe(monkeypatch, barrier_ratio: float | None, *, refuse: str | None = None) -> list[dict]:
+    """function_probe replaced (the real one is tested with the evaluation): what it was called with."""
+    calls: list[dict] = []
+
+    def function_probe(source_base, target_base, tokenizer_from, *, text, settings, device="cpu",
+                       should_cancel=None):
+        calls.append({"source_base": source_base.uri, "target_base": target_base.uri, "text": text,
+                      "device": device})
+        if refuse:
+            raise GraftError(refuse, "the bases' configs differ")
+        return {"lambdas": [0, 0.25, 0.5, 0.75, 1], "losses": [2.0, 2.1, 2.2, 2.1, 2.0],
+                "barrier": 2.0 * barrier_ratio, "barrier_ratio": barrier_ratio, "tokens": 100,
+                "probe": "user", "seconds": 0.1}
+
+    module = types.ModuleType("worker.engine.inspect.function")
+    module.function_probe = function_probe
+    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    return calls
+
+
+@pytest.mark.parametrize(("ratio", "verdict"), [(0.01, "compatible"), (0.05, "risky"), (0.5, "incompatible")])
+def test_function_level_overrules_weights_connectivity(family, monkeypatch, ratio, verdict):
+    calls = fake_probe(monkeypatch, ratio)
+    request = GraftRequest(family["base"], family["ft"], family["unrelated"], "")
+    report = inspect_graft(request, level=Level.FUNCTION, probe_text="some text").report
+    assert report["levels_run"] == ["headers", "weights", "function"]
+    assert report["verdict"] == verdict
+    assert calls == [{"source_base": "file://" + family["base"], "target_base": "file://" + family["unrelated"],
+                      "text": "some text", "device": calls[0]["device"]}]
+    assert report["function"]["barrier_ratio"] == ratio
+    codes = {r["code"]: r for r in report["reasons"]}
+    assert codes["bases_unrelated"]["overruled"] is True  # still listed, no longer counted
+    assert codes["loss_barrier"]["verdict"] == verdict and codes["loss_barrier"]["values"]["barrier_ratio"] == ratio
+
+
+def test_headers_incompatibility_stands_against_the_function_level(family, monkeypatch, tmp_path):
+    fake_probe(monkeypatch, 0.0)
+    config = {**SHAPE.config(), "model_type": "mistral"}
+    other = save_checkpoint(str(tmp_path / "mistral"), load_dir(family["near"]), config)
+    report = inspect_graft(GraftRequest(family["base"], family["ft"], other, ""), level=Level.FUNCTION).report
+    assert report["verdict"] == "incompatible"
+    (r,) = [r for r in report["reasons"] if r["verdict"] == "incompatible"]
+    assert r["code"] == "architecture_mismatch" and not r.get("overruled")
+
+
+def test_function_level_not_defined_leaves_the_weights_verdict(family, monkeypatch):
+    fake_probe(monkeypatch, None, refuse="config_mismatch")
+    report = inspect_graft(GraftRequest(family["base"], family["ft"], family["unrelated"], ""),
+                           level=Level.FUNCTION).report
+    assert report["levels_run"] == ["headers", "weights"] and report["verdict"] == "incompatible"
+    assert report["function"]["error"]["code"] == "config_mismatch"
+    assert "function_level_not_run" in {r["code"] for r in report["reasons"]}
+
+
+def test_function_level_errors_are_raised(family, monkeypatch):
+    fake_probe(monkeypatch, None, refuse="eval_timeout")
+    with pytest.raises(GraftError) as err:
+        inspect_graft(GraftRequest(family["base"], family["ft"], family["near"], ""), level=Level.FUNCTION)
+    assert err.value.code == "eval_timeout"

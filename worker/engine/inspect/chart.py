@@ -61,7 +61,7 @@ def layers_png(diffs: list[dict], title: str = "") -> bytes:
         ax.grid(True, linewidth=0.3)
         if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.1, hspace=0.08)  # tight_layout costs ~0.3 s
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()

@@ -26,6 +26,10 @@ from .headers import diff_roles, inspect_headers
 from .verdict import Level, combine, function_reasons, levels_up_to, reason, weights_reasons
 from .weights import nonfinite_reason_names, summarize, weights_pass
 
+# function_probe's refusals of bases whose interpolation is not defined: the headers level already says why
+# (with its own verdict); the report says the function level did not run. Its other errors (model_too_large,
+# eval_timeout, no_tokenizer) fail the inspection: that level was asked for and cannot be given.
+UNDEFINED_PROBE = frozenset({"architecture_mismatch", "shape_conflict", "config_mismatch"})
 # The phase the weights pass reports its bytes under (bytes_read against bytes_total; nothing is written).
 WEIGHTS_PHASE = Phase.STREAMING
 
@@ -106,7 +110,8 @@ def _inspect(request: GraftRequest, level: Level, models: dict[str, ResolvedMode
         else:
             out["function"], more = _function(request, models, settings, probe_text, should_cancel)
             reasons += more
-            out["levels_run"].append(str(Level.FUNCTION))
+            if "skipped" not in out["function"]:
+                out["levels_run"].append(str(Level.FUNCTION))
     verdict, out["reasons"] = combine(reasons, out["levels_run"])
     out["verdict"] = str(verdict)
     return out, artifacts
@@ -170,8 +175,9 @@ def _function_fits(request: GraftRequest, models: dict[str, ResolvedModel], sett
         from ..evaluation.loading import check_fits
     except ImportError:  # the probe itself checks again
         return
+    device = pick_device(request.options.device).type
     for base, _diffs in _bases(request, models):
-        check_fits([base, models["target_base"]], settings)
+        check_fits([base, models["target_base"]], settings, device=device, what="function-level probe")
 
 
 def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings,
@@ -182,8 +188,15 @@ def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings:
     probes, reasons = [], []
     bases = _bases(request, models)
     for base, diffs in bases:
-        result = function_probe(base, models["target_base"], _tokenizer_from(models), text=probe_text,
-                                settings=settings, device=device, should_cancel=should_cancel)
+        try:
+            result = function_probe(base, models["target_base"], _tokenizer_from(models), text=probe_text,
+                                    settings=settings, device=device, should_cancel=should_cancel)
+        except GraftError as err:
+            if err.code not in UNDEFINED_PROBE:
+                raise
+            return {"skipped": err.message, "error": err.to_dict(), "source_base": base.uri}, [reason(
+                "function_level_not_run", Level.FUNCTION, "compatible",
+                f"the function level was not run: {err.message}", values={})]
         probes.append({"source_base": base.uri, "diffs": diffs, **result})
         for r in function_reasons(result):
             if len(bases) > 1:
