@@ -1,0 +1,193 @@
+"""After a graft, when the job asks for it: how the output compares with its target base and with the
+fine-tune it took its diff from. Loss and perplexity of all three on the probe text, KL(fine-tune || output)
+of the next-token distributions over a few prompts, and one greedy sample per prompt from the output.
+
+Memory: at most two models at once (the target base alone, then the output beside the fine-tune for the KL),
+checked against the bound before anything is loaded. One tokenizer for all three: the fine-tune's (the
+output carries the fine-tune's tokenizer files, and token ids must mean the same in every model compared)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..config import EngineSettings
+from ..errors import GraftError
+from ..model import GENERATION_CONFIG, ResolvedModel
+from ..safetensors_format import load_json
+from .loading import Deadline, activation_bytes, check_fits, load_tokenizer, loaded
+from .probe import check_ids_in_vocab, context_window, mean_loss, model_device, probe_ids, probe_text, scored_tokens
+from .spec import EvaluateSpec
+
+# The output's probe perplexity past this multiple of the target base's raises quality_warning. A transfer
+# that works changes behaviour, not language modelling: the output stays within some tens of percent of the
+# target base on generic prose, as a fine-tune stays near its own base. A graft across unrelated bases
+# lands at several times the base's perplexity or at the vocabulary's size (noise). 1.5x lies between.
+QUALITY_PPL_RATIO = 1.5
+KL_CHUNK_ELEMENTS = 1 << 22  # float64 log-probabilities held at once while summing a KL
+
+
+def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
+                   spec: EvaluateSpec, *, settings: EngineSettings, device: str = "cpu",
+                   should_cancel: Callable[[], bool] | None = None) -> dict:
+    """The evaluation record (JSON-able): probe losses, KL to the fine-tune, samples, quality_warning."""
+    deadline = Deadline(settings.eval_seconds, should_cancel, what="evaluation")
+    tokenizer = load_tokenizer(source_finetuned)
+    text, source = probe_text(spec.probe_text)
+    ids = probe_ids(tokenizer, text, settings.probe_max_tokens)
+    check_ids_in_vocab([ids], [target_base, output, source_finetuned], "probe text")
+    prompts = spec.prompt_list()
+    rendered, chat = render_prompts(tokenizer, prompts)
+    prompt_ids = [encode_prompt(tokenizer, r, chat=chat) for r in rendered]
+    check_ids_in_vocab(prompt_ids, [output, source_finetuned], "prompts")
+    window = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
+    max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
+    longest = max(window, max(len(p) for p in prompt_ids) + max_new)
+    for held in ([target_base], [output, source_finetuned]):  # what is loaded at once
+        check_fits(held, settings, device=device, extra_bytes=activation_bytes(longest, held, at_once=len(held)))
+    deadline.check()
+
+    probe: dict = {"tokens": len(ids), "scored_tokens": scored_tokens(len(ids), window), "window": window,
+                   "source": source}
+    with loaded(target_base, device=device, check=deadline.check) as module:
+        probe["target_base"] = loss_entry(mean_loss(module, ids, window, deadline.check))
+    with loaded(output, device=device, check=deadline.check) as out:
+        probe["output"] = loss_entry(mean_loss(out, ids, window, deadline.check))
+        samples = greedy_samples(out, output, tokenizer, prompts, rendered, prompt_ids, max_new, deadline.check)
+        with loaded(source_finetuned, device=device, check=deadline.check) as finetuned:
+            probe["source_finetuned"] = loss_entry(mean_loss(finetuned, ids, window, deadline.check))
+            kl = kl_to_finetuned(finetuned, out, prompt_ids, deadline.check)
+    return {"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
+            "max_new_tokens": max_new, "quality_warning": quality_warning(probe),
+            "seconds": round(deadline.elapsed, 3)}
+
+
+def loss_entry(loss: float) -> dict:
+    return {"loss": loss, "perplexity": _exp(loss)}
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], bool]:
+    """Each prompt as one user turn through the tokenizer's chat template with the assistant's turn opened
+    (add_generation_prompt), or as it is when the tokenizer has no template; and whether one was used."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts), False
+    rendered = []
+    for prompt in prompts:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:
+            raise GraftError("invalid_input", f"source_finetuned: its chat template fails on a prompt: {exc}") from None
+        if not isinstance(text, str):
+            raise GraftError("invalid_input", "source_finetuned: its chat template did not render to text")
+        rendered.append(text)
+    return rendered, True
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
+    """A template writes its own special tokens (BOS included); a raw prompt gets the tokenizer's."""
+    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    if not ids:
+        raise GraftError("invalid_option", f"the prompt {text[:60]!r} gives no tokens")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def greedy_config(model: ResolvedModel, max_new_tokens: int):
+    """Plain greedy decoding to max_new_tokens or an end-of-sequence token; only the model's token ids are
+    taken from its generation_config.json (else config.json): its sampling settings do not apply."""
+    from transformers import GenerationConfig
+
+    found: dict = {}
+    if model.store.exists(GENERATION_CONFIG):
+        value = load_json(model.side_file(GENERATION_CONFIG), f"{model.role}: {GENERATION_CONFIG}", "invalid_input")
+        found = value if isinstance(value, dict) else {}
+
+    def pick(key: str):
+        return found.get(key, model.config.get(key))
+
+    eos = pick("eos_token_id")
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                            pad_token_id=pad, bos_token_id=pick("bos_token_id"))
+
+
+def greedy_samples(module, model: ResolvedModel, tokenizer, prompts: list[str], rendered: list[str],
+                   prompt_ids: list[torch.Tensor], max_new_tokens: int, check: Callable[[], None]) -> list[dict]:
+    """One greedy continuation per prompt (batch of one: no padding to get wrong); `check` runs at every
+    generated token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Checked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            check()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    config = greedy_config(model, max_new_tokens)
+    device = model_device(module)
+    out = []
+    for prompt, text, ids in zip(prompts, rendered, prompt_ids, strict=True):
+        batch = ids[None].to(device)
+        with torch.no_grad():
+            seq = module.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config,
+                                  stopping_criteria=StoppingCriteriaList([_Checked()]))
+        new = seq[0, len(ids):].tolist()
+        out.append({"prompt": prompt, "rendered": text, "text": tokenizer.decode(new, skip_special_tokens=True),
+                    "tokens": len(new)})
+    return out
+
+
+def kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Sum over rows of KL(softmax(p) || softmax(q)), in float64 a chunk of rows at a time."""
+    rows = max(1, KL_CHUNK_ELEMENTS // p_logits.shape[-1])
+    total = 0.0
+    for i in range(0, len(p_logits), rows):
+        lp = torch.log_softmax(p_logits[i:i + rows].double(), dim=-1)
+        lq = torch.log_softmax(q_logits[i:i + rows].double(), dim=-1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total
+
+
+def kl_to_finetuned(finetuned, output, prompt_ids: list[torch.Tensor], check: Callable[[], None]) -> dict:
+    """KL(fine-tune || output) of the next-token distributions at every prompt position, in nats: per
+    prompt its mean over positions, `mean` over all positions of all prompts. Vocabularies of different
+    sizes are compared on the ids they share, each renormalized over them (`vocab`)."""
+    per_prompt, total, count, vocab = [], 0.0, 0, None
+    with torch.no_grad():
+        for ids in prompt_ids:
+            p = finetuned(ids[None].to(model_device(finetuned))).logits[0].float()
+            check()
+            q = output(ids[None].to(model_device(output))).logits[0].float().to(p.device)
+            check()
+            vocab = min(p.shape[-1], q.shape[-1])
+            kl = kl_sum(p[:, :vocab], q[:, :vocab])
+            per_prompt.append(kl / len(ids))
+            total += kl
+            count += len(ids)
+            del p, q
+    return {"mean": total / count, "per_prompt": per_prompt, "tokens": count, "vocab": vocab}
+
+
+def quality_warning(probe: dict) -> dict | None:
+    """Set when the output's probe perplexity is more than QUALITY_PPL_RATIO times the target base's."""
+    target, output = probe["target_base"], probe["output"]
+    ratio = _exp(output["loss"] - target["loss"])  # the perplexities' ratio, without overflowing either
+    if ratio <= QUALITY_PPL_RATIO:
+        return None
+    return {"code": "quality_warning",
+            "message": f"the output's perplexity on the probe text is {output['perplexity']:.4g}, {ratio:.3g} x the "
+                       f"target base's {target['perplexity']:.4g} (more than {QUALITY_PPL_RATIO:g} x): the graft "
+                       "may have damaged the model",
+            "values": {"output_perplexity": output["perplexity"], "target_base_perplexity": target["perplexity"],
+                       "perplexity_ratio": ratio},
+            "thresholds": {"perplexity_ratio": QUALITY_PPL_RATIO}}

@@ -1,0 +1,300 @@
+"""Running a model of a graft: the module built by transformers from the model's config.json and filled with
+the tensors read through the model's Store (so local, s3:// and hf:// inputs all work, and the tenant's
+confinement, applied when the model was resolved, holds for every byte read), its tokenizer from its own
+files, and the bounds that keep a probe or an evaluation within the worker's memory and time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from ..config import EngineSettings
+from ..errors import GraftCancelled, GraftError
+from ..model import ResolvedModel
+from ..safetensors_format import DTYPES, TensorInfo
+
+# Of the memory the OS says is available, the share a probe or an evaluation may plan on: the rest is the
+# worker's own (the interpreter, transformers, the tokenizer, read buffers) and the page cache's.
+AVAILABLE_SHARE = 0.8
+READ_CHUNK = 16 << 20  # bytes read per ranged read while filling a module (one reused buffer)
+# Old checkpoints carry the rotary frequencies per layer; transformers computes them from the config and
+# ignores these, and so do we.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class Deadline:
+    """The wall-clock budget of a probe or an evaluation and its cancellation, checked between forward
+    passes (and between tensors while loading): `check()` raises past either."""
+
+    def __init__(self, seconds: float, should_cancel: Callable[[], bool] | None = None, *,
+                 what: str = "evaluation") -> None:
+        self.seconds = seconds
+        self.should_cancel = should_cancel
+        self.what = what
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def check(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise GraftCancelled(f"the {self.what} was cancelled")
+        if self.elapsed > self.seconds:
+            raise GraftError("eval_timeout", f"the {self.what} ran past its budget of {self.seconds:g} s "
+                             f"(GRAFT_EVAL_SECONDS) after {self.elapsed:.1f} s")
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+def parameter_bytes(model: ResolvedModel, dtype: torch.dtype = torch.float32) -> int:
+    """What the model's parameters take once loaded in `dtype` (a tied head is stored once, as in the file)."""
+    return sum(info.numel for info in model.tensors.values()) * dtype.itemsize
+
+
+def _host_available() -> int | None:
+    """MemAvailable from /proc/meminfo, lowered to what the cgroup (a container's limit) still allows."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                found.append(max(0, int(limit) - int(fh.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Free memory where the models will live: the GPU's for a CUDA device, the host's otherwise."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return _host_available()
+
+
+# A forward pass's activations on the short windows used here are dominated by its logits (tokens x vocab,
+# float32); the loss or the KL takes about as much again for a log-softmax, and the hidden states are smaller.
+LOGITS_COPIES = 3
+
+
+def activation_bytes(tokens: int, models: Sequence[ResolvedModel], *, at_once: int = 1) -> int:
+    """Estimated activations of `at_once` forward passes of `tokens` tokens through the widest vocabulary."""
+    vocab = max((m.vocab_size or 0) for m in models)
+    return LOGITS_COPIES * at_once * tokens * vocab * 4
+
+
+def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, device: str = "cpu",
+               copies: int = 1, extra_bytes: int = 0, what: str = "evaluation") -> int:
+    """Refuse, before anything is loaded, when `models` held at once (`copies` modules of each) in float32,
+    plus `extra_bytes` of activations, exceed settings.eval_memory_bytes or 80% of the available memory.
+    Returns the bytes needed."""
+    params = copies * sum(parameter_bytes(m) for m in models)
+    needed = params + extra_bytes
+    limit, source = settings.eval_memory_bytes, "GRAFT_EVAL_MEMORY_BYTES"
+    free = available_bytes(device)
+    if free is not None and AVAILABLE_SHARE * free < limit:
+        limit, source = int(AVAILABLE_SHARE * free), f"{AVAILABLE_SHARE:.0%} of the {free:,} bytes available"
+    if needed > limit:
+        names = ", ".join(f"{m.role} ({parameter_bytes(m):,} bytes)" for m in models)
+        raise GraftError("model_too_large", f"the {what} needs {needed:,} bytes ({params:,} of float32 parameters: "
+                         f"{copies} x {names}; {extra_bytes:,} of activations) and may take {limit:,} ({source})",
+                         {"needed_bytes": needed, "limit_bytes": limit})
+    return needed
+
+
+# --- modules --------------------------------------------------------------------------------------------
+
+def build_config(model: ResolvedModel, *, untie: bool = False):
+    """The transformers config of the model's config.json (`untie`: lm_head as a tensor of its own)."""
+    from transformers import CONFIG_MAPPING
+
+    raw = dict(model.config)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise GraftError("invalid_input", f"{model.role}: model_type {model_type!r} is not one this worker's "
+                         "transformers can run")
+    if untie:
+        raw["tie_word_embeddings"] = False
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(raw)
+    except Exception as exc:
+        raise GraftError("invalid_input", f"{model.role}: transformers refuses its config.json: {exc}") from None
+
+
+def _no_init():
+    """Skip the random init of weights we overwrite anyway (seconds to minutes on big models)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return nullcontext()
+    return no_init_weights()
+
+
+def load_causal_lm(model: ResolvedModel, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   untie: bool = False, check: Callable[[], None] | None = None):
+    """The model as a transformers causal LM on `device` in `dtype`, in eval mode, every parameter and
+    persistent buffer read through the model's store. A missing or unexpected tensor, or one whose shape
+    the config does not make, is GraftError("invalid_input"). `check` is called between tensors."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(model, untie=untie)
+    try:
+        with _no_init(), torch.device(device):
+            module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:  # no causal-LM class for this config
+        raise GraftError("invalid_input", f"{model.role}: transformers has no causal LM for it: {exc}") from None
+    module.tie_weights()  # post_init ties inside the init we skipped
+    try:
+        fill_module(module, model, check=check)
+    except BaseException:
+        release(module)
+        raise
+    return module.eval()
+
+
+def _slots(module) -> list[tuple[list[str], torch.Tensor]]:
+    """Each tensor the checkpoint supplies, once, with every name it goes by (a tied head shares the
+    embedding's); non-persistent buffers are computed from the config, not read."""
+    transient = {name for name, _ in module.named_non_persistent_buffers()} if hasattr(
+        module, "named_non_persistent_buffers") else set()
+    groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                         *module.named_buffers(remove_duplicate=False)]:
+        if name not in transient:
+            groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+    return list(groups.values())
+
+
+def _head_alias(module) -> tuple[str | None, str | None]:
+    """(lm_head name, embedding name): a checkpoint without the head reads it as the embedding (as the
+    planner does), tied in the config or not."""
+    where = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+
+    def weight_name(getter) -> str | None:
+        try:
+            found = getter()
+        except (AttributeError, NotImplementedError):
+            return None
+        return f"{where[id(found)]}.weight" if found is not None and id(found) in where else None
+
+    return weight_name(module.get_output_embeddings), weight_name(module.get_input_embeddings)
+
+
+def _assign(module, model: ResolvedModel) -> list[tuple[list[TensorInfo], torch.Tensor]]:
+    """Which checkpoint tensor(s) fill each slot; missing and unexpected tensors refused together."""
+    head, embed = _head_alias(module)
+    out, missing, used = [], [], set()
+    for names, tensor in _slots(module):
+        present = [model.tensors[n] for n in names if n in model.tensors]
+        if not present and head in names and embed in model.tensors:
+            present = [model.tensors[embed]]
+        if not present:
+            missing.append(names[0])
+            continue
+        for info in present:
+            used.add(info.name)
+            if info.shape != tuple(tensor.shape):
+                raise GraftError("invalid_input", f"{model.role}: tensor {info.name!r} is {list(info.shape)} in "
+                                 f"the checkpoint; its config.json makes it {list(tensor.shape)}")
+        out.append((present, tensor))
+    extra = [n for n in model.tensors if n not in used and not _IGNORED.search(n)]
+    if missing or extra:
+        said = [f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}"] if missing else []
+        said += [f"{len(extra)} tensor(s) its config.json has no place for: {', '.join(extra[:5])}"] if extra else []
+        raise GraftError("invalid_input", f"{model.role}: the checkpoint does not match its config.json: "
+                         + "; ".join(said))
+    return out
+
+
+def fill_module(module, model: ResolvedModel, *, check: Callable[[], None] | None = None) -> None:
+    """Copy every checkpoint tensor into its slot, converting dtype, in file order, through one reused
+    buffer (host memory: READ_CHUNK past the module)."""
+    plan = _assign(module, model)
+    plan.sort(key=lambda item: (item[0][0].file, item[0][0].start))
+    reads = [(info.file, info.start, info.nbytes) for infos, _ in plan for info in infos]
+    model.store.expect(reads)
+    buf = bytearray(READ_CHUNK)
+    with torch.no_grad():
+        for infos, tensor in plan:
+            _copy_into(model, infos[0], tensor, buf)
+            for other in infos[1:]:  # a tied pair stored twice: the copies must agree
+                twin = torch.empty_like(tensor)
+                _copy_into(model, other, twin, buf)
+                if not torch.equal(twin, tensor):
+                    raise GraftError("invalid_input", f"{model.role}: its config ties {infos[0].name!r} and "
+                                     f"{other.name!r}, but the checkpoint stores them with different values")
+            if check is not None:
+                check()
+
+
+def _copy_into(model: ResolvedModel, info: TensorInfo, tensor: torch.Tensor, buf: bytearray) -> None:
+    dtype = DTYPES[info.dtype]
+    flat = tensor.view(-1)
+    per = len(buf) // dtype.itemsize
+    for first in range(0, info.numel, per):
+        n = min(per, info.numel - first)
+        view = memoryview(buf)[:n * dtype.itemsize]
+        model.store.stream_into(info.file, info.start + first * dtype.itemsize, view)
+        flat[first:first + n].copy_(torch.frombuffer(view, dtype=dtype, count=n))
+
+
+def release(module) -> None:
+    """Free a module's memory now, even while someone still holds a reference to it."""
+    module.to("meta")  # every parameter and buffer replaced: their storage goes with the last reference
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def loaded(model: ResolvedModel, *, device: str = "cpu", untie: bool = False,
+           check: Callable[[], None] | None = None) -> Iterator:
+    """load_causal_lm for the length of a `with`, its memory freed on the way out, whatever happens."""
+    module = load_causal_lm(model, device=device, untie=untie, check=check)
+    try:
+        yield module
+    finally:
+        release(module)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------
+
+def load_tokenizer(model: ResolvedModel):
+    """The model's tokenizer, from its own tokenizer files read through its store into a private temporary
+    directory (removed before this returns); GraftError("no_tokenizer") without usable ones."""
+    from transformers import AutoTokenizer
+
+    names = model.tokenizer_files()
+    if not names:
+        raise GraftError("no_tokenizer", f"{model.role}: {model.uri} has no tokenizer files (tokenizer.json, "
+                         "tokenizer.model, vocab.json, ...); the models cannot be run on text without them")
+    with tempfile.TemporaryDirectory(prefix="graft-tokenizer-") as tmp:
+        for name in names:
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(model.side_file(name))
+        # AutoTokenizer reads the model type from config.json when tokenizer_config.json names no class.
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(model.config, fh)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:
+            said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files ({', '.join(names)}) do not "
+                             f"make a tokenizer: {said}") from None

@@ -1,0 +1,67 @@
+"""What a job or a command line asks of the evaluation of a graft: the single declaration the API body's
+`evaluate: {...}` and `graft run --evaluate` both use (its field descriptions are the schema's and the help's).
+No torch here: the API process imports it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROBE_TEXT_MAX_BYTES = 64 << 10
+PROMPTS_MAX = 16
+PROMPT_MAX_BYTES = 2 << 10
+MAX_NEW_TOKENS_MAX = 128
+
+# Short and generic on purpose: they ask for the kinds of answer any chat or instruction fine-tune gives,
+# so the KL and the samples say something whatever the fine-tune was for.
+DEFAULT_PROMPTS = (
+    "Explain in two sentences why the sky is blue.",
+    "Write a short, polite email asking a colleague to move a meeting to Friday.",
+    "List three things to check before going on a long hike.",
+    "What is 17 multiplied by 3? Show your working.",
+)
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+class EvaluateSpec(BaseModel):
+    """How to evaluate a graft's output against its target base and the fine-tune it took its diff from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe_text: str | None = Field(
+        None, description="text the losses and perplexities are measured on (at most 64 KiB of UTF-8; only "
+        "its first GRAFT_PROBE_MAX_TOKENS tokens are used); default: the probe text built into graft")
+    prompts: list[str] | None = Field(
+        None, description=f"prompts (1 to {PROMPTS_MAX}, each at most 2 KiB of UTF-8) for the KL to the "
+        "fine-tune and the greedy samples, rendered through the fine-tune's chat template when it has one; "
+        "default: a few short built-in prompts")
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_MAX,
+                                description="tokens of each greedy sample at most (the worker may cap it lower: "
+                                "GRAFT_EVAL_MAX_NEW_TOKENS)")
+
+    @field_validator("probe_text")
+    @classmethod
+    def _probe_size(cls, value: str | None) -> str | None:
+        if value is not None and _utf8_bytes(value) > PROBE_TEXT_MAX_BYTES:
+            raise ValueError(f"probe_text is {_utf8_bytes(value)} bytes of UTF-8; at most {PROBE_TEXT_MAX_BYTES}")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_size(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not 1 <= len(value) <= PROMPTS_MAX:
+            raise ValueError(f"prompts holds {len(value)}; give 1 to {PROMPTS_MAX} (or leave it out for the defaults)")
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(f"prompts[{i}] is empty")
+            if _utf8_bytes(prompt) > PROMPT_MAX_BYTES:
+                raise ValueError(f"prompts[{i}] is {_utf8_bytes(prompt)} bytes of UTF-8; at most {PROMPT_MAX_BYTES}")
+        return value
+
+    def prompt_list(self) -> list[str]:
+        """The prompts asked for, else the built-in ones."""
+        return list(self.prompts) if self.prompts is not None else list(DEFAULT_PROMPTS)
