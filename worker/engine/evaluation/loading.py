@@ -99,11 +99,11 @@ def activation_bytes(tokens: int, models: Sequence[ResolvedModel], *, at_once: i
 
 
 def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, device: str = "cpu",
-               copies: int = 1, extra_bytes: int = 0, what: str = "evaluation") -> int:
-    """Refuse, before anything is loaded, when `models` held at once (`copies` modules of each) in float32,
-    plus `extra_bytes` of activations, exceed settings.eval_memory_bytes or 80% of the available memory.
-    Returns the bytes needed."""
-    params = copies * sum(parameter_bytes(m) for m in models)
+               extra_bytes: int = 0, what: str = "evaluation") -> int:
+    """Refuse, before anything is loaded, when `models` held at once in float32, plus `extra_bytes` of
+    activations, exceed settings.eval_memory_bytes or 80% of the available memory (the GPU's free memory
+    for a CUDA device). Returns the bytes needed."""
+    params = sum(parameter_bytes(m) for m in models)
     needed = params + extra_bytes
     limit, source = settings.eval_memory_bytes, "GRAFT_EVAL_MEMORY_BYTES"
     free = available_bytes(device)
@@ -112,7 +112,7 @@ def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, dev
     if needed > limit:
         names = ", ".join(f"{m.role} ({parameter_bytes(m):,} bytes)" for m in models)
         raise GraftError("model_too_large", f"the {what} needs {needed:,} bytes ({params:,} of float32 parameters: "
-                         f"{copies} x {names}; {extra_bytes:,} of activations) and may take {limit:,} ({source})",
+                         f"{names}; {extra_bytes:,} of activations) and may take {limit:,} ({source})",
                          {"needed_bytes": needed, "limit_bytes": limit})
     return needed
 
@@ -170,11 +170,17 @@ def load_causal_lm(model: ResolvedModel, *, device: str = "cpu", dtype: torch.dt
     return module.eval()
 
 
+def transient_buffers(module) -> set[str]:
+    """Names of the non-persistent buffers (rotary frequencies and the like): computed from the config when
+    the module is built, never in a checkpoint."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, sub in module.named_modules(remove_duplicate=False)
+            for name in getattr(sub, "_non_persistent_buffers_set", ())}
+
+
 def _slots(module) -> list[tuple[list[str], torch.Tensor]]:
     """Each tensor the checkpoint supplies, once, with every name it goes by (a tied head shares the
     embedding's); non-persistent buffers are computed from the config, not read."""
-    transient = {name for name, _ in module.named_non_persistent_buffers()} if hasattr(
-        module, "named_non_persistent_buffers") else set()
+    transient = transient_buffers(module)
     groups: dict[int, tuple[list[str], torch.Tensor]] = {}
     for name, tensor in [*module.named_parameters(remove_duplicate=False),
                          *module.named_buffers(remove_duplicate=False)]:

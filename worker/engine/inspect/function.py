@@ -15,7 +15,15 @@ import torch
 
 from ..config import EngineSettings
 from ..errors import GraftError
-from ..evaluation.loading import Deadline, activation_bytes, build_config, check_fits, load_tokenizer, loaded
+from ..evaluation.loading import (
+    Deadline,
+    activation_bytes,
+    build_config,
+    check_fits,
+    load_tokenizer,
+    loaded,
+    transient_buffers,
+)
 from ..evaluation.probe import check_ids_in_vocab, context_window, mean_loss, probe_ids, probe_text, scored_tokens
 from ..model import ResolvedModel
 
@@ -95,8 +103,7 @@ def _pairs(a, b) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _float_state(module) -> dict[str, torch.Tensor]:
-    transient = {name for name, _ in module.named_non_persistent_buffers()} if hasattr(
-        module, "named_non_persistent_buffers") else set()
+    transient = transient_buffers(module)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
