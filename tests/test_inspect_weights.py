@@ -310,7 +310,8 @@ def fake_probe(monkeypatch, barrier_ratio: float | None, *, refuse: str | None =
                       "device": device})
         if refuse:
             raise GraftError(refuse, "the bases' configs differ")
-        return {"lambdas": [0, 0.25, 0.5, 0.75, 1], "losses": [2.0, 2.1, 2.2, 2.1, 2.0],
+        # An overflowed loss: strict JSON has no Infinity, the report says null there.
+        return {"lambdas": [0, 0.25, 0.5, 0.75, 1], "losses": [2.0, 2.1, math.inf, 2.1, 2.0],
                 "barrier": 2.0 * barrier_ratio, "barrier_ratio": barrier_ratio, "tokens": 100,
                 "probe": "user", "seconds": 0.1}
 
@@ -329,7 +330,7 @@ def test_function_level_overrules_weights_connectivity(family, monkeypatch, rati
     assert report["verdict"] == verdict
     assert calls == [{"source_base": "file://" + family["base"], "target_base": "file://" + family["unrelated"],
                       "text": "some text", "device": calls[0]["device"]}]
-    assert report["function"]["barrier_ratio"] == ratio
+    assert report["function"]["barrier_ratio"] == ratio and report["function"]["losses"][2] is None
     codes = {r["code"]: r for r in report["reasons"]}
     assert codes["bases_unrelated"]["overruled"] is True  # still listed, no longer counted
     assert codes["loss_barrier"]["verdict"] == verdict and codes["loss_barrier"]["values"]["barrier_ratio"] == ratio

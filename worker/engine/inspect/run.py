@@ -10,6 +10,7 @@ to report (an input that does not exist, a cancelled job) are raised as they are
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +60,22 @@ def inspect_graft(request: GraftRequest, *, level: Level | str, settings: Engine
     finally:
         close_models(models)
     out["seconds"] = round(time.perf_counter() - started, 3)
+    out = json_safe(out)
     artifacts["report.json"] = (json.dumps(out, indent=2, allow_nan=False) + "\n").encode()
     report(Progress(Phase.DONE))
     return InspectResult(out, artifacts)
+
+
+def json_safe(value):
+    """The report as strict JSON takes it: a NaN or infinite number (a probe's loss that overflowed, say)
+    becomes None rather than failing the whole report."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def plan_or_error(request: GraftRequest, models: dict[str, ResolvedModel],
