@@ -105,6 +105,8 @@ def estimate(plan: Plan, settings: EngineSettings, canon: dict[str, str], *, s3_
         "input_bytes": plan.input_bytes(),
         "graft_bytes_read": sum(r[3] for b in graft_blocks for r in b.reads),
         "weights_bytes_read": sum(r[3] for b in weights_blocks for r in b.reads),
+        # A recipe's magnitude windows read their diffs twice more before the compute pass.
+        "graft_statistics_passes": plan.merge.summary()["statistics_passes"] if plan.merge is not None else 0,
         "output_bytes": plan.output_bytes,
         "shards": len(plan.shards),
         "shard_files": [s.file for s in plan.shards][:20],
