@@ -192,8 +192,12 @@ def tokenizer_agreement(models: dict[str, ResolvedModel], diffs: list[tuple[int,
         entry: dict = {"diff": i, "source": source_role if source_vocab is not None else None}
         label = f" (diff {i})" if len(diffs) > 1 else ""
         if source_vocab is None or target_vocab is None:
-            why = "; ".join(w for w in (base_why if base_vocab is None else "", ft_why if ft_vocab is None else "",
-                                        target_why) if w)
+            unknown: dict[str, list[str]] = {}  # why -> the roles it holds for
+            for role, (v, w) in ((b, (base_vocab, base_why)), (f, (ft_vocab, ft_why)),
+                                 ("target_base", (target_vocab, target_why))):
+                if v is None:
+                    unknown.setdefault(w, []).append(role)
+            why = "; ".join(f"{', '.join(roles)}: {w}" for w, roles in unknown.items())
             entry["status"] = "unknown"
             entry["why"] = why
             differ = base.vocab_size != models["target_base"].vocab_size

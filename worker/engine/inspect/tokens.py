@@ -59,8 +59,8 @@ def read_vocab(model: ResolvedModel) -> tuple[Vocab | None, str]:
                 ids[int(i)] = str(tok)
             return Vocab(ids, set(), "vocab.json"), ""
     except Exception as exc:  # unreadable or malformed: the check is advice, the graft may still run
-        return None, f"{model.role}: tokenizer files unreadable ({type(exc).__name__}: {str(exc)[:200]})"
-    return None, f"{model.role}: no tokenizer.json or vocab.json (at most {READ_CAP >> 20} MB) to read"
+        return None, f"tokenizer files unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    return None, f"no tokenizer.json or vocab.json (of at most {READ_CAP >> 20} MB)"
 
 
 def compare(source: Vocab, target: Vocab, rows: int) -> dict:
