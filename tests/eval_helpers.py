@@ -4,9 +4,6 @@ references: transformers' own LlamaForCausalLM loaded from the same files, score
 
 from __future__ import annotations
 
-import json
-import math
-
 import torch
 
 from worker.sample_models import LlamaShape, llama_state, save_checkpoint
@@ -105,10 +102,3 @@ def reference_loss(model, ids: list[int], window: int) -> float:
             count += len(chunk) - 1
     return total / count
 
-
-def close(a: float, b: float, rel: float = 1e-4) -> bool:
-    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
-
-
-def dumps(value) -> str:
-    return json.dumps(value)
