@@ -14,14 +14,14 @@ from starlette.responses import Response
 from worker.engine.errors import GraftError
 from worker.engine.options import GraftOptions
 from worker.engine.recipe import Diff, Recipe, RecipeOptions
-from worker.job_store import decode_job, new_job_id, now_iso
+from worker.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
 from worker.statuses import ACTIVE, TERMINAL, JobStatus
 from worker.uri_policy import PolicyError, check_not_inside_result, check_uri, output_for, scope_for
 from worker.webhooks import check_webhook_target
 
 from .auth import tenant_of
 from .problems import Problem, field_error
-from .schemas import EventList, Job, JobCreate, JobList, Plan
+from .schemas import EventList, Job, JobCreate, JobList, Plan, PreflightCreate
 from .schemas import Problem as ProblemSchema
 from .state import AppState, app_state
 
@@ -48,21 +48,27 @@ def rate_limited(tenant: str = Depends(tenant_of), state: AppState = Depends(app
     return tenant
 
 
+def _strength(body) -> float:
+    """The body's alpha as one number: a list (a sweep) builds at 1 and scales each candidate in the worker."""
+    return body.options.alpha if isinstance(body.options.alpha, float | int) else 1.0
+
+
 def _check_options(body: JobCreate) -> None:
     """The engine's checks of the options (RE2 patterns, sizes), with the failing option named."""
+    if body.select is not None and not isinstance(body.options.alpha, list):
+        raise field_error("select", "picks among several alphas: give options.alpha as a list", "invalid_option")
+    if isinstance(body.options.alpha, list):
+        from worker.engine.checked_graft import check_alphas
+
+        try:
+            check_alphas(body.options.alpha)
+        except GraftError as err:
+            raise field_error("options.alpha", err.message, err.code) from err
     try:
-        GraftOptions(**body.options.model_dump())
+        GraftOptions(**{**body.options.model_dump(), "alpha": _strength(body)})
     except GraftError as err:
         name = next((f for f in OPTION_FIELDS if err.message.startswith(f)), "")
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
-
-
-def _scaled(diffs: list[Diff], alpha: float) -> list[Diff]:
-    """Diffs with alpha applied to their weights: alpha beside diffs (or a mergekit config) is a strength on all."""
-    if alpha == 1.0:
-        return diffs
-    return [d.model_copy(update={"weight": [w * alpha for w in d.weight] if isinstance(d.weight, list)
-                                 else d.weight * alpha}) for d in diffs]
 
 
 def _recipe(body: JobCreate) -> Recipe:
@@ -82,21 +88,20 @@ def _recipe(body: JobCreate) -> Recipe:
             raise field_error("mergekit_config", err.message, err.code) from err
         given = body.options.model_fields_set - {"alpha"}
         merged = {**recipe.options.model_dump(), **options.model_dump(include=given)}
-        return recipe.model_copy(update={"diffs": _scaled(recipe.diffs, body.options.alpha),
-                                         "options": RecipeOptions.model_validate(merged)})
+        return recipe.scaled(_strength(body)).model_copy(update={"options": RecipeOptions.model_validate(merged)})
     if body.target_base is None:
         raise field_error("target_base", "required (or give a mergekit_config)", "missing")
     if body.diffs is not None:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is not None:
                 raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
-        diffs = _scaled(body.diffs, body.options.alpha)
+        diffs = Recipe(target_base=body.target_base, diffs=body.diffs).scaled(_strength(body)).diffs
     else:
         for role in ("source_base", "source_finetuned"):
             if getattr(body, role) is None:
                 raise field_error(role, "required (or give diffs)", "missing")
         diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned,
-                      weight=body.options.alpha)]
+                      weight=_strength(body))]
     return Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
                   **({"merge": body.merge} if body.merge is not None else {}))
 
@@ -167,18 +172,72 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
     _check_request(body, recipe, state, tenant)
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
+    spec = _checks_spec(body)
+    doc = {"id": job_id, "object": "graft.job", "kind": "graft", "checks": _shown_checks(spec), "status": "queued",
+           "created_at": now_iso(), "started_at": None, "finished_at": None, **_graft_fields(recipe),
+           "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url, "attempt": 0,
+           "max_attempts": state.settings.max_attempts, "progress": None, "result": None, "error": None}
+    return _submit(doc, spec, body, state, tenant, idempotency_key)
+
+
+@router.post("/preflights", status_code=202, response_model=Job, summary="Check a graft's inputs before grafting",
+             description="A job of its own kind, run by the workers and polled at /v1/jobs/{id}: a verdict "
+             "(compatible, risky, incompatible) with its reasons and numbers in `result.report`, report.json and a "
+             "per-layer chart written under the output. The synchronous header-only plan stays in "
+             "POST /v1/jobs:preview.", responses={**ERRORS, 400: PROBLEM, **LIMITED})
+def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
+                     idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+    graft = JobCreate(**{name: getattr(body, name) for name in ("source_base", "source_finetuned", "target_base",
+                                                                 "diffs", "options", "output", "metadata",
+                                                                 "webhook_url")})
+    _check_options(graft)
+    recipe = _recipe(graft)
+    _check_request(graft, recipe, state, tenant)
+    job_id = new_job_id()
+    output = _output(job_id, graft, state, tenant)
+    spec = {"preflight": body.model_dump(mode="json", include={"level", "probe_text"}, exclude_none=True)}
+    doc = {"id": job_id, "object": "graft.job", "kind": "preflight", "checks": _shown_checks(spec),
+           "status": "queued", "created_at": now_iso(), "started_at": None, "finished_at": None,
+           **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
+           "attempt": 0, "max_attempts": state.settings.max_attempts, "progress": None, "result": None,
+           "error": None}
+    return _submit(doc, spec, body, state, tenant, idempotency_key)
+
+
+def _checks_spec(body: JobCreate) -> dict | None:
+    """What the worker needs of the body's checks (None: a plain graft)."""
+    spec = body.model_dump(mode="json", include={"evaluate", "select", "require"}, exclude_none=True)
+    if isinstance(body.options.alpha, list):
+        spec["alpha"] = body.options.alpha
+    return spec or None
+
+
+def _shown_checks(spec: dict | None) -> dict | None:
+    """The checks as a job shows them: a probe text by its length (it may be 64 KiB, and every GET returns it)."""
+    if not spec:
+        return None
+    shown = {**spec}
+    for key in ("evaluate", "preflight"):
+        if isinstance(shown.get(key), dict) and shown[key].get("probe_text") is not None:
+            part = {**shown[key]}
+            part["probe_text_chars"] = len(part.pop("probe_text"))
+            shown[key] = part
+    return shown
+
+
+def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, idempotency_key: str | None
+            ) -> Response:
+    """Create the record (under the tenant's quota and an idempotency key) and queue it."""
     settings, store = state.settings, state.store
+    job_id = doc["id"]
     idem_rkey = None
     if idempotency_key is not None:
         replay, idem_rkey = _claim_idempotency(state, tenant, idempotency_key, body, job_id)
         if replay is not None:
             return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
                                        "Retry-After": str(settings.retry_after_seconds)})
-    doc = {"id": job_id, "object": "graft.job", "status": "queued", "created_at": now_iso(),
-           "started_at": None, "finished_at": None, **_graft_fields(recipe), "output": output,
-           "metadata": body.metadata,
-           "webhook_url": body.webhook_url, "attempt": 0, "max_attempts": settings.max_attempts, "progress": None,
-           "result": None, "error": None}
+    if spec:
+        doc = {**doc, CHECKS_SPEC: spec}  # stored beside the public fields, never shown
     try:
         cap = settings.tenant_max_unfinished_jobs
         if not store.create(doc, tenant, max_unfinished=cap if cap > 0 else None):  # counted and created at once
@@ -196,10 +255,11 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
         store.transition(job_id, ("queued",), "failed", finished_at=now_iso(), error=error)
         raise Problem(503, "enqueue_failed", f"the job could not be queued: {exc}",
                       headers={"Retry-After": str(settings.unavailable_retry_after)}) from exc
+    doc.pop(CHECKS_SPEC, None)
     return _json(doc, 202, {"Location": f"/v1/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)})
 
 
-def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate,
+def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate,
                        job_id: str) -> tuple[dict | None, str]:
     """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
     body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
+from worker.engine.checked_graft import MAX_SWEEP, Checks
+from worker.engine.inspect.verdict import Level
 from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
 from worker.statuses import JobStatus
 
@@ -21,11 +25,30 @@ MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 
 
+def _alpha(value: object) -> float | list[float]:
+    """One error naming options.alpha, rather than one per member of a union."""
+    def number(v: object) -> float | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    if isinstance(value, list) and 2 <= len(value) <= MAX_SWEEP and all(number(v) is not None for v in value):
+        return [float(v) for v in value]
+    if number(value) is not None:
+        return float(value)
+    raise PydanticCustomError("alpha", f"a finite JSON number, or a list of 2 to {MAX_SWEEP} of them (a sweep)")
+
+
+_NUMBER = {"type": "number"}
+Alpha = Annotated[float | list[float], PlainValidator(_alpha), WithJsonSchema(
+    {"anyOf": [_NUMBER, {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": MAX_SWEEP}]})]
+
+
 class Options(RecipeOptions):
     """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
 
-    alpha: float = Field(1.0, strict=True, allow_inf_nan=False, description="scale of the diff (a JSON number); "
-                         "with `diffs`, a factor on every diff's weight")
+    alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, a factor on every "
+                         "diff's weight. A list is a sweep: each value is built and evaluated, and only the one "
+                         "`select` picks is published")
 
 
 def _metadata_schema(schema: dict) -> None:
@@ -53,7 +76,7 @@ def _either_diffs_or_three_fields(schema: dict) -> None:
                                           given("merge", kind="object"), given("rules", kind="array")]}}]
 
 
-class JobCreate(BaseModel):
+class JobCreate(Checks):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
     source_base: str | None = Field(None, **URI_FIELD)
     source_finetuned: str | None = Field(None, **URI_FIELD)
@@ -72,6 +95,32 @@ class JobCreate(BaseModel):
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
                                                description="labels returned as given: at most 32, keys of at most 64 "
                                                            "characters, values of at most 1024")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
+                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
+                                    description="POSTed the job on a terminal status; must reach a public address")
+
+
+class PreflightCreate(BaseModel):
+    """A compatibility check of a graft's inputs, run by the workers as a job of its own kind."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
+    source_base: str | None = Field(None, **URI_FIELD)
+    source_finetuned: str | None = Field(None, **URI_FIELD)
+    target_base: str | None = Field(None, **URI_FIELD)
+    diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="several diffs: each is "
+                                     "judged against the target, the verdict is the worst")
+    level: Level = Field(Level.WEIGHTS, description="headers: configs, tensors, tokenizers, estimates (no weights "
+                         "read); weights: one streaming pass over the inputs; function: also the probe loss along "
+                         "the line between the bases (runs the models)")
+    probe_text: str | None = Field(None, min_length=1, max_length=64 << 10, description="the function level's probe "
+                                   "text (default: one built into graft)")
+    options: Options = Field(default_factory=Options)
+    output: str | None = Field(None, min_length=1, max_length=2048,
+                               pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
+                               description="where report.json and the chart go; default "
+                                           "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
+                                               description="labels returned as given")
     webhook_url: str | None = Field(None, min_length=1, max_length=2048,
                                     pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
                                     description="POSTed the job on a terminal status; must reach a public address")
@@ -99,16 +148,24 @@ class Result(BaseModel):
     manifest_uri: str
     files: list[FileOut]
     stats: dict[str, Any]
+    evaluation: dict[str, Any] | None = Field(None, description="the output run on the probe text and prompts "
+                                              "(when the job asked `evaluate`, or swept alpha)")
+    sweep: dict[str, Any] | None = Field(None, description="every candidate alpha's score; chosen_alpha was published")
+    preflight: dict[str, Any] | None = Field(None, description="the verdict `require: compatible` checked")
+    report: dict[str, Any] | None = Field(None, description="a preflight's report: verdict, reasons, the numbers")
+    chart_uri: str | None = Field(None, description="a preflight's per-layer chart (PNG)")
 
 
 class JobError(BaseModel):
     code: str
     message: str
+    details: dict[str, Any] | None = None
 
 
 class Job(BaseModel):
     id: str
     object: Literal["graft.job"] = "graft.job"
+    kind: Literal["graft", "preflight"] = Field("graft", description="a graft, or a preflight (POST /v1/preflights)")
     status: Status
     created_at: str
     started_at: str | None = None
@@ -120,6 +177,9 @@ class Job(BaseModel):
     options: dict[str, Any]
     recipe: dict[str, Any] | None = Field(None, description="the recipe, when the job is more than the plain "
                                           "transfer (several diffs, transforms, a merge method, rules)")
+    checks: dict[str, Any] | None = Field(None, description="what the job asked beyond the graft: evaluate (the "
+                                          "probe text shown by its length), select, require, the swept alphas; a "
+                                          "preflight's level")
     metadata: dict[str, str]
     webhook_url: str | None = None
     attempt: int

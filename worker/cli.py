@@ -4,26 +4,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
 from .engine.errors import GraftError
 
 
-def _add_graft_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     models = p.add_argument_group("what to graft: three URIs, or a recipe")
     models.add_argument("--source-base", help="URI of the base the fine-tune started from")
     models.add_argument("--source-finetuned", help="URI of the fine-tune whose diff is transferred")
     models.add_argument("--target-base", help="URI of the newer base that receives the diff")
-    models.add_argument("--alpha", type=float, default=None, help="scale of the diff (default 1.0)")
+    models.add_argument("--alpha", type=_alphas, default=None, help="scale of the diff (default 1.0); a "
+                        "comma-separated list (0.5,0.75,1) is a sweep: each is built and evaluated, the best published")
     models.add_argument("--recipe", metavar="FILE", help="a recipe (YAML or JSON): several diffs, transforms, a "
                         "merge method, per-layer weights, rules (see README: recipes)")
     models.add_argument("--mergekit-config", metavar="FILE", help="a mergekit config of the task-vector family, "
                         "run as the equivalent recipe")
-    p.add_argument("--output", help="where the checkpoint goes: directory, file:// or s3:// (not with --dry-run)")
     _add_option_flags(p.add_argument_group("options (override a recipe's)"))
+
+
+def _add_graft_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--output", help="where the checkpoint goes: directory, file:// or s3:// (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; read no data")
     p.add_argument("--json", action="store_true", help="print the plan or summary as JSON")
+    _add_check_flags(p.add_argument_group("checks (see README: know before grafting)"))
+
+
+def _alphas(text: str) -> float | list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or a comma-separated list of numbers: {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _add_check_flags(group) -> None:
+    """The flags of worker/engine/checked_graft.Checks and its EvaluateSpec, with their declared descriptions."""
+    from .engine.checked_graft import Checks, Require, Select
+    from .engine.evaluation.spec import EvaluateSpec
+
+    fields, spec = Checks.model_fields, EvaluateSpec.model_fields
+    group.add_argument("--evaluate", action="store_true", help=fields["evaluate"].description)
+    group.add_argument("--probe-text", metavar="FILE", help=f"(with --evaluate) {spec['probe_text'].description}")
+    group.add_argument("--prompts", metavar="FILE", help=f"(with --evaluate) one prompt per line; "
+                       f"{spec['prompts'].description}")
+    group.add_argument("--max-new-tokens", type=int, help=f"(with --evaluate) {spec['max_new_tokens'].description}")
+    group.add_argument("--select", choices=[s.value for s in Select], help=fields["select"].description)
+    group.add_argument("--require", choices=[r.value for r in Require], help=fields["require"].description)
 
 
 def _add_option_flags(group) -> None:
@@ -68,7 +98,8 @@ def _request(args: argparse.Namespace):
     flags = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
     three = [args.source_base, args.source_finetuned, args.target_base]
     documents = [f for f in (args.recipe, args.mergekit_config) if f]
-    if len(documents) > 1 or (documents and (any(three) or args.alpha is not None)):
+    alpha = None if isinstance(args.alpha, list) else args.alpha  # a list is a sweep (see _sweep)
+    if len(documents) > 1 or (documents and (any(three) or alpha is not None)):
         raise GraftError("invalid_option", "give either --recipe, --mergekit-config or the three model URIs "
                          "(with --alpha)")
     if args.recipe:
@@ -88,9 +119,10 @@ def _request(args: argparse.Namespace):
             raise GraftError("invalid_option", f"{', '.join(missing)} required (or --recipe FILE)")
         from .engine.options import GraftOptions
 
-        options = GraftOptions(alpha=1.0 if args.alpha is None else args.alpha, **flags)
-        return GraftRequest(args.source_base, args.source_finetuned, args.target_base, args.output or "", options)
-    return GraftRequest.from_recipe(recipe, args.output or "")
+        options = GraftOptions(alpha=1.0 if alpha is None else alpha, **flags)
+        return GraftRequest(args.source_base, args.source_finetuned, args.target_base,
+                            getattr(args, "output", None) or "", options)
+    return GraftRequest.from_recipe(recipe, getattr(args, "output", None) or "")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -105,23 +137,125 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = plan.to_dict()
         print(json.dumps(summary, indent=2) if args.json else _format_plan(summary))
         return 0
-    from .engine.run import run_graft
+    from .engine.checked_graft import run_checked_graft
     from .progress import TerminalProgress
 
+    checks, alphas = _checks(args)
     bar = TerminalProgress()
     try:
-        result = run_graft(request, progress=bar.update, warn=bar.warn)
+        result = run_checked_graft(request, checks, alphas=alphas, progress=bar.update, warn=bar.warn)
     finally:
         bar.close()
     stats = result.stats
     if args.json:
-        print(json.dumps({"output": result.output_uri, "manifest": result.manifest_uri, "stats": stats}))
+        print(json.dumps({"output": result.output_uri, "manifest": result.manifest_uri, "stats": stats,
+                          **result.checks}))
     else:
         actions = ", ".join(f"{n} {a}" for a, n in sorted(result.manifest["plan"]["actions"].items()))
         print(f"grafted {stats['tensors']} tensors ({actions}) into {result.output_uri} in "
               f"{stats['seconds_total']:.2f}s, {stats['bytes_read'] / 1e9:.2f} GB read at "
               f"{stats['input_gb_per_s']} GB/s, {len(result.warnings)} warning(s)")
+        for line in _format_checks(result.checks):
+            print(line)
     return 0
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GraftError("invalid_option", f"{what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _evaluate_spec(args: argparse.Namespace):
+    """The EvaluateSpec the flags describe, or None when no evaluation was asked for."""
+    from pydantic import ValidationError
+
+    from .engine.evaluation.spec import EvaluateSpec
+
+    given = {}
+    if args.probe_text:
+        given["probe_text"] = _read_text(args.probe_text, "--probe-text")
+    if getattr(args, "prompts", None):
+        given["prompts"] = [line for line in _read_text(args.prompts, "--prompts").splitlines() if line.strip()]
+    if getattr(args, "max_new_tokens", None) is not None:
+        given["max_new_tokens"] = args.max_new_tokens
+    if not given and not getattr(args, "evaluate", False):
+        return None
+    try:
+        return EvaluateSpec(**given)
+    except ValidationError as exc:
+        raise GraftError("invalid_option", _validation_message(exc)) from None
+
+
+def _validation_message(exc) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:1000]
+
+
+def _checks(args: argparse.Namespace):
+    """(Checks, the sweep's alphas or None) from the flags."""
+    from .engine.checked_graft import Checks, check_alphas
+
+    alphas = check_alphas(args.alpha) if isinstance(args.alpha, list) else None
+    if args.select and not alphas:
+        raise GraftError("invalid_option", "--select picks among several alphas: give --alpha 0.5,0.75,1")
+    return Checks(evaluate=_evaluate_spec(args), select=args.select, require=args.require), alphas
+
+
+def _format_checks(checks: dict) -> list[str]:
+    lines = []
+    if "preflight" in checks:
+        lines.append(f"preflight: {checks['preflight']['verdict']}")
+    sweep = checks.get("sweep")
+    if sweep:
+        for c in sweep["candidates"]:
+            mark = " <- published" if c["alpha"] == sweep["chosen_alpha"] else ""
+            lines.append(f"alpha {c['alpha']:g}: {sweep['select']} {c['score']:.4f}{mark}")
+    evaluation = checks.get("evaluation")
+    if evaluation:
+        probe = evaluation["probe"]
+        lines.append("probe perplexity: " + ", ".join(f"{role} {probe[role]['perplexity']:.3f}" for role in
+                                                        ("target_base", "output", "source_finetuned")))
+        lines.append(f"KL(fine-tune || output) on the prompts: {evaluation['kl_to_finetuned']['mean']:.4f}")
+        for sample in evaluation.get("samples", [])[:3]:
+            lines.append(f"sample: {sample['prompt']!r} -> {sample['text']!r}")
+        if evaluation.get("quality_warning"):
+            lines.append(f"warning: {evaluation['quality_warning']['message']}")
+    return lines
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .engine.inspect import Level, Verdict, inspect_graft
+
+    request = _request(args)
+    probe = _read_text(args.probe_text, "--probe-text") if args.probe_text else None
+    result = inspect_graft(request, level=Level(args.level), probe_text=probe)
+    if args.report:
+        os.makedirs(args.report, exist_ok=True)
+        for name, data in result.artifacts.items():
+            with open(os.path.join(args.report, name), "wb") as fh:
+                fh.write(data)
+    report = result.report
+    print(json.dumps(report, indent=2) if args.json else _format_report(report, args.report))
+    return 3 if args.require and report["verdict"] != Verdict.COMPATIBLE else 0
+
+
+def _format_report(report: dict, report_dir: str | None) -> str:
+    lines = [f"verdict: {report['verdict']} (levels run: {', '.join(report['levels_run'])})"]
+    for reason in report["reasons"]:
+        lines.append(f"  [{reason['verdict']}] {reason['level']}: {reason['message']}")
+    estimates = report.get("estimates") or {}
+    if estimates:
+        lines.append("estimates: " + ", ".join(f"{k} {v}" for k, v in estimates.items() if not isinstance(v, dict)))
+    function = report.get("function")
+    if function:
+        lines.append("loss from source base to target base: " + ", ".join(
+            f"{lam:g}: {loss:.4f}" for lam, loss in zip(function["lambdas"], function["losses"], strict=True))
+            + f"; barrier {function['barrier']:.4f} ({function['barrier_ratio']:.1%} of the end losses)")
+    if report_dir:
+        lines.append(f"report written to {report_dir}")
+    return "\n".join(lines)
 
 
 def _format_plan(summary: dict) -> str:
@@ -171,6 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="graft three checkpoints into a new one")
     _add_graft_args(run)
     run.set_defaults(func=_cmd_run)
+    inspect = sub.add_parser("inspect", help="judge before grafting whether the transfer can work: a verdict "
+                             "(compatible, risky, incompatible) with its reasons")
+    _add_model_args(inspect)
+    inspect.add_argument("--level", choices=["headers", "weights", "function"], default="weights",
+                         help="headers: configs, tensors, tokenizers, estimates (no weights read); weights: one "
+                         "streaming pass over the inputs; function: also the probe loss along the line between the "
+                         "bases (runs the models; default weights)")
+    inspect.add_argument("--probe-text", metavar="FILE", help="text for the function level (default: built in)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--report", metavar="DIR", help="write report.json and the per-layer chart here")
+    inspect.add_argument("--require", choices=["compatible"], help="exit with status 3 unless the verdict is this")
+    inspect.set_defaults(func=_cmd_inspect)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -31,9 +31,11 @@ from .statuses import ACTIVE, STATUSES, TERMINAL, UNFINISHED
 
 __all__ = ["ACTIVE", "STATUSES", "TERMINAL", "UNFINISHED", "JobStore", "decode_job", "new_job_id", "now_iso"]
 # Order of the public document's fields (GET /v1/jobs/{id}).
-PUBLIC_FIELDS = ("id", "object", "status", "created_at", "started_at", "finished_at", "source_base",
-                 "source_finetuned", "target_base", "output", "options", "recipe", "metadata", "webhook_url", "attempt",
-                 "max_attempts", "progress", "result", "error")
+PUBLIC_FIELDS = ("id", "object", "kind", "checks", "status", "created_at", "started_at", "finished_at",
+                 "source_base", "source_finetuned", "target_base", "output", "options", "recipe", "metadata",
+                 "webhook_url", "attempt", "max_attempts", "progress", "result", "error")
+# Kept in the record for the worker, not shown: a job's full checks (a probe text may be 64 KiB).
+CHECKS_SPEC = "checks_spec"
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 MAX_EVENTS = 1000
 STATUS_INDEX_VERSION = b"1"

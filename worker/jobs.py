@@ -14,7 +14,7 @@ import redis
 from rq import Callback, Queue, Retry
 
 from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
-from .job_store import ACTIVE, JobStore, now_iso
+from .job_store import ACTIVE, CHECKS_SPEC, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
 from .statuses import JobStatus
@@ -142,7 +142,9 @@ class _Reporter:
         # A warning lost to an outage is still in the manifest.
         self.warnings += 1
         if self.warnings <= MAX_WARNING_EVENTS:
-            self._redis.call(self.store.add_event, self.job_id, "warning",
+            # A quality warning is an event of its own type: a pipeline waits for exactly that one.
+            kind = "quality_warning" if warning.get("code") == "quality_warning" else "warning"
+            self._redis.call(self.store.add_event, self.job_id, kind,
                              **{k: v for k, v in warning.items() if k != "type"})
         elif self.warnings == MAX_WARNING_EVENTS + 1:
             self._redis.call(self.store.add_event, self.job_id, "warning", code="truncated",
@@ -206,18 +208,13 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
         check_uri(record["output"], "output", settings, output=True, tenant=tenant)
         confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
                                strict=True))
-        from .engine import GraftOptions, GraftRequest, run_graft  # torch is imported here, in the job
+        request = _request(record, job_id, confinement)
+        if record.get("kind") == "preflight":
+            from .preflights import run_preflight
 
-        if record.get("recipe"):
-            from .engine.recipe import load_recipe
-
-            request = GraftRequest.from_recipe(load_recipe(record["recipe"]), record["output"], writer=job_id,
-                                               **confinement)
+            out = run_preflight(request, record.get(CHECKS_SPEC) or {}, settings, reporter)
         else:
-            request = GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"],
-                                   record["output"], GraftOptions(**record["options"]), writer=job_id, **confinement)
-        result = run_graft(request, settings=settings, progress=reporter.progress,
-                           should_cancel=reporter.should_cancel, warn=reporter.warn)
+            out = _run_graft(request, record.get(CHECKS_SPEC) or {}, settings, reporter)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
         try:
@@ -234,6 +231,8 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
         if err.code in RETRYABLE and attempt < settings.max_attempts:
             return _retry_later(store, job_id, settings, attempt, err)
         error = {"code": err.code, "message": err.message}
+        if err.code == "incompatible_bases":  # the verdict and its reasons: why nothing was built
+            error["details"] = err.details
         _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "failed",
               event={"type": "finished", "status": "failed", "error": error}, finished_at=now_iso(), error=error)
         return {"status": "failed", "error": error}
@@ -241,17 +240,38 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     progress = reporter.doc(reporter.last) if reporter.last is not None else None
     if progress:
         progress["phase"] = "done"
-    out = {"uri": result.output_uri, "manifest_uri": result.manifest_uri,
-           "files": [f.to_dict() for f in result.files], "stats": result.stats}
     # cancelling is allowed here: the manifest is written, so the result exists and is reported as such.
     _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "succeeded",
           event={"type": "finished", "status": "succeeded"}, finished_at=now_iso(), result=out, progress=progress)
     try:  # not repeatable (counters), so not waited for: a metric lost to an outage is the lesser harm
-        store.record_finished(seconds, result.stats.get("bytes_read", 0), result.stats.get("bytes_written", 0),
-                              result.stats.get("tensors", 0))
+        stats = out["stats"]
+        store.record_finished(seconds, stats.get("bytes_read", 0), stats.get("bytes_written", 0),
+                              stats.get("tensors", 0))
     except REDIS_DOWN:
         pass
-    return {"status": "succeeded", "uri": result.output_uri}
+    return {"status": "succeeded", "uri": out["uri"]}
+
+
+def _request(record: dict, job_id: str, confinement: dict):
+    from .engine import GraftOptions, GraftRequest  # torch is imported here, in the job
+
+    if record.get("recipe"):
+        from .engine.recipe import load_recipe
+
+        return GraftRequest.from_recipe(load_recipe(record["recipe"]), record["output"], writer=job_id, **confinement)
+    return GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"], record["output"],
+                        GraftOptions(**record["options"]), writer=job_id, **confinement)
+
+
+def _run_graft(request, spec: dict, settings: Settings, reporter: _Reporter) -> dict:
+    """The graft with the checks the job asked for (evaluate, require, an alpha sweep); the job's result."""
+    from .engine.checked_graft import Checks, run_checked_graft
+
+    checks = Checks.model_validate({k: v for k, v in spec.items() if k != "alpha"})
+    result = run_checked_graft(request, checks, alphas=spec.get("alpha"), settings=settings,
+                               progress=reporter.progress, should_cancel=reporter.should_cancel, warn=reporter.warn)
+    return {"uri": result.output_uri, "manifest_uri": result.manifest_uri,
+            "files": [f.to_dict() for f in result.files], "stats": result.stats, **result.checks}
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:

@@ -47,4 +47,6 @@ class EngineSettings(BaseSettings):
     eval_seconds: float = Field(600.0, description="wall-clock budget of one function-level probe or evaluation; "
                                 "past it the work stops with eval_timeout")
     probe_max_tokens: int = Field(2048, description="tokens of a probe text used at most (the rest is ignored)")
+    scratch_dir: str = Field("", description="where an alpha sweep builds its candidates (two at most at a time, "
+                             "each the size of the output); empty: the system's temporary directory")
     eval_max_new_tokens: int = Field(64, description="cap on the greedy sample's length per prompt")

@@ -151,6 +151,15 @@ class Recipe(BaseModel):
             return float(diff.weight)
         return None
 
+    def scaled(self, alpha: float) -> Recipe:
+        """The recipe with every diff's weight times alpha: alpha beside diffs is a strength on all of them
+        (the API's `alpha` with `diffs`, and each candidate of an alpha sweep)."""
+        if alpha == 1.0:
+            return self
+        diffs = [d.model_copy(update={"weight": [w * alpha for w in d.weight] if isinstance(d.weight, list)
+                                      else d.weight * alpha}) for d in self.diffs]
+        return self.model_copy(update={"diffs": diffs})
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -26,7 +26,7 @@ from .sinks import MANIFEST, FileRecord, Sink, open_sink
 from .stores import RemoteStore
 from .stream import StreamTotals, stream_plan
 from .transforms import TensorStats
-from .uris import parse_uri
+from .uris import Location, parse_uri
 
 log = logging.getLogger("graft.engine")
 
@@ -40,6 +40,8 @@ class Phase(StrEnum):
     RESOLVING = "resolving"
     STATISTICS = "statistics"  # a recipe's magnitude thresholds, read before the compute pass
     STREAMING = "streaming"  # the compute pass: every output byte is written here
+    INSPECTING = "inspecting"  # a weights-level check of the inputs (an inspection, or `require: compatible`)
+    EVALUATING = "evaluating"  # the written output run on a probe text and prompts, before it is published
     COMMITTING = "committing"
     DONE = "done"
 
@@ -65,6 +67,7 @@ class GraftResult:
     files: list[FileRecord]
     manifest: dict
     warnings: list[dict] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)  # what before_commit added to the manifest (an evaluation)
 
     @property
     def stats(self) -> dict:
@@ -234,7 +237,11 @@ def _index(plan: Plan) -> bytes:
 def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
               progress: Callable[[Progress], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
-              warn: Callable[[dict], None] | None = None) -> GraftResult:
+              warn: Callable[[dict], None] | None = None,
+              before_commit: Callable[[Location, dict[str, ResolvedModel]], dict] | None = None) -> GraftResult:
+    """`before_commit(staged, models)`: called once every output file is written and before the manifest
+    is, with where the output can be read back; the sections it returns go into the manifest (an
+    evaluation). What it raises fails the graft like any other error: nothing is published."""
     settings = settings or EngineSettings()
     output = parse_uri(request.output, field="output")
     device = pick_device(request.options.device)
@@ -245,7 +252,7 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
     resolve_seconds = time.perf_counter() - t0
     try:
         return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
-                            warn or (lambda w: None), resolve_seconds)
+                            warn or (lambda w: None), resolve_seconds, before_commit)
     finally:
         close_models(models)
 
@@ -291,7 +298,7 @@ def _superseded(should_cancel: Callable[[], bool] | None, failure: BaseException
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
                  settings: EngineSettings, report: Callable[[Progress], None],
                  should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
-                 resolve_seconds: float) -> GraftResult:
+                 resolve_seconds: float, before_commit=None) -> GraftResult:
     started = time.perf_counter()
     source_only = [{"code": "source_only", "tensor": d["tensor"],
                     "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
@@ -341,6 +348,14 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                              + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
         if should_cancel is not None and should_cancel():
             raise GraftCancelled()
+        checks = {}
+        if before_commit is not None:
+            report(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
+                            total.bytes_written, total.bytes_total))
+            checks = dict(before_commit(sink.staged(), models) or {})
+            for w in checks.pop("warnings", []):  # a quality warning: an event now, and in the manifest
+                late_warnings.append(w)
+                warn(w)
         total.phase = Phase.COMMITTING
         report(total)
         records += side_records
@@ -364,6 +379,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         }
         manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
                                   str(output))
+        manifest.update(checks)
         manifest_uri = sink.commit(dumps(manifest))
     except GraftSuperseded:
         sink.abandon()
@@ -379,7 +395,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         raise
     total.phase = Phase.DONE
     report(total)
-    return GraftResult(str(output), manifest_uri, records, manifest, warnings)
+    return GraftResult(str(output), manifest_uri, records, manifest, warnings, checks)
 
 
 __all__ = ["GraftResult", "Phase", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]

@@ -94,6 +94,11 @@ class Sink(ABC):
     def abandon(self) -> None:
         """Stop writing without removing anything: another writer owns the output now."""
 
+    def staged(self) -> Location:
+        """Where what has been written so far can be read back before the commit (an evaluation of the output
+        reads it there): every file put or closed is complete there; no manifest yet."""
+        return self.location
+
 
 class _LocalWriter(FileWriter):
     def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor) -> None:
@@ -209,6 +214,9 @@ class LocalSink(Sink):
                 raise GraftError("storage_error", f"{location}: cannot create the output: {exc.strerror}") from None
             raise
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-write")
+
+    def staged(self) -> Location:
+        return Location("file", path=self.tmp)  # each write returns once it has landed
 
     def _escape(self) -> GraftError:
         return GraftError("uri_not_allowed", f"{self.location}: the output's directory resolves outside the "
@@ -523,6 +531,10 @@ class S3Sink(Sink):
                 raise
             except Exception as exc:
                 raise GraftError("storage_error", f"{self.location}: upload failed: {exc}") from exc
+
+    def staged(self) -> Location:
+        self._wait_deferred()  # side files and shard completions run on the finisher threads
+        return self.location
 
     def commit(self, manifest: bytes) -> str:
         self._wait_deferred()

@@ -4,7 +4,10 @@ No torch here: the API process imports it."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 PROBE_TEXT_MAX_BYTES = 64 << 10
 PROMPTS_MAX = 16
@@ -31,11 +34,13 @@ class EvaluateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probe_text: str | None = Field(
-        None, description="text the losses and perplexities are measured on (at most 64 KiB of UTF-8; only "
-        "its first GRAFT_PROBE_MAX_TOKENS tokens are used); default: the probe text built into graft")
-    prompts: list[str] | None = Field(
-        None, description=f"prompts (1 to {PROMPTS_MAX}, each at most 2 KiB of UTF-8) for the KL to the "
-        "fine-tune and the greedy samples, rendered through the fine-tune's chat template when it has one; "
+        None, min_length=1, max_length=PROBE_TEXT_MAX_BYTES,
+        description="text the losses and perplexities are measured on (at most 64 KiB of UTF-8; only its first "
+        "GRAFT_PROBE_MAX_TOKENS tokens are used); default: the probe text built into graft")
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=PROMPT_MAX_BYTES)]] | None = Field(
+        None, min_length=1, max_length=PROMPTS_MAX,
+        description=f"prompts (1 to {PROMPTS_MAX}, each at most 2 KiB of UTF-8) for the KL to the fine-tune and "
+        "the greedy samples, rendered through the fine-tune's chat template when it has one; "
         "default: a few short built-in prompts")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_MAX,
                                 description="tokens of each greedy sample at most (the worker may cap it lower: "
@@ -45,7 +50,9 @@ class EvaluateSpec(BaseModel):
     @classmethod
     def _probe_size(cls, value: str | None) -> str | None:
         if value is not None and _utf8_bytes(value) > PROBE_TEXT_MAX_BYTES:
-            raise ValueError(f"probe_text is {_utf8_bytes(value)} bytes of UTF-8; at most {PROBE_TEXT_MAX_BYTES}")
+            # The schema counts characters; bytes are the limit: a refusal for a reason no schema states.
+            raise PydanticCustomError("too_large", f"probe_text is {_utf8_bytes(value)} bytes of UTF-8; at most "
+                                      f"{PROBE_TEXT_MAX_BYTES}")
         return value
 
     @field_validator("prompts")
@@ -57,9 +64,10 @@ class EvaluateSpec(BaseModel):
             raise ValueError(f"prompts holds {len(value)}; give 1 to {PROMPTS_MAX} (or leave it out for the defaults)")
         for i, prompt in enumerate(value):
             if not prompt.strip():
-                raise ValueError(f"prompts[{i}] is empty")
+                raise PydanticCustomError("invalid_option", f"prompts[{i}] is blank")
             if _utf8_bytes(prompt) > PROMPT_MAX_BYTES:
-                raise ValueError(f"prompts[{i}] is {_utf8_bytes(prompt)} bytes of UTF-8; at most {PROMPT_MAX_BYTES}")
+                raise PydanticCustomError("too_large", f"prompts[{i}] is {_utf8_bytes(prompt)} bytes of UTF-8; at "
+                                          f"most {PROMPT_MAX_BYTES}")
         return value
 
     def prompt_list(self) -> list[str]:

@@ -1,0 +1,253 @@
+"""A graft with its checks: `require: compatible` before anything is written, an evaluation of the output
+before it is published, and an alpha sweep that publishes only the best candidate.
+
+    require  -> inspect (weights level) -> refuse with incompatible_bases, or go on
+    evaluate -> run_graft(before_commit = evaluate the staged output) -> manifest["evaluation"]
+    sweep    -> per alpha: build into private scratch, evaluate, keep the best so far
+             -> build the winner into the real output (same plan, same bytes: checked) -> manifest["sweep"]
+
+A sweep builds its candidates one after another, each through the same streaming engine (its memory bound)
+and the same evaluation (at most about two models in memory): streaming once into several outputs would save
+reads but hold every candidate's blocks at once, and score none of them until all were written. The winner is
+built again into the real output rather than copied, so that it is published by the one path that publishes
+grafts (fences, atomic commit, S3 claims); its shard digests must equal the scored candidate's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import EngineSettings
+from .errors import GraftCancelled, GraftError
+from .evaluation.spec import EvaluateSpec
+from .options import GraftRequest
+
+if TYPE_CHECKING:
+    from .model import ResolvedModel
+    from .run import GraftResult, Progress
+    from .uris import Location
+
+MAX_SWEEP = 8  # candidates: each is a whole graft plus an evaluation
+
+
+class Select(StrEnum):
+    """What picks a sweep's winner (lowest wins)."""
+
+    PROBE_LOSS = "probe_loss"  # the output's mean loss on the probe text
+    KL_TO_FINETUNED = "kl_to_finetuned"  # KL(fine-tune || output) of next-token distributions on the prompts
+
+
+class Require(StrEnum):
+    COMPATIBLE = "compatible"
+
+
+class Checks(BaseModel):
+    """What a graft job may ask beyond the graft: the one declaration the API body and the CLI flags share."""
+
+    model_config = ConfigDict(extra="forbid")
+    evaluate: EvaluateSpec | None = Field(None, description="after the graft, before it is published: loss and "
+                                          "perplexity on a probe text, KL to the fine-tune and a greedy sample "
+                                          "per prompt, recorded as `evaluation`")
+    select: Select | None = Field(None, description="with a list of alphas (a sweep): the score that picks the "
+                                  "one candidate published (lowest wins); default probe_loss")
+    require: Require | None = Field(None, description="`compatible`: inspect the inputs (weights level) first and "
+                                    "fail with incompatible_bases, writing nothing, unless the verdict is compatible")
+
+
+def check_alphas(alphas: list[float]) -> list[float]:
+    if not 2 <= len(alphas) <= MAX_SWEEP:
+        raise GraftError("invalid_option", f"alpha: a sweep takes 2 to {MAX_SWEEP} values")
+    if any(isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) for a in alphas):
+        raise GraftError("invalid_option", "alpha: every value must be a finite number")
+    if len(set(alphas)) != len(alphas):
+        raise GraftError("invalid_option", "alpha: the values must differ")
+    return [float(a) for a in alphas]
+
+
+def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
+    """The request at strength alpha: the plain transfer's alpha, or every diff's weight times alpha."""
+    if request.recipe is not None:
+        return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
+    return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=alpha), **changes)
+
+
+@dataclasses.dataclass
+class _Hooks:
+    settings: EngineSettings
+    progress: Callable[[Progress], None]
+    should_cancel: Callable[[], bool] | None
+    warn: Callable[[dict], None]
+
+
+def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, alphas: list[float] | None = None,
+                      settings: EngineSettings | None = None, progress: Callable[[Progress], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None,
+                      warn: Callable[[dict], None] | None = None) -> GraftResult:
+    """A graft with what `checks` asks; `alphas`: a sweep (request's own alpha is then ignored)."""
+    from .run import run_graft
+
+    checks = checks or Checks()
+    hooks = _Hooks(settings or EngineSettings(), progress or (lambda p: None), should_cancel,
+                   warn or (lambda w: None))
+    sections: dict = {}
+    if checks.require is not None:
+        sections["preflight"] = require_compatible(request, hooks)
+    if alphas:
+        return _sweep(request, check_alphas(alphas), checks, hooks, sections)
+    evaluate = _evaluator(checks.evaluate, request, hooks) if checks.evaluate is not None else None
+
+    def before_commit(staged: Location, models: dict[str, ResolvedModel]) -> dict:
+        return {**sections, **(evaluate(staged, models) if evaluate is not None else {})}
+
+    return run_graft(request, settings=hooks.settings, progress=hooks.progress, should_cancel=should_cancel,
+                     warn=hooks.warn, before_commit=before_commit if sections or evaluate else None)
+
+
+def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
+    """The weights-level verdict, or incompatible_bases before anything is written."""
+    from .inspect import Level, Verdict, inspect_graft
+
+    result = inspect_graft(request, level=Level.WEIGHTS, settings=hooks.settings, should_cancel=hooks.should_cancel,
+                           progress=_relabel(hooks.progress))
+    report = result.report
+    summary = {"verdict": report["verdict"], "reasons": report["reasons"], "level": str(Level.WEIGHTS)}
+    if report["verdict"] != Verdict.COMPATIBLE:
+        why = "; ".join(r["message"] for r in report["reasons"] if r.get("verdict") != Verdict.COMPATIBLE)[:1500]
+        raise GraftError("incompatible_bases", f"require: compatible, but the inputs were judged "
+                         f"{report['verdict']}: {why or 'see the report'}", {"preflight": summary})
+    return summary
+
+
+def _relabel(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """An inspection inside a graft job reports as `inspecting`: its streaming is not the graft's."""
+    from .run import Phase
+
+    def report(p: Progress) -> None:
+        if p.phase in (Phase.STREAMING, Phase.STATISTICS):
+            p = dataclasses.replace(p, phase=Phase.INSPECTING)
+        if p.phase not in (Phase.DONE, Phase.COMMITTING):
+            progress(p)
+
+    return report
+
+
+def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, required: bool = False
+               ) -> Callable[[Location, dict[str, ResolvedModel]], dict]:
+    """before_commit: the staged output (resolved like any input, under the request's confinement) evaluated
+    against the target base and the (first) fine-tune. An evaluation that cannot run (no tokenizer, a model
+    too large for this worker, out of time) is recorded as such and the graft is published all the same,
+    unless `required` (a sweep cannot pick without scores)."""
+    from .evaluation import evaluate_graft
+    from .model import resolve_model
+    from .run import pick_device, remote_reads, storage_retry
+
+    def evaluate(staged: Location, models: dict[str, ResolvedModel]) -> dict:
+        settings = hooks.settings
+        output = resolve_model("output", staged, endpoint_url=settings.s3_endpoint_url,
+                               max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                               allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                               retry=storage_retry(settings))
+        try:
+            evaluation = evaluate_graft(output, models["target_base"], models["source_finetuned"], spec,
+                                        settings=settings, device=str(pick_device(request.options.device)),
+                                        should_cancel=hooks.should_cancel)
+        except GraftError as err:
+            if required or isinstance(err, GraftCancelled):
+                raise
+            return {"evaluation": {"error": {"code": err.code, "message": err.message}},
+                    "warnings": [{"code": "evaluation_failed", "message": f"the output was not evaluated: "
+                                  f"[{err.code}] {err.message}"}]}
+        finally:
+            output.store.close()
+        warning = evaluation.get("quality_warning")
+        return {"evaluation": evaluation, **({"warnings": [warning]} if warning else {})}
+
+    return evaluate
+
+
+def _score(evaluation: dict, select: Select) -> float:
+    if select == Select.KL_TO_FINETUNED:
+        return float(evaluation["kl_to_finetuned"]["mean"])
+    return float(evaluation["probe"]["output"]["loss"])
+
+
+@dataclasses.dataclass
+class _Candidate:
+    alpha: float
+    score: float
+    evaluation: dict
+    warnings: list[dict]
+    digests: dict[str, str]
+    directory: str
+
+
+def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _Hooks, sections: dict
+           ) -> GraftResult:
+    from .run import run_graft
+
+    select = checks.select or Select.PROBE_LOSS
+    spec = checks.evaluate or EvaluateSpec()
+    scratch = tempfile.mkdtemp(prefix="graft-sweep-", dir=hooks.settings.scratch_dir or None)
+    scores: list[dict] = []
+    best: _Candidate | None = None
+    try:
+        for index, alpha in enumerate(alphas):
+            candidate = _build_candidate(request, alpha, index, scratch, spec, select, hooks)
+            scores.append({"alpha": alpha, "score": candidate.score, "evaluation": candidate.evaluation})
+            if best is None or candidate.score < best.score:  # ties keep the earlier (listed first) alpha
+                candidate, best = best, candidate
+            if candidate is not None:
+                shutil.rmtree(candidate.directory, ignore_errors=True)  # losers are not left behind
+        assert best is not None
+        sweep = {"select": str(select), "chosen_alpha": best.alpha, "candidates": scores,
+                 "built": "one after another; the winner built again into the output"}
+
+        def before_commit(staged: Location, models: dict[str, ResolvedModel]) -> dict:
+            return {**sections, "sweep": sweep, "evaluation": best.evaluation, "warnings": best.warnings}
+
+        result = run_graft(with_alpha(request, best.alpha), settings=hooks.settings, progress=hooks.progress,
+                           should_cancel=hooks.should_cancel, warn=hooks.warn, before_commit=before_commit)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    published = {f.path: f.sha256 for f in result.files if f.path in best.digests}
+    if published != best.digests:
+        raise GraftError("internal_error", "the published output differs from the candidate that was scored")
+    return result
+
+
+def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: str, spec: EvaluateSpec,
+                     select: Select, hooks: _Hooks) -> _Candidate:
+    """One candidate built into the private scratch directory and scored. Its progress reads as streaming
+    (it is not the job's commit), and its plan warnings are the final graft's: not repeated here."""
+    from .run import run_graft
+
+    directory = os.path.join(scratch, f"candidate-{index}")
+    roots = None if request.allowed_roots is None else [*request.allowed_roots, scratch]
+    candidate = with_alpha(request, alpha, output=directory, writer=None, allowed_roots=roots)
+    result = run_graft(candidate, settings=hooks.settings, progress=_as_candidate(hooks.progress),
+                       should_cancel=hooks.should_cancel, warn=lambda w: None,
+                       before_commit=_evaluator(spec, candidate, hooks, required=True))
+    evaluation = result.checks["evaluation"]
+    warnings = [w for w in result.warnings if w.get("code") == "quality_warning"]
+    digests = {f.path: f.sha256 for f in result.files if f.path.endswith(".safetensors")}
+    return _Candidate(alpha, _score(evaluation, select), evaluation, warnings, digests, directory)
+
+
+def _as_candidate(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    from .run import Phase
+
+    def report(p: Progress) -> None:
+        if p.phase in (Phase.COMMITTING, Phase.DONE):
+            return
+        progress(p)
+
+    return report
