@@ -360,3 +360,28 @@ def test_function_level_errors_are_raised(family, monkeypatch):
     with pytest.raises(GraftError) as err:
         inspect_graft(GraftRequest(family["base"], family["ft"], family["near"], ""), level=Level.FUNCTION)
     assert err.value.code == "eval_timeout"
+
+
+def test_function_level_through_the_real_probe(tmp_path):
+    """The wiring to evaluation's function_probe, once for real: a copy of the source base whose embedding and
+    head are turned by one rotation computes the same function with other weights. The weights level sees a
+    near target (the layers did not move), the loss along the line shows the barrier, and it decides."""
+    from eval_helpers import bigram_state, encode, save, tokenizer_files
+
+    text = "the quick brown fox jumps over the lazy dog. " * 8
+    base = bigram_state(encode(text), seed=1)
+    paths = {name: save(str(tmp_path / name), state, tokenizer=tokenizer_files()) for name, state in (
+        ("base", base), ("ft", perturb(base, seed=2, scale=0.05)),
+        ("rotated", bigram_state(encode(text), seed=1, rotation_seed=5)))}
+    report = inspect_graft(GraftRequest(paths["base"], paths["ft"], paths["rotated"], ""), level=Level.FUNCTION,
+                           probe_text=text).report
+    assert report["levels_run"] == ["headers", "weights", "function"]
+    function = report["function"]
+    assert function["probe"] == "user" and len(function["losses"]) == 5
+    line = [(1 - lam) * function["losses"][0] + lam * function["losses"][-1] for lam in function["lambdas"]]
+    barrier = max(loss - on_line for loss, on_line in zip(function["losses"], line, strict=True))
+    assert function["barrier"] == pytest.approx(barrier, abs=1e-9) and barrier > 0
+    ratio = barrier / ((function["losses"][0] + function["losses"][-1]) / 2)
+    assert function["barrier_ratio"] == pytest.approx(ratio, rel=1e-9) and ratio > 0.10
+    assert report["verdict"] == "incompatible"
+    assert [r["code"] for r in report["reasons"] if r["verdict"] == "incompatible"] == ["loss_barrier"]
