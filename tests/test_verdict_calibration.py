@@ -1,0 +1,135 @@
+"""The compatibility verdict against what grafts actually do, on a tiny family trained in the session
+(examples/calibration/family.py, "test" size): v1; v2, its near continuation; v2_far, v1 trained further on
+shifted data at a ten times larger rate; an unrelated base (another seed, same data); ft, v1 fine-tuned on
+a chat-format question task. Each target is grafted (target + ft - v1) and the output's task score is
+measured here, so "the graft recovers the task" is an observation, not an assumption.
+
+The verdict must separate v2 (compatible) from the unrelated base (incompatible), and must never call
+`compatible` a target onto which the graft fails to recover the task.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from graft_helpers import graft, load_dir
+from tiny_family import family, tiny_family  # noqa: F401  (tiny_family: a session fixture)
+
+from worker.engine import GraftRequest
+from worker.engine.config import EngineSettings
+from worker.engine.inspect import inspect_graft
+
+TARGETS = ("v1", "v2", "v2_far", "unrelated")
+# Every question (20 held out, 40 the fine-tune saw): on so small a model the 20 held-out ones alone move
+# by 0.05 a question; the example reports both.
+SPLIT = "all"
+# A graft "recovers the task" when it keeps at least this share of what fine-tuning gained over v1.
+RECOVERED = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run no faster on two threads, and two threads on a busy two-core machine run
+    several times slower (the function probe went from 0.3 s to 5 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _score(directory: str) -> float:
+    return family().task_score(directory, SPLIT)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_family, tmp_path_factory) -> dict:  # noqa: F811
+    """Task scores: ft, v1, and per target alone and grafted; `recovered` = (grafted - alone) / (ft - v1)."""
+    ft, v1 = _score(tiny_family["ft"]), _score(tiny_family["v1"])
+    targets = {}
+    for name in TARGETS:
+        out = tmp_path_factory.mktemp(f"graft-{name}") / "out"
+        graft({"source_base": tiny_family["v1"], "source_finetuned": tiny_family["ft"],
+               "target_base": tiny_family[name]}, str(out))
+        alone, grafted = _score(tiny_family[name]), _score(str(out))
+        targets[name] = {"alone": alone, "grafted": grafted, "recovered": (grafted - alone) / (ft - v1)}
+    return {"ft": ft, "v1": v1, "targets": targets}
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_family) -> dict[tuple[str, str], dict]:  # noqa: F811
+    """(target, level) -> inspect_graft's report, probed on corpus text (the built-in English probe is all
+    unknown words to this vocabulary)."""
+    text = family().probe_text()
+    out = {}
+    for name in TARGETS:
+        request = GraftRequest(tiny_family["v1"], tiny_family["ft"], tiny_family[name], "")
+        for level in ("weights", "function"):
+            out[name, level] = inspect_graft(request, level=level, settings=EngineSettings(),
+                                             probe_text=text).report
+    return out
+
+
+def test_the_family_is_what_the_calibration_needs(outcomes):
+    """Without these the verdict tests below would prove nothing: the fine-tune learned the task and v1 did
+    not; grafting onto v1 gives the fine-tune back; the near continuation takes the graft and the unrelated
+    base does not."""
+    t = outcomes["targets"]
+    assert outcomes["ft"] >= 0.5 and outcomes["v1"] <= 0.2, outcomes
+    assert t["v1"]["grafted"] == outcomes["ft"], outcomes  # v1 + (ft - v1) is ft up to rounding
+    assert t["v2"]["recovered"] >= 0.7, outcomes
+    assert t["unrelated"]["recovered"] <= 0.2, outcomes
+
+
+def _reference_medians(paths: dict[str, str], target: str) -> dict[str, float]:
+    """Medians over the weight matrices of ||t - s|| / ||t|| and cos(t - s, f - s), in float64 from the
+    files (the report's definition: matrices whose target and delta are non-zero)."""
+    s, f, t = (load_dir(paths[name]) for name in ("v1", "ft", target))
+    ratios, cosines = [], []
+    for name, tt in t.items():
+        if tt.dim() < 2:
+            continue
+        tt, ss, ff = tt.double(), s[name].double(), f[name].double()
+        bases, delta = (tt - ss).flatten(), (ff - ss).flatten()
+        if not (float(tt.norm()) and float(delta.norm())):
+            continue
+        ratios.append(float(bases.norm() / tt.norm()))
+        if float(bases.norm()):
+            cosines.append(float(torch.dot(bases, delta) / (bases.norm() * delta.norm())))
+    return {"bases_distance_ratio": statistics.median(ratios),
+            "cos_bases_delta": statistics.median(cosines) if cosines else None}
+
+
+@pytest.mark.parametrize("target", ["v2", "v2_far", "unrelated"])
+def test_weights_figures_on_trained_models_match_float64(reports, tiny_family, target):  # noqa: F811
+    medians = reports[target, "weights"]["weights"]["diffs"][0]["medians"]
+    for name, want in _reference_medians(tiny_family, target).items():
+        assert math.isclose(medians[name], want, rel_tol=1e-6, abs_tol=1e-9), (name, medians[name], want)
+
+
+@pytest.mark.parametrize("level", ["weights", "function"])
+def test_verdict_separates_the_near_continuation_from_the_unrelated_base(reports, level):
+    assert reports["v1", level]["verdict"] == "compatible", reports["v1", level]["reasons"]
+    assert reports["v2", level]["verdict"] == "compatible", reports["v2", level]["reasons"]
+    assert reports["unrelated", level]["verdict"] == "incompatible", reports["unrelated", level]["reasons"]
+
+
+def _failed(outcomes) -> list[str]:
+    return [name for name, o in outcomes["targets"].items() if o["recovered"] < RECOVERED]
+
+
+def test_weights_level_never_calls_a_failed_graft_compatible(reports, outcomes):
+    failed = _failed(outcomes)
+    assert "unrelated" in failed and "v2_far" in failed, outcomes  # the family gives the check something
+    for name in failed:
+        assert reports[name, "weights"]["verdict"] != "compatible", (name, outcomes, reports[name, "weights"])
+
+
+@pytest.mark.xfail(strict=True, reason="verdict.combine lets a function probe with no barrier overrule "
+                   "bases_far: v2_far is linearly connected to v1 (no barrier on the probe) yet the graft keeps "
+                   "little of the task; see examples/calibration")
+def test_function_level_never_calls_a_failed_graft_compatible(reports, outcomes):
+    for name in _failed(outcomes):
+        assert reports[name, "function"]["verdict"] != "compatible", (name, outcomes, reports[name, "function"])
