@@ -155,6 +155,12 @@ class JobStore:
     def get(self, job_id: str) -> dict | None:
         return decode_job(self.r.hgetall(self.job_key(job_id)))
 
+    def checks_spec(self, job_id: str) -> dict:
+        """A job's full checks (evaluate with its probe text, a sweep's alphas, a preflight's level): the
+        worker's, not part of the public document."""
+        value = self.r.hget(self.job_key(job_id), CHECKS_SPEC)
+        return orjson.loads(value) if value else {}
+
     def tenant_of(self, job_id: str) -> str | None:
         value = self.r.hget(self.job_key(job_id), "tenant")
         return value.decode() if value is not None else None

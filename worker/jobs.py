@@ -14,7 +14,7 @@ import redis
 from rq import Callback, Queue, Retry
 
 from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
-from .job_store import ACTIVE, CHECKS_SPEC, JobStore, now_iso
+from .job_store import ACTIVE, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
 from .statuses import JobStatus
@@ -105,7 +105,7 @@ class _Reporter:
     def progress(self, p) -> None:
         now = time.monotonic()
         if p.phase != self.phase:
-            if p.phase == "streaming":
+            if p.phase in ("streaming", "inspecting"):
                 self.stream_started = now
             self.phase = p.phase
             self._phase_due = True
@@ -126,7 +126,7 @@ class _Reporter:
         now = time.monotonic() if now is None else now
         fraction = p.fraction
         eta = None
-        if p.phase == "streaming" and 0 < fraction < 1 and self.stream_started:
+        if p.phase in ("streaming", "inspecting") and 0 < fraction < 1 and self.stream_started:
             eta = round((now - self.stream_started) * (1 - fraction) / fraction, 1)
         elif p.phase in ("committing", "done"):
             eta = 0.0
@@ -209,12 +209,13 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
         confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
                                strict=True))
         request = _request(record, job_id, confinement)
+        spec = _wait(settings, "reading the job's checks", store.checks_spec, job_id)
         if record.get("kind") == "preflight":
             from .preflights import run_preflight
 
-            out = run_preflight(request, record.get(CHECKS_SPEC) or {}, settings, reporter)
+            out = run_preflight(request, spec, settings, reporter)
         else:
-            out = _run_graft(request, record.get(CHECKS_SPEC) or {}, settings, reporter)
+            out = _run_graft(request, spec, settings, reporter)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
         try:

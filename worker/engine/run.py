@@ -57,7 +57,11 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        return self.bytes_written / self.bytes_total if self.bytes_total else 0.0
+        if not self.bytes_total:
+            return 0.0
+        # An inspection writes nothing: how far it is, is how much of its input it has read.
+        done = self.bytes_read if self.phase == Phase.INSPECTING else self.bytes_written
+        return done / self.bytes_total
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .weights import nonfinite_reason_names, summarize, weights_pass
 # eval_timeout, no_tokenizer) fail the inspection: that level was asked for and cannot be given.
 UNDEFINED_PROBE = frozenset({"architecture_mismatch", "shape_conflict", "config_mismatch"})
 # The phase the weights pass reports its bytes under (bytes_read against bytes_total; nothing is written).
-WEIGHTS_PHASE = Phase.STREAMING
+WEIGHTS_PHASE = Phase.INSPECTING
 
 
 @dataclass

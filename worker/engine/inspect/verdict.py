@@ -48,6 +48,10 @@ COVERAGE_RISKY = 0.5
 # unrelated ones show a barrier of the order of the loss itself. Provisional, like the weights thresholds.
 BARRIER_COMPATIBLE = 0.02
 BARRIER_RISKY = 0.10
+# A barrier is measured against the chord between the ends: when one base models the probe text far worse
+# than the other, the chord sits high and hides any bump (an unrelated base fitted to other text gave a path
+# 0.96 -> 2.4 -> 9.6 nats: "no barrier"). Past this relative gap the probe says nothing about connectivity.
+PROBE_ENDS_APART = 0.5
 
 # Weights-level codes about whether the bases are linearly connected: a function probe that ran measures
 # the same thing directly, so it overrules these (and only these).
@@ -72,7 +76,8 @@ def levels_up_to(level: Level | str) -> list[Level]:
 def combine(reasons: list[dict], levels_run: Iterable[Level | str]) -> tuple[Verdict, list[dict]]:
     """(verdict, reasons): when the function level ran, the weights level's connectivity reasons are kept
     in the list but marked `"overruled": true` and no longer count; headers' reasons always stand."""
-    function_ran = Level.FUNCTION in {Level(x) for x in levels_run}
+    function_ran = Level.FUNCTION in {Level(x) for x in levels_run} and any(
+        r["code"] == "loss_barrier" for r in reasons)  # an inconclusive probe overrules nothing
     out = []
     for r in reasons:
         r = dict(r)
@@ -119,6 +124,16 @@ def function_reasons(result: dict) -> list[dict]:
     """The function level's one reason, from function_probe's result (always given, even when it says
     compatible: it is what overrules the weights level's connectivity reasons)."""
     ratio = float(result["barrier_ratio"])
+    ends = [float(result["losses"][0]), float(result["losses"][-1])]
+    gap = abs(ends[1] - ends[0]) / max(min(ends), 1e-9)
+    if gap > PROBE_ENDS_APART:
+        return [reason(
+            "probe_inconclusive", Level.FUNCTION, Verdict.RISKY,
+            f"the bases' losses on the probe text are too far apart ({ends[0]:.3g} and {ends[1]:.3g} nats per "
+            "token) for a barrier to mean anything: the probe text suits one base much better than the other; "
+            "the weights level's reasons stand", values={"ends_gap": gap, "loss_source_base": ends[0],
+                                                         "loss_target_base": ends[1], "barrier_ratio": ratio},
+            thresholds={"ends_apart": PROBE_ENDS_APART})]
     verdict = (Verdict.COMPATIBLE if ratio <= BARRIER_COMPATIBLE
                else Verdict.RISKY if ratio <= BARRIER_RISKY else Verdict.INCOMPATIBLE)
     text = {Verdict.COMPATIBLE: "the bases look linearly connected",
