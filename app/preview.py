@@ -35,13 +35,24 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
                                  GraftOptions(**request["options"]), **request.get("confinement", {}))
         plan, models = plan_graft(graft, settings)
         try:
-            return {"plan": plan.to_dict()}
+            return {"plan": {**plan.to_dict(), "preflight": _headers_verdict(graft, models, plan)}}
         finally:
             close_models(models)
     except GraftError as err:
         return {"error": {"code": err.code, "message": err.message}}
     except Exception as exc:  # a bug, reported as such without a traceback to the caller
         return {"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500]}}
+
+
+def _headers_verdict(graft, models, plan) -> dict:
+    """The header-level check (configs, alignment, tying, tokenizers): its verdict and reasons, beside the plan.
+    The weights and function levels are jobs (POST /v1/preflights): they read the weights."""
+    from worker.engine.inspect.headers import inspect_headers
+    from worker.engine.inspect.verdict import Level, combine
+
+    _details, reasons = inspect_headers(graft, models, plan, None)
+    verdict, reasons = combine(reasons, [Level.HEADERS])
+    return {"level": str(Level.HEADERS), "verdict": str(verdict), "reasons": reasons}
 
 
 def _warm() -> None:

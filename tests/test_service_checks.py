@@ -124,3 +124,12 @@ def test_malformed_preflights_are_refused(svc, family):
         assert r.status_code == 422
         r = c.post("/v1/preflights", json={**_models(family, "near"), "output": "file:///etc/graft"})
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "output"
+
+
+def test_preview_carries_the_header_level_verdict(svc, family):
+    with svc.client() as c:
+        r = c.post("/v1/jobs:preview", json=_models(family, "near"))
+    assert r.status_code == 200, r.text
+    preflight = r.json()["preflight"]
+    assert preflight["level"] == "headers" and preflight["verdict"] == "compatible"
+    assert isinstance(preflight["reasons"], list)
