@@ -21,6 +21,7 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
     """Runs in a pool process. Returns {"plan": ...} or {"error": {"code", "message"}} (exceptions with our
     constructors do not survive pickling, and a crash here must not become the API's 500)."""
     from worker.engine.errors import GraftError
+    from worker.engine.inspect import headers_verdict
     from worker.engine.options import GraftOptions, GraftRequest
     from worker.engine.recipe import load_recipe
     from worker.engine.run import close_models, plan_graft
@@ -35,24 +36,13 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
                                  GraftOptions(**request["options"]), **request.get("confinement", {}))
         plan, models = plan_graft(graft, settings)
         try:
-            return {"plan": {**plan.to_dict(), "preflight": _headers_verdict(graft, models, plan)}}
+            return {"plan": {**plan.to_dict(), "preflight": headers_verdict(graft, models, plan)}}
         finally:
             close_models(models)
     except GraftError as err:
         return {"error": {"code": err.code, "message": err.message}}
     except Exception as exc:  # a bug, reported as such without a traceback to the caller
         return {"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500]}}
-
-
-def _headers_verdict(graft, models, plan) -> dict:
-    """The header-level check (configs, alignment, tying, tokenizers): its verdict and reasons, beside the plan.
-    The weights and function levels are jobs (POST /v1/preflights): they read the weights."""
-    from worker.engine.inspect.headers import inspect_headers
-    from worker.engine.inspect.verdict import Level, combine
-
-    _details, reasons = inspect_headers(graft, models, plan, None)
-    verdict, reasons = combine(reasons, [Level.HEADERS])
-    return {"level": str(Level.HEADERS), "verdict": str(verdict), "reasons": reasons}
 
 
 def _warm() -> None:

@@ -161,15 +161,22 @@ def test_cancel_queued_and_409_when_ended(api, trio):
 
 def test_preview_matches_cli_plan(api, trio):
     from worker.engine import GraftOptions, GraftRequest, plan_graft
+    from worker.engine.inspect import headers_verdict
+    from worker.engine.run import close_models
 
     with api.client() as c:
         resp = c.post("/v1/jobs:preview", json=job_body(trio, options={"shard_size": "40KB"}))
         assert resp.status_code == 200, resp.text
         plan = resp.json()
-    expected, _ = plan_graft(GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
-                                          GraftOptions(shard_size="40KB")))
+    request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
+                           GraftOptions(shard_size="40KB"))
+    expected, models = plan_graft(request)
+    try:
+        preflight = headers_verdict(request, models, expected)
+    finally:
+        close_models(models)
     assert plan["object"] == "graft.plan"
-    assert {k: v for k, v in plan.items() if k != "object"} == expected.to_dict()
+    assert {k: v for k, v in plan.items() if k != "object"} == {**expected.to_dict(), "preflight": preflight}
     with api.client() as c:
         _problem(c.post("/v1/jobs:preview", json={**job_body(trio), "source_base": "file:///etc"}), 422, "source_base")
         missing = c.post("/v1/jobs:preview", json={**job_body(trio), "source_base": f"file://{api.root}"})

@@ -130,11 +130,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise GraftError("invalid_option", "--output is required (or use --dry-run)")
     request = _request(args)
     if args.dry_run:
+        from .engine.inspect import headers_verdict
         from .engine.run import close_models, plan_graft
 
         plan, models = plan_graft(request)
-        close_models(models)
-        summary = plan.to_dict()
+        try:
+            summary = {**plan.to_dict(), "preflight": headers_verdict(request, models, plan)}
+        finally:
+            close_models(models)
         print(json.dumps(summary, indent=2) if args.json else _format_plan(summary))
         return 0
     from .engine.checked_graft import run_checked_graft
@@ -277,6 +280,10 @@ def _format_plan(summary: dict) -> str:
         lines.append(f"source only (not written): {d['tensor']} in {', '.join(d['in'])}")
     for w in summary["warnings"]:
         lines.append(f"warning: {w['message']}")
+    preflight = summary.get("preflight")
+    if preflight:
+        lines.append(f"header-level verdict: {preflight['verdict']} (weights and function levels: graft inspect)")
+        lines += [f"  [{r['verdict']}] {r['message']}" for r in preflight["reasons"] if r["verdict"] != "compatible"]
     if "recipe" in summary:
         r = summary["recipe"]
         lines.append(f"recipe: merge {r['merge']['method']}, {r['merged_tensors']} tensors merged, tensors per diff "

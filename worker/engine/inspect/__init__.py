@@ -13,7 +13,7 @@ from importlib import import_module
 _EXPORTS = {
     "Level": "verdict", "Verdict": "verdict", "combine": "verdict", "function_reasons": "verdict",
     "reason": "verdict", "weights_reasons": "verdict", "worst": "verdict",
-    "InspectResult": "run", "inspect_graft": "run",
+    "InspectResult": "run", "headers_verdict": "run", "inspect_graft": "run",
 }
 __all__ = sorted(_EXPORTS)
 

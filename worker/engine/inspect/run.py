@@ -66,6 +66,14 @@ def inspect_graft(request: GraftRequest, *, level: Level | str, settings: Engine
     return InspectResult(out, artifacts)
 
 
+def headers_verdict(request: GraftRequest, models: dict[str, ResolvedModel], plan: Plan) -> dict:
+    """The header-level verdict of a planned graft (what `--dry-run` and the API's preview show beside the
+    plan): no weights read."""
+    _details, reasons = inspect_headers(request, models, plan, None)
+    verdict, reasons = combine(reasons, [Level.HEADERS])
+    return json_safe({"level": str(Level.HEADERS), "verdict": str(verdict), "reasons": reasons})
+
+
 def json_safe(value):
     """The report as strict JSON takes it: a NaN or infinite number (a probe's loss that overflowed, say)
     becomes None rather than failing the whole report."""
