@@ -156,19 +156,23 @@ def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
     settings = settings or EngineSettings()
     models = resolve_inputs(request, settings, side_files=side_files)
     try:
-        if request.recipe is not None:
-            from .merging import build_recipe_plan
-
-            by_uri = {uri: models[role] for role, uri in request.inputs().items()}
-            plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
-        else:
-            plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
-                              request.options)
-        plan.memory = memory_bound(models, settings)
+        return plan_models(request, models, settings), models
     except BaseException:
         close_models(models)
         raise
-    return plan, models
+
+
+def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
+    """The plan of models already resolved (GraftError when the graft cannot be planned)."""
+    if request.recipe is not None:
+        from .merging import build_recipe_plan
+
+        by_uri = {uri: models[role] for role, uri in request.inputs().items()}
+        plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
+    else:
+        plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"], request.options)
+    plan.memory = memory_bound(models, settings)
+    return plan
 
 
 def pick_device(choice: str) -> torch.device:

@@ -19,8 +19,8 @@ from ..config import EngineSettings
 from ..errors import GraftCancelled, GraftError
 from ..model import ResolvedModel
 from ..options import GraftRequest
-from ..plan import Plan, build_plan
-from ..run import Phase, Progress, canonical_roles, close_models, memory_bound, pick_device, resolve_inputs
+from ..plan import Plan
+from ..run import Phase, Progress, canonical_roles, close_models, pick_device, plan_models, resolve_inputs
 from .chart import layers_png
 from .estimates import estimate
 from .headers import diff_roles, inspect_headers
@@ -90,15 +90,7 @@ def plan_or_error(request: GraftRequest, models: dict[str, ResolvedModel],
                   settings: EngineSettings) -> tuple[Plan | None, GraftError | None]:
     """run.plan_graft's planning on models already resolved, its refusal returned rather than raised."""
     try:
-        if request.recipe is not None:
-            from ..merging import build_recipe_plan
-
-            by_uri = {uri: models[role] for role, uri in request.inputs().items()}
-            plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
-        else:
-            plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"],
-                              request.options)
-        plan.memory = memory_bound(models, settings)
+        plan = plan_models(request, models, settings)
     except GraftError as err:
         return None, err
     return plan, None
