@@ -278,7 +278,7 @@ def test_report_json_and_chart(trio):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     assert 5_000 < len(png) < 100_000
     phases = [p.phase for p in seen]
-    assert phases[0] == "resolving" and phases[-1] == "done" and "streaming" in phases
+    assert phases[0] == "resolving" and phases[-1] == "done" and "inspecting" in phases and "streaming" not in phases
     streaming = [p for p in seen if p.phase == "streaming" and p.bytes_total]
     assert streaming[-1].bytes_read == streaming[-1].bytes_total == result.report["weights"]["bytes_read"]
 
