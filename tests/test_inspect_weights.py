@@ -279,8 +279,9 @@ def test_report_json_and_chart(trio):
     assert 5_000 < len(png) < 100_000
     phases = [p.phase for p in seen]
     assert phases[0] == "resolving" and phases[-1] == "done" and "inspecting" in phases and "streaming" not in phases
-    streaming = [p for p in seen if p.phase == "streaming" and p.bytes_total]
-    assert streaming[-1].bytes_read == streaming[-1].bytes_total == result.report["weights"]["bytes_read"]
+    inspecting = [p for p in seen if p.phase == "inspecting" and p.bytes_total]
+    assert inspecting[-1].bytes_read == inspecting[-1].bytes_total == result.report["weights"]["bytes_read"]
+    assert inspecting[-1].fraction == 1.0  # an inspection's progress is its reads
 
 
 def test_cancelled_between_blocks(trio):
@@ -294,7 +295,7 @@ def test_cancelled_between_blocks(trio):
     with pytest.raises(GraftCancelled):
         inspect_graft(plain(trio), level=Level.WEIGHTS, settings=EngineSettings(block_bytes=8 << 10),
                       should_cancel=cancel, progress=seen.append)
-    streamed = [p for p in seen if p.phase == "streaming" and p.bytes_total]
+    streamed = [p for p in seen if p.phase == "inspecting" and p.bytes_total]
     assert streamed and streamed[-1].bytes_read < streamed[-1].bytes_total
 
 
