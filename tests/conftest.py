@@ -100,3 +100,14 @@ def trio(tmp_path_factory):
     from worker.sample_models import make_trio
 
     return make_trio(str(tmp_path_factory.mktemp("trio")))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: a second intra-op thread costs more in hand-offs than it saves (the suite shares 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

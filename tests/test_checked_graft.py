@@ -21,11 +21,8 @@ from worker.engine.evaluation.spec import EvaluateSpec
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """See conftest.one_torch_thread."""
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,8 @@ GEN = {"bos_token_id": 1, "eos_token_id": 2}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread costs more in hand-offs than it saves (and the suite shares 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """See conftest.one_torch_thread."""
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,8 @@ LAMBDAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """See conftest.one_torch_thread."""
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Names are loaded on first use: the API process checks URIs and options with this
 pay for importing torch.
 """
 
-from importlib import import_module
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "GraftCancelled": "errors", "GraftError": "errors", "GraftSuperseded": "errors",
@@ -18,11 +18,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ EvaluateSpec, spec.py). The function-level probe of `graft inspect` (inspect/fun
 Names are loaded on first use: the API process imports EvaluateSpec and must not pay for torch.
 """
 
-from importlib import import_module
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_PROMPTS": "spec", "EvaluateSpec": "spec",
@@ -15,11 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,7 +8,7 @@
 Names are loaded on first use: the API process imports this package and must not pay for torch.
 """
 
-from importlib import import_module
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "Level": "verdict", "Verdict": "verdict", "combine": "verdict", "function_reasons": "verdict",
@@ -17,11 +17,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
