@@ -13,8 +13,8 @@ from .options import GraftOptions
 from .safetensors_format import ARITHMETIC_FLOATS, TensorInfo, itemsize
 
 ROLES = ("target_base", "source_base", "source_finetuned")
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
-_LM_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+EMBED_NAME = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
+LM_HEAD_NAME = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -96,7 +96,7 @@ class Plan:
         }
 
 
-def _find(names, pattern: re.Pattern) -> str | None:
+def find_name(names, pattern: re.Pattern) -> str | None:
     hits = [n for n in names if pattern.search(n)]
     return sorted(hits, key=len)[0] if hits else None
 
@@ -163,8 +163,8 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
                options: GraftOptions) -> Plan:
     models = {"target_base": target, "source_base": base, "source_finetuned": finetuned}
     all_names = set().union(*(m.tensors for m in models.values()))
-    embed = _find(target.tensors, _EMBED) or _find(all_names, _EMBED)
-    head = _find(target.tensors, _LM_HEAD) or _find(all_names, _LM_HEAD) or (
+    embed = find_name(target.tensors, EMBED_NAME) or find_name(all_names, EMBED_NAME)
+    head = find_name(target.tensors, LM_HEAD_NAME) or find_name(all_names, LM_HEAD_NAME) or (
         "lm_head.weight" if embed else None)
     eff: dict[str, dict[str, TensorInfo]] = {}
     tied: dict[str, bool] = {}

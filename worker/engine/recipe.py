@@ -29,7 +29,7 @@ from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_
 MAX_DIFFS = 16
 MAX_RULES = 100
 MAX_WEIGHT_POINTS = 1024
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 Transform = Annotated[Union[tuple(m.Params for m in TRANSFORMS.values())],  # noqa: UP007
                       Field(discriminator="method")]
@@ -182,7 +182,7 @@ def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
 def layer_position(name: str, layers: int | None) -> float:
     """Where a tensor sits along the depth, in [0, 1]: its layer index over the last index; embeddings
     and anything before the first layer at 0, the final norm and head at 1."""
-    match = _LAYER.search(name)
+    match = LAYER_INDEX.search(name)
     if match is None:
         return 0.0 if "embed" in name or ".wte." in name or name.startswith("wte") else 1.0
     if not layers or layers <= 1:

@@ -190,7 +190,7 @@ class StreamTotals:
     wait_write_s: float = 0.0
 
 
-class _Reader:
+class BlockReader:
     """Reads each block's input ranges ahead of the compute on a thread pool, into pooled buffers, and hands
     the blocks over in order. Closing it cancels what is still pending."""
 
@@ -234,14 +234,14 @@ class _Reader:
         self.window.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> _Reader:
+    def __enter__(self) -> BlockReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _one_compute_thread(device: torch.device) -> int:
+def one_compute_thread(device: torch.device) -> int:
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # One compute thread: the other core reads, hashes and writes. Two intra-op threads would stall
@@ -257,7 +257,7 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
                 merge: MergeContext | None = None, canon: dict[str, str] | None = None,
                 ) -> tuple[list[FileRecord], dict[str, TensorStats], list[dict], StreamTotals]:
     blocks = build_blocks(plan, block_bytes, canon)
-    threads = _one_compute_thread(device)
+    threads = one_compute_thread(device)
     stats: dict[str, TensorStats] = {t.name: TensorStats() for t in plan.tensors}
     changed_buffers: list[dict] = []
     arithmetic = Arithmetic(device)
@@ -266,7 +266,7 @@ def stream_plan(plan: Plan, stores: dict[str, Store], sink: Sink, *, alpha: floa
     writer = _Writer(sink, plan, buffers_pool)
     writer.start()
     try:
-        with _Reader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
+        with BlockReader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
             for block, buffers, waited in reader:
                 if should_cancel is not None and should_cancel():
                     raise GraftCancelled()
@@ -327,13 +327,13 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
         selectors[key] = RankSelect([use.window])
     stat_plan = Plan(pseudo, [Shard("statistics", pseudo)], [], [], {}, False, {})
     blocks = build_blocks(stat_plan, block_bytes, canon)
-    threads = _one_compute_thread(device)
+    threads = one_compute_thread(device)
     scratch, cpu = Scratch(), torch.device("cpu")
     read = 0
     try:
         for pass_index, (add, finish) in enumerate((("add_coarse", "finish_coarse"), ("add_fine", "finish_fine"))):
             buffers_pool = BufferPool()
-            with _Reader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
+            with BlockReader(blocks, stores, buffers_pool, io_threads, prefetch) as reader:
                 for done, (block, buffers, _waited) in enumerate(reader):
                     if should_cancel is not None and should_cancel():
                         raise GraftCancelled()
@@ -342,8 +342,8 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
                         selector = selectors[piece.tensor.name]
                         s_role, f_role = piece.tensor.sources
                         count = piece.stop - piece.start
-                        s = _view(buffers, piece.reads[s_role], piece.tensor.sources[s_role].dtype, count)
-                        f = _view(buffers, piece.reads[f_role], piece.tensor.sources[f_role].dtype, count)
+                        s = view_of(buffers, piece.reads[s_role], piece.tensor.sources[s_role].dtype, count)
+                        f = view_of(buffers, piece.reads[f_role], piece.tensor.sources[f_role].dtype, count)
                         compute = DTYPES[piece.tensor.compute_dtype]
                         for i in range(0, count, CHUNK):
                             m = min(CHUNK, count - i)
@@ -362,7 +362,7 @@ def rank_statistics(plan: Plan, merge: MergeContext, stores: dict[str, Store], *
     return read
 
 
-def _view(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.Tensor:
+def view_of(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.Tensor:
     idx, offset = ref
     return torch.frombuffer(buffers[idx], dtype=DTYPES[dtype], count=count, offset=offset)
 
@@ -376,14 +376,14 @@ def _compute_piece(piece: Piece, buffers: list[memoryview], out: memoryview, ari
     src = tensor.sources
     if piece.op == "merge":
         uses = merge.uses[tensor.name]
-        target = _view(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
-        pairs = [tuple(_view(buffers, piece.reads[r], src[r].dtype, count)
+        target = view_of(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
+        pairs = [tuple(view_of(buffers, piece.reads[r], src[r].dtype, count)
                        for r in (base_role(u.index), finetuned_role(u.index))) for u in uses]
         merge_chunks(out_t, target, pairs, uses, merge, tensor.name, piece.start, DTYPES[tensor.compute_dtype], st,
                      arithmetic.device, arithmetic.whole_pieces)
         return
     if piece.op == "transfer":
-        t, s, f = (_view(buffers, piece.reads[r], src[r].dtype, count)
+        t, s, f = (view_of(buffers, piece.reads[r], src[r].dtype, count)
                    for r in ("target_base", "source_base", "source_finetuned"))
         arithmetic.transfer(out_t, t, s, f, alpha, DTYPES[tensor.compute_dtype], st)
         return
@@ -395,10 +395,10 @@ def _compute_piece(piece: Piece, buffers: list[memoryview], out: memoryview, ari
         n = count * itemsize(info.dtype)
         out[piece.out_offset:piece.out_offset + n] = buffers[idx][offset:offset + n]
     else:
-        arithmetic.copy(out_t, _view(buffers, piece.reads[role], info.dtype, count), is_float, st)
+        arithmetic.copy(out_t, view_of(buffers, piece.reads[role], info.dtype, count), is_float, st)
     if tensor.check_sources_equal:
-        s = _view(buffers, piece.reads["source_base"], src["source_base"].dtype, count)
-        f = _view(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype, count)
+        s = view_of(buffers, piece.reads["source_base"], src["source_base"].dtype, count)
+        f = view_of(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype, count)
         if not torch.equal(s, f):
             changed.append({"code": "buffer_changed_by_finetune", "tensor": tensor.name,
                             "message": f"{tensor.name} is not a float tensor and differs between the sources; "

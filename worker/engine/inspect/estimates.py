@@ -18,7 +18,7 @@ import torch
 
 from ..config import EngineSettings
 from ..plan import Plan
-from ..stream import Block, _one_compute_thread, build_blocks
+from ..stream import Block, build_blocks, one_compute_thread
 from ..transforms import CHUNK, Arithmetic, TensorStats
 from .weights import Sums, _Accumulator, diff_pairs, stat_plan
 
@@ -53,7 +53,7 @@ def _memory(blocks: list[Block], settings: EngineSettings, plan: Plan, *, output
 
 def _time(kernel, elements: int) -> float:
     """Elements per second of `kernel(elements)` on one thread (as the stream computes), ~KERNEL_SECONDS."""
-    threads = _one_compute_thread(torch.device("cpu"))
+    threads = one_compute_thread(torch.device("cpu"))
     try:
         kernel()  # warm: scratch allocated, code paths loaded
         runs, start = 0, time.perf_counter()

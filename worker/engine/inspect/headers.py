@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..errors import GraftError
 from ..model import ResolvedModel
 from ..options import GraftRequest, base_role, finetuned_role
-from ..plan import _EMBED, _LM_HEAD, Plan, _find
+from ..plan import EMBED_NAME, LM_HEAD_NAME, Plan, find_name
 from ..safetensors_format import ARITHMETIC_FLOATS
 from . import tokens
 from .verdict import Level, Verdict, reason
@@ -143,8 +143,9 @@ def inspect_headers(request: GraftRequest, models: dict[str, ResolvedModel], pla
     """The headers section of the report and its reasons."""
     names = set().union(*(m.tensors for m in models.values()))
     target = models["target_base"]
-    embed = _find(target.tensors, _EMBED) or _find(names, _EMBED)
-    head = _find(target.tensors, _LM_HEAD) or _find(names, _LM_HEAD) or ("lm_head.weight" if embed else None)
+    embed = find_name(target.tensors, EMBED_NAME) or find_name(names, EMBED_NAME)
+    head = (find_name(target.tensors, LM_HEAD_NAME) or find_name(names, LM_HEAD_NAME)
+            or ("lm_head.weight" if embed else None))
     diffs = diff_roles(request)
     pairs = [(b, "target_base") for _i, b, _f in diffs] + [(b, f) for _i, b, f in diffs]
     differences, reasons = _config_reasons(models, list(dict.fromkeys(pairs)))

@@ -24,10 +24,10 @@ from ..errors import GraftCancelled
 from ..model import ResolvedModel
 from ..options import base_role, finetuned_role
 from ..plan import OutputTensor, Plan, Segment, Shard
-from ..recipe import _LAYER
+from ..recipe import LAYER_INDEX
 from ..safetensors_format import ARITHMETIC_FLOATS, DTYPES
 from ..stores import Store
-from ..stream import _one_compute_thread, _Reader, _view, build_blocks
+from ..stream import BlockReader, build_blocks, one_compute_thread, view_of
 from ..transforms import CHUNK
 
 RATIOS = ("bases_distance_ratio", "delta_ratio", "bases_to_delta_ratio", "cos_bases_delta")
@@ -67,7 +67,7 @@ class Sums:
 def layer_of(name: str) -> int | None:
     """The layer index in a tensor's name (`model.layers.N.`, `h.N.`, ...: the recipes' convention); None for
     the embeddings, final norm and head."""
-    match = _LAYER.search(name)
+    match = LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
 
 
@@ -148,9 +148,9 @@ def weights_pass(plan: Plan, stores: dict[str, Store], canon: dict[str, str], *,
     acc = _Accumulator()
     pool = BufferPool()
     started = time.perf_counter()
-    threads = _one_compute_thread(torch.device("cpu"))
+    threads = one_compute_thread(torch.device("cpu"))
     try:
-        with _Reader(blocks, stores, pool, io_threads, prefetch) as reader:
+        with BlockReader(blocks, stores, pool, io_threads, prefetch) as reader:
             for block, buffers, waited in reader:
                 if should_cancel is not None and should_cancel():
                     raise GraftCancelled()
@@ -176,11 +176,11 @@ def _piece_sums(plan: Plan, piece, buffers: list[memoryview], acc: _Accumulator,
     tensor = piece.tensor
     count = piece.stop - piece.start
     src = tensor.sources
-    t = _view(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
+    t = view_of(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
     pairs, slots = [], []
     for index, b_role, f_role in diff_pairs(plan, tensor.name):
-        pairs.append((_view(buffers, piece.reads[b_role], src[b_role].dtype, count),
-                      _view(buffers, piece.reads[f_role], src[f_role].dtype, count)))
+        pairs.append((view_of(buffers, piece.reads[b_role], src[b_role].dtype, count),
+                      view_of(buffers, piece.reads[f_role], src[f_role].dtype, count)))
         slots.append(sums[tensor.name][index])
     acc.piece(t, pairs, DTYPES[tensor.compute_dtype], slots)
 
