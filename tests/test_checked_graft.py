@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -100,11 +102,26 @@ def test_sweep_publishes_the_best_candidate_only(family, tmp_path):
     assert sorted(p for p in os.listdir(tmp_path) if not p.startswith("direct-")) == ["out", "scratch"]
 
 
+def _owned_dir(parent, name: str, pid: int) -> str:
+    path = os.path.join(parent, name)
+    os.makedirs(path)
+    with open(os.path.join(path, ".graft-owner"), "w") as fh:
+        fh.write(f"{socket.gethostname()} {pid}\n")
+    return path
+
+
 def test_sweep_by_kl_picks_the_finetune_itself(family, tmp_path):
-    """Onto its own base, alpha 1 rebuilds the fine-tune: KL 0, the lowest any candidate can score."""
+    """Onto its own base, alpha 1 rebuilds the fine-tune: KL 0, the lowest any candidate can score. What a
+    killed sweep left in the scratch directory goes; a live sweep's stays."""
+    settings = _settings(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = _owned_dir(settings.scratch_dir, "graft-sweep-stale", dead.pid)
+    live = _owned_dir(settings.scratch_dir, "graft-sweep-live", os.getpid())
     out = str(tmp_path / "out")
     result = run_checked_graft(_request(family, "base", out), Checks(evaluate=SPEC, select="kl_to_finetuned"),
-                               alphas=[0.5, 1.0, 1.5], settings=_settings(tmp_path))
+                               alphas=[0.5, 1.0, 1.5], settings=settings)
+    assert not os.path.exists(stale) and os.path.exists(live)
     sweep = result.checks["sweep"]
     assert sweep["chosen_alpha"] == 1.0 and sweep["select"] == "kl_to_finetuned"
     scores = {c["alpha"]: c["score"] for c in sweep["candidates"]}

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from enum import StrEnum
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .uris import Location
 
 MAX_SWEEP = 8  # candidates: each is a whole graft plus an evaluation
+SCRATCH_PREFIX = "graft-sweep-"
 
 
 class Select(StrEnum):
@@ -197,7 +199,7 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
 
     select = checks.select or Select.PROBE_LOSS
     spec = checks.evaluate or EvaluateSpec()
-    scratch = tempfile.mkdtemp(prefix="graft-sweep-", dir=hooks.settings.scratch_dir or None)
+    scratch = _scratch(hooks.settings)
     scores: list[dict] = []
     best: _Candidate | None = None
     try:
@@ -223,6 +225,19 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
     if published != best.digests:
         raise GraftError("internal_error", "the published output differs from the candidate that was scored")
     return result
+
+
+def _scratch(settings: EngineSettings) -> str:
+    """A private directory for a sweep's candidates, owned like a graft's temp output: what a killed sweep
+    left (its process gone) is removed by the next one on this host."""
+    from .sinks import OWNER, remove_orphans
+
+    parent = settings.scratch_dir or tempfile.gettempdir()
+    remove_orphans(parent, SCRATCH_PREFIX)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
+    with open(os.path.join(scratch, OWNER), "w") as fh:
+        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return scratch
 
 
 def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: str, spec: EvaluateSpec,

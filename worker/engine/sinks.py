@@ -137,7 +137,7 @@ class _LocalWriter(FileWriter):
             pass
 
 
-def _remove_orphans(parent: str, prefix: str) -> None:
+def remove_orphans(parent: str, prefix: str) -> None:
     """Remove what killed grafts to this output left: temp directories whose writer process is gone.
     Only this host's are judged; a live writer's directory is never touched."""
     host = socket.gethostname()
@@ -201,7 +201,7 @@ class LocalSink(Sink):
             self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             if confinement is not None and not confinement.admits(fd_path(self._parent_fd, parent)):
                 raise self._escape()
-            _remove_orphans(parent, prefix)
+            remove_orphans(parent, prefix)
             os.mkdir(self._tmp_name, 0o755, dir_fd=self._parent_fd)
             self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                    dir_fd=self._parent_fd)
