@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean soak fuzz
+.PHONY: venv run test lint bench clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ fuzz: venv
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py
+
+# The verdict calibrated on a tiny model family trained here (CPU, a few minutes): examples/calibration/.
+example: venv
+	$(BIN)/python examples/calibration/run_calibration.py $(EXAMPLE_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .bench

@@ -83,6 +83,20 @@ def test_the_family_is_what_the_calibration_needs(outcomes):
     assert t["unrelated"]["recovered"] <= 0.2, outcomes
 
 
+def test_the_fine_tunes_chat_template_renders_the_task_prompts(tiny_family):  # noqa: F811
+    """The evaluation renders prompts through the fine-tune's chat template: it must give the token ids the
+    task is trained and scored on."""
+    from transformers import AutoTokenizer
+
+    fam = family()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family["ft"])
+    for question, _answer in fam.task_examples("heldout")[:3]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+        assert text == fam.chat_prompt(question)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == fam.encode(text)
+
+
 def _reference_medians(paths: dict[str, str], target: str) -> dict[str, float]:
     """Medians over the weight matrices of ||t - s|| / ||t|| and cos(t - s, f - s), in float64 from the
     files (the report's definition: matrices whose target and delta are non-zero)."""

@@ -1,7 +1,7 @@
 """A tiny causal-LM family trained here on CPU, to calibrate graft's compatibility verdict against what a
 graft actually does (no downloads: the corpora are generated, the tokenizer is built from its vocabulary).
 
-The world: 12 animals, each with one food, one home and one colour (fixed facts). Corpus A states those
+The world: 20 animals, each with one food, one home and one colour (fixed facts). Corpus A states those
 facts in sentences ("the cat eats fish .") among filler sentences ("a big cat sees the owl ."); the shifted
 corpus B states the same facts rarely and in another mix of sentences. The task the fine-tune learns is a
 chat-format question about a fact ("<user> what does cat eat ? <assistant>" -> "fish"): the knowledge lives
@@ -11,12 +11,13 @@ fine-tune learned to *read* the base's knowledge rather than memorised answers.
 
 The family:
     v1         seed 0, corpus A
-    v2         v1 trained further on corpus A at the same learning rate (the near continuation)
-    v2_shift   v1 trained further on corpus B at the same learning rate (shifted data)
-    v2_hot     v1 trained further on corpus A at a ten times larger rate (a re-warmed schedule)
+    v2         v1 trained further on corpus A at the rate v1's schedule ended on (the near continuation)
+    v2_shift   v1 trained further on corpus B at that rate (shifted data)
+    v2_hot     v1 trained further on corpus A at ten times that rate (v1's peak: a re-warmed schedule)
     v2_far     v1 trained further on corpus B at the larger rate (both: the far continuation)
     unrelated  seed 1, corpus A, trained like v1 (another training run of the same recipe)
     ft         v1 fine-tuned on the training questions (with corpus A replayed beside them)
+and, for a denser curve, SWEEP: v1 continued on corpus A or B at 2, 3, 5 and 20 times the near rate.
 
 Used by examples/calibration/run_calibration.py (`make example`, size "example") and by the tests
 (tests/tiny_family.py, size "test"). Imported by path, so it imports nothing of this repository.
@@ -191,11 +192,6 @@ class Size:
         """A near continuation goes on at the rate where v1's schedule ended (as the fine-tune does)."""
         return self.lr * self.final
 
-    @property
-    def far_lr(self) -> float:
-        """A far continuation re-warms to v1's peak rate: ten times the near one's."""
-        return self.lr
-
 
 SIZES = {
     "test": Size(hidden=48, layers=2, intermediate=96, heads=4, kv_heads=2, seq_len=24, batch=16,
@@ -204,10 +200,12 @@ SIZES = {
                     base_steps=600, cont_steps=250, ft_steps=150, corpus_rows=8192),
 }
 
-# The continuations of v1: (corpus, learning rate). v2 is the near one; the other three separate what
-# shifted data and a large rate each do to a graft, and v2_far has both.
-CONTINUATIONS = {"v2": ("A", "cont_lr"), "v2_shift": ("B", "cont_lr"), "v2_hot": ("A", "far_lr"),
-                 "v2_far": ("B", "far_lr")}
+# The continuations of v1: (corpus, learning rate as a multiple of cont_lr), cont_steps each. v2 is the near
+# one; v2_shift and v2_hot separate what shifted data and a large rate (v1's peak, re-warmed) each do to a
+# graft; v2_far has both.
+CONTINUATIONS = {"v2": ("A", 1), "v2_shift": ("B", 1), "v2_hot": ("A", 10), "v2_far": ("B", 10)}
+# More continuations between and beyond, for a denser calibration curve (run_calibration.py --sweep).
+SWEEP = {f"{kind}_x{mult}": (kind, mult) for kind in ("A", "B") for mult in (2, 3, 5, 20)}
 MEMBERS = ("v1", *CONTINUATIONS, "unrelated", "ft")
 
 
@@ -304,9 +302,9 @@ def _train_family(root: str, s: Size, members: set[str], log: Callable[[str], No
 
     v1 = new_model(s, seed=0)
     step("v1", v1, s.base_steps, s.lr, lm_batches(data["A"], s.batch, seed=10), seed=0, final=s.final)
-    for i, (name, (kind, rate)) in enumerate(CONTINUATIONS.items()):
+    for i, (name, (kind, mult)) in enumerate({**CONTINUATIONS, **SWEEP}.items()):
         if name in members:
-            step(name, copy.deepcopy(v1), s.cont_steps, getattr(s, rate),
+            step(name, copy.deepcopy(v1), s.cont_steps, s.cont_lr * mult,
                  lm_batches(data[kind], s.batch, seed=20 + i), seed=20 + i)
     if "unrelated" in members:
         step("unrelated", new_model(s, seed=1), s.base_steps, s.lr, lm_batches(data["A"], s.batch, seed=13),
@@ -329,7 +327,7 @@ def task_score(model_dir: str, split: str = "heldout", n: int | None = None) -> 
     ids = torch.tensor([tok.encode(chat_prompt(q), add_special_tokens=False).ids for q, _ in examples])
     answers = torch.tensor([tok.token_to_id(a) for _, a in examples])
     logits = load(model_dir)(input_ids=ids).logits[:, -1]
-    return float((logits.argmax(-1) == answers).float().mean())
+    return int((logits.argmax(-1) == answers).sum()) / len(examples)
 
 
 @torch.no_grad()
