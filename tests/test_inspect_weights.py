@@ -322,8 +322,10 @@ def fake_probe(monkeypatch, barrier_ratio: float | None, *, refuse: str | None =
     return calls
 
 
-@pytest.mark.parametrize(("ratio", "verdict"), [(0.01, "compatible"), (0.05, "risky"), (0.5, "incompatible")])
+@pytest.mark.parametrize(("ratio", "verdict"), [(0.01, "risky"), (0.05, "risky"), (0.5, "incompatible")])
 def test_function_level_overrules_weights_connectivity(family, monkeypatch, ratio, verdict):
+    """No barrier overrules "unrelated" down to risky (not to compatible: the weights still moved far); a
+    barrier is incompatible on its own."""
     calls = fake_probe(monkeypatch, ratio)
     request = GraftRequest(family["base"], family["ft"], family["unrelated"], "")
     report = inspect_graft(request, level=Level.FUNCTION, probe_text="some text").report
@@ -333,8 +335,12 @@ def test_function_level_overrules_weights_connectivity(family, monkeypatch, rati
                       "text": "some text", "device": calls[0]["device"]}]
     assert report["function"]["barrier_ratio"] == ratio and report["function"]["losses"][2] is None
     codes = {r["code"]: r for r in report["reasons"]}
-    assert codes["bases_unrelated"]["overruled"] is True  # still listed, no longer counted
-    assert codes["loss_barrier"]["verdict"] == verdict and codes["loss_barrier"]["values"]["barrier_ratio"] == ratio
+    unrelated = codes["bases_unrelated"]
+    assert unrelated["overruled"] is True and unrelated["verdict"] == "risky"  # still listed, capped
+    assert unrelated["weights_verdict"] == "incompatible"
+    barrier = codes["loss_barrier"]
+    assert barrier["verdict"] == {0.01: "compatible", 0.05: "risky", 0.5: "incompatible"}[ratio]
+    assert barrier["values"]["barrier_ratio"] == ratio
 
 
 def test_headers_incompatibility_stands_against_the_function_level(family, monkeypatch, tmp_path):

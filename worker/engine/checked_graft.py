@@ -123,8 +123,7 @@ def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
     report = result.report
     summary = {"verdict": report["verdict"], "reasons": report["reasons"], "level": str(Level.WEIGHTS)}
     if report["verdict"] != Verdict.COMPATIBLE:
-        why = "; ".join(r["message"] for r in report["reasons"]
-                        if r.get("verdict") != Verdict.COMPATIBLE and not r.get("overruled"))[:1500]
+        why = "; ".join(r["message"] for r in report["reasons"] if r.get("verdict") != Verdict.COMPATIBLE)[:1500]
         raise GraftError("incompatible_bases", f"require: compatible, but the inputs were judged "
                          f"{report['verdict']}: {why or 'see the report'}", {"preflight": summary})
     return summary

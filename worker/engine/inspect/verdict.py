@@ -53,8 +53,12 @@ BARRIER_RISKY = 0.10
 # 0.96 -> 2.4 -> 9.6 nats: "no barrier"). Past this relative gap the probe says nothing about connectivity.
 PROBE_ENDS_APART = 0.5
 
-# Weights-level codes about whether the bases are linearly connected: a function probe that ran measures
-# the same thing directly, so it overrules these (and only these).
+# Weights-level codes about whether the bases are linearly connected. A conclusive function probe measures
+# connectivity directly, so it overrules their *incompatible*: the bases are one run after all. It does not
+# clear them: how far the target moved relative to the diff is a separate risk the barrier cannot see. The
+# calibration family (examples/calibration) shows it: continuations at 0.5-0.8 of the weights' norm away
+# have no barrier at all, yet their grafts keep only 23-62% of the fine-tune's gain. So a conclusive probe
+# with no barrier caps these reasons at risky; a barrier decides incompatible by itself.
 CONNECTIVITY_CODES = frozenset({"bases_unrelated", "bases_far", "target_moved_against_finetune"})
 
 
@@ -74,17 +78,19 @@ def levels_up_to(level: Level | str) -> list[Level]:
 
 
 def combine(reasons: list[dict], levels_run: Iterable[Level | str]) -> tuple[Verdict, list[dict]]:
-    """(verdict, reasons): when the function level ran, the weights level's connectivity reasons are kept
-    in the list but marked `"overruled": true` and no longer count; headers' reasons always stand."""
+    """(verdict, reasons): when a conclusive function probe ran, the weights level's connectivity reasons
+    that said incompatible are overruled down to risky (`"overruled": true`, the weights' own verdict kept
+    as `weights_verdict`); headers' reasons always stand."""
     function_ran = Level.FUNCTION in {Level(x) for x in levels_run} and any(
         r["code"] == "loss_barrier" for r in reasons)  # an inconclusive probe overrules nothing
     out = []
     for r in reasons:
         r = dict(r)
-        if function_ran and r["level"] == Level.WEIGHTS and r["code"] in CONNECTIVITY_CODES:
-            r["overruled"] = True
+        if (function_ran and r["level"] == Level.WEIGHTS and r["code"] in CONNECTIVITY_CODES
+                and r["verdict"] == Verdict.INCOMPATIBLE):
+            r.update(overruled=True, weights_verdict=r["verdict"], verdict=str(Verdict.RISKY))
         out.append(r)
-    return worst(r["verdict"] for r in out if not r.get("overruled")), out
+    return worst(r["verdict"] for r in out), out
 
 
 def weights_reasons(*, bases_distance_ratio: float | None, cos_bases_delta: float | None,
