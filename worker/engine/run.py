@@ -30,8 +30,6 @@ from .uris import Location, parse_uri
 
 log = logging.getLogger("graft.engine")
 
-# ||target - source_base|| / ||target|| above this: the bases look like separate training runs.
-WEAK_CONNECTIVITY = 0.5
 
 
 class Phase(StrEnum):
@@ -235,6 +233,18 @@ def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
     return {name: round(statistics.median(values), 6) for name, values in ratios.items() if values}
 
 
+def connectivity_warnings(connectivity: dict) -> list[dict]:
+    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/inspect/verdict.py), as
+    the graft's `weak_connectivity` warnings: the same thresholds whether one inspects or grafts."""
+    from .inspect.verdict import weights_reasons
+
+    reasons = weights_reasons(bases_distance_ratio=connectivity.get("bases_distance_ratio"),
+                              cos_bases_delta=connectivity.get("cos_bases_delta"), coverage=None)
+    return [{"code": "weak_connectivity", "reason": r["code"], "verdict": r["verdict"],
+             "message": f"{r['message']}; transfer helps when the target continues the source base's training "
+                        "(graft inspect --level function measures it)"} for r in reasons]
+
+
 def _index(plan: Plan) -> bytes:
     weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
     index = {"metadata": {"total_size": plan.output_bytes},
@@ -343,11 +353,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         total.bytes_read += stats_read
         stream_seconds = time.perf_counter() - t0
         connectivity = _connectivity(plan, stats)
-        if connectivity.get("bases_distance_ratio", 0.0) > WEAK_CONNECTIVITY:
-            late_warnings.append({"code": "weak_connectivity", "message":
-                                  f"the target is far from the source base (||target - base|| / ||target|| = "
-                                  f"{connectivity['bases_distance_ratio']:.2f}); transfer helps when the target "
-                                  "continues the source base's training, and rarely across unrelated runs"})
+        late_warnings += connectivity_warnings(connectivity)
         for w in late_warnings:
             warn(w)
         nonfinite = [name for name, st in stats.items() if st.nonfinite]
