@@ -84,6 +84,7 @@ def main() -> int:
         print(f"redis {redis_url}; API {base} (dev key {key}); one worker; storage {root}/outputs")
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
             body = {role: f"file://{path}" for role, path in models.items()}
+            _preflight(c, body)
             resp = c.post("/v1/jobs", json={**body, "metadata": {"demo": "make run"}})
             resp.raise_for_status()
             job = resp.json()
@@ -114,6 +115,25 @@ def main() -> int:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _preflight(c: httpx.Client, body: dict) -> None:
+    """Know before grafting: a weights-level preflight of the same inputs (a job of its own kind)."""
+    resp = c.post("/v1/preflights", json={**body, "level": "weights"})
+    resp.raise_for_status()
+    job = resp.json()
+    deadline = time.time() + 45
+    while job["status"] not in ("succeeded", "failed", "cancelled") and time.time() < deadline:
+        time.sleep(0.2)
+        job = c.get(f"/v1/jobs/{job['id']}").json()
+    if job["status"] != "succeeded":
+        print(f"POST /v1/preflights -> preflight ended {job['status']}: {job.get('error')}")
+        return
+    report = job["result"]["report"]
+    print(f"POST /v1/preflights -> verdict {report['verdict']} (levels {', '.join(report['levels_run'])}); "
+          f"chart {job['result']['chart_uri']}")
+    for reason in report["reasons"]:
+        print(f"  [{reason['verdict']}] {reason['message']}")
 
 
 if __name__ == "__main__":
