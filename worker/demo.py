@@ -23,7 +23,7 @@ from .loopback import free_port, wait_port
 from .sample_models import make_trio
 
 
-def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
+def start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
     binary = redis_server_binary()
     if binary is None:
         url = os.environ.get("GRAFT_REDIS_URL", "")
@@ -40,7 +40,7 @@ def _start_redis(root: str) -> tuple[subprocess.Popen | None, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_process(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -58,7 +58,7 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="graft-demo-")
     procs: list[subprocess.Popen | None] = []
     try:
-        redis_proc, redis_url = _start_redis(root)
+        redis_proc, redis_url = start_redis(root)
         procs.append(redis_proc)
         models = make_trio(os.path.join(root, "models"))
         env = {**os.environ, "GRAFT_REDIS_URL": redis_url, "GRAFT_DEV_MODE": "1", "GRAFT_API_KEYS": "",
@@ -114,7 +114,7 @@ def main() -> int:
         return 0
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
 
 
 def _preflight(c: httpx.Client, body: dict) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from worker.demo import _start_redis, _stop
+from worker.demo import start_redis, stop_process
 from worker.loopback import free_port, wait_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -27,7 +27,7 @@ def embedded_service(root: str, *, workers: int = 1, log_level: str = "WARNING")
     procs: list[subprocess.Popen | None] = []
     log = open(os.path.join(root, "service.log"), "a")  # noqa: SIM115 (closed below, after the processes)
     try:
-        redis_proc, redis_url = _start_redis(root)
+        redis_proc, redis_url = start_redis(root)
         procs.append(redis_proc)
         env = {**os.environ, "GRAFT_REDIS_URL": redis_url, "GRAFT_DEV_MODE": "1", "GRAFT_API_KEYS": "",
                "GRAFT_ALLOWED_ROOTS": root, "GRAFT_OUTPUT_URI": f"file://{root}/outputs",
@@ -49,7 +49,7 @@ def embedded_service(root: str, *, workers: int = 1, log_level: str = "WARNING")
             yield client
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         log.close()
 
 
