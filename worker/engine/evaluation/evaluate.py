@@ -17,6 +17,8 @@ from ..config import EngineSettings
 from ..errors import GraftError
 from ..model import GENERATION_CONFIG, ResolvedModel
 from ..safetensors_format import load_json
+from .chat_template import CODE as CHAT_TEMPLATE_FAILED
+from .chat_template import render_chat, template_of, template_variables
 from .loading import Deadline, activation_bytes, check_fits, load_tokenizer, loaded
 from .probe import check_ids_in_vocab, context_window, mean_loss, model_device, probe_ids, probe_text, scored_tokens
 from .spec import EvaluateSpec
@@ -27,6 +29,7 @@ from .spec import EvaluateSpec
 # lands at several times the base's perplexity or at the vocabulary's size (noise). 1.5x lies between.
 QUALITY_PPL_RATIO = 1.5
 KL_CHUNK_ELEMENTS = 1 << 22  # float64 log-probabilities held at once while summing a KL
+MAX_STOP_IDS = 1024  # end-of-sequence ids taken from a model's files at most
 
 
 def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
@@ -39,7 +42,7 @@ def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_fin
     ids = probe_ids(tokenizer, text, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [target_base, output, source_finetuned], "probe text")
     prompts = spec.prompt_list()
-    rendered, chat = render_prompts(tokenizer, prompts)
+    rendered, chat = render_prompts(tokenizer, prompts, deadline.check)
     prompt_ids = [encode_prompt(tokenizer, r, chat=chat) for r in rendered]
     check_ids_in_vocab(prompt_ids, [output, source_finetuned], "prompts")
     window = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
@@ -75,21 +78,21 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], bool]:
+def render_prompts(tokenizer, prompts: list[str], check: Callable[[], None] | None = None) -> tuple[list[str], bool]:
     """Each prompt as one user turn through the tokenizer's chat template with the assistant's turn opened
-    (add_generation_prompt), or as it is when the tokenizer has no template; and whether one was used."""
-    if not getattr(tokenizer, "chat_template", None):
+    (add_generation_prompt), or as it is when the tokenizer has no template; and whether one was used. The
+    template is the tenant's: it is rendered in a child process within time, memory and output bounds
+    (chat_template.py); `check` runs while it renders."""
+    template = template_of(tokenizer)
+    if template is None:
         return list(prompts), False
-    rendered = []
-    for prompt in prompts:
+    rendered = render_chat(template, template_variables(tokenizer), prompts, check=check)
+    for text in rendered:
         try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
-        except Exception as exc:
-            raise GraftError("invalid_input", f"source_finetuned: its chat template fails on a prompt: {exc}") from None
-        if not isinstance(text, str):
-            raise GraftError("invalid_input", "source_finetuned: its chat template did not render to text")
-        rendered.append(text)
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GraftError(CHAT_TEMPLATE_FAILED, "source_finetuned: its chat template renders text that is not "
+                             "valid Unicode (a lone surrogate)") from None
     return rendered, True
 
 
@@ -103,7 +106,10 @@ def encode_prompt(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
 
 def greedy_config(model: ResolvedModel, max_new_tokens: int):
     """Plain greedy decoding to max_new_tokens or an end-of-sequence token; only the model's token ids are
-    taken from its generation_config.json (else config.json): its sampling settings do not apply."""
+    taken from its generation_config.json (else config.json): its sampling settings do not apply. An id that
+    is not a token of the model (not an integer, negative, past the vocabulary, a list of anything else) is
+    ignored, as is a list of more than MAX_STOP_IDS: they are the tenant's files, and transformers would fail
+    on them part-way through the evaluation."""
     from transformers import GenerationConfig
 
     found: dict = {}
@@ -112,14 +118,31 @@ def greedy_config(model: ResolvedModel, max_new_tokens: int):
         found = value if isinstance(value, dict) else {}
 
     def pick(key: str):
-        return found.get(key, model.config.get(key))
+        for source in (found, model.config):
+            ids = token_ids(source.get(key), model.vocab_size)
+            if ids is not None:
+                return ids
+        return None
 
     eos = pick("eos_token_id")
     pad = pick("pad_token_id")
     if pad is None:
-        pad = eos[0] if isinstance(eos, list) and eos else eos
+        pad = eos[0] if isinstance(eos, list) else eos
     return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
                             pad_token_id=pad, bos_token_id=pick("bos_token_id"))
+
+
+def token_ids(value, vocab: int | None) -> int | list[int] | None:
+    """`value` when it is a token id of a model with `vocab` rows, or a non-empty list of at most MAX_STOP_IDS
+    of them; else None."""
+    def is_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (vocab is None or v < vocab)
+
+    if is_id(value):
+        return value
+    if isinstance(value, list) and 0 < len(value) <= MAX_STOP_IDS and all(is_id(v) for v in value):
+        return list(value)
+    return None
 
 
 def greedy_samples(module, model: ResolvedModel, tokenizer, prompts: list[str], rendered: list[str],

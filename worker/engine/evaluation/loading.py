@@ -18,12 +18,29 @@ import torch
 from ..config import EngineSettings
 from ..errors import GraftCancelled, GraftError
 from ..model import ResolvedModel
-from ..safetensors_format import DTYPES, TensorInfo
+from ..safetensors_format import DTYPES, TensorInfo, load_json
 
 # Of the memory the OS says is available, the share a probe or an evaluation may plan on: the rest is the
 # worker's own (the interpreter, transformers, the tokenizer, read buffers) and the page cache's.
 AVAILABLE_SHARE = 0.8
 READ_CHUNK = 16 << 20  # bytes read per ranged read while filling a module (one reused buffer)
+# A model's tokenizer files read at most, all told: the largest in use (Gemma 3's: a 33 MB tokenizer.json, a
+# 4.7 MB tokenizer.model) with room to spare; building one costs some 30 times its size in memory.
+TOKENIZER_MAX_BYTES = 64 << 20
+# What a module built from a config may hold beyond its checkpoint: parameters registered past the tensors'
+# count (a tied head is built untied first, then tied) and values past theirs (that head again); and buffers
+# transformers computes from the config (rotary frequencies: kilobytes; GPT-J's position table, CodeGen's
+# causal mask: megabytes at the usual context lengths).
+EXTRA_SLOTS = 64
+EXTRA_NUMEL = 1 << 20
+BUFFER_MAX_BYTES = 256 << 20
+MODULE_BYTES_PER_TENSOR = 8 << 10  # a module's Python objects per parameter (about 6 KB measured), rounded up
+# Config entries that count layers: bounded by the checkpoint before transformers reads the config.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers",
+                    "num_encoder_layers")
+# What transformers raises running a module it built (ours are GraftErrors and pass through).
+RUN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, ArithmeticError,
+              MemoryError, AssertionError)
 # Old checkpoints carry the rotary frequencies per layer; transformers computes them from the config and
 # ignores these, and so do we.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -98,13 +115,21 @@ def activation_bytes(tokens: int, models: Sequence[ResolvedModel], *, at_once: i
     return LOGITS_COPIES * at_once * tokens * vocab * 4
 
 
+def module_overhead_bytes(model: ResolvedModel) -> int:
+    """Host memory of the Python objects of a module built for the model (modules, parameters), apart from
+    their data: a checkpoint of a million tiny tensors costs gigabytes that its bytes do not show."""
+    return len(model.tensors) * MODULE_BYTES_PER_TENSOR
+
+
 def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, device: str = "cpu",
                extra_bytes: int = 0, what: str = "evaluation") -> int:
     """Refuse, before anything is loaded, when `models` held at once in float32, plus `extra_bytes` of
     activations, exceed settings.eval_memory_bytes or 80% of the available memory (the GPU's free memory
-    for a CUDA device). Returns the bytes needed."""
+    for a CUDA device). Returns the bytes needed. What the modules transformers builds from the configs
+    take beyond this is refused when each is built (load_causal_lm)."""
     params = sum(parameter_bytes(m) for m in models)
-    needed = params + extra_bytes
+    overhead = sum(module_overhead_bytes(m) for m in models)
+    needed = params + overhead + extra_bytes
     limit, source = settings.eval_memory_bytes, "GRAFT_EVAL_MEMORY_BYTES"
     free = available_bytes(device)
     if free is not None and AVAILABLE_SHARE * free < limit:
@@ -112,8 +137,8 @@ def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, dev
     if needed > limit:
         names = ", ".join(f"{m.role} ({parameter_bytes(m):,} bytes)" for m in models)
         raise GraftError("model_too_large", f"the {what} needs {needed:,} bytes ({params:,} of float32 parameters: "
-                         f"{names}; {extra_bytes:,} of activations) and may take {limit:,} ({source})",
-                         {"needed_bytes": needed, "limit_bytes": limit})
+                         f"{names}; {extra_bytes:,} of activations; {overhead:,} for the modules' objects) and may "
+                         f"take {limit:,} ({source})", {"needed_bytes": needed, "limit_bytes": limit})
     return needed
 
 
@@ -128,6 +153,7 @@ def build_config(model: ResolvedModel, *, untie: bool = False):
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise GraftError("invalid_input", f"{model.role}: model_type {model_type!r} is not one this worker's "
                          "transformers can run")
+    _check_layer_counts(model, raw)
     if untie:
         raw["tie_word_embeddings"] = False
     try:
@@ -148,20 +174,118 @@ def _no_init():
     return no_init_weights()
 
 
+def _check_layer_counts(model: ResolvedModel, raw: dict) -> None:
+    """A layer count past the checkpoint's tensor count (every layer has one at least) is refused before
+    transformers sees it: some configs build per-layer lists in Python (a billion layers: minutes and
+    gigabytes before any module exists)."""
+    limit = len(model.tensors)
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    for config in (raw, text):
+        for key in LAYER_COUNT_KEYS:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise GraftError("invalid_input", f"{model.role}: its config.json says {key} = {value:,}; its "
+                                 f"checkpoint holds {limit:,} tensors")
+
+
+class _Overbuilt(Exception):
+    """Raised inside transformers' module construction: the module outgrows the checkpoint."""
+
+
+@contextmanager
+def _bounded_construction(model: ResolvedModel) -> Iterator[None]:
+    """While a module is built: stop it as soon as its parameters outnumber or outweigh the checkpoint's
+    tensors (with room for a tied head built untied first and a few extras), or its buffers outweigh
+    BUFFER_MAX_BYTES past what the checkpoint stores. A config can make transformers build far more than the
+    checkpoint holds (a million experts, a billion positions); nothing of that is built."""
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    numels = [info.numel for info in model.tensors.values()]
+    limit_count = len(numels) + EXTRA_SLOTS
+    limit_numel = sum(numels) + max(numels, default=0) + EXTRA_NUMEL
+    limit_buffers = parameter_bytes(model) + BUFFER_MAX_BYTES
+    seen = {"count": 0, "numel": 0, "buffers": 0}
+
+    def on_parameter(module, name, param):
+        if param is not None:
+            seen["count"] += 1
+            seen["numel"] += param.numel()
+            if seen["count"] > limit_count or seen["numel"] > limit_numel:
+                raise _Overbuilt(f"its config.json makes a module with more parameters than its checkpoint's "
+                                 f"{len(numels):,} tensors ({sum(numels):,} values) hold")
+        return None
+
+    def on_buffer(module, name, buffer):
+        if buffer is not None:
+            seen["buffers"] += buffer.numel() * buffer.element_size()
+            if seen["buffers"] > limit_buffers:
+                raise _Overbuilt(f"its config.json makes transformers compute more than {limit_buffers:,} bytes "
+                                 "of buffers (position tables, masks) beside the weights")
+        return None
+
+    handles = [register_module_parameter_registration_hook(on_parameter),
+               register_module_buffer_registration_hook(on_buffer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _build(model: ResolvedModel, config, device, dtype: torch.dtype):
+    """transformers' causal LM for `config` on `device` (weights left uninitialized), within
+    _bounded_construction; whatever transformers raises on the config is GraftError("invalid_input")."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _no_init(), torch.device(device), _bounded_construction(model):
+            module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except _Overbuilt as exc:
+        raise GraftError("invalid_input", f"{model.role}: {exc}") from None
+    except ValueError as exc:  # no causal-LM class for this config
+        raise GraftError("invalid_input", f"{model.role}: transformers has no causal LM for it: {exc}") from None
+    except Exception as exc:  # an activation it does not know (KeyError), a padding id past the vocabulary, ...
+        said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise GraftError("invalid_input", f"{model.role}: transformers cannot build it from its config.json: "
+                         f"{type(exc).__name__}: {said}") from None
+    module.tie_weights()  # post_init ties inside the init we skipped
+    return module
+
+
+def measure_module(model: ResolvedModel, *, untie: bool = False, dtype: torch.dtype = torch.float32) -> int:
+    """Build the model's module on the meta device (no memory) and match it to the checkpoint: every slot
+    the checkpoint fills must have its tensor's shape, and the buffers transformers computes from the config
+    must stay within BUFFER_MAX_BYTES. Refuses before anything is allocated; returns the bytes the module
+    will take."""
+    config = build_config(model, untie=untie)
+    meta = _build(model, config, "meta", dtype)
+    _assign(meta, model)  # missing, unexpected and misshapen tensors refused here, on shapes alone
+    transient = transient_buffers(meta)
+    computed = sum(b.numel() * b.element_size() for n, b in meta.named_buffers() if n in transient)
+    if computed > BUFFER_MAX_BYTES:
+        raise GraftError("model_too_large", f"{model.role}: its config.json makes transformers compute "
+                         f"{computed:,} bytes of buffers (position tables, masks) beside the weights; at most "
+                         f"{BUFFER_MAX_BYTES:,} are allowed")
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*meta.parameters(), *meta.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def load_causal_lm(model: ResolvedModel, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                    untie: bool = False, check: Callable[[], None] | None = None):
     """The model as a transformers causal LM on `device` in `dtype`, in eval mode, every parameter and
     persistent buffer read through the model's store. A missing or unexpected tensor, or one whose shape
-    the config does not make, is GraftError("invalid_input"). `check` is called between tensors."""
-    from transformers import AutoModelForCausalLM
-
-    config = build_config(model, untie=untie)
-    try:
-        with _no_init(), torch.device(device):
-            module = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:  # no causal-LM class for this config
-        raise GraftError("invalid_input", f"{model.role}: transformers has no causal LM for it: {exc}") from None
-    module.tie_weights()  # post_init ties inside the init we skipped
+    the config does not make, is GraftError("invalid_input"), found on a meta-device build before any
+    memory is taken (measure_module). `check` is called between tensors."""
+    measure_module(model, untie=untie, dtype=dtype)
+    module = _build(model, build_config(model, untie=untie), device, dtype)
     try:
         fill_module(module, model, check=check)
     except BaseException:
@@ -272,10 +396,18 @@ def release(module) -> None:
 @contextmanager
 def loaded(model: ResolvedModel, *, device: str = "cpu", untie: bool = False,
            check: Callable[[], None] | None = None) -> Iterator:
-    """load_causal_lm for the length of a `with`, its memory freed on the way out, whatever happens."""
+    """load_causal_lm for the length of a `with`, its memory freed on the way out, whatever happens. What
+    transformers raises while the module runs in the `with` (a config value it accepted at build time and
+    fails on in a forward pass, memory running out) is GraftError("model_failed"), naming the model."""
     module = load_causal_lm(model, device=device, untie=untie, check=check)
     try:
         yield module
+    except GraftError:
+        raise
+    except RUN_ERRORS as exc:
+        said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise GraftError("model_failed", f"running the models failed with {model.role} loaded: "
+                         f"{type(exc).__name__}: {said}") from None
     finally:
         release(module)
 
@@ -284,23 +416,66 @@ def loaded(model: ResolvedModel, *, device: str = "cpu", untie: bool = False,
 
 def load_tokenizer(model: ResolvedModel):
     """The model's tokenizer, from its own tokenizer files read through its store into a private temporary
-    directory (removed before this returns); GraftError("no_tokenizer") without usable ones."""
-    from transformers import AutoTokenizer
+    directory (removed before this returns, whatever happens); GraftError("no_tokenizer") without usable ones.
+
+    The files are the tenant's: TOKENIZER_MAX_BYTES of them at most, all told, checked before any is read (a
+    tokenizer costs some 30 times its files' size in memory while it is built); no code of theirs runs
+    (trust_remote_code stays off and only tokenizer files are copied, so an `auto_map` has nothing to
+    import); a `tokenizer_class` must name one of transformers' tokenizer classes (any other class of
+    transformers would be asked to load itself from the directory); and of config.json only what picks the
+    tokenizer is passed on (a hostile config, a model of a billion layers say, is no business of its tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     names = model.tokenizer_files()
     if not names:
         raise GraftError("no_tokenizer", f"{model.role}: {model.uri} has no tokenizer files (tokenizer.json, "
                          "tokenizer.model, vocab.json, ...); the models cannot be run on text without them")
+    sizes = {name: model.store.size(name) for name in names}
+    if sum(sizes.values()) > TOKENIZER_MAX_BYTES:
+        raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files ({', '.join(names)}) hold "
+                         f"{sum(sizes.values()):,} bytes; at most {TOKENIZER_MAX_BYTES:,} are read")
+    files = {name: model.side_file(name) for name in names}
+    _check_tokenizer_class(model, files.get("tokenizer_config.json"))
+    picks = {k: model.config[k] for k in ("model_type", "tokenizer_class") if isinstance(model.config.get(k), str)}
+    if "tokenizer_class" in picks:
+        _check_tokenizer_class(model, json.dumps({"tokenizer_class": picks["tokenizer_class"]}).encode())
     with tempfile.TemporaryDirectory(prefix="graft-tokenizer-") as tmp:
-        for name in names:
+        for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(model.side_file(name))
+                fh.write(data)
+        del files
         # AutoTokenizer reads the model type from config.json when tokenizer_config.json names no class.
         with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(model.config, fh)
+            json.dump(picks, fh)
         try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
         except Exception as exc:
             said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files ({', '.join(names)}) do not "
                              f"make a tokenizer: {said}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files make a {type(tokenizer).__name__}, "
+                         "not a tokenizer")
+    return tokenizer
+
+
+def _check_tokenizer_class(model: ResolvedModel, raw: bytes | None) -> None:
+    """A `tokenizer_class` that transformers resolves to something other than a tokenizer is refused."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if raw is None:
+        return
+    config = load_json(raw, f"{model.role}: tokenizer_config.json", "no_tokenizer")
+    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if name is None:
+        return
+    if not isinstance(name, str) or len(name) > 200:
+        raise GraftError("no_tokenizer", f"{model.role}: its tokenizer_class is not a class name")
+    for candidate in (name, name.removesuffix("Fast"), f"{name}Fast"):
+        try:
+            found = tokenizer_class_from_name(candidate)
+        except Exception:  # a model module transformers cannot import here: not a tokenizer we can build
+            found = None
+        if found is not None and not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+            raise GraftError("no_tokenizer", f"{model.role}: its tokenizer_class {name!r} is not a tokenizer class")

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from ..model import ResolvedModel
 
 READ_CAP = 64 << 20  # bytes of one tokenizer file read at most (a 256k-token tokenizer.json is ~20 MB)
+# Ids kept of one tokenizer at most: four times the largest vocabulary in use (Gemma's 262k). A file of
+# millions of tiny entries fits in READ_CAP and would hold some hundreds of MB as Python objects, three
+# tokenizers at once (in the API's preview process too); past this it is "unknown", never an error.
+MAX_IDS = 1 << 20
 EXAMPLES = 5  # re-assigned ids shown in a reason
 
 
@@ -25,14 +29,25 @@ class Vocab:
     file: str = ""
 
 
+class _TooMany(ValueError):
+    pass
+
+
 def _read(model: ResolvedModel, name: str) -> object | None:
     if not model.store.exists(name) or model.store.size(name) > READ_CAP:
         return None
     return json.loads(model.side_file(name))
 
 
+def _count(entries) -> None:
+    if len(entries) > MAX_IDS:
+        raise _TooMany(f"{len(entries):,} entries; at most {MAX_IDS:,} are compared")
+
+
 def _from_tokenizer_json(doc: dict) -> Vocab:
     vocab = doc["model"]["vocab"]
+    _count(vocab)
+    _count(doc.get("added_tokens") or [])
     if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
         ids = {int(i): str(tok) for tok, i in vocab.items()}
     else:  # Unigram: [[piece, score], ...], the id is the position
@@ -53,11 +68,16 @@ def read_vocab(model: ResolvedModel) -> tuple[Vocab | None, str]:
             return _from_tokenizer_json(doc), ""
         vocab = _read(model, "vocab.json")
         if isinstance(vocab, dict):
+            _count(vocab)
             ids = {int(i): str(tok) for tok, i in vocab.items()}
             added = _read(model, "added_tokens.json")
+            if isinstance(added, dict):
+                _count(added)
             for tok, i in (added.items() if isinstance(added, dict) else ()):
                 ids[int(i)] = str(tok)
             return Vocab(ids, set(), "vocab.json"), ""
+    except _TooMany as exc:
+        return None, f"tokenizer too large to compare ({exc})"
     except Exception as exc:  # unreadable or malformed: the check is advice, the graft may still run
         return None, f"tokenizer files unreadable ({type(exc).__name__}: {str(exc)[:200]})"
     return None, f"no tokenizer.json or vocab.json (of at most {READ_CAP >> 20} MB)"
@@ -65,9 +85,11 @@ def read_vocab(model: ResolvedModel) -> tuple[Vocab | None, str]:
 
 def compare(source: Vocab, target: Vocab, rows: int) -> dict:
     """Ids below `rows` (those the diff is applied to) whose token differs between the two tokenizers;
-    `special`: ids that are special tokens on either side (renamed reserved tokens, typically)."""
+    `special`: ids that are special tokens on either side (renamed reserved tokens, typically). Only the ids
+    either tokenizer names are visited: `rows` comes from a config (a vocab_size of 10^13 is a number, not a
+    loop to run)."""
     regular, special, only_source, only_target = [], [], 0, 0
-    for i in range(rows):
+    for i in sorted(i for i in source.ids.keys() | target.ids.keys() if 0 <= i < rows):
         a, b = source.ids.get(i), target.ids.get(i)
         if a is None or b is None:
             only_source += a is not None

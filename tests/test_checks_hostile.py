@@ -1,0 +1,443 @@
+"""Hostile inputs to the checks (evaluation, inspection, sweep, preflight): a tenant's chat template, tokenizer
+files, config and generation config must give a clear error, never spin, crash or leak, and cancels and
+killed workers must leave nothing half-done behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from checks_models import PROBE, PROMPTS, checks_family
+from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, resolve, save, tokenizer_files
+
+from worker.engine import GraftOptions, GraftRequest
+from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.config import EngineSettings
+from worker.engine.errors import GraftCancelled, GraftError
+from worker.engine.evaluation import chat_template as chat_module
+from worker.engine.evaluation import evaluate_graft, load_tokenizer
+from worker.engine.evaluation.evaluate import render_prompts
+from worker.engine.evaluation.spec import EvaluateSpec
+
+SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=3)
+SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """See conftest.one_torch_thread."""
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return checks_family(str(tmp_path_factory.mktemp("hostile-checks")))
+
+
+@pytest.fixture(scope="module")
+def state():
+    return bigram_state(encode(PROBE), seed=0)
+
+
+def _children() -> list[int]:
+    """Live (not zombie) child processes of this test process."""
+    from service_fixtures import _descendants
+
+    out = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _tokenizer_with(tmp_path, state, name: str, template: str):
+    path = save(str(tmp_path / name), state, tokenizer=tokenizer_files(chat_template=template))
+    return load_tokenizer(resolve(path, "source_finetuned"))
+
+
+# --- chat templates ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template,said", [
+    (SPIN, "budget"),  # nested loops: hours of pure Python
+    ("{{ 3 ** (10 ** 8) }}", "budget"),  # folded while compiling: one long C call
+    ("{{ 'x' * 100000000 }}", "100,000,000 bytes"),  # within the memory limit, past the output cap
+    ("{{ 'x' * (10 ** 11) }}", "memory"),  # one allocation past the memory limit
+    ("{{ '{:>900000000}'.format(1) }}", "memory"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses"),
+    ("{{ raise_exception('no system role') }}", "no system role"),
+    ("{% for m in messages %}{{ m.content | unknown_filter }}{% endfor %}", "unknown_filter"),
+])
+def test_hostile_chat_template_is_stopped_with_a_clear_error(tmp_path, state, monkeypatch, template, said):
+    monkeypatch.setattr(chat_module, "TEMPLATE_SECONDS", 4.0)
+    tokenizer = _tokenizer_with(tmp_path, state, "ft", template)
+    t0 = time.monotonic()
+    with pytest.raises(GraftError) as err:
+        render_prompts(tokenizer, ["hello"])
+    assert err.value.code == "chat_template_failed"
+    assert said in err.value.message
+    assert time.monotonic() - t0 < 12
+    assert _children() == []
+
+
+def test_chat_template_renders_as_transformers_does(tmp_path, state):
+    """The bounded renderer gives apply_chat_template's own text (special tokens, generation prompt)."""
+    tokenizer = _tokenizer_with(tmp_path, state, "ft", CHAT_TEMPLATE)
+    prompts = ["hi", "é ünïcode {{ not a template }}"]
+    rendered, chat = render_prompts(tokenizer, prompts)
+    assert chat is True
+    assert rendered == [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=False) for p in prompts]
+    assert rendered[0] == "<s><|user|>hi\n<|assistant|>"
+    assert _children() == []
+
+
+def test_cancel_stops_the_template_at_once(tmp_path, state):
+    tokenizer = _tokenizer_with(tmp_path, state, "ft", SPIN)
+    t0 = time.monotonic()
+
+    def check():
+        if time.monotonic() - t0 > 0.5:
+            raise GraftCancelled("the evaluation was cancelled")
+
+    with pytest.raises(GraftCancelled):
+        render_prompts(tokenizer, ["hello"], check)
+    assert time.monotonic() - t0 < 3
+    assert _children() == []
+
+
+def test_spinning_template_is_an_evaluation_error_and_the_graft_is_published(family, tmp_path, state,
+                                                                             monkeypatch):
+    monkeypatch.setattr(chat_module, "TEMPLATE_SECONDS", 3.0)
+    finetuned = save(str(tmp_path / "ft-spin"), _state_of(family["finetuned"]),
+                     tokenizer=tokenizer_files(chat_template=SPIN))
+    out = str(tmp_path / "out")
+    warnings = []
+    t0 = time.monotonic()
+    result = run_checked_graft(GraftRequest(family["base"], finetuned, family["near"], out, GraftOptions()),
+                               Checks(evaluate=SPEC), settings=_settings(tmp_path), warn=warnings.append)
+    assert time.monotonic() - t0 < 30
+    error = result.checks["evaluation"]["error"]
+    assert error["code"] == "chat_template_failed" and "budget" in error["message"]
+    assert [w["code"] for w in warnings] == ["evaluation_failed"]
+    with open(os.path.join(out, "graft-manifest.json")) as fh:
+        assert json.load(fh)["evaluation"]["error"]["code"] == "chat_template_failed"
+    assert _children() == []
+
+
+# --- generation config ---------------------------------------------------------------------------------
+
+def _model_dir(tmp_path, state, name: str, *, generation_config: dict | None = None, config: dict | None = None,
+               tokenizer: dict | None = None) -> str:
+    path = save(str(tmp_path / name), state, tokenizer=tokenizer or tokenizer_files(chat_template=CHAT_TEMPLATE),
+                generation_config=generation_config)
+    if config:
+        with open(os.path.join(path, "config.json")) as fh:
+            doc = json.load(fh)
+        with open(os.path.join(path, "config.json"), "w") as fh:
+            json.dump({**doc, **config}, fh)
+    return path
+
+
+def _evaluate_one(path: str, spec: EvaluateSpec | None = None, **settings) -> dict:
+    """The model evaluated against itself (output, target base and fine-tune alike)."""
+    models = [resolve(path, role) for role in ("output", "target_base", "source_finetuned")]
+    try:
+        return evaluate_graft(*models, spec or EvaluateSpec(prompts=["hi"], max_new_tokens=4),
+                              settings=EngineSettings(probe_max_tokens=64, **settings))
+    finally:
+        for m in models:
+            m.store.close()
+
+
+@pytest.mark.parametrize("generation_config,config", [
+    ({"eos_token_id": "x"}, None),
+    ({"eos_token_id": 10 ** 30}, None),
+    ({"eos_token_id": [[1, 2], 3]}, None),
+    ({"eos_token_id": {"a": 1}}, None),
+    ({"eos_token_id": -5, "pad_token_id": 10 ** 12}, None),
+    ({"bos_token_id": "x", "eos_token_id": list(range(5000))}, None),
+    ({"eos_token_id": 2.5, "pad_token_id": True}, {"eos_token_id": 10 ** 9}),
+    (None, {"eos_token_id": [3, 10 ** 9]}),
+    ({"max_length": 10 ** 9, "min_new_tokens": 10 ** 6, "num_beams": 1000, "do_sample": True,
+      "num_return_sequences": 50}, {"num_beams": 64, "min_length": 10 ** 5, "max_length": 3}),
+])
+def test_generation_settings_of_the_tenant_do_not_apply(tmp_path, state, generation_config, config):
+    """Only valid token ids are taken from generation_config.json / config.json: other values (wrong types,
+    ids past the vocabulary, huge lengths or beams) neither crash the evaluation nor change its decoding."""
+    path = _model_dir(tmp_path, state, "m", generation_config=generation_config, config=config)
+    result = _evaluate_one(path)
+    assert [s["prompt"] for s in result["samples"]] == ["hi"]
+    assert 0 < result["samples"][0]["tokens"] <= 4
+
+
+def test_generation_stops_at_a_valid_end_of_sequence_id(tmp_path, state):
+    from worker.engine.evaluation.evaluate import greedy_config
+
+    path = _model_dir(tmp_path, state, "m", generation_config={"eos_token_id": [2, 10 ** 9], "pad_token_id": 0},
+                      config={"eos_token_id": 2, "bos_token_id": 1})
+    config = greedy_config(resolve(path, "output"), 4)
+    # A list holding an id past the vocabulary is not taken; config.json's valid id is.
+    assert (config.eos_token_id, config.pad_token_id, config.bos_token_id) == (2, 0, 1)
+    assert (config.do_sample, config.num_beams, config.max_new_tokens) == (False, 1, 4)
+
+
+# --- configs that build more than the checkpoint holds -----------------------------------------------------
+
+@pytest.mark.parametrize("config,said", [
+    ({"hidden_size": 10 ** 8}, "more parameters"),  # 10^16 values: one allocation would fail or take it all
+    ({"intermediate_size": 10 ** 10}, "more parameters"),
+    ({"vocab_size": 10 ** 9}, "more parameters"),
+    ({"num_hidden_layers": 10 ** 5}, "tensors"),  # a module per layer: minutes and gigabytes of objects
+    ({"model_type": "qwen2", "num_hidden_layers": 10 ** 9}, "tensors"),  # a per-layer list built in Python
+    ({"hidden_act": "bogus"}, "KeyError"),
+    ({"rope_scaling": {"rope_type": "bogus"}}, "bogus"),
+    ({"pad_token_id": 10 ** 9}, "Padding_idx"),
+    ({"num_hidden_layers": 1}, "1 tensor(s) its config.json has no place for".replace("1 t", "")),
+    ({"hidden_size": 32, "head_dim": 8}, "config.json makes it"),
+])
+def test_config_that_builds_another_module_is_refused_before_allocating(tmp_path, state, config, said):
+    from worker.engine.evaluation import load_causal_lm
+
+    path = _model_dir(tmp_path, state, "m", config=config)
+    t0 = time.monotonic()
+    with pytest.raises(GraftError) as err:
+        load_causal_lm(resolve(path, "output"))
+    assert time.monotonic() - t0 < 10
+    assert err.value.code in ("invalid_input", "model_too_large"), err.value.message
+    assert said in err.value.message, err.value.message
+
+
+def _gptj(tmp_path, positions: int) -> str:
+    """A tiny GPT-J checkpoint (its position table is computed from the config at build time, eagerly)."""
+    from safetensors.torch import save_file
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    module = GPTJForCausalLM(config)
+    path = tmp_path / "gptj"
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path / "model.safetensors"))
+    doc = {**config.to_dict(), "n_positions": positions}
+    (path / "config.json").write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_position_table_of_a_billion_positions_is_refused(tmp_path):
+    from worker.engine.evaluation import load_causal_lm
+
+    small = load_causal_lm(resolve(_gptj(tmp_path / "a", 64), "output"))
+    assert [tuple(b.shape) for n, b in small.named_buffers() if n.endswith("embed_positions")] == [(64, 8)]
+    # 10^8 positions x 8 rotary dims in float32: 3.2 GB computed at build time, not one byte of it stored.
+    t0 = time.monotonic()
+    with pytest.raises(GraftError) as err:
+        load_causal_lm(resolve(_gptj(tmp_path / "b", 10 ** 8), "output"))
+    assert err.value.code in ("invalid_input", "model_too_large")
+    assert "buffers" in err.value.message
+    assert time.monotonic() - t0 < 10
+
+
+def test_error_in_a_forward_pass_is_a_graft_error(tmp_path, state, monkeypatch):
+    """A module transformers built but fails to run (here: a forward pass raising as an unsupported config
+    value would) fails the evaluation with model_failed, naming the model, its memory freed."""
+    from transformers import LlamaForCausalLM
+
+    path = _model_dir(tmp_path, state, "m")
+
+    def broken(self, *args, **kwargs):
+        raise IndexError("index 300 is out of bounds for dimension 0 with size 260")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", broken)
+    with pytest.raises(GraftError) as err:
+        _evaluate_one(path)
+    assert err.value.code == "model_failed" and "target_base" in err.value.message
+    assert "IndexError" in err.value.message
+
+
+# --- tokenizer files -----------------------------------------------------------------------------------
+
+def _tokenizer_dir(tmp_path, state, name: str, files: dict, config: dict | None = None) -> str:
+    return _model_dir(tmp_path, state, name, tokenizer=files, config=config)
+
+
+def _no_tokenizer(path: str) -> str:
+    with pytest.raises(GraftError) as err:
+        load_tokenizer(resolve(path, "source_finetuned"))
+    assert err.value.code == "no_tokenizer"
+    return err.value.message
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Where tempfile puts temporary directories, for this test alone: what is left there is counted."""
+    import tempfile
+
+    where = tmp_path / "tmp"
+    where.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
+
+
+def test_tokenizer_class_that_is_not_a_tokenizer_is_refused_before_loading(tmp_path, state, private_tmp,
+                                                                           monkeypatch):
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers was asked to load a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    base = tokenizer_files()
+    for i, cls in enumerate(("AutoModelForCausalLM", "AutoModelForCausalLMFast", "Trainer", "LlamaForCausalLM",
+                             ["PreTrainedTokenizerFast"])):
+        files = {**base, "tokenizer_config.json": {**base["tokenizer_config.json"], "tokenizer_class": cls}}
+        message = _no_tokenizer(_tokenizer_dir(tmp_path, state, f"cls{i}", files))
+        assert "tokenizer_class" in message
+    # Named by config.json (read when tokenizer_config.json names no class): refused the same way.
+    config = {k: v for k, v in base["tokenizer_config.json"].items() if k != "tokenizer_class"}
+    message = _no_tokenizer(_tokenizer_dir(tmp_path, state, "cfgcls", {**base, "tokenizer_config.json": config},
+                                           config={"tokenizer_class": "AutoModelForCausalLM"}))
+    assert "tokenizer_class" in message
+    assert os.listdir(private_tmp) == []
+
+
+def test_auto_map_imports_no_code(tmp_path, state, private_tmp):
+    """An auto_map naming the model's own module: trust_remote_code stays off and the module is never copied
+    beside the tokenizer files, so nothing of it runs (it would leave a mark)."""
+    mark = tmp_path / "ran"
+    base = tokenizer_files()
+    files = {**base, "tokenizer_config.json": {**base["tokenizer_config.json"],
+                                               "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}}
+    path = _tokenizer_dir(tmp_path, state, "automap", files,
+                          config={"auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    with open(os.path.join(path, "evil.py"), "w") as fh:
+        fh.write(f"open({str(mark)!r}, 'w').write('ran')\n")
+    try:
+        tokenizer = load_tokenizer(resolve(path, "source_finetuned"))
+    except GraftError as err:
+        assert err.code == "no_tokenizer"
+    else:
+        assert type(tokenizer).__module__.startswith("transformers.")
+    assert not mark.exists()
+    assert os.listdir(private_tmp) == []
+
+
+def test_oversized_and_malformed_tokenizer_files(tmp_path, state, private_tmp, monkeypatch):
+    from worker.engine.evaluation import loading
+
+    base = tokenizer_files()
+    deep = "[" * 100_000 + "]" * 100_000
+    for i, files in enumerate(({**base, "tokenizer.json": deep}, {**base, "tokenizer_config.json": deep},
+                               {**base, "tokenizer.json": "{\"model\": 7}"},
+                               {**base, "tokenizer_config.json": "not json"},
+                               {**base, "tokenizer_config.json": {"tokenizer_class": 7}})):
+        _no_tokenizer(_tokenizer_dir(tmp_path, state, f"bad{i}", files))
+    # Past the cap, all files together: refused before any is read.
+    path = _tokenizer_dir(tmp_path, state, "big", base)
+    size = sum(os.path.getsize(os.path.join(path, n)) for n in base)
+    monkeypatch.setattr(loading, "TOKENIZER_MAX_BYTES", size - 1)
+    model = resolve(path, "source_finetuned")
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tokenizer file was read")
+
+    monkeypatch.setattr(model.store, "read_range", no_reads)
+    with pytest.raises(GraftError) as err:
+        load_tokenizer(model)
+    assert err.value.code == "no_tokenizer" and f"{size:,} bytes" in err.value.message
+    assert os.listdir(private_tmp) == []
+
+
+def test_hostile_config_is_no_business_of_the_tokenizer(tmp_path, state, private_tmp):
+    """transformers builds a Qwen2 config's per-layer list in Python: a billion layers spin for minutes. The
+    tokenizer is given only the model type."""
+    path = _tokenizer_dir(tmp_path, state, "qwen", tokenizer_files(),
+                          config={"model_type": "qwen2", "num_hidden_layers": 10 ** 9, "bos_token_id": [None]})
+    t0 = time.monotonic()
+    tokenizer = load_tokenizer(resolve(path, "source_finetuned"))
+    assert time.monotonic() - t0 < 10
+    assert tokenizer("ab")["input_ids"] == encode("ab")
+
+
+# --- the headers level's tokenizer comparison -------------------------------------------------------------
+
+def _set_config(path: str, **changes) -> None:
+    with open(os.path.join(path, "config.json")) as fh:
+        doc = json.load(fh)
+    doc.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        doc.pop(key)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(doc, fh)
+
+
+def _inspect_headers(paths: dict) -> dict:
+    from worker.engine.inspect import Level, inspect_graft
+
+    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
+                           GraftOptions())
+    return inspect_graft(request, level=Level.HEADERS).report
+
+
+def test_vocab_size_of_a_config_is_not_a_loop_to_run(tmp_path):
+    """The tokenizer comparison walked range(vocab_size): a config's 10^13 (or, without one, a token id of
+    10^15 in tokenizer.json) spun the preview and the preflight job for as long as they were let run."""
+    from test_inspect_headers import VOCAB, tokenizer_json, trio, words
+
+    tok = {"tokenizer.json": tokenizer_json(words(VOCAB))}
+    paths = trio(tmp_path / "a", tokenizers={r: tok for r in ("source_base", "source_finetuned", "target_base")})
+    for path in paths.values():
+        _set_config(path, vocab_size=10 ** 13)
+    t0 = time.monotonic()
+    report = _inspect_headers(paths)
+    assert time.monotonic() - t0 < 10
+    (entry,) = report["headers"]["tokenizer"]
+    assert entry["status"] == "compared" and entry["reassigned"] == 0 and entry["rows_compared"] == 10 ** 13
+    far = tokenizer_json(words(VOCAB))
+    far["added_tokens"] = [{"id": 10 ** 15, "content": "<far>", "special": True}]
+    paths = trio(tmp_path / "b", tokenizers={"source_base": {"tokenizer.json": far}, "target_base": tok})
+    for path in paths.values():
+        _set_config(path, vocab_size=None)
+    t0 = time.monotonic()
+    report = _inspect_headers(paths)
+    assert time.monotonic() - t0 < 10
+    assert report["headers"]["tokenizer"][0]["status"] == "compared"
+
+
+def test_tokenizer_of_too_many_entries_is_not_compared(tmp_path, monkeypatch):
+    from test_inspect_headers import VOCAB, tokenizer_json, trio, words
+
+    from worker.engine.inspect import tokens
+
+    monkeypatch.setattr(tokens, "MAX_IDS", VOCAB - 1)
+    tok = {"tokenizer.json": tokenizer_json(words(VOCAB))}
+    vocab_json = {"vocab.json": {w: i for i, w in enumerate(words(VOCAB))}}
+    paths = trio(tmp_path, tokenizers={"source_base": tok, "source_finetuned": tok, "target_base": vocab_json})
+    report = _inspect_headers(paths)
+    (entry,) = report["headers"]["tokenizer"]
+    assert entry["status"] == "unknown" and "too large to compare" in entry["why"]
+    assert report["verdict"] == "compatible"  # advice only: equal vocabulary sizes
+
+
+def _state_of(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def _settings(tmp_path, **changes) -> EngineSettings:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return EngineSettings(cache_dir="", scratch_dir=str(scratch), probe_max_tokens=256, **changes)
+
+
