@@ -21,7 +21,7 @@ from worker.webhooks import check_webhook_target
 
 from .auth import tenant_of
 from .problems import Problem, field_error
-from .schemas import EventList, Job, JobCreate, JobList, Plan, PreflightCreate
+from .schemas import EventList, Job, JobCreate, JobList, Models, Plan, PreflightCreate
 from .schemas import Problem as ProblemSchema
 from .state import AppState, app_state
 
@@ -187,9 +187,10 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
              "POST /v1/jobs:preview.", responses={**ERRORS, 400: PROBLEM, **LIMITED})
 def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                      idempotency_key: str | None = Header(None, max_length=255)) -> Response:
-    graft = JobCreate(**{name: getattr(body, name) for name in ("source_base", "source_finetuned", "target_base",
-                                                                 "diffs", "options", "output", "metadata",
-                                                                 "webhook_url")})
+    if isinstance(body.options.alpha, list):
+        raise field_error("options.alpha", "a list of alphas is a sweep, which graft jobs run; a preflight judges "
+                          "the inputs", "invalid_option")
+    graft = JobCreate(**{name: getattr(body, name) for name in Models.model_fields})
     _check_options(graft)
     recipe = _recipe(graft)
     _check_request(graft, recipe, state, tenant)

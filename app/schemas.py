@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstra
 from pydantic_core import PydanticCustomError
 
 from worker.engine.checked_graft import MAX_SWEEP, Checks
-from worker.engine.inspect.verdict import Level
+from worker.engine.evaluation.spec import ProbeText
+from worker.engine.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
 from worker.statuses import JobStatus
 
@@ -76,7 +77,10 @@ def _either_diffs_or_three_fields(schema: dict) -> None:
                                           given("merge", kind="object"), given("rules", kind="array")]}}]
 
 
-class JobCreate(Checks):
+class Models(BaseModel):
+    """What a graft job and a preflight share: the models (one of three ways), how they combine, where the job
+    writes, labels and a webhook."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
     source_base: str | None = Field(None, **URI_FIELD)
     source_finetuned: str | None = Field(None, **URI_FIELD)
@@ -90,7 +94,9 @@ class JobCreate(Checks):
                                         "(its base_model is the target and every diff's base)")
     output: str | None = Field(None, min_length=1, max_length=2048,
                                pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
-                               description="file:// or s3:// prefix; default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
+                               description="file:// or s3:// prefix for what the job writes (a graft's checkpoint, "
+                                           "a preflight's report.json and chart); default "
+                                           "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     options: Options = Field(default_factory=Options)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
                                                description="labels returned as given: at most 32, keys of at most 64 "
@@ -100,30 +106,20 @@ class JobCreate(Checks):
                                     description="POSTed the job on a terminal status; must reach a public address")
 
 
-class PreflightCreate(BaseModel):
-    """A compatibility check of a graft's inputs, run by the workers as a job of its own kind."""
+class JobCreate(Models, Checks):
+    """A graft job: the models and, optionally, its checks (evaluate, select with a list of alphas, require)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
-    source_base: str | None = Field(None, **URI_FIELD)
-    source_finetuned: str | None = Field(None, **URI_FIELD)
-    target_base: str | None = Field(None, **URI_FIELD)
-    diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="several diffs: each is "
-                                     "judged against the target, the verdict is the worst")
-    level: Level = Field(Level.WEIGHTS, description="headers: configs, tensors, tokenizers, estimates (no weights "
-                         "read); weights: one streaming pass over the inputs; function: also the probe loss along "
-                         "the line between the bases (runs the models)")
-    probe_text: str | None = Field(None, min_length=1, max_length=64 << 10, description="the function level's probe "
-                                   "text (default: one built into graft)")
-    options: Options = Field(default_factory=Options)
-    output: str | None = Field(None, min_length=1, max_length=2048,
-                               pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
-                               description="where report.json and the chart go; default "
-                                           "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
-                                               description="labels returned as given")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
-                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
-                                    description="POSTed the job on a terminal status; must reach a public address")
+
+
+class PreflightCreate(Models):
+    """A compatibility check of a graft's inputs, run by the workers as a job of its own kind. With several
+    diffs, each is judged against the target and the verdict is the worst."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
+    level: Level = Field(Level.WEIGHTS, description=LEVEL_HELP)
+    probe_text: ProbeText | None = Field(None, description="the function level's probe text (at most 64 KiB of "
+                                         "UTF-8; default: one built into graft)")
 
 
 class Progress(BaseModel):

@@ -182,3 +182,50 @@ def test_cli_run_sweep_and_flag_errors(family, tmp_path, capsys):
     assert "--select picks among several alphas" in capsys.readouterr().err
     assert main([*base, "--output", str(tmp_path / "y"), "--alpha", "1,1"]) == 2
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_cli_inspect_text_when_the_function_level_cannot_run(family, monkeypatch, capsys):
+    """Bases whose interpolation is undefined: the text report says so (and the weights verdict stands)."""
+    import sys
+    import types
+
+    def function_probe(*args, **kwargs):
+        raise GraftError("config_mismatch", "the bases' computing configs differ")
+
+    module = types.ModuleType("worker.engine.inspect.function")
+    module.function_probe = function_probe
+    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    assert main(["inspect", "--source-base", family["base"], "--source-finetuned", family["finetuned"],
+                 "--target-base", family["unrelated"], "--level", "function"]) == 0
+    printed = capsys.readouterr().out
+    assert "function level not run: the bases' computing configs differ" in printed
+    assert printed.startswith("verdict: incompatible")
+    assert main(["inspect", "--source-base", family["base"], "--source-finetuned", family["finetuned"],
+                 "--target-base", family["near"], "--alpha", "0.5,1"]) == 2
+
+
+def test_sweep_over_a_recipe_scales_the_rules_weights_too(family, tmp_path):
+    """A recipe with a weighted rule, swept: the published candidate is target + alpha * w * (f - s) with w the
+    rule's weight where it matches and the diff's elsewhere (float64 here; float32 arithmetic's error bound)."""
+
+    from worker.engine.recipe import load_recipe
+
+    recipe = load_recipe({"target_base": family["near"], "rules": [{"match": "mlp", "weight": 0.25}],
+                          "diffs": [{"source_base": family["base"], "source_finetuned": family["finetuned"],
+                                     "weight": 1.5}]})
+    out = str(tmp_path / "out")
+    request = GraftRequest.from_recipe(recipe, out)
+    assert request.recipe is not None  # not the plain transfer: the rule goes through the recipe path
+    result = run_checked_graft(request, Checks(evaluate=SPEC), alphas=[0.5, 2.0], settings=_settings(tmp_path))
+    alpha = result.checks["sweep"]["chosen_alpha"]
+    published = load_dir(out)
+    t, s, f = load_dir(family["near"]), load_dir(family["base"]), load_dir(family["finetuned"])
+    for name, value in published.items():
+        weight = 0.25 if "mlp" in name else 1.5
+        scaled = alpha * weight * (f[name].double() - s[name].double())
+        ref = t[name].double() + scaled
+        bound = 4 * torch.finfo(value.dtype).eps * (t[name].double().abs() + scaled.abs())
+        assert bool(((value.double() - ref).abs() <= bound).all()), name
+        other = t[name].double() + alpha * (1.5 if weight == 0.25 else 0.25) * (f[name].double() - s[name].double())
+        assert not torch.allclose(value.double(), other), name  # the weights differ where the rule matches
+    assert any("mlp" in n for n in published) and any("mlp" not in n for n in published)

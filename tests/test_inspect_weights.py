@@ -392,3 +392,29 @@ def test_function_level_through_the_real_probe(tmp_path):
     assert function["barrier_ratio"] == pytest.approx(ratio, rel=1e-9) and ratio > 0.10
     assert report["verdict"] == "incompatible"
     assert [r["code"] for r in report["reasons"] if r["verdict"] == "incompatible"] == ["loss_barrier"]
+
+
+def test_a_probe_overrules_only_the_diffs_of_its_own_base(family, monkeypatch):
+    """Two diffs with their own bases, both unrelated to the target: the first base's probe finds no barrier,
+    the second's cannot run. Only the first diff's `bases_unrelated` is overruled (to risky); the second's
+    stands, and the first probe is kept."""
+    def function_probe(source_base, target_base, tokenizer_from, *, text, settings, device="cpu",
+                       should_cancel=None):
+        if source_base.uri.endswith("/base2"):
+            raise GraftError("config_mismatch", "the bases' configs differ")
+        return {"lambdas": [0, 0.25, 0.5, 0.75, 1], "losses": [2.0, 2.0, 2.0, 2.0, 2.0], "barrier": 0.0,
+                "barrier_ratio": 0.0, "tokens": 100, "probe": "user", "seconds": 0.1}
+
+    module = types.ModuleType("worker.engine.inspect.function")
+    module.function_probe = function_probe
+    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    recipe = load_recipe({"target_base": family["unrelated"],
+                          "diffs": [{"source_base": family["base"], "source_finetuned": family["ft"]},
+                                    {"source_base": family["base2"], "source_finetuned": family["ft2"]}]})
+    report = inspect_graft(GraftRequest.from_recipe(recipe, ""), level=Level.FUNCTION).report
+    unrelated = {r["values"]["diff_index"]: r for r in report["reasons"] if r["code"] == "bases_unrelated"}
+    assert unrelated[0]["overruled"] is True and unrelated[0]["verdict"] == "risky"
+    assert not unrelated[1].get("overruled") and unrelated[1]["verdict"] == "incompatible"
+    assert report["verdict"] == "incompatible" and "function" in report["levels_run"]
+    probes = report["function"]["probes"]
+    assert [("skipped" in p) for p in probes] == [False, True] and report["function"]["barrier_ratio"] == 0.0

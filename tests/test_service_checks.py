@@ -124,6 +124,12 @@ def test_malformed_preflights_are_refused(svc, family):
         assert r.status_code == 422
         r = c.post("/v1/preflights", json={**_models(family, "near"), "output": "file:///etc/graft"})
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "output"
+        # 16 Ki + 1 characters of 4-byte UTF-8: within the schema's characters, past the bytes limit.
+        r = c.post("/v1/preflights", json={**_models(family, "near"), "level": "function",
+                                           "probe_text": "\U0001F600" * (16 * 1024 + 1)})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "probe_text", r.text
+        r = c.post("/v1/preflights", json={**_models(family, "near"), "options": {"alpha": [0.5, 1.0]}})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "options.alpha"
 
 
 def test_preview_carries_the_header_level_verdict(svc, family):

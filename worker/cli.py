@@ -231,6 +231,8 @@ def _format_checks(checks: dict) -> list[str]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .engine.inspect import Level, Verdict, inspect_graft
 
+    if isinstance(args.alpha, list):
+        raise GraftError("invalid_option", "--alpha: a list is a sweep (graft run); inspect judges the inputs")
     request = _request(args)
     probe = _read_text(args.probe_text, "--probe-text") if args.probe_text else None
     result = inspect_graft(request, level=Level(args.level), probe_text=probe)
@@ -244,6 +246,29 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 3 if args.require and report["verdict"] != Verdict.COMPATIBLE else 0
 
 
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)  # a loss that overflowed is null in the report
+
+
+def _format_function(function: dict | None) -> list[str]:
+    """The function level's line per probed base; or why it did not run."""
+    if not function:
+        return []
+    if "skipped" in function:
+        return [f"function level not run: {function['skipped']}"]
+    lines = []
+    for probe in function.get("probes", [function]):
+        if "lambdas" not in probe:
+            lines.append(f"function level not run for {probe.get('source_base', 'a base')}: "
+                         f"{probe.get('skipped', 'no probe')}")
+            continue
+        lines.append("loss from source base to target base: " + ", ".join(
+            f"{lam:g}: {_number(loss, '.4f')}" for lam, loss in zip(probe["lambdas"], probe["losses"], strict=True))
+            + f"; barrier {_number(probe.get('barrier'), '.4f')} ({_number(probe.get('barrier_ratio'), '.1%')} of "
+            "the end losses)")
+    return lines
+
+
 def _format_report(report: dict, report_dir: str | None) -> str:
     lines = [f"verdict: {report['verdict']} (levels run: {', '.join(report['levels_run'])})"]
     for reason in report["reasons"]:
@@ -251,11 +276,7 @@ def _format_report(report: dict, report_dir: str | None) -> str:
     estimates = report.get("estimates") or {}
     if estimates:
         lines.append("estimates: " + ", ".join(f"{k} {v}" for k, v in estimates.items() if not isinstance(v, dict)))
-    function = report.get("function")
-    if function:
-        lines.append("loss from source base to target base: " + ", ".join(
-            f"{lam:g}: {loss:.4f}" for lam, loss in zip(function["lambdas"], function["losses"], strict=True))
-            + f"; barrier {function['barrier']:.4f} ({function['barrier_ratio']:.1%} of the end losses)")
+    lines += _format_function(report.get("function"))
     if report_dir:
         lines.append(f"report written to {report_dir}")
     return "\n".join(lines)
@@ -315,14 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="judge before grafting whether the transfer can work: a verdict "
                              "(compatible, risky, incompatible) with its reasons")
     _add_model_args(inspect)
-    inspect.add_argument("--level", choices=["headers", "weights", "function"], default="weights",
-                         help="headers: configs, tensors, tokenizers, estimates (no weights read); weights: one "
-                         "streaming pass over the inputs; function: also the probe loss along the line between the "
-                         "bases (runs the models; default weights)")
+    from .engine.checked_graft import Require
+    from .engine.inspect.verdict import LEVEL_HELP, Level
+
+    inspect.add_argument("--level", choices=[lv.value for lv in Level], default=Level.WEIGHTS.value,
+                         help=f"{LEVEL_HELP} (default weights)")
     inspect.add_argument("--probe-text", metavar="FILE", help="text for the function level (default: built in)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--report", metavar="DIR", help="write report.json and the per-layer chart here")
-    inspect.add_argument("--require", choices=["compatible"], help="exit with status 3 unless the verdict is this")
+    inspect.add_argument("--require", choices=[r.value for r in Require],
+                         help="exit with status 3 unless the verdict is this")
     inspect.set_defaults(func=_cmd_inspect)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")

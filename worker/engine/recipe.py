@@ -152,13 +152,18 @@ class Recipe(BaseModel):
         return None
 
     def scaled(self, alpha: float) -> Recipe:
-        """The recipe with every diff's weight times alpha: alpha beside diffs is a strength on all of them
-        (the API's `alpha` with `diffs`, and each candidate of an alpha sweep)."""
+        """The recipe with every weight times alpha, the diffs' and the rules' (a rule's weight replaces the
+        diffs' for its tensors): alpha beside diffs is a strength on all of them (the API's `alpha` with
+        `diffs`, and each candidate of an alpha sweep)."""
         if alpha == 1.0:
             return self
-        diffs = [d.model_copy(update={"weight": [w * alpha for w in d.weight] if isinstance(d.weight, list)
-                                      else d.weight * alpha}) for d in self.diffs]
-        return self.model_copy(update={"diffs": diffs})
+
+        def times(weight):
+            return [w * alpha for w in weight] if isinstance(weight, list) else weight * alpha
+
+        diffs = [d.model_copy(update={"weight": times(d.weight)}) for d in self.diffs]
+        rules = [r.model_copy(update={"weight": times(r.weight)}) if r.weight is not None else r for r in self.rules]
+        return self.model_copy(update={"diffs": diffs, "rules": rules})
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 PROBE_TEXT_MAX_BYTES = 64 << 10
@@ -28,14 +28,26 @@ def _utf8_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def _probe_size(value: str) -> str:
+    if _utf8_bytes(value) > PROBE_TEXT_MAX_BYTES:
+        # The schema counts characters; bytes are the limit: a refusal for a reason no schema states.
+        raise PydanticCustomError("too_large", f"probe_text is {_utf8_bytes(value)} bytes of UTF-8; at most "
+                                  f"{PROBE_TEXT_MAX_BYTES}")
+    return value
+
+
+# A probe text, wherever one is given (an evaluation's, a preflight's function level).
+ProbeText = Annotated[str, StringConstraints(min_length=1, max_length=PROBE_TEXT_MAX_BYTES),
+                      AfterValidator(_probe_size)]
+
+
 class EvaluateSpec(BaseModel):
     """How to evaluate a graft's output against its target base and the fine-tune it took its diff from."""
 
     model_config = ConfigDict(extra="forbid")
 
-    probe_text: str | None = Field(
-        None, min_length=1, max_length=PROBE_TEXT_MAX_BYTES,
-        description="text the losses and perplexities are measured on (at most 64 KiB of UTF-8; only its first "
+    probe_text: ProbeText | None = Field(
+        None, description="text the losses and perplexities are measured on (at most 64 KiB of UTF-8; only its first "
         "GRAFT_PROBE_MAX_TOKENS tokens are used); default: the probe text built into graft")
     prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=PROMPT_MAX_BYTES)]] | None = Field(
         None, min_length=1, max_length=PROMPTS_MAX,
@@ -45,15 +57,6 @@ class EvaluateSpec(BaseModel):
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_MAX,
                                 description="tokens of each greedy sample at most (the worker may cap it lower: "
                                 "GRAFT_EVAL_MAX_NEW_TOKENS)")
-
-    @field_validator("probe_text")
-    @classmethod
-    def _probe_size(cls, value: str | None) -> str | None:
-        if value is not None and _utf8_bytes(value) > PROBE_TEXT_MAX_BYTES:
-            # The schema counts characters; bytes are the limit: a refusal for a reason no schema states.
-            raise PydanticCustomError("too_large", f"probe_text is {_utf8_bytes(value)} bytes of UTF-8; at most "
-                                      f"{PROBE_TEXT_MAX_BYTES}")
-        return value
 
     @field_validator("prompts")
     @classmethod

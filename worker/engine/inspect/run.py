@@ -154,7 +154,8 @@ def _weights(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel]
         medians = entry["medians"]
         reasons += weights_reasons(bases_distance_ratio=medians["bases_distance_ratio"],
                                    cos_bases_delta=medians["cos_bases_delta"],
-                                   coverage=entry["coverage"]["share"], label=label)
+                                   coverage=entry["coverage"]["share"], label=label,
+                                   index=index if several else None)
         if entry["nonfinite_tensors"]:
             names = entry["nonfinite_tensors"]
             reasons.append(reason("nonfinite_inputs", Level.WEIGHTS, "incompatible",
@@ -208,16 +209,19 @@ def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings:
         except GraftError as err:
             if err.code not in UNDEFINED_PROBE:
                 raise
-            return {"skipped": err.message, "error": err.to_dict(), "source_base": base.uri}, [reason(
-                "function_level_not_run", Level.FUNCTION, "compatible",
-                f"the function level was not run: {err.message}", values={})]
+            # This base's weights reasons stand; the other bases are still probed.
+            probes.append({"skipped": err.message, "error": err.to_dict(), "source_base": base.uri, "diffs": diffs})
+            reasons.append(reason("function_level_not_run", Level.FUNCTION, "compatible",
+                                  f"the function level was not run: {err.message}", values={"diff_indices": diffs}))
+            continue
         probes.append({"source_base": base.uri, "diffs": diffs, **result})
         for r in function_reasons(result):
+            r["values"]["diff_indices"] = diffs  # the diffs whose weights reasons this probe may overrule
             if len(bases) > 1:
-                r["values"]["diffs"] = len(diffs)
                 r["message"] += f" (source base of diff(s) {', '.join(map(str, diffs))})"
             reasons.append(r)
-    section = dict(probes[0])
+    ran = [p for p in probes if "skipped" not in p]
+    section = dict(ran[0]) if ran else dict(probes[0])
     if len(probes) > 1:
         section["probes"] = probes
     return section, reasons

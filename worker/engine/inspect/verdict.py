@@ -25,6 +25,8 @@ class Level(StrEnum):
 
 
 # Levels in the order they run: asking for one runs the ones before it too.
+LEVEL_HELP = ("headers: configs, tensors, tokenizers, estimates (no weights read); weights: one streaming pass over "
+              "the inputs; function: also the probe loss along the line between the bases (runs the models)")
 LEVEL_ORDER = (Level.HEADERS, Level.WEIGHTS, Level.FUNCTION)
 _RANK = {Verdict.COMPATIBLE: 0, Verdict.RISKY: 1, Verdict.INCOMPATIBLE: 2}
 
@@ -81,24 +83,28 @@ def combine(reasons: list[dict], levels_run: Iterable[Level | str]) -> tuple[Ver
     """(verdict, reasons): when a conclusive function probe ran, the weights level's connectivity reasons
     that said incompatible are overruled down to risky (`"overruled": true`, the weights' own verdict kept
     as `weights_verdict`); headers' reasons always stand."""
-    function_ran = Level.FUNCTION in {Level(x) for x in levels_run} and any(
-        r["code"] == "loss_barrier" for r in reasons)  # an inconclusive probe overrules nothing
+    # The diffs whose source base a conclusive probe measured: an inconclusive probe, or none, overrules nothing.
+    probed: set[int] = set()
+    if Level.FUNCTION in {Level(x) for x in levels_run}:
+        for r in reasons:
+            if r["code"] == "loss_barrier":
+                probed |= set(r["values"].get("diff_indices", [0]))
     out = []
     for r in reasons:
         r = dict(r)
-        if (function_ran and r["level"] == Level.WEIGHTS and r["code"] in CONNECTIVITY_CODES
-                and r["verdict"] == Verdict.INCOMPATIBLE):
+        if (r["level"] == Level.WEIGHTS and r["code"] in CONNECTIVITY_CODES and r["verdict"] == Verdict.INCOMPATIBLE
+                and r["values"].get("diff_index", 0) in probed):
             r.update(overruled=True, weights_verdict=r["verdict"], verdict=str(Verdict.RISKY))
         out.append(r)
     return worst(r["verdict"] for r in out), out
 
 
 def weights_reasons(*, bases_distance_ratio: float | None, cos_bases_delta: float | None,
-                    coverage: float | None, label: str = "") -> list[dict]:
+                    coverage: float | None, label: str = "", index: int | None = None) -> list[dict]:
     """Reasons from one diff's whole-model figures (medians over transferred tensors, coverage share);
     `label` names the diff when a recipe has several ("" for a plain three-model graft)."""
     where = f" ({label})" if label else ""
-    extra = {"diff": label} if label else {}
+    extra = {"diff": label, **({"diff_index": index} if index is not None else {})} if label else {}
     out = []
     d = bases_distance_ratio
     if d is not None and d > BASES_DISTANCE_RISKY:
