@@ -229,3 +229,23 @@ def test_sweep_over_a_recipe_scales_the_rules_weights_too(family, tmp_path):
         other = t[name].double() + alpha * (1.5 if weight == 0.25 else 0.25) * (f[name].double() - s[name].double())
         assert not torch.allclose(value.double(), other), name  # the weights differ where the rule matches
     assert any("mlp" in n for n in published) and any("mlp" not in n for n in published)
+
+
+def test_a_winner_unlike_its_scored_candidate_is_not_published(family, tmp_path, monkeypatch):
+    """The published shards must be the scored candidate's bytes, checked before the manifest is written."""
+    import worker.engine.checked_graft as checked
+
+    build = checked._build_candidate
+
+    def tampered(*args, **kwargs):
+        candidate = build(*args, **kwargs)
+        candidate.digests = {path: "0" * 64 for path in candidate.digests}
+        return candidate
+
+    monkeypatch.setattr(checked, "_build_candidate", tampered)
+    out = str(tmp_path / "out")
+    with pytest.raises(GraftError) as err:
+        run_checked_graft(_request(family, "near", out), Checks(evaluate=SPEC), alphas=[0.5, 1.0],
+                          settings=_settings(tmp_path))
+    assert err.value.code == "internal_error"
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ["scratch"]

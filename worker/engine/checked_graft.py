@@ -34,7 +34,8 @@ from .options import GraftRequest
 
 if TYPE_CHECKING:
     from .model import ResolvedModel
-    from .run import GraftResult, Progress
+    from .run import BeforeCommit, GraftResult, Progress
+    from .sinks import FileRecord
     from .uris import Location
 
 MAX_SWEEP = 8  # candidates: each is a whole graft plus an evaluation
@@ -107,8 +108,8 @@ def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, al
         return _sweep(request, check_alphas(alphas), checks, hooks, sections)
     evaluate = _evaluator(checks.evaluate, request, hooks) if checks.evaluate is not None else None
 
-    def before_commit(staged: Location, models: dict[str, ResolvedModel]) -> dict:
-        return {**sections, **(evaluate(staged, models) if evaluate is not None else {})}
+    def before_commit(staged: Location, models: dict[str, ResolvedModel], shards: list[FileRecord]) -> dict:
+        return {**sections, **(evaluate(staged, models, shards) if evaluate is not None else {})}
 
     return run_graft(request, settings=hooks.settings, progress=hooks.progress, should_cancel=should_cancel,
                      warn=hooks.warn, before_commit=before_commit if sections or evaluate else None)
@@ -143,7 +144,7 @@ def _relabel(progress: Callable[[Progress], None]) -> Callable[[Progress], None]
 
 
 def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, required: bool = False
-               ) -> Callable[[Location, dict[str, ResolvedModel]], dict]:
+               ) -> BeforeCommit:
     """before_commit: the staged output (resolved like any input, under the request's confinement) evaluated
     against the target base and the (first) fine-tune. An evaluation that cannot run (no tokenizer, a model
     too large for this worker, out of time) is recorded as such and the graft is published all the same,
@@ -152,7 +153,7 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
     from .model import resolve_model
     from .run import pick_device, remote_reads, storage_retry
 
-    def evaluate(staged: Location, models: dict[str, ResolvedModel]) -> dict:
+    def evaluate(staged: Location, models: dict[str, ResolvedModel], shards: list[FileRecord]) -> dict:
         settings = hooks.settings
         output = resolve_model("output", staged, endpoint_url=settings.s3_endpoint_url,
                                max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
@@ -177,9 +178,13 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
 
 
 def _score(evaluation: dict, select: Select) -> float:
+    """Lower is better; a score that is not a number (an output whose loss overflowed) ranks last."""
     if select == Select.KL_TO_FINETUNED:
-        return float(evaluation["kl_to_finetuned"]["mean"])
-    return float(evaluation["probe"]["output"]["loss"])
+        value = evaluation["kl_to_finetuned"]["mean"]
+    else:
+        value = evaluation["probe"]["output"]["loss"]
+    value = float("nan") if value is None else float(value)
+    return value if math.isfinite(value) else math.inf
 
 
 @dataclasses.dataclass
@@ -210,20 +215,22 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
             if candidate is not None:
                 shutil.rmtree(candidate.directory, ignore_errors=True)  # losers are not left behind
         assert best is not None
+        if best.score == math.inf:
+            raise GraftError("sweep_unscored", f"no candidate of the sweep could be scored by {select} (every "
+                             "score was NaN or infinite)", {"candidates": scores})
         sweep = {"select": str(select), "chosen_alpha": best.alpha, "candidates": scores,
                  "built": "one after another; the winner built again into the output"}
 
-        def before_commit(staged: Location, models: dict[str, ResolvedModel]) -> dict:
+        def before_commit(staged: Location, models: dict[str, ResolvedModel], shards: list[FileRecord]) -> dict:
+            # Checked before the manifest: a mismatch publishes nothing.
+            if {f.path: f.sha256 for f in shards if f.path in best.digests} != best.digests:
+                raise GraftError("internal_error", "the output differs from the candidate that was scored")
             return {**sections, "sweep": sweep, "evaluation": best.evaluation, "warnings": best.warnings}
 
-        result = run_graft(with_alpha(request, best.alpha), settings=hooks.settings, progress=hooks.progress,
-                           should_cancel=hooks.should_cancel, warn=hooks.warn, before_commit=before_commit)
+        return run_graft(with_alpha(request, best.alpha), settings=hooks.settings, progress=hooks.progress,
+                         should_cancel=hooks.should_cancel, warn=hooks.warn, before_commit=before_commit)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    published = {f.path: f.sha256 for f in result.files if f.path in best.digests}
-    if published != best.digests:
-        raise GraftError("internal_error", "the published output differs from the candidate that was scored")
-    return result
 
 
 def _scratch(settings: EngineSettings) -> str:

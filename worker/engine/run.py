@@ -32,6 +32,9 @@ log = logging.getLogger("graft.engine")
 
 
 
+BeforeCommit = Callable[[Location, dict[str, ResolvedModel], list[FileRecord]], dict]
+
+
 class Phase(StrEnum):
     """Where a graft is: the engine reports it, the worker maps it to job statuses, events name it."""
 
@@ -256,10 +259,11 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
               progress: Callable[[Progress], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
               warn: Callable[[dict], None] | None = None,
-              before_commit: Callable[[Location, dict[str, ResolvedModel]], dict] | None = None) -> GraftResult:
-    """`before_commit(staged, models)`: called once every output file is written and before the manifest
-    is, with where the output can be read back; the sections it returns go into the manifest (an
-    evaluation). What it raises fails the graft like any other error: nothing is published."""
+              before_commit: BeforeCommit | None = None) -> GraftResult:
+    """`before_commit(staged, models, shards)`: called once every output file is written and before the
+    manifest is, with where the output can be read back and the shards' records; the sections it returns go
+    into the manifest (an evaluation). What it raises fails the graft like any other error: nothing is
+    published."""
     settings = settings or EngineSettings()
     output = parse_uri(request.output, field="output")
     device = pick_device(request.options.device)
@@ -269,8 +273,8 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
     plan, models = plan_graft(request, settings, side_files=True)
     resolve_seconds = time.perf_counter() - t0
     try:
-        return _run_planned(request, plan, models, output, device, settings, report, should_cancel,
-                            warn or (lambda w: None), resolve_seconds, before_commit)
+        hooks = _Hooks(report, should_cancel, warn or (lambda w: None), before_commit)
+        return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
     finally:
         close_models(models)
 
@@ -313,21 +317,29 @@ def _superseded(should_cancel: Callable[[], bool] | None, failure: BaseException
     return False
 
 
+@dataclass
+class _Hooks:
+    """The caller's callbacks of one graft."""
+
+    report: Callable[[Progress], None]
+    should_cancel: Callable[[], bool] | None
+    warn: Callable[[dict], None]
+    before_commit: BeforeCommit | None = None
+
+
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
-                 settings: EngineSettings, report: Callable[[Progress], None],
-                 should_cancel: Callable[[], bool] | None, warn: Callable[[dict], None],
-                 resolve_seconds: float, before_commit=None) -> GraftResult:
+                 settings: EngineSettings, hooks: _Hooks, resolve_seconds: float) -> GraftResult:
     started = time.perf_counter()
     source_only = [{"code": "source_only", "tensor": d["tensor"],
                     "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
                    for d in plan.source_only]
     for w in plan.warnings + source_only:
-        warn(w)
+        hooks.warn(w)
     total = Progress(Phase.STREAMING, tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     # A recipe's statistics pass runs first: a job's events must not say streaming before it has begun.
     statistics_first = plan.merge is not None and bool(plan.merge.windows())
-    report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
-           if statistics_first else total)
+    hooks.report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+                 if statistics_first else total)
     sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
                            parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
                            allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
@@ -336,61 +348,30 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()
         side_records = _write_side_files(sink, request, models, plan)
-
-        def on_block(totals: StreamTotals) -> None:
-            total.tensors_done, total.bytes_read, total.bytes_written = (
-                totals.tensors_done, totals.bytes_read, totals.bytes_written)
-            report(total)
-
-        stores = {role: m.store for role, m in models.items()}
-        canon = canonical_roles(models)
         t0 = time.perf_counter()
-        stats_read = _statistics_pass(plan, stores, canon, device, settings, report, total, should_cancel)
-        records, stats, late_warnings, totals = stream_plan(
-            plan, stores, sink, alpha=request.options.alpha, device=device, block_bytes=settings.block_bytes,
-            prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, on_block=on_block,
-            should_cancel=should_cancel, merge=plan.merge, canon=canon)
-        total.bytes_read += stats_read
+        records, stats, late_warnings, totals = _stream(request, plan, models, sink, device, settings, hooks, total)
         stream_seconds = time.perf_counter() - t0
         connectivity = _connectivity(plan, stats)
         late_warnings += connectivity_warnings(connectivity)
         for w in late_warnings:
-            warn(w)
+            hooks.warn(w)
         nonfinite = [name for name, st in stats.items() if st.nonfinite]
         if nonfinite:
             raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
                              + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
-        if should_cancel is not None and should_cancel():
+        if hooks.should_cancel is not None and hooks.should_cancel():
             raise GraftCancelled()
-        checks = {}
-        if before_commit is not None:
-            report(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
-                            total.bytes_written, total.bytes_total))
-            checks = dict(before_commit(sink.staged(), models) or {})
-            for w in checks.pop("warnings", []):  # a quality warning: an event now, and in the manifest
-                late_warnings.append(w)
-                warn(w)
+        checks = _checks_before_commit(sink, models, records, hooks, total, late_warnings)
         total.phase = Phase.COMMITTING
-        report(total)
+        hooks.report(total)
         records += side_records
         hasher.join()
         if hasher.error is not None:
             raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")
         warnings = plan.warnings + source_only + late_warnings
-        run_stats = {
-            "device": str(device),
-            "seconds_total": round(time.perf_counter() - started, 3),
-            "seconds_resolving": round(resolve_seconds, 3),
-            "seconds_streaming": round(stream_seconds, 3),
-            "bytes_read": total.bytes_read,
-            "bytes_written": total.bytes_written,
-            "tensors": len(plan.tensors),
-            "connectivity": connectivity,
-            "input_gb_per_s": round(total.bytes_read / stream_seconds / 1e9, 3) if stream_seconds else None,
-            "compute_thread": {"computing_s": round(totals.compute_s, 3),
-                               "waiting_reads_s": round(totals.wait_read_s, 3),
-                               "waiting_writer_s": round(totals.wait_write_s, 3)},
-        }
+        run_stats = {"device": str(device), "seconds_total": round(time.perf_counter() - started, 3),
+                     "seconds_resolving": round(resolve_seconds, 3), **_stream_stats(total, totals, stream_seconds),
+                     "tensors": len(plan.tensors), "connectivity": connectivity}
         manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
                                   str(output))
         manifest.update(checks)
@@ -399,7 +380,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         sink.abandon()
         raise
     except BaseException as failure:
-        if _superseded(should_cancel, failure):  # the output is the newer attempt's: touch nothing there
+        if _superseded(hooks.should_cancel, failure):  # the output is the newer attempt's: touch nothing there
             sink.abandon()
             raise GraftSuperseded() from failure
         try:
@@ -408,8 +389,50 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
             log.warning("cleaning up %s after a failed graft failed too: %s", output, exc)
         raise
     total.phase = Phase.DONE
-    report(total)
+    hooks.report(total)
     return GraftResult(str(output), manifest_uri, records, manifest, warnings, checks)
 
+
+def _stream(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], sink: Sink, device,
+            settings: EngineSettings, hooks: _Hooks, total: Progress):
+    """The statistics pass (a recipe's thresholds) and the compute pass; `total` follows both."""
+    def on_block(totals: StreamTotals) -> None:
+        total.tensors_done, total.bytes_read, total.bytes_written = (
+            totals.tensors_done, totals.bytes_read, totals.bytes_written)
+        hooks.report(total)
+
+    stores = {role: m.store for role, m in models.items()}
+    canon = canonical_roles(models)
+    stats_read = _statistics_pass(plan, stores, canon, device, settings, hooks.report, total, hooks.should_cancel)
+    out = stream_plan(plan, stores, sink, alpha=request.options.alpha, device=device,
+                      block_bytes=settings.block_bytes, prefetch=settings.prefetch_blocks,
+                      io_threads=settings.io_threads, on_block=on_block, should_cancel=hooks.should_cancel,
+                      merge=plan.merge, canon=canon)
+    total.bytes_read += stats_read
+    return out
+
+
+def _stream_stats(total: Progress, totals: StreamTotals, seconds: float) -> dict:
+    return {"seconds_streaming": round(seconds, 3), "bytes_read": total.bytes_read,
+            "bytes_written": total.bytes_written,
+            "input_gb_per_s": round(total.bytes_read / seconds / 1e9, 3) if seconds else None,
+            "compute_thread": {"computing_s": round(totals.compute_s, 3),
+                               "waiting_reads_s": round(totals.wait_read_s, 3),
+                               "waiting_writer_s": round(totals.wait_write_s, 3)}}
+
+
+def _checks_before_commit(sink: Sink, models: dict[str, ResolvedModel], records: list[FileRecord], hooks: _Hooks,
+                          total: Progress, late_warnings: list[dict]) -> dict:
+    """The caller's before_commit on the staged output: the manifest sections it returns; its warnings (a
+    quality warning) are events now and in the manifest."""
+    if hooks.before_commit is None:
+        return {}
+    hooks.report(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
+                          total.bytes_written, total.bytes_total))
+    checks = dict(hooks.before_commit(sink.staged(), models, list(records)) or {})
+    for w in checks.pop("warnings", []):
+        late_warnings.append(w)
+        hooks.warn(w)
+    return checks
 
 __all__ = ["GraftResult", "Phase", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]
