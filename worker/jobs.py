@@ -14,6 +14,7 @@ import redis
 from rq import Callback, Queue, Retry
 
 from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
+from .engine.phases import Phase
 from .job_store import ACTIVE, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
@@ -84,8 +85,9 @@ class _Reporter:
     """Engine callbacks -> job record: progress throttled to settings.progress_interval, phases as status."""
 
     # Engine phases (worker.engine.run.Phase) -> job statuses; anything else (statistics) is "running".
-    PHASE_STATUS = {"resolving": JobStatus.VALIDATING, "streaming": JobStatus.RUNNING,
-                    "committing": JobStatus.COMMITTING, "done": JobStatus.COMMITTING}
+    PHASE_STATUS = {Phase.RESOLVING: JobStatus.VALIDATING, Phase.STREAMING: JobStatus.RUNNING,
+                    Phase.COMMITTING: JobStatus.COMMITTING, Phase.DONE: JobStatus.COMMITTING}
+    TIMED = (Phase.STREAMING, Phase.INSPECTING)  # the passes an ETA is taken from
 
     def __init__(self, store: JobStore, job_id: str, settings: Settings, attempt: int = 0) -> None:
         self.store, self.job_id, self.settings = store, job_id, settings
@@ -105,7 +107,7 @@ class _Reporter:
     def progress(self, p) -> None:
         now = time.monotonic()
         if p.phase != self.phase:
-            if p.phase in ("streaming", "inspecting"):
+            if p.phase in self.TIMED:
                 self.stream_started = now
             self.phase = p.phase
             self._phase_due = True
@@ -119,16 +121,16 @@ class _Reporter:
         elif now - self.last_write >= self.settings.progress_interval:
             self._write(p, now)
         self.last = p
-        if self.settings.job_block_delay and p.phase == "streaming":
+        if self.settings.job_block_delay and p.phase == Phase.STREAMING:
             time.sleep(self.settings.job_block_delay)
 
     def doc(self, p, now: float | None = None) -> dict:
         now = time.monotonic() if now is None else now
         fraction = p.fraction
         eta = None
-        if p.phase in ("streaming", "inspecting") and 0 < fraction < 1 and self.stream_started:
+        if p.phase in self.TIMED and 0 < fraction < 1 and self.stream_started:
             eta = round((now - self.stream_started) * (1 - fraction) / fraction, 1)
-        elif p.phase in ("committing", "done"):
+        elif p.phase in (Phase.COMMITTING, Phase.DONE):
             eta = 0.0
         return {"phase": p.phase, "tensors_done": p.tensors_done, "tensors_total": p.tensors_total,
                 "bytes_read": p.bytes_read, "bytes_written": p.bytes_written, "bytes_total": p.bytes_total,
@@ -240,7 +242,7 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     seconds = time.monotonic() - t0
     progress = reporter.doc(reporter.last) if reporter.last is not None else None
     if progress:
-        progress["phase"] = "done"
+        progress["phase"] = Phase.DONE.value
     # cancelling is allowed here: the manifest is written, so the result exists and is reported as such.
     _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "succeeded",
           event={"type": "finished", "status": "succeeded"}, finished_at=now_iso(), result=out, progress=progress)

@@ -13,6 +13,7 @@ _RECORD_DROPS = ("tensors",)
 
 
 def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
+    from .engine.errors import GraftSuperseded
     from .engine.inspect import Level, inspect_graft
     from .engine.run import storage_retry
     from .engine.sinks import open_sink
@@ -33,6 +34,9 @@ def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
         manifest = {"format": "graft-preflight/1", "verdict": result.report["verdict"],
                     "files": [r.to_dict() for r in records]}
         manifest_uri = sink.commit((json.dumps(manifest, indent=2) + "\n").encode())
+    except GraftSuperseded:
+        sink.abandon()  # a newer attempt writes the same names: leave them to it
+        raise
     except BaseException:
         sink.abort()
         raise

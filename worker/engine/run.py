@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
@@ -21,6 +20,7 @@ from .lanes import RemoteReads
 from .manifest import build_manifest, dumps, model_card
 from .model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
 from .options import GraftRequest
+from .phases import Phase
 from .plan import Plan, build_plan
 from .sinks import MANIFEST, FileRecord, Sink, open_sink
 from .stores import RemoteStore
@@ -33,18 +33,6 @@ log = logging.getLogger("graft.engine")
 
 
 BeforeCommit = Callable[[Location, dict[str, ResolvedModel], list[FileRecord]], dict]
-
-
-class Phase(StrEnum):
-    """Where a graft is: the engine reports it, the worker maps it to job statuses, events name it."""
-
-    RESOLVING = "resolving"
-    STATISTICS = "statistics"  # a recipe's magnitude thresholds, read before the compute pass
-    STREAMING = "streaming"  # the compute pass: every output byte is written here
-    INSPECTING = "inspecting"  # a weights-level check of the inputs (an inspection, or `require: compatible`)
-    EVALUATING = "evaluating"  # the written output run on a probe text and prompts, before it is published
-    COMMITTING = "committing"
-    DONE = "done"
 
 
 @dataclass

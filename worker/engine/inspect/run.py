@@ -86,6 +86,16 @@ def json_safe(value):
     return value
 
 
+def _s3_output(request: GraftRequest) -> bool:
+    """Whether the graft's output is S3 (its upload parts count in the estimate); none given: local."""
+    from ..uris import parse_uri
+
+    try:
+        return bool(request.output) and parse_uri(request.output, field="output").scheme == "s3"
+    except GraftError:
+        return False
+
+
 def plan_or_error(request: GraftRequest, models: dict[str, ResolvedModel],
                   settings: EngineSettings) -> tuple[Plan | None, GraftError | None]:
     """run.plan_graft's planning on models already resolved, its refusal returned rather than raised."""
@@ -103,7 +113,7 @@ def _inspect(request: GraftRequest, level: Level, models: dict[str, ResolvedMode
     canon = canonical_roles(models)
     out: dict = {"verdict": None, "reasons": [], "level": str(level), "levels_run": [str(Level.HEADERS)],
                  "headers": headers,
-                 "estimates": estimate(plan, settings, canon, s3_output=str(request.output).startswith("s3://"))
+                 "estimates": estimate(plan, settings, canon, s3_output=_s3_output(request))
                  if plan is not None else {}}
     artifacts: dict[str, bytes] = {}
     wanted = levels_up_to(level)
