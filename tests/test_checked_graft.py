@@ -249,3 +249,23 @@ def test_a_winner_unlike_its_scored_candidate_is_not_published(family, tmp_path,
                           settings=_settings(tmp_path))
     assert err.value.code == "internal_error"
     assert not os.path.exists(out) and os.listdir(tmp_path) == ["scratch"]
+
+
+def test_evaluation_and_sweep_with_an_s3_output(family, tmp_path, s3_endpoint, s3_bucket):
+    """The staged output read back from S3 before its manifest: the evaluation is of what was uploaded, and a
+    sweep's winner lands there alone."""
+    from service_fixtures import read_s3
+
+    settings = _settings(tmp_path).model_copy(update={"s3_endpoint_url": s3_endpoint})
+    local = str(tmp_path / "local")
+    expected = run_checked_graft(_request(family, "near", local), Checks(evaluate=SPEC), settings=settings)
+    uri = f"s3://{s3_bucket}/evaluated"
+    result = run_checked_graft(_request(family, "near", uri), Checks(evaluate=SPEC), settings=settings)
+    assert result.checks["evaluation"]["probe"] == expected.checks["evaluation"]["probe"]
+    swept = f"s3://{s3_bucket}/swept"
+    result = run_checked_graft(_request(family, "base", swept), Checks(evaluate=SPEC, select="kl_to_finetuned"),
+                               alphas=[0.5, 1.0], settings=settings)
+    files = read_s3(s3_endpoint, swept)
+    assert result.checks["sweep"]["chosen_alpha"] == 1.0 and "graft-manifest.json" in files
+    assert json.loads(files["graft-manifest.json"])["sweep"]["chosen_alpha"] == 1.0
+    assert os.listdir(settings.scratch_dir) == []
