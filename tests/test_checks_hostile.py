@@ -11,16 +11,17 @@ import time
 import pytest
 import torch
 from checks_models import PROBE, PROMPTS, checks_family
-from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, resolve, save, tokenizer_files
+from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, resolve, save, tokenizer_files, tokenizer_json
 
 from worker.engine import GraftOptions, GraftRequest
 from worker.engine.checked_graft import Checks, run_checked_graft
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError
-from worker.engine.evaluation import chat_template as chat_module
 from worker.engine.evaluation import evaluate_graft, load_tokenizer
+from worker.engine.evaluation import text as text_module
 from worker.engine.evaluation.evaluate import render_prompts
 from worker.engine.evaluation.spec import EvaluateSpec
+from worker.engine.evaluation.text import open_tokenizer
 
 SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=3)
 SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -56,9 +57,10 @@ def _children() -> list[int]:
     return out
 
 
-def _tokenizer_with(tmp_path, state, name: str, template: str):
+def _tokenizer_with(tmp_path, state, name: str, template: str, check=None):
+    """The model's tokenizer in its bounded child process (close it, or use it in a `with`)."""
     path = save(str(tmp_path / name), state, tokenizer=tokenizer_files(chat_template=template))
-    return load_tokenizer(resolve(path, "source_finetuned"))
+    return open_tokenizer(resolve(path, "source_finetuned"), check=check)
 
 
 # --- chat templates ------------------------------------------------------------------------------------
@@ -68,16 +70,15 @@ def _tokenizer_with(tmp_path, state, name: str, template: str):
     ("{{ 3 ** (10 ** 8) }}", "budget"),  # folded while compiling: one long C call
     ("{{ 'x' * 100000000 }}", "100,000,000 bytes"),  # within the memory limit, past the output cap
     ("{{ 'x' * (10 ** 11) }}", "memory"),  # one allocation past the memory limit
-    ("{{ '{:>900000000}'.format(1) }}", "memory"),
+    ("{{ '{:>9000000000}'.format(1) }}", "memory"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses"),
     ("{{ raise_exception('no system role') }}", "no system role"),
     ("{% for m in messages %}{{ m.content | unknown_filter }}{% endfor %}", "unknown_filter"),
 ])
 def test_hostile_chat_template_is_stopped_with_a_clear_error(tmp_path, state, monkeypatch, template, said):
-    monkeypatch.setattr(chat_module, "TEMPLATE_SECONDS", 4.0)
-    tokenizer = _tokenizer_with(tmp_path, state, "ft", template)
+    monkeypatch.setattr(text_module, "TEMPLATE_SECONDS", 4.0)
     t0 = time.monotonic()
-    with pytest.raises(GraftError) as err:
+    with _tokenizer_with(tmp_path, state, "ft", template) as tokenizer, pytest.raises(GraftError) as err:
         render_prompts(tokenizer, ["hello"])
     assert err.value.code == "chat_template_failed"
     assert said in err.value.message
@@ -87,33 +88,34 @@ def test_hostile_chat_template_is_stopped_with_a_clear_error(tmp_path, state, mo
 
 def test_chat_template_renders_as_transformers_does(tmp_path, state):
     """The bounded renderer gives apply_chat_template's own text (special tokens, generation prompt)."""
-    tokenizer = _tokenizer_with(tmp_path, state, "ft", CHAT_TEMPLATE)
     prompts = ["hi", "é ünïcode {{ not a template }}"]
-    rendered, chat = render_prompts(tokenizer, prompts)
+    with _tokenizer_with(tmp_path, state, "ft", CHAT_TEMPLATE) as tokenizer:
+        rendered, chat = render_prompts(tokenizer, prompts)
     assert chat is True
-    assert rendered == [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+    path = save(str(tmp_path / "same"), state, tokenizer=tokenizer_files(chat_template=CHAT_TEMPLATE))
+    in_process = load_tokenizer(resolve(path, "source_finetuned"))
+    assert rendered == [in_process.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                       tokenize=False) for p in prompts]
     assert rendered[0] == "<s><|user|>hi\n<|assistant|>"
     assert _children() == []
 
 
 def test_cancel_stops_the_template_at_once(tmp_path, state):
-    tokenizer = _tokenizer_with(tmp_path, state, "ft", SPIN)
     t0 = time.monotonic()
 
     def check():
-        if time.monotonic() - t0 > 0.5:
+        if time.monotonic() - t0 > 2.5:
             raise GraftCancelled("the evaluation was cancelled")
 
-    with pytest.raises(GraftCancelled):
-        render_prompts(tokenizer, ["hello"], check)
-    assert time.monotonic() - t0 < 3
+    with _tokenizer_with(tmp_path, state, "ft", SPIN, check) as tokenizer, pytest.raises(GraftCancelled):
+        render_prompts(tokenizer, ["hello"])
+    assert time.monotonic() - t0 < 5
     assert _children() == []
 
 
 def test_spinning_template_is_an_evaluation_error_and_the_graft_is_published(family, tmp_path, state,
                                                                              monkeypatch):
-    monkeypatch.setattr(chat_module, "TEMPLATE_SECONDS", 3.0)
+    monkeypatch.setattr(text_module, "TEMPLATE_SECONDS", 3.0)
     finetuned = save(str(tmp_path / "ft-spin"), _state_of(family["finetuned"]),
                      tokenizer=tokenizer_files(chat_template=SPIN))
     out = str(tmp_path / "out")
@@ -127,6 +129,58 @@ def test_spinning_template_is_an_evaluation_error_and_the_graft_is_published(fam
     assert [w["code"] for w in warnings] == ["evaluation_failed"]
     with open(os.path.join(out, "graft-manifest.json")) as fh:
         assert json.load(fh)["evaluation"]["error"]["code"] == "chat_template_failed"
+    assert _children() == []
+
+
+# --- tokenizers that spin or panic ---------------------------------------------------------------------
+
+def _split_tokenizer(pattern: str) -> dict:
+    """The test tokenizer with a Split pre-tokenizer on `pattern` first (tokenizers runs it with Oniguruma,
+    a backtracking engine)."""
+    doc = json.loads(tokenizer_json())
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        doc["pre_tokenizer"]]}
+    files = tokenizer_files()
+    files["tokenizer.json"] = json.dumps(doc)
+    return files
+
+
+def test_catastrophic_tokenizer_regex_is_stopped(tmp_path, state, monkeypatch):
+    """Past Oniguruma's retry limit the tokenizers library panics (a BaseException, no Exception: it went
+    through every `except Exception`); short of it, a probe text of runs that each cost a million steps keeps
+    the encode (in Rust, the GIL released) going for minutes. Both are a tokenizer_failed, the child killed."""
+    from worker.engine.evaluation.probe import probe_ids
+
+    monkeypatch.setattr(text_module, "ENCODE_SECONDS", 2.0)
+    path = _model_dir(tmp_path, state, "panic", tokenizer=_split_tokenizer("(a+)+$"))
+    with open_tokenizer(resolve(path, "source_finetuned")) as tokenizer, pytest.raises(GraftError) as err:
+        probe_ids(tokenizer, "a" * 40 + "!", 100)
+    assert err.value.code == "tokenizer_failed" and "retry-limit" in err.value.message
+    path = _model_dir(tmp_path, state, "slow", tokenizer=_split_tokenizer("(a+)+b"))
+    t0 = time.monotonic()
+    with open_tokenizer(resolve(path, "source_finetuned")) as tokenizer, pytest.raises(GraftError) as err:
+        probe_ids(tokenizer, ("a" * 20 + "!") * 400, 100)
+    assert err.value.code == "tokenizer_failed" and "budget" in err.value.message
+    assert time.monotonic() - t0 < 8
+    assert _children() == []
+    # Through the evaluation: a GraftError, recorded by a checked graft as the evaluation's error.
+    with pytest.raises(GraftError) as err:
+        _evaluate_one(_model_dir(tmp_path, state, "eval", tokenizer=_split_tokenizer("(a+)+$")),
+                      EvaluateSpec(probe_text="a" * 40 + "!", prompts=["hi"], max_new_tokens=2))
+    assert err.value.code == "tokenizer_failed"
+
+
+def test_tokenizer_memory_is_bounded(tmp_path, state, monkeypatch):
+    """The tokenizer is built within the child's address-space limit: past it, no_tokenizer (or the child's
+    end), never this process's memory."""
+    monkeypatch.setattr(text_module, "TEXT_MEMORY_BYTES", 64 << 20)
+    doc = json.loads(tokenizer_json())
+    doc["model"]["vocab"].update({f"tok{i:07d}": 259 + i for i in range(300_000)})
+    path = _model_dir(tmp_path, state, "big", tokenizer={**tokenizer_files(), "tokenizer.json": json.dumps(doc)})
+    with pytest.raises(GraftError) as err:
+        open_tokenizer(resolve(path, "source_finetuned"))
+    assert err.value.code == "no_tokenizer" and "memory" in err.value.message
     assert _children() == []
 
 
@@ -268,10 +322,20 @@ def _tokenizer_dir(tmp_path, state, name: str, files: dict, config: dict | None 
 
 
 def _no_tokenizer(path: str) -> str:
+    """Refused by both loaders: in this process (load_tokenizer) and in the engine's bounded child."""
     with pytest.raises(GraftError) as err:
         load_tokenizer(resolve(path, "source_finetuned"))
     assert err.value.code == "no_tokenizer"
-    return err.value.message
+    with pytest.raises(GraftError) as child:
+        open_tokenizer(resolve(path, "source_finetuned"))
+    assert child.value.code == "no_tokenizer"
+    assert _children() == []
+    return err.value.message + " / " + child.value.message
+
+
+def _ours(directory) -> list[str]:
+    """What graft left in a temporary directory (torch keeps caches of its own there)."""
+    return [name for name in os.listdir(directory) if name.startswith("graft-")]
 
 
 @pytest.fixture
@@ -304,7 +368,7 @@ def test_tokenizer_class_that_is_not_a_tokenizer_is_refused_before_loading(tmp_p
     message = _no_tokenizer(_tokenizer_dir(tmp_path, state, "cfgcls", {**base, "tokenizer_config.json": config},
                                            config={"tokenizer_class": "AutoModelForCausalLM"}))
     assert "tokenizer_class" in message
-    assert os.listdir(private_tmp) == []
+    assert _ours(private_tmp) == []
 
 
 def test_auto_map_imports_no_code(tmp_path, state, private_tmp):
@@ -318,14 +382,12 @@ def test_auto_map_imports_no_code(tmp_path, state, private_tmp):
                           config={"auto_map": {"AutoConfig": "evil.EvilConfig"}})
     with open(os.path.join(path, "evil.py"), "w") as fh:
         fh.write(f"open({str(mark)!r}, 'w').write('ran')\n")
-    try:
-        tokenizer = load_tokenizer(resolve(path, "source_finetuned"))
-    except GraftError as err:
-        assert err.code == "no_tokenizer"
-    else:
-        assert type(tokenizer).__module__.startswith("transformers.")
+    tokenizer = load_tokenizer(resolve(path, "source_finetuned"))
+    assert type(tokenizer).__module__.startswith("transformers.")
+    with open_tokenizer(resolve(path, "source_finetuned")) as child:
+        assert child.encode(["ab"], special=True) == [encode("ab")]
     assert not mark.exists()
-    assert os.listdir(private_tmp) == []
+    assert _ours(private_tmp) == []
 
 
 def test_oversized_and_malformed_tokenizer_files(tmp_path, state, private_tmp, monkeypatch):
@@ -351,7 +413,7 @@ def test_oversized_and_malformed_tokenizer_files(tmp_path, state, private_tmp, m
     with pytest.raises(GraftError) as err:
         load_tokenizer(model)
     assert err.value.code == "no_tokenizer" and f"{size:,} bytes" in err.value.message
-    assert os.listdir(private_tmp) == []
+    assert _ours(private_tmp) == []
 
 
 def test_hostile_config_is_no_business_of_the_tokenizer(tmp_path, state, private_tmp):
@@ -363,6 +425,8 @@ def test_hostile_config_is_no_business_of_the_tokenizer(tmp_path, state, private
     tokenizer = load_tokenizer(resolve(path, "source_finetuned"))
     assert time.monotonic() - t0 < 10
     assert tokenizer("ab")["input_ids"] == encode("ab")
+    with open_tokenizer(resolve(path, "source_finetuned")) as child:
+        assert child.encode(["ab"], special=True) == [encode("ab")]
 
 
 # --- the headers level's tokenizer comparison -------------------------------------------------------------

@@ -17,11 +17,10 @@ from ..config import EngineSettings
 from ..errors import GraftError
 from ..model import GENERATION_CONFIG, ResolvedModel
 from ..safetensors_format import load_json
-from .chat_template import CODE as CHAT_TEMPLATE_FAILED
-from .chat_template import render_chat, template_of, template_variables
-from .loading import Deadline, activation_bytes, check_fits, load_tokenizer, loaded
+from .loading import Deadline, activation_bytes, check_fits, loaded
 from .probe import check_ids_in_vocab, context_window, mean_loss, model_device, probe_ids, probe_text, scored_tokens
 from .spec import EvaluateSpec
+from .text import TextModel, open_tokenizer
 
 # The output's probe perplexity past this multiple of the target base's raises quality_warning. A transfer
 # that works changes behaviour, not language modelling: the output stays within some tens of percent of the
@@ -37,13 +36,19 @@ def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_fin
                    should_cancel: Callable[[], bool] | None = None) -> dict:
     """The evaluation record (JSON-able): probe losses, KL to the fine-tune, samples, quality_warning."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="evaluation")
-    tokenizer = load_tokenizer(source_finetuned)
+    with open_tokenizer(source_finetuned, check=deadline.check) as tokenizer:
+        return _evaluate(output, target_base, source_finetuned, spec, settings, device, deadline, tokenizer)
+
+
+def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
+              spec: EvaluateSpec, settings: EngineSettings, device: str, deadline: Deadline,
+              tokenizer: TextModel) -> dict:
     text, source = probe_text(spec.probe_text)
     ids = probe_ids(tokenizer, text, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [target_base, output, source_finetuned], "probe text")
     prompts = spec.prompt_list()
-    rendered, chat = render_prompts(tokenizer, prompts, deadline.check)
-    prompt_ids = [encode_prompt(tokenizer, r, chat=chat) for r in rendered]
+    rendered, chat = render_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, rendered, chat=chat)
     check_ids_in_vocab(prompt_ids, [output, source_finetuned], "prompts")
     window = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
     max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
@@ -78,30 +83,23 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def render_prompts(tokenizer, prompts: list[str], check: Callable[[], None] | None = None) -> tuple[list[str], bool]:
+def render_prompts(tokenizer: TextModel, prompts: list[str]) -> tuple[list[str], bool]:
     """Each prompt as one user turn through the tokenizer's chat template with the assistant's turn opened
     (add_generation_prompt), or as it is when the tokenizer has no template; and whether one was used. The
-    template is the tenant's: it is rendered in a child process within time, memory and output bounds
-    (chat_template.py); `check` runs while it renders."""
-    template = template_of(tokenizer)
-    if template is None:
+    template is the tenant's: it is rendered in the tokenizer's child process, within its bounds (text.py)."""
+    if not tokenizer.chat_template:
         return list(prompts), False
-    rendered = render_chat(template, template_variables(tokenizer), prompts, check=check)
-    for text in rendered:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise GraftError(CHAT_TEMPLATE_FAILED, "source_finetuned: its chat template renders text that is not "
-                             "valid Unicode (a lone surrogate)") from None
-    return rendered, True
+    return tokenizer.render(prompts), True
 
 
-def encode_prompt(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
+def encode_prompts(tokenizer: TextModel, texts: list[str], *, chat: bool) -> list[torch.Tensor]:
     """A template writes its own special tokens (BOS included); a raw prompt gets the tokenizer's."""
-    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
-    if not ids:
-        raise GraftError("invalid_option", f"the prompt {text[:60]!r} gives no tokens")
-    return torch.tensor(ids, dtype=torch.long)
+    out = []
+    for text, ids in zip(texts, tokenizer.encode(texts, special=not chat), strict=True):
+        if not ids:
+            raise GraftError("invalid_option", f"the prompt {text[:60]!r} gives no tokens")
+        out.append(torch.tensor(ids, dtype=torch.long))
+    return out
 
 
 def greedy_config(model: ResolvedModel, max_new_tokens: int):
@@ -145,7 +143,7 @@ def token_ids(value, vocab: int | None) -> int | list[int] | None:
     return None
 
 
-def greedy_samples(module, model: ResolvedModel, tokenizer, prompts: list[str], rendered: list[str],
+def greedy_samples(module, model: ResolvedModel, tokenizer: TextModel, prompts: list[str], rendered: list[str],
                    prompt_ids: list[torch.Tensor], max_new_tokens: int, check: Callable[[], None]) -> list[dict]:
     """One greedy continuation per prompt (batch of one: no padding to get wrong); `check` runs at every
     generated token."""
@@ -165,8 +163,7 @@ def greedy_samples(module, model: ResolvedModel, tokenizer, prompts: list[str], 
             seq = module.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config,
                                   stopping_criteria=StoppingCriteriaList([_Checked()]))
         new = seq[0, len(ids):].tolist()
-        out.append({"prompt": prompt, "rendered": text, "text": tokenizer.decode(new, skip_special_tokens=True),
-                    "tokens": len(new)})
+        out.append({"prompt": prompt, "rendered": text, "text": tokenizer.decode([new])[0], "tokens": len(new)})
     return out
 
 

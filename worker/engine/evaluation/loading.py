@@ -18,7 +18,7 @@ import torch
 from ..config import EngineSettings
 from ..errors import GraftCancelled, GraftError
 from ..model import ResolvedModel
-from ..safetensors_format import DTYPES, TensorInfo, load_json
+from ..safetensors_format import DTYPES, TensorInfo
 
 # Of the memory the OS says is available, the share a probe or an evaluation may plan on: the rest is the
 # worker's own (the interpreter, transformers, the tokenizer, read buffers) and the page cache's.
@@ -414,18 +414,16 @@ def loaded(model: ResolvedModel, *, device: str = "cpu", untie: bool = False,
 
 # --- tokenizers -----------------------------------------------------------------------------------------
 
-def load_tokenizer(model: ResolvedModel):
-    """The model's tokenizer, from its own tokenizer files read through its store into a private temporary
-    directory (removed before this returns, whatever happens); GraftError("no_tokenizer") without usable ones.
+def write_tokenizer_dir(model: ResolvedModel, directory: str) -> list[str]:
+    """Write the model's tokenizer files into `directory` for transformers to load (in text.py's child
+    process, or here: load_tokenizer); returns their names. GraftError("no_tokenizer") without usable ones.
 
     The files are the tenant's: TOKENIZER_MAX_BYTES of them at most, all told, checked before any is read (a
     tokenizer costs some 30 times its files' size in memory while it is built); no code of theirs runs
     (trust_remote_code stays off and only tokenizer files are copied, so an `auto_map` has nothing to
-    import); a `tokenizer_class` must name one of transformers' tokenizer classes (any other class of
-    transformers would be asked to load itself from the directory); and of config.json only what picks the
-    tokenizer is passed on (a hostile config, a model of a billion layers say, is no business of its tokenizer)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
+    import); of config.json only what picks the tokenizer is passed on (a hostile config, a model of a
+    billion layers say, is no business of its tokenizer). Whoever loads it first refuses a `tokenizer_class`
+    that is not a tokenizer class (_text_child.check_tokenizer_class)."""
     names = model.tokenizer_files()
     if not names:
         raise GraftError("no_tokenizer", f"{model.role}: {model.uri} has no tokenizer files (tokenizer.json, "
@@ -434,19 +432,32 @@ def load_tokenizer(model: ResolvedModel):
     if sum(sizes.values()) > TOKENIZER_MAX_BYTES:
         raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files ({', '.join(names)}) hold "
                          f"{sum(sizes.values()):,} bytes; at most {TOKENIZER_MAX_BYTES:,} are read")
-    files = {name: model.side_file(name) for name in names}
-    _check_tokenizer_class(model, files.get("tokenizer_config.json"))
     picks = {k: model.config[k] for k in ("model_type", "tokenizer_class") if isinstance(model.config.get(k), str)}
-    if "tokenizer_class" in picks:
-        _check_tokenizer_class(model, json.dumps({"tokenizer_class": picks["tokenizer_class"]}).encode())
+    for name in names:
+        data = model.side_file(name)
+        with open(os.path.join(directory, name), "wb") as fh:
+            fh.write(data)
+        del data
+    # AutoTokenizer reads the model type from config.json when tokenizer_config.json names no class.
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump(picks, fh)
+    return names
+
+
+def load_tokenizer(model: ResolvedModel):
+    """The model's tokenizer in this process (write_tokenizer_dir's checks, a private temporary directory
+    removed before this returns, whatever happens). For the tenant's models the engine uses
+    text.open_tokenizer instead: the same files in a child process, within time and memory bounds."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    from ._text_child import Refusal, check_tokenizer_class
+
     with tempfile.TemporaryDirectory(prefix="graft-tokenizer-") as tmp:
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(data)
-        del files
-        # AutoTokenizer reads the model type from config.json when tokenizer_config.json names no class.
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(picks, fh)
+        names = write_tokenizer_dir(model, tmp)
+        try:
+            check_tokenizer_class(tmp)
+        except Refusal as exc:
+            raise GraftError(exc.code, f"{model.role}: {exc.message}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
         except Exception as exc:
@@ -457,25 +468,3 @@ def load_tokenizer(model: ResolvedModel):
         raise GraftError("no_tokenizer", f"{model.role}: its tokenizer files make a {type(tokenizer).__name__}, "
                          "not a tokenizer")
     return tokenizer
-
-
-def _check_tokenizer_class(model: ResolvedModel, raw: bytes | None) -> None:
-    """A `tokenizer_class` that transformers resolves to something other than a tokenizer is refused."""
-    from transformers import PreTrainedTokenizerBase
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-    if raw is None:
-        return
-    config = load_json(raw, f"{model.role}: tokenizer_config.json", "no_tokenizer")
-    name = config.get("tokenizer_class") if isinstance(config, dict) else None
-    if name is None:
-        return
-    if not isinstance(name, str) or len(name) > 200:
-        raise GraftError("no_tokenizer", f"{model.role}: its tokenizer_class is not a class name")
-    for candidate in (name, name.removesuffix("Fast"), f"{name}Fast"):
-        try:
-            found = tokenizer_class_from_name(candidate)
-        except Exception:  # a model module transformers cannot import here: not a tokenizer we can build
-            found = None
-        if found is not None and not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
-            raise GraftError("no_tokenizer", f"{model.role}: its tokenizer_class {name!r} is not a tokenizer class")

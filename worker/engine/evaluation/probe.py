@@ -26,10 +26,10 @@ def probe_text(text: str | None) -> tuple[str, str]:
 
 
 def probe_ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
-    """The text's token ids as the tokenizer encodes a document (its BOS included), the first `max_tokens`."""
-    # Cut here, not by the tokenizer: its truncation side is a setting of its own; verbose=False: a probe longer
-    # than the model's context is expected (it is scored in windows).
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"][:max_tokens]
+    """The text's token ids as the tokenizer (a text.TextModel) encodes a document (its BOS included), the
+    first `max_tokens`."""
+    # Cut after encoding, not by the tokenizer: its truncation side is a setting of its own.
+    ids = tokenizer.encode([text], special=True, max_tokens=max_tokens)[0]
     if len(ids) < 2:
         raise GraftError("invalid_option", f"the probe text gives {len(ids)} token(s); at least 2 are needed "
                          "to measure a loss")

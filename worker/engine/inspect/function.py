@@ -20,11 +20,11 @@ from ..evaluation.loading import (
     activation_bytes,
     build_config,
     check_fits,
-    load_tokenizer,
     loaded,
     transient_buffers,
 )
 from ..evaluation.probe import check_ids_in_vocab, context_window, mean_loss, probe_ids, probe_text, scored_tokens
+from ..evaluation.text import open_tokenizer
 from ..model import ResolvedModel
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -48,9 +48,9 @@ def function_probe(source_base: ResolvedModel, target_base: ResolvedModel, token
     compute the same function shape (architecture_mismatch, shape_conflict, config_mismatch)."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="function-level probe")
     untie = refuse_mismatch(source_base, target_base)
-    tokenizer = load_tokenizer(tokenizer_from)
     body, source = probe_text(text)
-    ids = probe_ids(tokenizer, body, settings.probe_max_tokens)
+    with open_tokenizer(tokenizer_from, check=deadline.check) as tokenizer:  # the tenant's: in a bounded child
+        ids = probe_ids(tokenizer, body, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [source_base, target_base], "probe text")
     window = context_window([source_base, target_base], settings.probe_max_tokens)
     check_fits([source_base, target_base], settings, device=device, what="function-level probe",

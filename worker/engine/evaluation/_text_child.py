@@ -1,0 +1,187 @@
+"""The child process of text.py (run by path with `python -I`; loading.load_tokenizer imports it for
+check_tokenizer_class alone, and nothing runs on import): a tenant's
+tokenizer and chat template, used on requests read from stdin, one JSON line each, answered on stdout, one
+JSON line each. Only transformers' tokenizer code is imported (torch is kept out: a second or two to start,
+not several); the limits are set once the imports are done, so they bound the tenant's files, not ours.
+
+Requests: {"op": "load", "dir", "memory", "cpu", "rendered_max"} -> {"chat_template": bool}
+          {"op": "encode", "texts", "special", "max_tokens"} -> {"ids": [[int]]}
+          {"op": "render", "prompts"} -> {"texts": [str]}
+          {"op": "decode", "ids": [[int]]} -> {"texts": [str]}
+Answers: {"ok": ...} or {"error": {"code", "message"}}. Anything raised (a panic of the tokenizers library
+included: a BaseException) is an error answer; running out of the limits ends the process, which the parent
+reports."""
+
+import json
+import os
+import resource
+import sys
+
+STATE = {"tokenizer": None, "rendered_max": 0}
+
+
+def limits(memory: int, cpu: int) -> None:
+    vm = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    vm = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    if vm:
+        resource.setrlimit(resource.RLIMIT_AS, (vm + memory, vm + memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+
+
+def said(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def check_tokenizer_class(directory: str) -> None:
+    """A `tokenizer_class` (tokenizer_config.json's, else config.json's) that transformers resolves to
+    something other than a tokenizer is refused: AutoTokenizer would ask that class (AutoModelForCausalLM,
+    say) to load itself from the directory. Also imported by loading.load_tokenizer."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    for file in ("tokenizer_config.json", "config.json"):
+        path = os.path.join(directory, file)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                doc = json.loads(fh.read())
+        except (ValueError, RecursionError) as exc:
+            raise Refusal("no_tokenizer", f"its {file} is not valid JSON: {said(exc)}") from None
+        name = doc.get("tokenizer_class") if isinstance(doc, dict) else None
+        if name is None:
+            continue
+        if not isinstance(name, str) or len(name) > 200:
+            raise Refusal("no_tokenizer", f"its tokenizer_class ({file}) is not a class name")
+        for candidate in (name, name.removesuffix("Fast"), f"{name}Fast"):
+            try:
+                found = tokenizer_class_from_name(candidate)
+            except Exception:  # a module transformers cannot import here: not a tokenizer it can build either
+                found = None
+            if found is not None and not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+                raise Refusal("no_tokenizer", f"its tokenizer_class {name!r} ({file}) is not a tokenizer class")
+
+
+def load(req: dict) -> dict:
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    limits(int(req["memory"]), int(req["cpu"]))
+    STATE["rendered_max"] = int(req["rendered_max"])
+    check_tokenizer_class(req["dir"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(req["dir"], local_files_only=True, trust_remote_code=False)
+    except BaseException as exc:
+        raise Refusal("no_tokenizer", f"its tokenizer files do not make a tokenizer: {said(exc)}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise Refusal("no_tokenizer", f"its tokenizer files make a {type(tokenizer).__name__}, not a tokenizer")
+    STATE["tokenizer"] = tokenizer
+    return {"chat_template": bool(getattr(tokenizer, "chat_template", None))}
+
+
+def encode(req: dict) -> dict:
+    tokenizer = STATE["tokenizer"]
+    out = []
+    for text in req["texts"]:
+        try:
+            ids = tokenizer(text, add_special_tokens=bool(req["special"]), verbose=False)["input_ids"]
+        except BaseException as exc:
+            raise Refusal("tokenizer_failed", f"its tokenizer fails on a text: {said(exc)}") from None
+        if req.get("max_tokens") is not None:
+            ids = ids[:int(req["max_tokens"])]
+        out.append([int(i) for i in ids])
+    return {"ids": out}
+
+
+def render(req: dict) -> dict:
+    """As tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+    tokenize=False): the template the tokenizer picks, its special tokens as template variables."""
+    tokenizer = STATE["tokenizer"]
+    try:
+        template = tokenizer.get_chat_template()
+    except BaseException as exc:
+        raise Refusal("chat_template_failed", f"its chat template cannot be used: {said(exc)}") from None
+    if not isinstance(template, str):
+        raise Refusal("chat_template_failed", "its chat template is not text")
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:  # transformers before render_jinja_template
+        render_jinja_template = None
+    variables = dict(tokenizer.special_tokens_map)
+    texts = []
+    for prompt in req["prompts"]:
+        messages = [{"role": "user", "content": prompt}]
+        try:
+            if render_jinja_template is not None:
+                text = render_jinja_template(conversations=[messages], chat_template=template,
+                                             add_generation_prompt=True, **variables)[0][0]
+            else:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except MemoryError:
+            raise Refusal("chat_template_failed", "its chat template needs more memory than it may have") from None
+        except RecursionError:
+            raise Refusal("chat_template_failed", "its chat template recurses too deeply") from None
+        except BaseException as exc:
+            raise Refusal("chat_template_failed", f"its chat template fails on a prompt: {said(exc)}") from None
+        if not isinstance(text, str):
+            raise Refusal("chat_template_failed", "its chat template did not render to text")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > STATE["rendered_max"]:
+            raise Refusal("chat_template_failed", f"its chat template renders a prompt to {size:,} bytes; at most "
+                          f"{STATE['rendered_max']:,} are taken")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refusal("chat_template_failed", "its chat template renders text that is not valid Unicode (a "
+                          "lone surrogate)") from None
+        texts.append(text)
+    return {"texts": texts}
+
+
+def decode(req: dict) -> dict:
+    tokenizer = STATE["tokenizer"]
+    try:
+        return {"texts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in req["ids"]]}
+    except BaseException as exc:
+        raise Refusal("tokenizer_failed", f"its tokenizer fails to decode: {said(exc)}") from None
+
+
+class Refusal(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+OPS = {"load": load, "encode": encode, "render": render, "decode": decode}
+
+
+def main() -> None:
+    sys.modules["torch"] = None  # transformers' tokenizers without torch: imports in a second, not three
+    import transformers
+    from transformers import AutoTokenizer  # noqa: F401  (imported before the limits are set)
+    from transformers.models.auto import tokenization_auto  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+    for line in sys.stdin.buffer:
+        try:
+            req = json.loads(line)
+            answer = {"ok": OPS[req["op"]](req)}
+        except Refusal as exc:
+            answer = {"error": {"code": exc.code, "message": exc.message}}
+        except MemoryError:
+            answer = {"error": {"code": "tokenizer_failed", "message": "it needs more memory than it may have"}}
+        except BaseException as exc:
+            answer = {"error": {"code": "tokenizer_failed", "message": said(exc)}}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
