@@ -16,7 +16,7 @@ from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, resolve, save, tok
 from worker.engine import GraftOptions, GraftRequest
 from worker.engine.checked_graft import Checks, run_checked_graft
 from worker.engine.config import EngineSettings
-from worker.engine.errors import GraftCancelled, GraftError
+from worker.engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from worker.engine.evaluation import evaluate_graft, load_tokenizer
 from worker.engine.evaluation import text as text_module
 from worker.engine.evaluation.evaluate import render_prompts
@@ -181,6 +181,30 @@ def test_tokenizer_memory_is_bounded(tmp_path, state, monkeypatch):
     with pytest.raises(GraftError) as err:
         open_tokenizer(resolve(path, "source_finetuned"))
     assert err.value.code == "no_tokenizer" and "memory" in err.value.message
+    assert _children() == []
+
+
+# --- the fence and cancels inside the checks ---------------------------------------------------------------
+
+@pytest.mark.parametrize("stop", [GraftCancelled, GraftSuperseded])
+def test_fence_or_cancel_during_the_evaluation_publishes_nothing(family, tmp_path, stop):
+    """A newer attempt taking the job over while this one evaluates (the fence, GraftSuperseded) is not an
+    evaluation error to record beside a published graft: the output belongs to the newer attempt, and this
+    one must stop at once without committing (it used to record the error and publish)."""
+    out = str(tmp_path / "out")
+    phases = []
+
+    def should_cancel() -> bool:
+        if phases and phases[-1] == "evaluating":
+            raise stop()
+        return False
+
+    with pytest.raises(stop):
+        run_checked_graft(GraftRequest(family["base"], family["finetuned"], family["near"], out, GraftOptions()),
+                          Checks(evaluate=SPEC), settings=_settings(tmp_path), should_cancel=should_cancel,
+                          progress=lambda p: phases.append(str(p.phase)))
+    assert "evaluating" in phases and "committing" not in phases
+    assert not os.path.exists(os.path.join(out, "graft-manifest.json"))
     assert _children() == []
 
 
@@ -505,3 +529,199 @@ def _settings(tmp_path, **changes) -> EngineSettings:
     return EngineSettings(cache_dir="", scratch_dir=str(scratch), probe_max_tokens=256, **changes)
 
 
+
+
+# --- through the service: cancels, a killed worker, preflight outputs -----------------------------------------
+
+SLOW = {"GRAFT_BLOCK_BYTES": 4096, "GRAFT_JOB_BLOCK_DELAY": 0.03, "GRAFT_LEASE_SECONDS": 2,
+        "GRAFT_MONITOR_INTERVAL": 0.3}
+
+
+@pytest.fixture(scope="module")
+def svc(redis_url, s3_endpoint, family, tmp_path_factory):
+    from service_fixtures import Service
+
+    root = str(tmp_path_factory.mktemp("svc-hostile"))
+    os.makedirs(os.path.join(root, "scratch"))
+    service = Service(redis_url, root, s3_endpoint=s3_endpoint,
+                      GRAFT_ALLOWED_ROOTS=f"{root},{os.path.dirname(family['base'])}", GRAFT_PROBE_MAX_TOKENS="256",
+                      GRAFT_SCRATCH_DIR=os.path.join(root, "scratch"), **SLOW)
+    try:
+        service.start_api()
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def worker(svc):
+    """One worker for this test alone: stopped (SIGTERM to its group) when the test ends."""
+    import signal
+
+    procs = []
+
+    def start():
+        procs.append(svc.start_worker())
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+
+
+def _uris(family, target: str = "near", finetuned: str | None = None) -> dict:
+    return {"source_base": f"file://{family['base']}", "source_finetuned": f"file://{finetuned or family['finetuned']}",
+            "target_base": f"file://{family[target]}"}
+
+
+def _wait_phase(c, job_id: str, phase: str, timeout: float = 60, written: bool = False) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        doc = c.get(f"/v1/jobs/{job_id}").json()
+        p = doc["progress"] or {}
+        if doc["status"] == "running" and p.get("phase") == phase and (not written or p.get("bytes_written", 0) > 0):
+            return doc
+        assert doc["status"] in ("queued", "validating", "running"), doc
+        time.sleep(0.05)
+    raise AssertionError(f"job never reached {phase}: {doc}")
+
+
+def _text_children(pid: int) -> list[int]:
+    from service_fixtures import _descendants
+
+    found = []
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                if b"_text_child.py" in fh.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
+def _ours_below(directory: str) -> list[str]:
+    """Everything graft left below `directory` (its pending outputs, sweep scratch)."""
+    out = []
+    for base, dirs, files in os.walk(directory):
+        out += [os.path.join(base, n) for n in dirs + files]
+    return out
+
+
+def test_cancel_during_the_evaluation_ends_the_job_and_its_tokenizer(svc, worker, family, tmp_path):
+    """The evaluation spends its time in the fine-tune's chat template (a template that spins): a cancel
+    through the API stops the job within seconds, kills the tokenizer's process, and publishes nothing."""
+    spin = save(os.path.join(svc.root, "ft-spin"), _state_of(family["finetuned"]),
+                tokenizer=tokenizer_files(chat_template=SPIN))
+    proc = worker()
+    out = os.path.join(svc.root, "outputs", "alpha", "evaluated")
+    with svc.client() as c:
+        job = c.post("/v1/jobs", json={**_uris(family, finetuned=spin), "output": f"file://{out}",
+                                       "evaluate": {"prompts": PROMPTS, "max_new_tokens": 2}}).json()
+        _wait_phase(c, job["id"], "evaluating")
+        deadline = time.time() + 20
+        while not _text_children(proc.pid):  # the template is rendering
+            assert time.time() < deadline, "no tokenizer process under the worker"
+            time.sleep(0.05)
+        t0 = time.time()
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        from service_fixtures import wait_job
+
+        done = wait_job(c, job["id"], timeout=15)
+    assert done["status"] == "cancelled" and time.time() - t0 < 5, done
+    assert done["result"] is None
+    assert not os.path.exists(out) or _ours_below(out) == []
+    assert [n for n in os.listdir(os.path.dirname(out)) if n != "ft-spin"] == []
+    time.sleep(0.3)
+    assert _text_children(proc.pid) == []
+
+
+def test_cancel_during_a_sweep_leaves_no_candidate(svc, worker, family):
+    worker()
+    out = os.path.join(svc.root, "outputs", "alpha", "swept-cancelled")
+    with svc.client() as c:
+        job = c.post("/v1/jobs", json={**_uris(family), "output": f"file://{out}", "options": {"alpha": [0.5, 1.0]},
+                                       "evaluate": {"prompts": PROMPTS, "max_new_tokens": 2}}).json()
+        _wait_phase(c, job["id"], "streaming", written=True)
+        assert os.listdir(os.path.join(svc.root, "scratch")), "the candidate is built in the scratch directory"
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        from service_fixtures import wait_job
+
+        done = wait_job(c, job["id"], timeout=15)
+    assert done["status"] == "cancelled", done
+    assert os.listdir(os.path.join(svc.root, "scratch")) == []
+    assert not os.path.exists(out)
+    assert [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".") or "swept" in n] == []
+
+
+def test_worker_killed_mid_sweep_the_retry_publishes_one_output(svc, worker, family):
+    from service_fixtures import wait_job
+
+    first = worker()
+    out = os.path.join(svc.root, "outputs", "alpha", "swept-killed")
+    with svc.client() as c:
+        job = c.post("/v1/jobs", json={**_uris(family), "output": f"file://{out}", "options": {"alpha": [0.5, 1.0]},
+                                       "evaluate": {"prompts": PROMPTS, "max_new_tokens": 2}}).json()
+        mid = _wait_phase(c, job["id"], "streaming", written=True)
+        assert mid["attempt"] == 1
+        svc.kill(first)
+        assert os.listdir(os.path.join(svc.root, "scratch")), "the killed attempt's candidate is left"
+        worker()
+        done = wait_job(c, job["id"], timeout=120)
+        types = [e["type"] for e in c.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["attempt"] == 2 and "worker_lost" in types
+    with open(os.path.join(out, "graft-manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["sweep"]["chosen_alpha"] in (0.5, 1.0)
+    listed = {f["path"] for f in manifest["output"]["files"]}
+    assert set(os.listdir(out)) == listed | {"graft-manifest.json"}, "exactly the published graft's files"
+    assert os.listdir(os.path.join(svc.root, "scratch")) == [], "the killed attempt's candidates are gone"
+    assert [n for n in os.listdir(os.path.dirname(out)) if "swept-killed" in n] == ["swept-killed"]
+
+
+def test_preflight_outputs_follow_the_graft_output_policy(svc, worker, family, s3_endpoint, s3_bucket):
+    from service_fixtures import read_s3, wait_job
+
+    from worker.engine.s3 import s3_client
+
+    worker()
+    outputs = os.path.join(svc.root, "outputs", "alpha")
+    occupied = os.path.join(outputs, "occupied")
+    os.makedirs(occupied, exist_ok=True)
+    with open(os.path.join(occupied, "mine.txt"), "w") as fh:
+        fh.write("keep me")
+    published = os.path.join(outputs, "published")
+    os.makedirs(published, exist_ok=True)
+    with open(os.path.join(published, "graft-manifest.json"), "w") as fh:
+        fh.write("{}")
+    client = s3_client(s3_endpoint)
+    client.put_object(Bucket=s3_bucket, Key="taken/x/other.bin", Body=b"theirs")
+    body = {**_uris(family), "level": "weights"}
+    with svc.client("alpha") as a, svc.client("beta") as b:
+        inside = a.post("/v1/preflights", json={**body, "output": f"file://{published}/inside"})
+        assert inside.status_code == 422 and inside.json()["errors"][0]["field"] == "output", inside.text
+        theirs = b.post("/v1/preflights", json={**body, "output": f"file://{outputs}/beta-writes-here"})
+        assert theirs.status_code == 422 and theirs.json()["errors"][0]["field"] == "output", theirs.text
+        jobs = {name: a.post("/v1/preflights", json={**body, "output": uri}).json()["id"] for name, uri in (
+            ("occupied", f"file://{occupied}"), ("s3_occupied", f"s3://{s3_bucket}/taken/x"),
+            ("s3", f"s3://{s3_bucket}/preflights/one"))}
+        done = {name: wait_job(a, job_id, timeout=120) for name, job_id in jobs.items()}
+        phases = [e.get("phase") for e in a.get(f"/v1/jobs/{jobs['occupied']}/events").json()["data"]]
+    for name in ("occupied", "s3_occupied"):
+        assert done[name]["status"] == "failed" and done[name]["error"]["code"] == "output_exists", done[name]
+    assert "inspecting" not in phases, "refused before the inspection's pass, not after it"
+    with open(os.path.join(occupied, "mine.txt")) as fh:
+        assert fh.read() == "keep me"
+    assert os.listdir(occupied) == ["mine.txt"]
+    assert client.get_object(Bucket=s3_bucket, Key="taken/x/other.bin")["Body"].read() == b"theirs"
+    assert done["s3"]["status"] == "succeeded", done["s3"].get("error")
+    got = read_s3(s3_endpoint, f"s3://{s3_bucket}/preflights/one")
+    assert set(got) == {"report.json", "layers.png", "graft-manifest.json"}
+    manifest = json.loads(got["graft-manifest.json"])
+    assert {f["path"] for f in manifest["files"]} == {"report.json", "layers.png"}
+    assert json.loads(got["report.json"])["verdict"] == manifest["verdict"] == done["s3"]["result"]["report"]["verdict"]
+    assert got["layers.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert done["s3"]["result"]["chart_uri"] == f"s3://{s3_bucket}/preflights/one/layers.png"

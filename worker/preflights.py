@@ -21,15 +21,17 @@ def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
 
     asked = spec.get("preflight") or {}
     t0 = time.monotonic()
-    result = inspect_graft(request, level=Level(asked.get("level", Level.WEIGHTS)), settings=settings,
-                           probe_text=asked.get("probe_text"), should_cancel=reporter.should_cancel,
-                           progress=reporter.progress)
     output = parse_uri(request.output, field="output")
+    # The output is claimed first, as a graft's is: an occupied location (output_exists) fails the job before
+    # the inspection's pass over the inputs, not after it.
     sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
                      parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                      retry=storage_retry(settings))
     try:
+        result = inspect_graft(request, level=Level(asked.get("level", Level.WEIGHTS)), settings=settings,
+                               probe_text=asked.get("probe_text"), should_cancel=reporter.should_cancel,
+                               progress=reporter.progress)
         records = [sink.put(name, data) for name, data in sorted(result.artifacts.items())]
         manifest = {"format": "graft-preflight/1", "verdict": result.report["verdict"],
                     "files": [r.to_dict() for r in records]}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import EngineSettings
-from .errors import GraftCancelled, GraftError
+from .errors import GraftCancelled, GraftError, GraftSuperseded
 from .evaluation.spec import EvaluateSpec
 from .options import GraftRequest
 
@@ -164,7 +164,7 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
                                         settings=settings, device=str(pick_device(request.options.device)),
                                         should_cancel=hooks.should_cancel)
         except GraftError as err:
-            if required or isinstance(err, GraftCancelled):
+            if required or isinstance(err, GraftCancelled | GraftSuperseded):  # a cancel, the fence: never advice
                 raise
             return {"evaluation": {"error": {"code": err.code, "message": err.message}},
                     "warnings": [{"code": "evaluation_failed", "message": f"the output was not evaluated: "
