@@ -208,6 +208,76 @@ def test_fence_or_cancel_during_the_evaluation_publishes_nothing(family, tmp_pat
     assert _children() == []
 
 
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_process_or_thread_left_behind(tmp_path, state, monkeypatch):
+    import gc
+    import threading
+
+    monkeypatch.setattr(text_module, "TEMPLATE_SECONDS", 2.0)
+    paths = {name: _model_dir(tmp_path, state, name, tokenizer=files) for name, files in (
+        ("good", tokenizer_files(chat_template=CHAT_TEMPLATE)), ("spin", tokenizer_files(chat_template=SPIN)),
+        ("panic", _split_tokenizer("(a+)+$")), ("broken", {"tokenizer_config.json": {"tokenizer_class": "Trainer"}}))}
+    _evaluate_one(paths["good"])  # imports and caches settle first
+    gc.collect()
+    fds, threads = _fds(), threading.active_count()
+    _evaluate_one(paths["good"])
+    for name, code in (("spin", "chat_template_failed"), ("panic", "tokenizer_failed"), ("broken", "no_tokenizer")):
+        with pytest.raises(GraftError) as err:
+            _evaluate_one(paths[name], EvaluateSpec(probe_text="a" * 40 + "!", prompts=["hi"], max_new_tokens=2))
+        assert err.value.code == code
+    gc.collect()
+    assert _fds() == fds
+    assert threading.active_count() == threads
+    assert _children() == []
+
+
+def test_tokenizer_process_dies_with_its_parent(tmp_path, state):
+    """A work horse killed (by its worker after a cancel's grace, by the OOM killer) mid-template: its
+    tokenizer process goes with it rather than spinning on until its CPU limit."""
+    import signal
+    import subprocess
+    import sys
+
+    path = _model_dir(tmp_path, state, "spin", tokenizer=tokenizer_files(chat_template=SPIN))
+    script = (f"import sys; sys.path[:0] = [{os.getcwd()!r}, {os.path.join(os.getcwd(), 'tests')!r}]\n"
+              "from eval_helpers import resolve\n"
+              "from worker.engine.evaluation.text import open_tokenizer\n"
+              f"with open_tokenizer(resolve({path!r}, 'source_finetuned')) as t:\n"
+              "    t.render(['hi'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.time() + 30
+        while not _text_children(parent.pid):
+            assert parent.poll() is None and time.time() < deadline, "no tokenizer process started"
+            time.sleep(0.05)
+        (child,) = _text_children(parent.pid)
+        time.sleep(3.0)  # loaded (a second or so) and rendering by now
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.time() + 5
+        while os.path.exists(f"/proc/{child}") and _state_of_pid(child) != "Z":
+            assert time.time() < deadline, "the tokenizer process outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and _state_of_pid(child) not in ("gone", "Z"):
+            os.kill(child, signal.SIGKILL)  # this test's own orphan, should it have outlived its parent
+
+
+def _state_of_pid(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 # --- generation config ---------------------------------------------------------------------------------
 
 def _model_dir(tmp_path, state, name: str, *, generation_config: dict | None = None, config: dict | None = None,
@@ -725,3 +795,18 @@ def test_preflight_outputs_follow_the_graft_output_policy(svc, worker, family, s
     assert json.loads(got["report.json"])["verdict"] == manifest["verdict"] == done["s3"]["result"]["report"]["verdict"]
     assert got["layers.png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert done["s3"]["result"]["chart_uri"] == f"s3://{s3_bucket}/preflights/one/layers.png"
+
+
+@pytest.mark.parametrize("path,patch", [
+    ("/v1/jobs", '"evaluate": {"prompts": ["a\\ud800b"]}'),
+    ("/v1/jobs", '"evaluate": {"probe_text": "x\\udfff"}'),
+    ("/v1/preflights", '"level": "function", "probe_text": "x\\ud800"'),
+])
+def test_lone_surrogates_in_checks_are_a_4xx(svc, family, path, patch):
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 text holds: refused with a problem, not a 500,
+    and never handed to a tokenizer."""
+    raw = json.dumps(_uris(family))[:-1] + ", " + patch + "}"
+    with svc.client() as c:
+        r = c.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/problem+json")

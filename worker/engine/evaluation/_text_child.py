@@ -162,7 +162,21 @@ class Refusal(Exception):
 OPS = {"load": load, "encode": encode, "render": render, "decode": decode}
 
 
+def die_with_parent(parent: int) -> None:
+    """SIGKILL when the process that started this one ends (a work horse killed by its worker or by the OOM
+    killer would otherwise leave this one spinning on a template until its CPU limit)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_parent(int(sys.argv[1]))
     sys.modules["torch"] = None  # transformers' tokenizers without torch: imports in a second, not three
     import transformers
     from transformers import AutoTokenizer  # noqa: F401  (imported before the limits are set)

@@ -55,8 +55,12 @@ class TextModel:
         with tempfile.TemporaryDirectory(prefix="graft-tokenizer-") as tmp:
             names = write_tokenizer_dir(model, tmp)
             # stderr is discarded: the child's answers say what went wrong, and nothing of it may pile up.
-            self.proc = subprocess.Popen([sys.executable, "-I", CHILD], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+            try:
+                self.proc = subprocess.Popen([sys.executable, "-I", CHILD, str(os.getpid())], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                             close_fds=True)
+            except OSError as exc:  # no process to be had (memory, a process limit)
+                raise GraftError("tokenizer_failed", f"{self.role}: no process for its tokenizer: {exc}") from None
             self._buffer = b""
             try:
                 answer = self._ask({"op": "load", "dir": tmp, "memory": TEXT_MEMORY_BYTES, "cpu": CPU_SECONDS,
