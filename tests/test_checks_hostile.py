@@ -43,18 +43,8 @@ def state():
 
 
 def _children() -> list[int]:
-    """Live (not zombie) child processes of this test process."""
-    from service_fixtures import _descendants
-
-    out = []
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(pid)
-        except OSError:
-            pass
-    return out
+    """Live tokenizer processes under this test process (other children, a session's S3 server, are not ours)."""
+    return [pid for pid in _text_children(os.getpid()) if _state_of_pid(pid) not in ("gone", "Z")]
 
 
 def _tokenizer_with(tmp_path, state, name: str, template: str, check=None):
@@ -276,6 +266,23 @@ def _state_of_pid(pid: int) -> str:
             return fh.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_prompt_longer_than_the_window_is_refused_before_any_forward_pass(tmp_path, state, monkeypatch):
+    """A template may add tens of kilobytes to each prompt (within RENDERED_MAX_BYTES): every forward pass
+    stays within the window the memory bound was computed for."""
+    from worker.engine.evaluation import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_causal_lm", never)
+    padded = "{{ bos_token }}" + "x" * 3000 + CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+    path = _model_dir(tmp_path, state, "long", tokenizer=tokenizer_files(chat_template=padded))
+    with pytest.raises(GraftError) as err:
+        _evaluate_one(path)
+    assert err.value.code == "invalid_option" and "prompts[0]" in err.value.message
+    assert "chat template" in err.value.message and "window of 64 tokens" in err.value.message
 
 
 # --- generation config ---------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetune
     check_ids_in_vocab(prompt_ids, [output, source_finetuned], "prompts")
     window = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
     max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
-    longest = max(window, max(len(p) for p in prompt_ids) + max_new)
+    check_prompt_lengths(prompt_ids, max_new, window, chat=chat)
+    longest = window
     for held in ([target_base], [output, source_finetuned]):  # what is loaded at once
         check_fits(held, settings, device=device, extra_bytes=activation_bytes(longest, held, at_once=len(held)))
     deadline.check()
@@ -100,6 +101,18 @@ def encode_prompts(tokenizer: TextModel, texts: list[str], *, chat: bool) -> lis
             raise GraftError("invalid_option", f"the prompt {text[:60]!r} gives no tokens")
         out.append(torch.tensor(ids, dtype=torch.long))
     return out
+
+
+def check_prompt_lengths(prompt_ids: list[torch.Tensor], max_new: int, window: int, *, chat: bool) -> None:
+    """Every prompt and its sample within one window: a forward pass never takes more tokens than the models'
+    context and GRAFT_PROBE_MAX_TOKENS allow (the memory bound counts on it; a chat template can add tens of
+    kilobytes to a 2 KiB prompt)."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new > window:
+            how = " once rendered through the chat template" if chat else ""
+            raise GraftError("invalid_option", f"prompts[{i}] is {len(ids)} tokens{how}; with the {max_new} "
+                             f"tokens of its sample it must fit the window of {window} tokens (the models' "
+                             "context, at most GRAFT_PROBE_MAX_TOKENS)")
 
 
 def greedy_config(model: ResolvedModel, max_new_tokens: int):
