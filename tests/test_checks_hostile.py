@@ -331,6 +331,22 @@ def test_generation_settings_of_the_tenant_do_not_apply(tmp_path, state, generat
     assert 0 < result["samples"][0]["tokens"] <= 4
 
 
+SAMPLING = {"repetition_penalty": 1000.0, "no_repeat_ngram_size": 1, "suppress_tokens": list(range(200)),
+            "begin_suppress_tokens": list(range(200)), "forced_bos_token_id": 5, "forced_eos_token_id": 2,
+            "bad_words_ids": [[i] for i in range(3, 200)], "min_new_tokens": 8, "max_time": 0.0001,
+            "exponential_decay_length_penalty": [1, 100.0], "do_sample": True, "temperature": 50.0}
+
+
+@pytest.mark.parametrize("where", ["generation_config", "config"])
+def test_sampling_settings_of_the_tenant_do_not_change_the_samples(tmp_path, state, where):
+    """generate() fills what our greedy config leaves unset from the module's own generation config, which
+    transformers builds from config.json: a tenant's penalties, suppressed or forced tokens changed the
+    samples (config.json's did). The samples are plain greedy decoding whatever either file says."""
+    plain = _evaluate_one(_model_dir(tmp_path, state, "plain"))["samples"]
+    path = _model_dir(tmp_path, state, "hostile", **{where: SAMPLING})
+    assert _evaluate_one(path)["samples"] == plain
+
+
 def test_generation_stops_at_a_valid_end_of_sequence_id(tmp_path, state):
     from worker.engine.evaluation.evaluate import greedy_config
 

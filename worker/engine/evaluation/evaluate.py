@@ -160,7 +160,7 @@ def greedy_samples(module, model: ResolvedModel, tokenizer: TextModel, prompts: 
                    prompt_ids: list[torch.Tensor], max_new_tokens: int, check: Callable[[], None]) -> list[dict]:
     """One greedy continuation per prompt (batch of one: no padding to get wrong); `check` runs at every
     generated token."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     class _Checked(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -168,6 +168,9 @@ def greedy_samples(module, model: ResolvedModel, tokenizer: TextModel, prompts: 
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     config = greedy_config(model, max_new_tokens)
+    # generate() fills what `config` leaves unset from the module's own generation config, which transformers
+    # built from config.json (the tenant's: suppress_tokens, bad_words_ids, repetition_penalty, max_time, ...).
+    module.generation_config = GenerationConfig()
     device = model_device(module)
     out = []
     for prompt, text, ids in zip(prompts, rendered, prompt_ids, strict=True):
