@@ -285,6 +285,15 @@ def test_prompt_longer_than_the_window_is_refused_before_any_forward_pass(tmp_pa
     assert "chat template" in err.value.message and "window of 64 tokens" in err.value.message
 
 
+def test_evaluation_of_an_overflowing_model_is_strict_json(tmp_path, state):
+    """A loss past 709 nats overflows its perplexity (and a forward pass in float32 can give NaN): the record
+    goes into the manifest and the job as strict JSON, such numbers as null, the warning still computed."""
+    loud = {**state, "lm_head.weight": state["lm_head.weight"] * 1e6}
+    result = _evaluate_one(_model_dir(tmp_path, loud, "loud"))
+    json.dumps(result, allow_nan=False)
+    assert result["probe"]["output"]["loss"] > 709 and result["probe"]["output"]["perplexity"] is None
+
+
 # --- generation config ---------------------------------------------------------------------------------
 
 def _model_dir(tmp_path, state, name: str, *, generation_config: dict | None = None, config: dict | None = None,

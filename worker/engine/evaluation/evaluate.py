@@ -68,9 +68,21 @@ def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetune
         with loaded(source_finetuned, device=device, check=deadline.check) as finetuned:
             probe["source_finetuned"] = loss_entry(mean_loss(finetuned, ids, window, deadline.check))
             kl = kl_to_finetuned(finetuned, out, prompt_ids, deadline.check)
-    return {"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
-            "max_new_tokens": max_new, "quality_warning": quality_warning(probe),
-            "seconds": round(deadline.elapsed, 3)}
+    return finite({"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
+                   "max_new_tokens": max_new, "quality_warning": quality_warning(probe),
+                   "seconds": round(deadline.elapsed, 3)})
+
+
+def finite(value):
+    """The record as strict JSON takes it (the manifest, the job): a NaN or infinite number (a perplexity past
+    exp(709), a forward pass that overflowed) becomes None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def loss_entry(loss: float) -> dict:
