@@ -53,14 +53,26 @@ def function_probe(source_base: ResolvedModel, target_base: ResolvedModel, token
         ids = probe_ids(tokenizer, body, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [source_base, target_base], "probe text")
     window = context_window([source_base, target_base], settings.probe_max_tokens)
-    check_fits([source_base, target_base], settings, device=device, what="function-level probe",
-               extra_bytes=activation_bytes(window, [source_base, target_base]))
+    extra = activation_bytes(window, [source_base, target_base])
+    if untie:  # a tied base is built with a head of its own: one more embedding-sized tensor each
+        extra += sum(_tied_head_bytes(m) for m in (source_base, target_base))
+    check_fits([source_base, target_base], settings, device=device, what="function-level probe", extra_bytes=extra)
     deadline.check()
     losses = walk_line(source_base, target_base, ids, window, device=device, untie=untie, check=deadline.check)
     barrier, ratio = barrier_of(losses)
     return {"lambdas": list(LAMBDAS), "losses": losses, "barrier": barrier, "barrier_ratio": ratio,
             "tokens": len(ids), "scored_tokens": scored_tokens(len(ids), window), "window": window,
             "probe": source, "untied": untie, "seconds": round(deadline.elapsed, 3)}
+
+
+def _tied_head_bytes(model: ResolvedModel) -> int:
+    """float32 bytes of the head a tied model gets when built untied (0 when it stores its own head)."""
+    from ..plan import EMBED_NAME, LM_HEAD_NAME, find_name
+
+    embed = find_name(model.tensors, EMBED_NAME)
+    if embed is None or find_name(model.tensors, LM_HEAD_NAME) is not None:
+        return 0
+    return model.tensors[embed].numel * 4
 
 
 def barrier_of(losses: list[float]) -> tuple[float, float]:
