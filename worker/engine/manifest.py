@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -82,6 +83,18 @@ def _strength(request: GraftRequest) -> str:
         return f"alpha: {request.options.alpha}"
     return (f"recipe: {len(recipe.diffs)} diff(s) merged by `{recipe.merge.method}`, {len(recipe.rules)} rule(s) "
             "(the manifest holds the whole recipe and what was applied to each tensor)")
+
+
+def json_safe(value):
+    """A record as strict JSON takes it (the manifest, a job, a report): a NaN or infinite number (a perplexity
+    past exp(709), a probe's loss that overflowed) becomes None rather than failing the whole record."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def dumps(value: dict) -> bytes:

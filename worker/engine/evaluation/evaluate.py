@@ -15,6 +15,7 @@ import torch
 
 from ..config import EngineSettings
 from ..errors import GraftError
+from ..manifest import json_safe
 from ..model import GENERATION_CONFIG, ResolvedModel
 from ..safetensors_format import load_json
 from .loading import Deadline, activation_bytes, check_fits, loaded
@@ -68,21 +69,9 @@ def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetune
         with loaded(source_finetuned, device=device, check=deadline.check) as finetuned:
             probe["source_finetuned"] = loss_entry(mean_loss(finetuned, ids, window, deadline.check))
             kl = kl_to_finetuned(finetuned, out, prompt_ids, deadline.check)
-    return finite({"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
+    return json_safe({"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
                    "max_new_tokens": max_new, "quality_warning": quality_warning(probe),
                    "seconds": round(deadline.elapsed, 3)})
-
-
-def finite(value):
-    """The record as strict JSON takes it (the manifest, the job): a NaN or infinite number (a perplexity past
-    exp(709), a forward pass that overflowed) becomes None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def loss_entry(loss: float) -> dict:

@@ -10,13 +10,13 @@ to report (an input that does not exist, a cancelled job) are raised as they are
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import EngineSettings
 from ..errors import GraftCancelled, GraftError
+from ..manifest import json_safe
 from ..model import ResolvedModel
 from ..options import GraftRequest
 from ..plan import Plan
@@ -72,18 +72,6 @@ def headers_verdict(request: GraftRequest, models: dict[str, ResolvedModel], pla
     _details, reasons = inspect_headers(request, models, plan, None)
     verdict, reasons = combine(reasons, [Level.HEADERS])
     return json_safe({"level": str(Level.HEADERS), "verdict": str(verdict), "reasons": reasons})
-
-
-def json_safe(value):
-    """The report as strict JSON takes it: a NaN or infinite number (a probe's loss that overflowed, say)
-    becomes None rather than failing the whole report."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _s3_output(request: GraftRequest) -> bool:
