@@ -120,7 +120,7 @@ def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
     from .inspect import Level, Verdict, inspect_graft
 
     result = inspect_graft(request, level=Level.WEIGHTS, settings=hooks.settings, should_cancel=hooks.should_cancel,
-                           progress=_relabel(hooks.progress))
+                           progress=_not_committing(hooks.progress))
     report = result.report
     summary = {"verdict": report["verdict"], "reasons": report["reasons"], "level": str(Level.WEIGHTS)}
     if report["verdict"] != Verdict.COMPATIBLE:
@@ -128,19 +128,6 @@ def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
         raise GraftError("incompatible_bases", f"require: compatible, but the inputs were judged "
                          f"{report['verdict']}: {why or 'see the report'}", {"preflight": summary})
     return summary
-
-
-def _relabel(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
-    """An inspection inside a graft job reports as `inspecting`: its streaming is not the graft's."""
-    from .run import Phase
-
-    def report(p: Progress) -> None:
-        if p.phase in (Phase.STREAMING, Phase.STATISTICS):
-            p = dataclasses.replace(p, phase=Phase.INSPECTING)
-        if p.phase not in (Phase.DONE, Phase.COMMITTING):
-            progress(p)
-
-    return report
 
 
 def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, required: bool = False
@@ -255,7 +242,7 @@ def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: s
     directory = os.path.join(scratch, f"candidate-{index}")
     roots = None if request.allowed_roots is None else [*request.allowed_roots, scratch]
     candidate = with_alpha(request, alpha, output=directory, writer=None, allowed_roots=roots)
-    result = run_graft(candidate, settings=hooks.settings, progress=_as_candidate(hooks.progress),
+    result = run_graft(candidate, settings=hooks.settings, progress=_not_committing(hooks.progress),
                        should_cancel=hooks.should_cancel, warn=lambda w: None,
                        before_commit=_evaluator(spec, candidate, hooks, required=True))
     evaluation = result.checks["evaluation"]
@@ -264,12 +251,13 @@ def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: s
     return _Candidate(alpha, _score(evaluation, select), evaluation, warnings, digests, directory)
 
 
-def _as_candidate(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
-    from .run import Phase
+def _not_committing(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """The progress of a pass inside a graft job that is not the job's own commit (a `require` inspection, a
+    sweep's candidate): its committing and done phases are not the job's, so they are not reported."""
+    from .phases import Phase
 
     def report(p: Progress) -> None:
-        if p.phase in (Phase.COMMITTING, Phase.DONE):
-            return
-        progress(p)
+        if p.phase not in (Phase.COMMITTING, Phase.DONE):
+            progress(p)
 
     return report
