@@ -74,36 +74,49 @@ def _check_options(body: JobCreate) -> None:
 def _recipe(body: JobCreate) -> Recipe:
     """The recipe the body describes, in one of three ways: today's three fields (with alpha), `diffs` in place
     of source_base/source_finetuned, or a mergekit config in place of all the models. `merge` and `rules` go
-    with the first two; `options` with all (over a mergekit config's own)."""
+    with the first two; `options` with all (over a mergekit config's own). Alpha is one strength on the whole
+    recipe, whichever way it came: every weight, the diffs' and the rules', times alpha (each alpha of a sweep
+    is checked the same way here, so that no candidate overflows in the worker)."""
     options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
     if body.mergekit_config is not None:
-        for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
-            if getattr(body, name) is not None:
-                raise field_error(name, "a mergekit_config names the models and the method itself")
-        from worker.engine.mergekit_config import recipe_from_mergekit
-
-        try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
-            recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
-        except GraftError as err:
-            raise field_error("mergekit_config", err.message, err.code) from err
-        given = body.options.model_fields_set - {"alpha"}
-        merged = {**recipe.options.model_dump(), **options.model_dump(include=given)}
-        return recipe.scaled(_strength(body)).model_copy(update={"options": RecipeOptions.model_validate(merged)})
-    if body.target_base is None:
-        raise field_error("target_base", "required (or give a mergekit_config)", "missing")
-    if body.diffs is not None:
-        for role in ("source_base", "source_finetuned"):
-            if getattr(body, role) is not None:
-                raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
-        diffs = Recipe(target_base=body.target_base, diffs=body.diffs).scaled(_strength(body)).diffs
+        recipe = _mergekit_recipe(body, options)
     else:
-        for role in ("source_base", "source_finetuned"):
-            if getattr(body, role) is None:
-                raise field_error(role, "required (or give diffs)", "missing")
-        diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned,
-                      weight=_strength(body))]
-    return Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
-                  **({"merge": body.merge} if body.merge is not None else {}))
+        if body.target_base is None:
+            raise field_error("target_base", "required (or give a mergekit_config)", "missing")
+        if body.diffs is not None:
+            for role in ("source_base", "source_finetuned"):
+                if getattr(body, role) is not None:
+                    raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
+            diffs = body.diffs
+        else:
+            for role in ("source_base", "source_finetuned"):
+                if getattr(body, role) is None:
+                    raise field_error(role, "required (or give diffs)", "missing")
+            diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned)]
+        recipe = Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
+                        **({"merge": body.merge} if body.merge is not None else {}))
+    alphas = body.options.alpha if isinstance(body.options.alpha, list) else [body.options.alpha]
+    try:
+        scaled = [recipe.scaled(alpha) for alpha in alphas]
+    except GraftError as err:
+        raise field_error("options.alpha", err.message, err.code) from err
+    return recipe if isinstance(body.options.alpha, list) else scaled[0]
+
+
+def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:
+    """A mergekit config's recipe, the body's options over its own."""
+    for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
+        if getattr(body, name) is not None:
+            raise field_error(name, "a mergekit_config names the models and the method itself")
+    from worker.engine.mergekit_config import recipe_from_mergekit
+
+    try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
+        recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
+    except GraftError as err:
+        raise field_error("mergekit_config", err.message, err.code) from err
+    given = body.options.model_fields_set - {"alpha"}
+    merged = {**recipe.options.model_dump(), **options.model_dump(include=given)}
+    return recipe.model_copy(update={"options": RecipeOptions.model_validate(merged)})
 
 
 def _inputs(body: JobCreate, recipe: Recipe) -> dict[str, str]:

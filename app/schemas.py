@@ -47,9 +47,10 @@ Alpha = Annotated[float | list[float], PlainValidator(_alpha), WithJsonSchema(
 class Options(RecipeOptions):
     """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
 
-    alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, a factor on every "
-                         "diff's weight. A list is a sweep: each value is built and evaluated, and only the one "
-                         "`select` picks is published")
+    alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, `rules` or a "
+                         "mergekit_config, a factor on every weight (the diffs' and the rules'). A list is a sweep: "
+                         "each value multiplies those weights in its own candidate, which is built and evaluated, "
+                         "and only the one `select` picks is published")
 
 
 def _metadata_schema(schema: dict) -> None:

@@ -77,10 +77,15 @@ def check_alphas(alphas: list[float]) -> list[float]:
 
 
 def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
-    """The request at strength alpha: the plain transfer's alpha, or every diff's weight times alpha."""
+    """The request at strength alpha: the plain transfer's alpha or every weight of its recipe, times alpha.
+    Always a product: a one-diff recipe with weight w runs as the plain transfer at alpha w, and a sweep
+    over it must build w * alpha, not alpha (GraftError naming alpha when a product is not finite)."""
+    from .recipe import scale_weight
+
     if request.recipe is not None:
         return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
-    return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=alpha), **changes)
+    scaled = scale_weight(request.options.alpha, alpha)
+    return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=scaled), **changes)
 
 
 @dataclasses.dataclass
@@ -95,17 +100,22 @@ def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, al
                       settings: EngineSettings | None = None, progress: Callable[[Progress], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None,
                       warn: Callable[[dict], None] | None = None) -> GraftResult:
-    """A graft with what `checks` asks; `alphas`: a sweep (request's own alpha is then ignored)."""
+    """A graft with what `checks` asks; `alphas`: a sweep, each value a strength that multiplies the request's
+    own alpha or its recipe's weights."""
     from .run import run_graft
 
     checks = checks or Checks()
+    if alphas:
+        alphas = check_alphas(alphas)
+        for alpha in alphas:  # every candidate's weights are finite, or nothing is read
+            with_alpha(request, alpha)
     hooks = _Hooks(settings or EngineSettings(), progress or (lambda p: None), should_cancel,
                    warn or (lambda w: None))
     sections: dict = {}
     if checks.require is not None:
         sections["preflight"] = require_compatible(request, hooks)
     if alphas:
-        return _sweep(request, check_alphas(alphas), checks, hooks, sections)
+        return _sweep(request, alphas, checks, hooks, sections)
     evaluate = _evaluator(checks.evaluate, request, hooks) if checks.evaluate is not None else None
 
     def before_commit(staged: Location, models: dict[str, ResolvedModel], shards: list[FileRecord]) -> dict:

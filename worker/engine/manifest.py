@@ -72,9 +72,15 @@ This checkpoint is `target_base + alpha * (source_finetuned - source_base)`, bui
 
 - {_strength(request)}; vocabulary policy: {request.options.vocab}; dtype: {request.options.dtype}
 - tensors: {counts}; tied embeddings: {plan.tied_output}
-- config from the target base; tokenizer and chat template from the source fine-tune.
+- config from the target base; {_donor(request)}.
 - `graft-manifest.json` lists every tensor, how it was made, and the sha256 of every file.
 """
+
+
+def _donor(request: GraftRequest) -> str:
+    if request.recipe is not None and request.recipe.conventions == "mergekit":
+        return "tokenizer, chat template and generation config from the target base (mergekit's conventions)"
+    return "tokenizer and chat template from the source fine-tune"
 
 
 def _strength(request: GraftRequest) -> str:

@@ -106,6 +106,9 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
         seen = {(w.get("code"), w.get("tensor")) for w in plan.warnings}
         plan.warnings += [w for w in p.warnings if (w.get("code"), w.get("tensor")) not in seen]
         plan.source_only += [d for d in p.source_only if d not in plan.source_only]
+    # Said in the plan (preview, dry run), as events and in the manifest: the recipe computes differently
+    # from the config it was imported from.
+    plan.warnings += [{"code": "foreign_semantics", "reason": n.code, "message": n.message} for n in recipe.notes]
     return plan, MergeContext(method, recipe.merge, uses)
 
 
@@ -133,7 +136,7 @@ def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: 
         raise GraftError("vocab_mismatch", f"{tensor.name}: the diffs disagree on its rows (their fine-tunes or "
                          "bases have different vocabularies); use vocab: target, or exclude the tensor")
     rule = rule_for(recipe.rules, tensor.name)
-    position = layer_position(tensor.name, layers)
+    position = layer_position(tensor.name, layers, recipe.conventions)
     uses = []
     for i in contributing:
         diff = recipe.diffs[i]

@@ -9,10 +9,18 @@ The same model is what `graft run --recipe FILE` reads (YAML or JSON), what `POS
 Weights may be lists, interpolated linearly over the layer index (the first value at layer 0, the last at the
 last layer; tensors before the first layer take the first value, those after the last take the last). Rules
 override the weight and/or the transform of every diff for the tensors they match (first match wins).
+
+`conventions` says whose choices fill in what a recipe leaves open. graft's: the tokenizer and generation
+config come from the first fine-tune, and the final norm and head take a weight list's last value. An imported
+mergekit config carries mergekit's: both files from the target (mergekit's base_model), every tensor outside
+the layers at the list's first value (mergekit plans them at t = 0) and a one-layer model's layer at its last
+(t = 1). `notes` are what the recipe still computes differently from the config it came from: said as
+warnings whenever it runs and recorded in the manifest.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from typing import Annotated, Literal, Union
@@ -29,6 +37,8 @@ from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_
 MAX_DIFFS = 16
 MAX_RULES = 100
 MAX_WEIGHT_POINTS = 1024
+MAX_NOTES = 16
+CONVENTIONS = ("graft", "mergekit")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 Transform = Annotated[Union[tuple(m.Params for m in TRANSFORMS.values())],  # noqa: UP007
@@ -118,6 +128,14 @@ class RecipeOptions(BaseModel):
         return GraftOptions(alpha=alpha, **RecipeOptions.model_dump(self))
 
 
+class Note(BaseModel):
+    """One way the recipe computes differently from the foreign config it was imported from."""
+
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(min_length=1, max_length=64)
+    message: str = Field(min_length=1, max_length=1000)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target_base: URI
@@ -127,6 +145,13 @@ class Recipe(BaseModel):
     rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES,
                               description="per-tensor overrides, first match wins")
     options: RecipeOptions = Field(default_factory=RecipeOptions)
+    conventions: Literal[CONVENTIONS] = Field(  # type: ignore[valid-type]
+        "graft", description="whose choices fill in what the recipe leaves open: graft's (tokenizer and "
+        "generation config from the first fine-tune; tensors after the last layer at a weight list's last value) "
+        "or mergekit's (both files from the target; every tensor outside the layers at the first value)")
+    notes: list[Note] = Field(default_factory=list, max_length=MAX_NOTES,
+                              description="how the recipe differs from the config it was imported from "
+                              "(warnings at run time)")
 
     @model_validator(mode="after")
     def _engine_checks(self) -> Recipe:
@@ -147,7 +172,8 @@ class Recipe(BaseModel):
         merge = self.merge
         diff = self.diffs[0]
         if (len(self.diffs) == 1 and merge.method == "sum" and merge.lambda_ == 1.0 and not merge.normalize
-                and diff.transform is None and not self.rules and isinstance(diff.weight, float | int)):
+                and diff.transform is None and not self.rules and isinstance(diff.weight, float | int)
+                and self.conventions == "graft" and not self.notes):
             return float(diff.weight)
         return None
 
@@ -155,11 +181,14 @@ class Recipe(BaseModel):
         """The recipe with every weight times alpha, the diffs' and the rules' (a rule's weight replaces the
         diffs' for its tensors): alpha beside diffs is a strength on all of them (the API's `alpha` with
         `diffs`, and each candidate of an alpha sweep)."""
+        alpha = scale_weight(1.0, alpha)  # a finite number, or the alpha's own error
         if alpha == 1.0:
             return self
 
         def times(weight):
-            return [w * alpha for w in weight] if isinstance(weight, list) else weight * alpha
+            if isinstance(weight, list):
+                return [scale_weight(w, alpha) for w in weight]
+            return scale_weight(weight, alpha)
 
         diffs = [d.model_copy(update={"weight": times(d.weight)}) for d in self.diffs]
         rules = [r.model_copy(update={"weight": times(r.weight)}) if r.weight is not None else r for r in self.rules]
@@ -167,6 +196,18 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def scale_weight(weight: float, alpha: float) -> float:
+    """weight * alpha, or GraftError naming alpha when the product is not a finite number (model_copy does not
+    validate, and an infinite weight would only fail in the worker, after the job was accepted)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise GraftError("invalid_option", "alpha: must be a finite number", {"field": "options.alpha"})
+    product = float(weight) * float(alpha)
+    if not math.isfinite(product):
+        raise GraftError("invalid_option", f"alpha: {alpha:g} times the weight {weight:g} is not a finite number",
+                         {"field": "options.alpha"})
+    return product
 
 
 def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
@@ -184,14 +225,19 @@ def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
         raise GraftError("invalid_recipe", f"{where}: {err.message}") from None
 
 
-def layer_position(name: str, layers: int | None) -> float:
-    """Where a tensor sits along the depth, in [0, 1]: its layer index over the last index; embeddings
-    and anything before the first layer at 0, the final norm and head at 1."""
+def layer_position(name: str, layers: int | None, conventions: str = "graft") -> float:
+    """Where a tensor sits along the depth, in [0, 1]: its layer index over the last index. graft's
+    conventions put embeddings and anything before the first layer at 0, the final norm and head at 1, and a
+    one-layer model's layer at 0; mergekit's (its planner's `t`) put every tensor outside the layers at 0 and
+    a one-layer model's layer at 1."""
+    mergekit = conventions == "mergekit"
     match = LAYER_INDEX.search(name)
     if match is None:
+        if mergekit:
+            return 0.0
         return 0.0 if "embed" in name or ".wte." in name or name.startswith("wte") else 1.0
     if not layers or layers <= 1:
-        return 0.0
+        return 1.0 if mergekit else 0.0
     return min(1.0, int(match.group(1)) / (layers - 1))
 
 

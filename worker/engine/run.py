@@ -77,13 +77,21 @@ def remote_reads(settings: EngineSettings) -> RemoteReads:
                        stall_seconds=settings.remote_stall_seconds)
 
 
-def _side_files_of(uri: str, uris: dict[str, str]) -> tuple[str, ...]:
-    """The small files a graft copies from this input: the fine-tune's tokenizer and generation config, the
-    target's generation config (used when the fine-tune has none)."""
+def tokenizer_donor(request: GraftRequest) -> str:
+    """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
+    the target for a recipe with mergekit's (mergekit copies its base_model's); the other is the fallback."""
+    if request.recipe is not None and request.recipe.conventions == "mergekit":
+        return "target_base"
+    return "source_finetuned"
+
+
+def _side_files_of(uri: str, uris: dict[str, str], donor: str) -> tuple[str, ...]:
+    """The small files a graft copies from this input: the donor's tokenizer and generation config, the
+    other's generation config (used when the donor has none)."""
     names: tuple[str, ...] = ()
-    if uri == uris["source_finetuned"]:
+    if uri == uris[donor]:
         names += (*TOKENIZER_FILES, GENERATION_CONFIG)
-    if uri == uris["target_base"]:
+    if uri in (uris["target_base"], uris["source_finetuned"]) and GENERATION_CONFIG not in names:
         names += (GENERATION_CONFIG,)
     return names
 
@@ -93,6 +101,7 @@ def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None
     """`side_files`: also fetch the small files the output copies (a graft, not a dry run), all at once."""
     settings = settings or EngineSettings()
     uris = request.inputs()
+    donor = tokenizer_donor(request)
     # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
     first_role: dict[str, str] = {}
     for role, uri in uris.items():
@@ -104,7 +113,7 @@ def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None
                                      reads=remote_reads(settings),
                                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                                      require_model_type=uri == uris["target_base"],
-                                     side_files=_side_files_of(uri, uris) if side_files else (),
+                                     side_files=_side_files_of(uri, uris, donor) if side_files else (),
                                      retry=storage_retry(settings)) for uri, role in first_role.items()}
         resolved, errors = {}, []
         for role, future in futures.items():
@@ -174,16 +183,18 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _side_files(models: dict[str, ResolvedModel], plan: Plan) -> list[tuple[str, bytes]]:
-    """config from the target; tokenizer, chat template and generation config from the fine-tune. Fetched
-    while resolving, but for a target's tokenizer (a fine-tune without one), read here, all at once."""
-    target, finetuned = models["target_base"], models["source_finetuned"]
+def _side_files(models: dict[str, ResolvedModel], plan: Plan, donor: str) -> list[tuple[str, bytes]]:
+    """config from the target; tokenizer, chat template and generation config from the donor (the fine-tune,
+    or the target under mergekit's conventions), else from the other. Fetched while resolving, but for the
+    fallback's tokenizer (a donor without one), read here, all at once."""
+    first = models[donor]
+    second = models["target_base" if donor == "source_finetuned" else "source_finetuned"]
     files = [("config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())]
-    tokenizer_from = finetuned if finetuned.tokenizer_files() else target
+    tokenizer_from = first if first.tokenizer_files() else second
     names = tokenizer_from.tokenizer_files()
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
         files += zip(names, pool.map(tokenizer_from.side_file, names), strict=True)
-    for model in (finetuned, target):
+    for model in (first, second):
         if model.store.exists(GENERATION_CONFIG):
             files.append((GENERATION_CONFIG, model.side_file(GENERATION_CONFIG)))
             break
@@ -198,7 +209,7 @@ def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, Resol
     records = []
     if len(plan.shards) > 1:
         records.append(sink.put(INDEX_FILE, _index(plan)))
-    for name, data in _side_files(models, plan):
+    for name, data in _side_files(models, plan, tokenizer_donor(request)):
         records.append(sink.put(name, data))
     records.append(sink.put("README.md", model_card(request, plan).encode()))
     return records

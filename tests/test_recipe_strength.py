@@ -1,0 +1,209 @@
+"""Alpha as one strength on the whole recipe, however the recipe came (issue: a sweep replaced a one-diff recipe's
+weight instead of multiplying it, and alpha times a weight could overflow past the API into the worker).
+
+Every published tensor is checked against `target + weight * alpha * (finetuned - base)` written here in float64,
+and every candidate's score against transformers' float64 loss of that reference model saved by the test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from checks_models import PROBE, checks_family
+from eval_helpers import encode, reference_loss, reference_model, save, tokenizer_files
+from graft_helpers import load_dir, ulp
+from service_fixtures import Service
+
+from worker.engine import GraftError, GraftRequest
+from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.config import EngineSettings
+from worker.engine.evaluation.spec import EvaluateSpec
+from worker.engine.mergekit_config import recipe_from_mergekit
+from worker.engine.recipe import load_recipe
+
+SPEC = EvaluateSpec(probe_text=PROBE, prompts=["the cat"], max_new_tokens=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """See conftest.one_torch_thread."""
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return checks_family(str(tmp_path_factory.mktemp("strength")))
+
+
+def _settings(tmp_path) -> EngineSettings:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return EngineSettings(cache_dir="", scratch_dir=str(scratch), probe_max_tokens=512)
+
+
+def _reference_state(family, target: str, strength: float) -> dict[str, torch.Tensor]:
+    """target + strength * (finetuned - base), in float64, every tensor."""
+    t, s, f = (load_dir(family[role]) for role in (target, "base", "finetuned"))
+    assert t.keys() == s.keys() == f.keys()
+    return {k: t[k].double() + strength * (f[k].double() - s[k].double()) for k in t}
+
+
+def _reference_score(family, target: str, strength: float, window: int, directory: str) -> float:
+    """The probe loss of the reference model (its tensors stored in the inputs' dtypes), by transformers."""
+    dtypes = {k: v.dtype for k, v in load_dir(family[target]).items()}
+    state = {k: v.to(dtypes[k]) for k, v in _reference_state(family, target, strength).items()}
+    save(directory, state, tokenizer=tokenizer_files())
+    return reference_loss(reference_model(directory), encode(PROBE), window)
+
+
+def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> None:
+    """Within one rounding to the stored dtype (an ulp of the float64 reference) plus float32 accumulation's
+    forward error (a few units of 2^-24 times the operands' magnitudes: where the sum cancels to near zero,
+    ulps of the result alone are too fine a measure)."""
+    bound = ulp(want, got.dtype) + 4 * 2.0 ** -24 * scale
+    assert bool(((got.double() - want).abs() <= bound).all()), name
+
+
+def _assert_published(out: str, family, target: str, strength: float) -> None:
+    published = load_dir(out)
+    reference = _reference_state(family, target, strength)
+    t, s, f = (load_dir(family[role]) for role in (target, "base", "finetuned"))
+    assert published.keys() == reference.keys()
+    for name, want in reference.items():
+        scale = t[name].double().abs() + abs(strength) * (f[name].double().abs() + s[name].double().abs())
+        _assert_close(name, published[name], want, scale)
+
+
+def _one_diff_recipe(family, target: str, weight: float) -> dict:
+    return {"target_base": family[target],
+            "diffs": [{"source_base": family["base"], "source_finetuned": family["finetuned"], "weight": weight}]}
+
+
+@pytest.mark.parametrize("origin", ["recipe", "mergekit"])
+def test_a_sweep_multiplies_a_one_diff_weight(family, tmp_path, origin):
+    """weight 0.3 swept over [1, 2] builds 0.3 and 0.6 (it built 1 and 2), from a recipe and from a mergekit
+    task_arithmetic config alike; the published output is the winner's reference."""
+    weight, alphas = 0.3, [1.0, 2.0]
+    if origin == "recipe":
+        target, recipe = "near", load_recipe(_one_diff_recipe(family, "near", weight))
+    else:  # mergekit's base_model is the target and every diff's base
+        target = "base"
+        recipe = recipe_from_mergekit(f"merge_method: task_arithmetic\nbase_model: {family['base']}\nmodels:\n"
+                                      f"  - model: {family['finetuned']}\n    parameters: {{weight: {weight}}}\n")
+    out = str(tmp_path / "out")
+    result = run_checked_graft(GraftRequest.from_recipe(recipe, out), Checks(evaluate=SPEC, select="probe_loss"),
+                               alphas=alphas, settings=_settings(tmp_path))
+    sweep = result.checks["sweep"]
+    window = result.checks["evaluation"]["probe"]["window"]
+    for candidate in sweep["candidates"]:
+        strength = weight * candidate["alpha"]
+        want = _reference_score(family, target, strength, window, str(tmp_path / f"ref-{candidate['alpha']}"))
+        assert candidate["score"] == pytest.approx(want, rel=1e-4), candidate["alpha"]
+    _assert_published(out, family, target, weight * sweep["chosen_alpha"])
+
+
+def test_weight_zero_reproduces_the_target_for_every_alpha(family, tmp_path):
+    out = str(tmp_path / "out")
+    recipe = load_recipe(_one_diff_recipe(family, "near", 0.0))
+    result = run_checked_graft(GraftRequest.from_recipe(recipe, out), Checks(evaluate=SPEC), alphas=[0.5, 1.0],
+                               settings=_settings(tmp_path))
+    target_loss = result.checks["evaluation"]["probe"]["target_base"]["loss"]
+    assert [c["score"] for c in result.checks["sweep"]["candidates"]] == [pytest.approx(target_loss)] * 2
+    published, target = load_dir(out), load_dir(family["near"])
+    assert published.keys() == target.keys() and all(torch.equal(published[k], target[k]) for k in target)
+
+
+def test_a_sweep_multiplies_list_weights_and_rules(family, tmp_path):
+    """A recipe with a weight list and a rule: each candidate scales both (the rule's weight replaces the
+    diff's for its tensors, and alpha is a strength on both)."""
+    data = _one_diff_recipe(family, "near", [0.2, 0.6])
+    data["rules"] = [{"match": r"mlp\.", "weight": 0.5}]
+    out = str(tmp_path / "out")
+    result = run_checked_graft(GraftRequest.from_recipe(load_recipe(data), out), Checks(evaluate=SPEC),
+                               alphas=[1.5, 3.0], settings=_settings(tmp_path))
+    chosen = result.checks["sweep"]["chosen_alpha"]
+    t, s, f = (load_dir(family[r]) for r in ("near", "base", "finetuned"))
+    published = load_dir(out)
+    for name in t:
+        if "mlp." in name:
+            w = 0.5
+        elif ".layers.0." in name or "embed" in name:
+            w = 0.2
+        elif ".layers.1." in name:
+            w = 0.6
+        else:  # graft's own recipes: the final norm and head take the list's last value
+            w = 0.6
+        want = t[name].double() + w * chosen * (f[name].double() - s[name].double())
+        scale = t[name].double().abs() + abs(w * chosen) * (f[name].double().abs() + s[name].double().abs())
+        _assert_close(name, published[name], want, scale)
+
+
+def test_an_overflowing_candidate_is_refused_before_anything_is_read(family, tmp_path):
+    out = str(tmp_path / "out")
+    request = GraftRequest.from_recipe(load_recipe(_one_diff_recipe(family, "near", 10.0)), out)
+    with pytest.raises(GraftError) as err:
+        run_checked_graft(request, Checks(evaluate=SPEC), alphas=[1.0, 1e308], settings=_settings(tmp_path))
+    assert err.value.code == "invalid_option" and err.value.message.startswith("alpha:")
+    assert not os.path.exists(out) and os.listdir(tmp_path / "scratch") == []
+
+
+# --- the API: alpha times weights checked where the recipe is built ------------------------------------------
+
+@pytest.fixture(scope="module")
+def api(redis_url, trio, tmp_path_factory):
+    """No worker: an accepted job would stay queued and count against the tenant's quota."""
+    root = str(tmp_path_factory.mktemp("strength-api"))
+    service = Service(redis_url, root, GRAFT_ALLOWED_ROOTS=f"{root},{os.path.dirname(trio['source_base'])}",
+                      GRAFT_TENANT_RATE_PER_MINUTE=0, GRAFT_PREVIEW_WORKERS=1)
+    try:
+        yield service.start_api()
+    finally:
+        service.stop()
+
+
+def _diff(trio, weight) -> dict:
+    return {"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['source_finetuned']}",
+            "weight": weight}
+
+
+def _overflowing_bodies(trio) -> list[dict]:
+    target = f"file://{trio['target_base']}"
+    yaml_config = (f"merge_method: task_arithmetic\nbase_model: {trio['source_base']}\nmodels:\n"
+                   f"  - model: {trio['source_finetuned']}\n    parameters: {{weight: 10}}\n")
+    return [
+        {"target_base": target, "diffs": [_diff(trio, 10)], "options": {"alpha": 1e308}},
+        {"target_base": target, "diffs": [_diff(trio, 10), _diff(trio, [1, 2])], "options": {"alpha": 1e308}},
+        {"target_base": target, "diffs": [_diff(trio, 10)], "options": {"alpha": [1, 1e308]}, "select": "probe_loss"},
+        {"target_base": target, "diffs": [_diff(trio, 1)], "rules": [{"match": "mlp", "weight": 1e300}],
+         "options": {"alpha": 1e10}},
+        {"mergekit_config": yaml_config, "options": {"alpha": 1e308}},
+    ]
+
+
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/jobs:preview", "/v1/preflights"])
+def test_alpha_times_weights_that_overflow_is_422_naming_alpha(api, trio, route):
+    with api.client() as c:
+        before = c.get("/v1/jobs", params={"limit": 100}).json()["data"]
+        for body in _overflowing_bodies(trio):
+            if route == "/v1/preflights" and isinstance(body["options"]["alpha"], list):
+                continue  # a preflight takes no sweep (refused by name elsewhere)
+            resp = c.post(route, json=body)
+            assert resp.status_code == 422, (body, resp.text)
+            problem = resp.json()
+            assert [(e["field"], e["type"]) for e in problem["errors"]] == [("options.alpha", "invalid_option")], \
+                problem
+        assert c.get("/v1/jobs", params={"limit": 100}).json()["data"] == before  # nothing accepted
+
+
+def test_alpha_beside_diffs_scales_the_rules_too(api, trio):
+    """What the job record holds: the rules' weights times alpha, as the diffs'."""
+    body = {"target_base": f"file://{trio['target_base']}", "diffs": [_diff(trio, 0.5)],
+            "rules": [{"match": "mlp", "weight": 0.25}], "options": {"alpha": 2.0}}
+    with api.client() as c:
+        resp = c.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        c.post(f"/v1/jobs/{job_id}/cancel")
+    record = api.store().get(job_id)
+    assert record["recipe"]["diffs"][0]["weight"] == 1.0
+    assert record["recipe"]["rules"][0]["weight"] == 0.5
