@@ -166,9 +166,9 @@ def _check_request(body: JobCreate, recipe: Recipe, state: AppState, tenant: str
 def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
     try:
         output = output_for(job_id, body.output, state.settings, tenant)
-        if body.output:
-            check_not_inside_result(check_uri(output, "output", state.settings, output=True, tenant=tenant),
-                                    "output", state.settings)
+        # The default too: GRAFT_OUTPUT_URI, or the tenant's own namespace, may lie in a model or a result.
+        check_not_inside_result(check_uri(output, "output", state.settings, output=True, tenant=tenant),
+                                "output", state.settings, tenant=tenant)
         return output
     except PolicyError as err:
         raise field_error("output", err.message.removeprefix("output: "), "uri_not_allowed") from err
@@ -373,6 +373,7 @@ async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limite
     _check_options(body)
     recipe = _recipe(body)
     await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)
+    await run_in_threadpool(_output, new_job_id(), body, state, tenant)  # refused where the job's would be
     allowed, denied = scope_for(tenant, state.settings).engine_roots()
     request = {**_graft_fields(recipe), "confinement": {"allowed_roots": allowed, "denied_roots": denied}}
     return _json({"object": "graft.plan", **await state.previews.plan(request)})

@@ -8,10 +8,14 @@
 - The default output (GRAFT_OUTPUT_URI) is split into one namespace per tenant, `<output>/<tenant>/<job id>`:
   whatever lies under GRAFT_OUTPUT_URI outside the caller's own namespace is neither readable nor writable, even
   where an allowed root contains it.
-- An output is never placed inside another graft's published result.
+- An output is never placed at or inside a model's directory (config.json, a safetensors index or
+  *.safetensors directly in it) or another graft's published result, nor through an existing file; checked
+  by the API (jobs, preflights, previews) and again by the worker, which leaves the output's own contents
+  to the sink (a retry finds its earlier attempt's files there).
 - hf:// only when GRAFT_HF_ENABLED. Bare paths are refused: the API has no working directory a client could mean.
 
-Refusals say the same thing whether or not the path exists, so they cannot be used to probe the disk.
+Refusals say the same thing whether or not the path exists, so they cannot be used to probe the disk. (The
+placement check names what it found, but only on the output's own path, where the tenant may already look.)
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from .settings import Settings
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST = "graft-manifest.json"  # the engine's name for it (worker.engine.sinks imports boto3; this stays light)
 MAX_OUTPUT_DEPTH = 32  # S3 output prefixes: each ancestor is checked for a result, so their number is capped
+# What makes a directory or prefix a model (or a published result) that no output may be placed in, besides
+# *.safetensors: the engine reads no model without config.json; the rest are found by the fixed names even in
+# a directory too large to list in one page.
+PLACEMENT_NAMES = ("config.json", MANIFEST, "model.safetensors", "model.safetensors.index.json")
+PLACEMENT_MARKERS = frozenset(PLACEMENT_NAMES)
+LISTING_PAGE = 100  # entries looked at per directory by the output's placement check
 NOT_ALLOWED = "not allowed: outside what this tenant may use (symlinks are resolved)"
 
 
@@ -185,33 +195,112 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
     raise PolicyError(field, f"unsupported scheme {scheme!r}")
 
 
-def check_not_inside_result(loc: Location, field: str, settings: Settings) -> None:
-    """Refuse an output placed inside another graft's published result (a directory or prefix whose manifest
-    is at one of the output's ancestors). Touches storage: call it off the event loop."""
+def check_not_inside_result(loc: Location, field: str, settings: Settings, *, tenant: str | None = None,
+                            itself: bool = True) -> None:
+    """Refuse an output placed in a model's directory or another graft's published result: at or under a
+    directory or prefix that directly holds config.json, a safetensors index, *.safetensors or
+    graft-manifest.json, or one whose path runs through an existing file. The walk goes up to the outermost
+    allowed root (file://; above it only for a manifest, as before) or the bucket root (s3://).
+    `itself=False` leaves the output location's own contents to the sink: a worker's retry finds its earlier
+    attempt's files there. Touches storage: call it off the event loop."""
     if loc.scheme == "file":
-        head = os.path.dirname(_real(loc.path))
-        while head not in ("/", ""):
+        _check_local_placement(loc, field, scope_for(tenant, settings), itself)
+    elif loc.scheme == "s3":
+        _check_s3_placement(loc, field, settings, itself)
+
+
+def _holds_model(names) -> str | None:
+    return next((n for n in names if n in PLACEMENT_MARKERS or n.endswith(".safetensors")), None)
+
+
+def _refuse_placement(field: str, where: str, marker: str) -> PolicyError:
+    if marker == MANIFEST:
+        return PolicyError(field, "inside another graft's result; choose a location outside it")
+    return PolicyError(field, f"inside a model's directory ({where} holds {marker}); choose a location outside it")
+
+
+def _check_local_placement(loc: Location, field: str, scope: Scope, itself: bool) -> None:
+    real = _real(loc.path)
+    roots = [r for r in (os.path.realpath(r) for r in scope.file_roots) if _under(real, r)]
+    top = min(roots, key=len) if roots else "/"
+    head = real if itself else os.path.dirname(real)
+    while True:
+        if not _under(head, top):  # the operator's side of the root: only a published result still counts
             if os.path.exists(os.path.join(head, MANIFEST)):
-                raise PolicyError(field, "inside another graft's result; choose a location outside it")
-            head = os.path.dirname(head)
-        return
-    if loc.scheme != "s3":
-        return
+                raise _refuse_placement(field, f"file://{head}", MANIFEST)
+        elif os.path.lexists(head) and not os.path.isdir(head):
+            raise PolicyError(field, f"runs through an existing file (file://{head}); choose a directory")
+        elif (marker := _local_marker(head, field)) is not None:
+            raise _refuse_placement(field, f"file://{head}", marker)
+        if head in ("/", ""):
+            return
+        head = os.path.dirname(head)
+
+
+def _local_marker(directory: str, field: str) -> str | None:
+    """A model file directly in `directory` (None where it does not exist): the first LISTING_PAGE entries
+    looked at whatever their names, then the fixed names, so a huge directory costs a bounded scan."""
+    try:
+        with os.scandir(directory) as entries:
+            seen = [entry.name for entry, _ in zip(entries, range(LISTING_PAGE + 1), strict=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:  # not the storage's passing fault: a retry would meet it again
+        raise PolicyError(field, f"cannot be checked: file://{directory} cannot be listed by the server") from None
+    except OSError as exc:
+        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc.strerror}") from None
+    if (marker := _holds_model(seen)) is not None or len(seen) <= LISTING_PAGE:
+        return marker
+    return next((n for n in PLACEMENT_NAMES if os.path.lexists(os.path.join(directory, n))), None)
+
+
+def _check_s3_placement(loc: Location, field: str, settings: Settings, itself: bool) -> None:
     from .engine.s3 import s3_client
 
-    client = s3_client(settings.s3_endpoint_url)
+    client = s3_client(settings.s3_endpoint_url, settings.storage_timeout_seconds)
     parts = loc.prefix.split("/")
-    for depth in range(len(parts) - 1, 0, -1):
-        key = "/".join(parts[:depth] + [MANIFEST])
-        try:
-            client.head_object(Bucket=loc.bucket, Key=key)
-        except client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
-                continue
-            raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
-        except Exception as exc:  # connection errors: the storage's fault, worth a retry
-            raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
-        raise PolicyError(field, "inside another graft's result; choose a location outside it")
+    # (the directory's prefix, the name below it the output's path continues through), deepest first
+    levels = [("/".join(parts[:depth]) + "/" if depth else "", parts[depth] if depth < len(parts) else None)
+              for depth in range(len(parts), -1, -1)]
+    for directory, child in levels if itself else levels[1:]:
+        names, more = _s3_names(client, loc.bucket, directory, field)
+        marker = _holds_model(names)
+        if marker is None and more:  # a page did not hold them all: the fixed names, one HEAD each
+            marker = next((n for n in PLACEMENT_NAMES if _s3_exists(client, loc.bucket, directory + n, field)),
+                          None)
+        where = f"s3://{loc.bucket}/{directory.rstrip('/')}" if directory else f"s3://{loc.bucket}"
+        if marker is not None:
+            raise _refuse_placement(field, where, marker)
+        if child is not None and (child in names or (more and _s3_exists(client, loc.bucket, directory + child,
+                                                                          field))):
+            raise PolicyError(field, f"runs through an existing object (s3://{loc.bucket}/{directory}{child}); "
+                              "choose a prefix")
+
+
+def _s3_names(client, bucket: str, directory: str, field: str) -> tuple[list[str], bool]:
+    """The names of the objects directly under `directory` on one page of LISTING_PAGE entries, and whether
+    there are more."""
+    try:
+        page = client.list_objects_v2(Bucket=bucket, Prefix=directory, Delimiter="/", MaxKeys=LISTING_PAGE)
+    except client.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code", "") == "NoSuchBucket":
+            return [], False  # nothing is stored there; the sink reports the bucket
+        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+    except Exception as exc:  # connection errors: the storage's fault, worth a retry
+        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+    return [obj["Key"][len(directory):] for obj in page.get("Contents", ())], bool(page.get("IsTruncated"))
+
+
+def _s3_exists(client, bucket: str, key: str, field: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except client.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+    except Exception as exc:
+        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
 
 
 def output_for(job_id: str, output: str | None, settings: Settings, tenant: str | None = None) -> str:
