@@ -22,20 +22,36 @@ Anything else (other merge methods, slices, modules, tokenizer settings, per-ten
 LoRA references, per-layer densities, a key mergekit would ignore) is refused with
 GraftError("invalid_recipe") naming the key. Semantics that differ on purpose (thresholds' tie-breaking,
 DARE's draw and rescale, weights of the final norm and head) are listed in README.md.
+
+The YAML is a tenant's: it is read by a safe loader that builds only what JSON has (mappings with string keys,
+lists, strings, numbers, booleans, null) and refuses by name what else YAML can say (dates and times, binary,
+sets, ordered mappings, non-string keys, integers of more than 400 characters), with collections nested at
+most MAX_DEPTH deep (real configs nest about 7) and at most MAX_VALUES values once aliases are expanded (so
+neither "billion laughs" nor merge keys `<<` can multiply a page into gigabytes). Any other failure while
+reading or converting a config is GraftError("invalid_recipe") too, never another exception.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from .errors import GraftError
 from .recipe import MAX_DIFFS, MAX_WEIGHT_POINTS, Recipe, load_recipe
 
 MAX_CONFIG_CHARS = 1 << 20  # a config is a page of YAML; a megabyte is not one
+# Collections inside collections. PyYAML's scanner and parser are iterative but its composer recurses (a few
+# Python frames a level): 5,000 brackets inside the API's 64 KiB were a RecursionError. Real configs nest
+# about 7 deep (models, a model, parameters, a filter list, its value list).
+MAX_DEPTH = 64
+MAX_VALUES = 100_000  # nodes of a document, each alias counted as many times as it is used
+MAX_INT_CHARS = 400  # past 309 digits no integer is a finite float; Python refuses to parse past 4,300
 _OUR_DTYPES = ("bfloat16", "float16", "float32")
 _MERGEKIT_DTYPES = (*_OUR_DTYPES, "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -80,6 +96,19 @@ def recipe_from_mergekit(config: str | dict, *, resolve_local: bool = True) -> R
 
     `resolve_local`: a reference naming an existing local directory is that directory (mergekit's rule);
     the API passes False, so that only absolute paths and URIs are local and nothing is probed."""
+    try:
+        return _convert(config, resolve_local)
+    except GraftError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # a tenant's document must not become a 500, whatever it trips over
+        detail = str(exc)[:200]
+        raise GraftError("invalid_recipe", f"mergekit config: cannot be read ({type(exc).__name__}"
+                         + (f": {detail})" if detail else ")")) from exc
+
+
+def _convert(config: str | dict, resolve_local: bool) -> Recipe:
     doc = _parse(config)
     unknown = sorted(set(doc) - _TOP_KEYS, key=str)
     if unknown:
@@ -115,17 +144,174 @@ def recipe_from_mergekit(config: str | dict, *, resolve_local: bool = True) -> R
 
 def _parse(config: str | dict) -> dict:
     if isinstance(config, str):
-        import yaml
-
         if len(config) > MAX_CONFIG_CHARS:
             raise GraftError("invalid_recipe", f"mergekit config: longer than {MAX_CONFIG_CHARS} characters")
-        try:
-            config = yaml.safe_load(config)
-        except yaml.YAMLError as exc:
-            raise GraftError("invalid_recipe", f"mergekit config: not valid YAML: {exc}") from None
+        config = load_yaml(config)
+    _check_plain(config)  # an already parsed config (the CLI's safe_load) gets the loader's refusals
     if not isinstance(config, dict):
         raise GraftError("invalid_recipe", "mergekit config: expected a mapping at the top level")
     return config
+
+
+def load_yaml(text: str, where: str = "mergekit config") -> Any:
+    """A YAML (or JSON) document from a user, read with the rules above (JSON's types, MAX_DEPTH, MAX_VALUES):
+    what it holds, or GraftError("invalid_recipe") naming `where` and the line. Length is the caller's to
+    bound."""
+    loader = _ConfigLoader(text, where)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise GraftError("invalid_recipe", f"{where}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader building only what JSON has. The depth and the expanded size are counted on the
+    parser's events as they arrive, so the (recursive) composer never goes deeper than MAX_DEPTH collections
+    and no alias is expanded past MAX_VALUES; the constructors of YAML's other types refuse them by name, so
+    no date, set or giant integer is ever built."""
+
+    def __init__(self, stream: str, where: str) -> None:
+        super().__init__(stream)
+        self.where = where
+        self._depth = 0
+        self._sizes: dict[yaml.Node, int] = {}  # values each composed node expands to, aliases included
+
+    def refusal(self, at: Any, message: str) -> GraftError:
+        """A refusal at a node's or an event's place in the text (PyYAML counts from 0)."""
+        mark = at.start_mark
+        return GraftError("invalid_recipe", f"{self.where}: line {mark.line + 1}, column {mark.column + 1}: "
+                          f"{message}")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node not in self._sizes:  # the anchor's collection is still open: the alias is inside it
+                raise self.refusal(event, f"the alias *{event.anchor} is used inside what it names (a "
+                                   "recursive structure)")
+            return node
+        collection = isinstance(event, yaml.CollectionStartEvent)
+        if collection:
+            if self._depth >= MAX_DEPTH:
+                raise self.refusal(event, f"collections nested deeper than {MAX_DEPTH} levels")
+            self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            if collection:
+                self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._sizes[k] + self._sizes[v] for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._sizes[v] for v in node.value)
+        else:
+            size = 1
+        if size > MAX_VALUES:
+            raise self.refusal(node, f"more than {MAX_VALUES} values (an alias counts as what it names, each time)")
+        self._sizes[node] = size
+        return node
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<) first: what they bring in is checked too
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag != "tag:yaml.org,2002:str":
+                    raise self.refusal(key, f"a mapping key must be a string (quote it), not {_yaml_kind(key)}")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        value = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+        return f"{node.tag.rpartition(':')[2]} {value!r}"
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
+def _refuse_type(what: str, hint: str = ""):
+    def construct(loader: _ConfigLoader, node: yaml.Node) -> Any:
+        shown = f" {node.value[:40]!r}" if isinstance(node, yaml.ScalarNode) else ""
+        raise loader.refusal(node, f"{what}{shown}: not a value JSON has{hint}")
+    return construct
+
+
+def _checked_scalar(what: str, construct):
+    """PyYAML's own constructor, its ValueError / KeyError / IndexError on an explicit tag (`!!int x`,
+    `!!bool maybe`, `!!int ''`) a refusal."""
+    def build(loader: _ConfigLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, IndexError, OverflowError):
+            raise loader.refusal(node, f"{node.value[:40]!r} is not {what}") from None
+    return build
+
+
+def _construct_int(loader: _ConfigLoader, node: yaml.ScalarNode) -> int:
+    if len(node.value) > MAX_INT_CHARS:
+        raise loader.refusal(node, f"an integer of {len(node.value)} characters (at most {MAX_INT_CHARS}: no "
+                               "float is that long)")
+    return _checked_scalar("an integer", yaml.SafeLoader.construct_yaml_int)(loader, node)
+
+
+def _construct_str(loader: _ConfigLoader, node: yaml.ScalarNode) -> str:
+    value = loader.construct_scalar(node)
+    if not _encodable(value):
+        raise loader.refusal(node, "a string with a lone surrogate escape (\\ud800-\\udfff): not text")
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float",
+                              _checked_scalar("a number", yaml.SafeLoader.construct_yaml_float))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:bool",
+                              _checked_scalar("true or false", yaml.SafeLoader.construct_yaml_bool))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _refuse_type(
+    "a date or time (YAML timestamp)", " (quote it if it is a name)"))
+for _tag, _what in (("binary", "binary data (!!binary)"), ("set", "a set (!!set)"),
+                    ("omap", "an ordered mapping (!!omap)"), ("pairs", "a list of pairs (!!pairs)")):
+    _ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_type(_what))
+
+
+def _check_plain(value: Any) -> None:
+    """The loader's rules for a config parsed elsewhere: JSON's types only, MAX_DEPTH, MAX_VALUES (shared or
+    cyclic references counted each time they are reached). Iterative: no depth can make it recurse."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    seen = 0
+    while stack:
+        item, path, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise GraftError("invalid_recipe", f"mergekit config: more than {MAX_VALUES} values")
+        where = f"mergekit config: {path or 'the document'}"
+        if isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise GraftError("invalid_recipe", f"{where}: collections nested deeper than {MAX_DEPTH} levels")
+            if isinstance(item, list):
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item))
+                continue
+            for key, v in item.items():
+                if not isinstance(key, str):
+                    raise GraftError("invalid_recipe", f"{where}: a mapping key must be a string, not "
+                                     f"{type(key).__name__} {str(key)[:40]!r}")
+                stack.append((v, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(item, str):
+            if not _encodable(item):
+                raise GraftError("invalid_recipe", f"{where}: a string with a lone surrogate: not text")
+        elif not (item is None or isinstance(item, bool | int | float)):
+            what = ("a date or time" if isinstance(item, datetime.date | datetime.time) else
+                    "binary data" if isinstance(item, bytes | bytearray) else
+                    "a set" if isinstance(item, set | frozenset) else f"a {type(item).__name__}")
+            raise GraftError("invalid_recipe", f"{where}: {what} is not a value of a mergekit config")
 
 
 def _model_uri(ref: Any, key: str, resolve_local: bool) -> str:
@@ -192,9 +378,16 @@ def _number(value: Any, key: str) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise _refuse(key, f"expected a number, got {value!r}") from None
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        raise _refuse(key, "expected a finite number")
+            raise _refuse(key, f"expected a number, got {value[:40]!r}") from None
+    if isinstance(value, int):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise _refuse(key, "a number past the range of a float (about 1.8e308)") from None
+    if not isinstance(value, float):
+        raise _refuse(key, "expected a number")
+    if not math.isfinite(value):
+        raise _refuse(key, f"expected a finite number, got {value}")
     return float(value)
 
 
@@ -280,8 +473,9 @@ def _diff(params: dict, method: _Method, base: str, uri: str, key: str) -> dict:
         gamma = _scalar(params["gamma"], f"{where}.gamma") if "gamma" in params else 0.01
         if not 0 <= gamma < 1:
             raise _refuse(f"{where}.gamma", "must be in [0, 1)")
-        # mergekit drops fewer outliers rather than keep less than the density: the window ends at the bottom.
-        diff["transform"] = {"method": "breadcrumbs", "density": density, "gamma": min(gamma, 1.0 - density)}
+        # mergekit's own window, its rounding and its quirks included (see methods/breadcrumbs.py): gamma and
+        # density are rounded against each tensor's size, so no capping here can stand for it.
+        diff["transform"] = {"method": "breadcrumbs", "density": density, "gamma": gamma, "semantics": "mergekit"}
     return diff
 
 
@@ -296,12 +490,18 @@ def _linear_weights(diffs: list[dict], base_weight: tuple[Any, str], normalize: 
         if isinstance(diff["weight"], list):
             raise _refuse(f"models[{i}].parameters.weight", "linear takes one weight per model here")
         weights.append(diff["weight"])
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # the partial sums pass the float range (1e308 + 1e308 - 1e308)
+        raise _refuse("models", "the weights' sum passes the range of a float (about 1.8e308)") from None
     if normalize:
         if abs(total) < 1e-8:
             raise _refuse("parameters.weight", "the weights add up to 0: nothing to normalize by")
-        for diff in diffs:
+        for i, diff in enumerate(diffs):
             diff["weight"] = diff["weight"] / total
+            if not math.isfinite(diff["weight"]):
+                raise _refuse(f"models[{i}].parameters.weight", f"divided by the weights' sum ({total:g}) it "
+                              "passes the range of a float")
     elif abs(total - 1.0) > 1e-6:
         raise _refuse("parameters.normalize", f"without normalize the weights (base's included) must add up "
                       f"to 1 (they add up to {total:g}): the base would be scaled, which is not a transfer")

@@ -1,6 +1,19 @@
-"""`breadcrumbs`: drop the largest `gamma` of each tensor's |delta| (outliers) and keep the next `density`,
-as mergekit's magnitude_outliers does: n_top = int(gamma * numel), keep = int(density * numel), i.e. the
-descending magnitude ranks [n_top, n_top + keep)."""
+"""`breadcrumbs`: drop the largest `gamma` of each tensor's |delta| (outliers) and keep the next `density`.
+
+With n elements, top = int(gamma * n) and keep = int(density * n) (Python's float product, truncated), the
+window of descending magnitude ranks (ties broken by element index) kept is:
+
+- `semantics: graft` (the default, graft's own recipes): [top, top + keep), cut at n. The outliers asked for
+  are always dropped, and density is an upper bound: where gamma + density passes 1 fewer than `keep` remain.
+  With top = 0 (gamma = 0, or gamma * n < 1) nothing is dropped as an outlier and the `keep` largest stay.
+- `semantics: mergekit` (what `breadcrumbs` / `breadcrumbs_ties` configs map to): mergekit's
+  magnitude_outliers, rounding edges included. A density of 1 or more leaves the delta as it is; where
+  n - keep - top < 0, top becomes n - keep (fewer outliers, to keep the density); then the window is
+  [top, top + keep), except that top = 0 keeps nothing at all: mergekit keeps `indices[n_bot:-n_top]` of
+  the ascending sort, and `-0` ends that slice at its start. So gamma = 0, or a tensor of fewer than
+  1 / gamma elements (64-element norms at the default gamma of 0.01), adds nothing of that diff. graft's
+  own semantics do not copy that quirk.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +29,10 @@ class BreadcrumbsParams(BaseModel):
     method: Literal["breadcrumbs"]
     density: float = Field(gt=0, le=1, description="fraction kept below the dropped outliers")
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of the largest |delta| dropped as outliers")
+    semantics: Literal["graft", "mergekit"] = Field(
+        "graft", description="graft: always drop int(gamma * n) outliers, keep at most int(density * n); "
+        "mergekit: its magnitude_outliers exactly (fewer outliers where gamma + density passes 1, nothing kept "
+        "where int(gamma * n) = 0), what mergekit configs map to")
 
 
 class Breadcrumbs(TransformMethod):
@@ -23,9 +40,18 @@ class Breadcrumbs(TransformMethod):
     Params = BreadcrumbsParams
 
     def window(self, params: BreadcrumbsParams, numel: int) -> RankWindow | None:
-        top = int(params.gamma * numel)
-        return RankWindow(min(top, numel), min(numel, top + int(params.density * numel)))
+        keep, top = int(params.density * numel), int(params.gamma * numel)
+        if params.semantics == "graft":
+            return RankWindow(min(top, numel), min(numel, top + keep))
+        if params.density >= 1:
+            return None
+        if numel - keep - top < 0:
+            top = numel - keep
+        if top == 0:
+            return RankWindow(0, 0)
+        return RankWindow(top, top + keep)
 
     def apply(self, delta, params, *, window, key, start, spare):
-        window.zero_outside(delta, spare)
+        if window is not None:
+            window.zero_outside(delta, spare)
         return None
