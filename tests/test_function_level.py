@@ -179,13 +179,13 @@ def test_a_tied_base_built_untied_counts_its_extra_head(bases, monkeypatch):
     """Against an untied target, the tied base is built with a head of its own: the memory check is asked for
     one more embedding of float32 bytes than against a tied-alike target."""
     asked = {}
-    real = function_module.check_fits
+    real = loading_module.check_fits
 
     def spy(models, settings, **kwargs):
         asked[tuple(m.uri for m in models)] = kwargs["extra_bytes"]
         return real(models, settings, **kwargs)
 
-    monkeypatch.setattr(function_module, "check_fits", spy)
+    monkeypatch.setattr(loading_module, "check_fits", spy)
     _probe(bases, source="tied", target="base")
     _probe(bases, source="tied", target="tied")
     embed = load_file(os.path.join(bases["tied"], "model.safetensors"))["model.embed_tokens.weight"]

@@ -4,7 +4,8 @@ tokenizer and chat template, used on requests read from stdin, one JSON line eac
 JSON line each. Only transformers' tokenizer code is imported (torch is kept out: a second or two to start,
 not several); the limits are set once the imports are done, so they bound the tenant's files, not ours.
 
-Requests: {"op": "load", "dir", "memory", "cpu", "rendered_max"} -> {"chat_template": bool}
+Requests: {"op": "load", "dir", "memory", "cpu", "rendered_max"} -> {"chat_template": bool,
+                                                                        "unk_token_id": int | None}
           {"op": "encode", "texts", "special", "max_tokens"} -> {"ids": [[int]]}
           {"op": "render", "prompts"} -> {"texts": [str]}
           {"op": "decode", "ids": [[int]]} -> {"texts": [str]}
@@ -83,7 +84,17 @@ def load(req: dict) -> dict:
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise Refusal("no_tokenizer", f"its tokenizer files make a {type(tokenizer).__name__}, not a tokenizer")
     STATE["tokenizer"] = tokenizer
-    return {"chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    return {"chat_template": bool(getattr(tokenizer, "chat_template", None)), "unk_token_id": unknown_id(tokenizer)}
+
+
+def unknown_id(tokenizer) -> int | None:
+    """The id text is mapped to when the vocabulary cannot spell it; None without one of its own (GPT-2's
+    unknown token is its end-of-text token: an occurrence of it says nothing about the text's spelling)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not isinstance(unk, int) or isinstance(unk, bool) or unk < 0:
+        return None
+    others = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls", "mask")]
+    return None if unk in others else unk
 
 
 def encode(req: dict) -> dict:

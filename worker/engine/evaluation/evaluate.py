@@ -3,7 +3,9 @@ fine-tune it took its diff from. Loss and perplexity of all three on the probe t
 of the next-token distributions over a few prompts, and one greedy sample per prompt from the output.
 
 Memory: at most two models at once (the target base alone, then the output beside the fine-tune for the KL),
-checked against the bound before anything is loaded. One tokenizer for all three: the fine-tune's (the
+checked against the bound before anything is loaded with their activations (limits.py); the window shrinks
+to what the bound allows. Windows never pass the models' context: the built-in prompts adapt to a short one
+(plan_prompts), the user's must fit it. One tokenizer for all three: the fine-tune's (the
 output carries the fine-tune's tokenizer files, and token ids must mean the same in every model compared)."""
 
 from __future__ import annotations
@@ -18,8 +20,19 @@ from ..errors import GraftError
 from ..manifest import json_safe
 from ..model import GENERATION_CONFIG, ResolvedModel
 from ..safetensors_format import load_json
-from .loading import Deadline, activation_bytes, check_fits, loaded
-from .probe import check_ids_in_vocab, context_window, mean_loss, model_device, probe_ids, probe_text, scored_tokens
+from .limits import window_limit
+from .loading import Deadline, Phase, fit_window, loaded, running
+from .probe import (
+    check_ids_in_vocab,
+    context_window,
+    mean_loss,
+    model_device,
+    probe_ids,
+    probe_text,
+    scored_tokens,
+    unknown_share,
+    unknown_warning,
+)
 from .spec import EvaluateSpec
 from .text import TextModel, open_tokenizer
 
@@ -35,15 +48,18 @@ MAX_STOP_IDS = 1024  # end-of-sequence ids taken from a model's files at most
 def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
                    spec: EvaluateSpec, *, settings: EngineSettings, device: str = "cpu",
                    should_cancel: Callable[[], bool] | None = None) -> dict:
-    """The evaluation record (JSON-able): probe losses, KL to the fine-tune, samples, quality_warning."""
+    """The evaluation record (JSON-able): probe losses, KL to the fine-tune, samples, quality_warning, and
+    `warnings` (prompts_adapted, probe_unknown_tokens) for the job's warnings."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="evaluation")
+    # The models' context first: a config that allows no window is refused before a tokenizer is started.
+    upper = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
     with open_tokenizer(source_finetuned, check=deadline.check) as tokenizer:
-        return _evaluate(output, target_base, source_finetuned, spec, settings, device, deadline, tokenizer)
+        return _evaluate(output, target_base, source_finetuned, spec, settings, device, deadline, tokenizer, upper)
 
 
 def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
               spec: EvaluateSpec, settings: EngineSettings, device: str, deadline: Deadline,
-              tokenizer: TextModel) -> dict:
+              tokenizer: TextModel, upper: int) -> dict:
     text, source = probe_text(spec.probe_text)
     ids = probe_ids(tokenizer, text, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [target_base, output, source_finetuned], "probe text")
@@ -51,27 +67,37 @@ def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetune
     rendered, chat = render_prompts(tokenizer, prompts)
     prompt_ids = encode_prompts(tokenizer, rendered, chat=chat)
     check_ids_in_vocab(prompt_ids, [output, source_finetuned], "prompts")
-    window = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
     max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
-    check_prompt_lengths(prompt_ids, max_new, window, chat=chat)
-    longest = window
-    for held in ([target_base], [output, source_finetuned]):  # what is loaded at once
-        check_fits(held, settings, device=device, extra_bytes=activation_bytes(longest, held, at_once=len(held)))
+    builtin = spec.prompts is None
+    if not builtin:  # the user's prompts must fit the models' context: a misconfiguration, refused as such
+        check_prompt_lengths(prompt_ids, max_new, upper, chat=chat)
+    # What is loaded at once: the target base alone, then the output beside the fine-tune (both logits: the KL).
+    phases = [Phase([target_base]), Phase([output, source_finetuned], at_once=2)]
+    window = fit_window(phases, settings, device=device, upper=upper)
+    plan = plan_prompts(prompt_ids, max_new, window, builtin=builtin, chat=chat)
+    unknown = unknown_share(ids, tokenizer.unk_token_id)
     deadline.check()
 
     probe: dict = {"tokens": len(ids), "scored_tokens": scored_tokens(len(ids), window), "window": window,
-                   "source": source}
-    with loaded(target_base, device=device, check=deadline.check) as module:
+                   "window_limited_by": window_limit(window, upper, settings.probe_max_tokens), "source": source,
+                   **unknown}
+    kept = [i for i, _ in plan["run"]]
+    used_ids = [prompt_ids[i] for i in kept]
+    with loaded(target_base, device=device, check=deadline.check) as module, running(target_base):
         probe["target_base"] = loss_entry(mean_loss(module, ids, window, deadline.check))
     with loaded(output, device=device, check=deadline.check) as out:
-        probe["output"] = loss_entry(mean_loss(out, ids, window, deadline.check))
-        samples = greedy_samples(out, output, tokenizer, prompts, rendered, prompt_ids, max_new, deadline.check)
+        with running(output):
+            probe["output"] = loss_entry(mean_loss(out, ids, window, deadline.check))
+        samples = greedy_samples(out, output, tokenizer, [prompts[i] for i in kept], [rendered[i] for i in kept],
+                                 used_ids, [n for _, n in plan["run"]], deadline.check)
         with loaded(source_finetuned, device=device, check=deadline.check) as finetuned:
-            probe["source_finetuned"] = loss_entry(mean_loss(finetuned, ids, window, deadline.check))
-            kl = kl_to_finetuned(finetuned, out, prompt_ids, deadline.check)
+            with running(source_finetuned):
+                probe["source_finetuned"] = loss_entry(mean_loss(finetuned, ids, window, deadline.check))
+            kl = kl_to_finetuned(finetuned, out, used_ids, deadline.check, models=(source_finetuned, output))
+    warnings = [w for w in (plan["warning"], unknown_warning(unknown, "probe text")) if w]
     return json_safe({"probe": probe, "kl_to_finetuned": kl, "samples": samples, "chat_template": chat,
-                   "max_new_tokens": max_new, "quality_warning": quality_warning(probe),
-                   "seconds": round(deadline.elapsed, 3)})
+                      "max_new_tokens": max_new, "prompts": plan["record"], "quality_warning": quality_warning(probe),
+                      "warnings": warnings, "seconds": round(deadline.elapsed, 3)})
 
 
 def loss_entry(loss: float) -> dict:
@@ -116,6 +142,44 @@ def check_prompt_lengths(prompt_ids: list[torch.Tensor], max_new: int, window: i
                              "context, at most GRAFT_PROBE_MAX_TOKENS)")
 
 
+def plan_prompts(prompt_ids: list[torch.Tensor], max_new: int, window: int, *, builtin: bool, chat: bool) -> dict:
+    """Which prompts run and with how many sample tokens each, every prompt and its sample within `window`.
+    The built-in prompts adapt to a short window (a 64-token model): one that does not fit with its sample
+    gets a shorter sample, one that does not fit at all is skipped, and both are said (`record`, `warning`).
+    The user's prompts fit the models' context (check_prompt_lengths); what the memory bound leaves of the
+    window may still be too short for them: model_too_large, as for a model too large."""
+    run, skipped, shortened = [], [], []
+    for i, ids in enumerate(prompt_ids):
+        room = window - len(ids)
+        if room >= max_new:
+            run.append((i, max_new))
+        elif not builtin:
+            how = " once rendered through the chat template" if chat else ""
+            raise GraftError("model_too_large", f"prompts[{i}] is {len(ids)} tokens{how}; with the {max_new} tokens "
+                             f"of its sample it needs a window the memory bound does not allow these models: at "
+                             f"most {window} tokens (GRAFT_EVAL_MEMORY_BYTES)")
+        elif room >= 1:
+            run.append((i, room))
+            shortened.append({"index": i, "tokens": len(ids), "max_new_tokens": room})
+        else:
+            skipped.append({"index": i, "tokens": len(ids)})
+    record = {"source": "builtin" if builtin else "user", "used": [i for i, _ in run], "skipped": skipped,
+              "shortened": shortened, "window": window}
+    warning = None
+    if skipped or shortened:
+        said = []
+        if skipped:
+            said.append(f"{len(skipped)} of the {len(prompt_ids)} built-in prompts skipped (longer than the window)")
+        if shortened:
+            said.append(f"{len(shortened)} sample(s) shortened below {max_new} tokens")
+        tail = "; no KL to the fine-tune and no samples were measured" if not run else ""
+        warning = {"code": "prompts_adapted",
+                   "message": f"the models take windows of {window} tokens: {'; '.join(said)}{tail}",
+                   "values": {"window": window, "skipped": [s["index"] for s in skipped],
+                              "shortened": [s["index"] for s in shortened]}}
+    return {"run": run, "record": record, "warning": warning}
+
+
 def greedy_config(model: ResolvedModel, max_new_tokens: int):
     """Plain greedy decoding to max_new_tokens or an end-of-sequence token; only the model's token ids are
     taken from its generation_config.json (else config.json): its sampling settings do not apply. An id that
@@ -158,9 +222,9 @@ def token_ids(value, vocab: int | None) -> int | list[int] | None:
 
 
 def greedy_samples(module, model: ResolvedModel, tokenizer: TextModel, prompts: list[str], rendered: list[str],
-                   prompt_ids: list[torch.Tensor], max_new_tokens: int, check: Callable[[], None]) -> list[dict]:
-    """One greedy continuation per prompt (batch of one: no padding to get wrong); `check` runs at every
-    generated token."""
+                   prompt_ids: list[torch.Tensor], max_new_tokens: list[int], check: Callable[[], None]) -> list[dict]:
+    """One greedy continuation per prompt, of at most its `max_new_tokens` (batch of one: no padding to get
+    wrong); `check` runs at every generated token."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     class _Checked(StoppingCriteria):
@@ -168,19 +232,23 @@ def greedy_samples(module, model: ResolvedModel, tokenizer: TextModel, prompts: 
             check()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    config = greedy_config(model, max_new_tokens)
+    if not prompt_ids:
+        return []
+    config = greedy_config(model, max(max_new_tokens))
     # generate() fills what `config` leaves unset from the module's own generation config, which transformers
     # built from config.json (the tenant's: suppress_tokens, bad_words_ids, repetition_penalty, max_time, ...).
     module.generation_config = GenerationConfig()
     device = model_device(module)
     out = []
-    for prompt, text, ids in zip(prompts, rendered, prompt_ids, strict=True):
+    for prompt, text, ids, limit in zip(prompts, rendered, prompt_ids, max_new_tokens, strict=True):
         batch = ids[None].to(device)
-        with torch.no_grad():
+        config.max_new_tokens = limit
+        with torch.no_grad(), running(model, "generation"):
             seq = module.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config,
                                   stopping_criteria=StoppingCriteriaList([_Checked()]))
         new = seq[0, len(ids):].tolist()
-        out.append({"prompt": prompt, "rendered": text, "text": tokenizer.decode([new])[0], "tokens": len(new)})
+        out.append({"prompt": prompt, "rendered": text, "text": tokenizer.decode([new])[0], "tokens": len(new),
+                    "max_new_tokens": limit})
     return out
 
 
@@ -195,16 +263,20 @@ def kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return total
 
 
-def kl_to_finetuned(finetuned, output, prompt_ids: list[torch.Tensor], check: Callable[[], None]) -> dict:
+def kl_to_finetuned(finetuned, output, prompt_ids: list[torch.Tensor], check: Callable[[], None], *,
+                    models: tuple[ResolvedModel, ResolvedModel]) -> dict:
     """KL(fine-tune || output) of the next-token distributions at every prompt position, in nats: per
-    prompt its mean over positions, `mean` over all positions of all prompts. Vocabularies of different
-    sizes are compared on the ids they share, each renormalized over them (`vocab`)."""
+    prompt its mean over positions, `mean` over all positions of all prompts (None without prompts).
+    Vocabularies of different sizes are compared on the ids they share, each renormalized over them
+    (`vocab`). `models`: the fine-tune's and the output's, named when their forward pass fails."""
     per_prompt, total, count, vocab = [], 0.0, 0, None
     with torch.no_grad():
         for ids in prompt_ids:
-            p = finetuned(ids[None].to(model_device(finetuned))).logits[0].float()
+            with running(models[0]):
+                p = finetuned(ids[None].to(model_device(finetuned)), use_cache=False).logits[0].float()
             check()
-            q = output(ids[None].to(model_device(output))).logits[0].float().to(p.device)
+            with running(models[1]):
+                q = output(ids[None].to(model_device(output)), use_cache=False).logits[0].float().to(p.device)
             check()
             vocab = min(p.shape[-1], q.shape[-1])
             kl = kl_sum(p[:, :vocab], q[:, :vocab])
@@ -212,7 +284,7 @@ def kl_to_finetuned(finetuned, output, prompt_ids: list[torch.Tensor], check: Ca
             total += kl
             count += len(ids)
             del p, q
-    return {"mean": total / count, "per_prompt": per_prompt, "tokens": count, "vocab": vocab}
+    return {"mean": total / count if count else None, "per_prompt": per_prompt, "tokens": count, "vocab": vocab}
 
 
 def quality_warning(probe: dict) -> dict | None:

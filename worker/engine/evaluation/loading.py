@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +20,7 @@ from ..config import EngineSettings
 from ..errors import GraftCancelled, GraftError
 from ..model import ResolvedModel
 from ..safetensors_format import DTYPES, TensorInfo
+from .limits import MIN_WINDOW, ForwardShape, forward_shape, logits_bytes, pass_bytes
 
 # Of the memory the OS says is available, the share a probe or an evaluation may plan on: the rest is the
 # worker's own (the interpreter, transformers, the tokenizer, read buffers) and the page cache's.
@@ -104,21 +106,20 @@ def available_bytes(device: str = "cpu") -> int | None:
     return _host_available()
 
 
-# A forward pass's activations on the short windows used here are dominated by its logits (tokens x vocab,
-# float32); the loss or the KL takes about as much again for a log-softmax, and the hidden states are smaller.
-LOGITS_COPIES = 3
-
-
-def activation_bytes(tokens: int, models: Sequence[ResolvedModel], *, at_once: int = 1) -> int:
-    """Estimated activations of `at_once` forward passes of `tokens` tokens through the widest vocabulary."""
-    vocab = max((m.vocab_size or 0) for m in models)
-    return LOGITS_COPIES * at_once * tokens * vocab * 4
-
-
 def module_overhead_bytes(model: ResolvedModel) -> int:
     """Host memory of the Python objects of a module built for the model (modules, parameters), apart from
     their data: a checkpoint of a million tiny tensors costs gigabytes that its bytes do not show."""
     return len(model.tensors) * MODULE_BYTES_PER_TENSOR
+
+
+def memory_limit(settings: EngineSettings, device: str = "cpu") -> tuple[int, str]:
+    """(bytes the models and their activations may take, what sets it): GRAFT_EVAL_MEMORY_BYTES, lowered to
+    80% of the available memory (the GPU's free memory for a CUDA device)."""
+    limit, source = settings.eval_memory_bytes, "GRAFT_EVAL_MEMORY_BYTES"
+    free = available_bytes(device)
+    if free is not None and AVAILABLE_SHARE * free < limit:
+        limit, source = int(AVAILABLE_SHARE * free), f"{AVAILABLE_SHARE:.0%} of the {free:,} bytes available"
+    return limit, source
 
 
 def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, device: str = "cpu",
@@ -130,16 +131,54 @@ def check_fits(models: Sequence[ResolvedModel], settings: EngineSettings, *, dev
     params = sum(parameter_bytes(m) for m in models)
     overhead = sum(module_overhead_bytes(m) for m in models)
     needed = params + overhead + extra_bytes
-    limit, source = settings.eval_memory_bytes, "GRAFT_EVAL_MEMORY_BYTES"
-    free = available_bytes(device)
-    if free is not None and AVAILABLE_SHARE * free < limit:
-        limit, source = int(AVAILABLE_SHARE * free), f"{AVAILABLE_SHARE:.0%} of the {free:,} bytes available"
+    limit, source = memory_limit(settings, device)
     if needed > limit:
         names = ", ".join(f"{m.role} ({parameter_bytes(m):,} bytes)" for m in models)
         raise GraftError("model_too_large", f"the {what} needs {needed:,} bytes ({params:,} of float32 parameters: "
                          f"{names}; {extra_bytes:,} of activations; {overhead:,} for the modules' objects) and may "
                          f"take {limit:,} ({source})", {"needed_bytes": needed, "limit_bytes": limit})
     return needed
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Models held at once while forward passes run through them one at a time; `at_once`: how many of
+    their logits are held together; `extra_bytes`: what else the phase holds (a tied head built untied)."""
+
+    models: Sequence[ResolvedModel]
+    at_once: int = 1
+    extra_bytes: int = 0
+
+
+def fit_window(phases: Sequence[Phase], settings: EngineSettings, *, device: str = "cpu", upper: int,
+               what: str = "evaluation") -> int:
+    """The longest window, at most `upper` tokens, whose forward passes fit the memory bound in every phase
+    (the activations of limits.py's model, beside the models' parameters): a config whose attention would
+    outgrow the bound (thousands of heads of one dimension) is probed on shorter windows. Below
+    min(MIN_WINDOW, upper) tokens the memory does not allow, GraftError("model_too_large"), before anything
+    is loaded."""
+    limit, _ = memory_limit(settings, device)
+    plans = [(p, [forward_shape(m) for m in p.models],
+              sum(parameter_bytes(m) + module_overhead_bytes(m) for m in p.models) + p.extra_bytes) for p in phases]
+
+    def activations(phase: Phase, shapes: list[ForwardShape], tokens: int) -> int:
+        return (max(pass_bytes(s, tokens) for s in shapes)
+                + phase.at_once * max(logits_bytes(s, tokens) for s in shapes))
+
+    def fits(tokens: int) -> bool:
+        return all(fixed + activations(p, shapes, tokens) <= limit for p, shapes, fixed in plans)
+
+    low, high = min(MIN_WINDOW, upper), upper
+    if fits(high):
+        low = high
+    elif fits(low):
+        while high - low > 1:  # fits(low), not fits(high)
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+    for phase, shapes, _ in plans:  # the refusal, with its figures, when not even `low` fits
+        check_fits(phase.models, settings, device=device, what=what,
+                   extra_bytes=activations(phase, shapes, low) + phase.extra_bytes)
+    return low
 
 
 # --- modules --------------------------------------------------------------------------------------------
@@ -154,12 +193,30 @@ def build_config(model: ResolvedModel, *, untie: bool = False):
         raise GraftError("invalid_input", f"{model.role}: model_type {model_type!r} is not one this worker's "
                          "transformers can run")
     _check_layer_counts(model, raw)
+    subs = {k: dict(v) for k, v in raw.items() if k.endswith("_config") and isinstance(v, dict)}  # text_config, ...
+    raw.update(subs)  # copies: the model's own config stays as it was read
+    for config in (raw, *subs.values()):
+        _run_settings_ours(config)
     if untie:
         raw["tie_word_embeddings"] = False
     try:
         return CONFIG_MAPPING[model_type].from_dict(raw)
     except Exception as exc:
         raise GraftError("invalid_input", f"{model.role}: transformers refuses its config.json: {exc}") from None
+
+
+# How the module runs is ours to say, not the config's: transformers would take an attention or experts
+# implementation named there (a kernel from the hub, flex attention compiling), keep every layer's attention
+# probabilities or hidden states (L x heads x T^2 past the memory bound), or answer tuples without `.logits`.
+RUN_SETTINGS = {"output_attentions": False, "output_hidden_states": False, "return_dict": True}
+IMPLEMENTATION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+                       "experts_implementation", "_experts_implementation", "_experts_implementation_internal")
+
+
+def _run_settings_ours(config: dict) -> None:
+    for key in IMPLEMENTATION_KEYS:
+        config.pop(key, None)
+    config.update(RUN_SETTINGS)
 
 
 def _no_init():
@@ -393,21 +450,53 @@ def release(module) -> None:
         torch.cuda.empty_cache()
 
 
+def _said(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation refused (the host's, the GPU's): past what the memory model foresaw."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
+def run_failure(model: ResolvedModel, exc: BaseException, *, where: str) -> GraftError:
+    """What transformers raised running the module of `model`, as a GraftError naming that model:
+    model_too_large for memory refused, model_failed for the rest."""
+    if _out_of_memory(exc):
+        return GraftError("model_too_large", f"{model.role}: {where} ran out of memory: {type(exc).__name__}: "
+                          f"{_said(exc)}")
+    return GraftError("model_failed", f"running the models failed in {model.role}'s {where}: "
+                      f"{type(exc).__name__}: {_said(exc)}")
+
+
+@contextmanager
+def running(model: ResolvedModel, where: str = "forward pass") -> Iterator[None]:
+    """Around the forward passes of one model: whatever transformers raises in them (a config value it
+    accepted at build time and fails on when run, memory running out) is a GraftError naming this model,
+    whichever others are loaded beside it."""
+    try:
+        yield
+    except GraftError:
+        raise
+    except RUN_ERRORS as exc:
+        raise run_failure(model, exc, where=where) from None
+
+
 @contextmanager
 def loaded(model: ResolvedModel, *, device: str = "cpu", untie: bool = False,
            check: Callable[[], None] | None = None) -> Iterator:
     """load_causal_lm for the length of a `with`, its memory freed on the way out, whatever happens. What
-    transformers raises while the module runs in the `with` (a config value it accepted at build time and
-    fails on in a forward pass, memory running out) is GraftError("model_failed"), naming the model."""
+    transformers raises in the `with` and no `running` claimed is a GraftError naming this model too."""
     module = load_causal_lm(model, device=device, untie=untie, check=check)
     try:
         yield module
     except GraftError:
         raise
     except RUN_ERRORS as exc:
-        said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise GraftError("model_failed", f"running the models failed with {model.role} loaded: "
-                         f"{type(exc).__name__}: {said}") from None
+        raise run_failure(model, exc, where="run") from None
     finally:
         release(module)
 

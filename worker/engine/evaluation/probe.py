@@ -9,9 +9,13 @@ from importlib import resources
 import torch
 
 from ..errors import GraftError
+from ..inspect.verdict import PROBE_UNKNOWN_SHARE
 from ..model import ResolvedModel
 
 PROBE_RESOURCE = "data/probe.txt"
+# The share of unknown tokens past which the probe's losses are not taken at their word: the function level's
+# threshold (inspect/verdict.py, beside what it rests on), one figure for both.
+UNKNOWN_SHARE_WARN = PROBE_UNKNOWN_SHARE
 
 
 def builtin_probe_text() -> str:
@@ -47,13 +51,35 @@ def check_ids_in_vocab(ids: Sequence[torch.Tensor], models: Sequence[ResolvedMod
 
 
 def context_window(models: Sequence[ResolvedModel], max_tokens: int) -> int:
-    """Tokens per forward pass: the probe cap, within every model's max_position_embeddings."""
-    window = max_tokens
-    for model in models:
-        limit = model.config.get("max_position_embeddings")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2:
-            window = min(window, limit)
-    return max(window, 2)
+    """Tokens per forward pass at most: the probe cap, within every model's context as transformers builds it
+    (limits.model_context: n_positions, max_position_embeddings, text_config, sliding windows; a context
+    under 2 is GraftError("invalid_input") naming its model)."""
+    from .limits import context_limit
+
+    return context_limit(models, max_tokens)
+
+
+def unknown_share(ids: torch.Tensor, unk_id: int | None) -> dict:
+    """How many of the probe's tokens are the tokenizer's unknown token, and their share: text the
+    vocabulary cannot spell is scored as one id whatever it was, so past UNKNOWN_SHARE_WARN the losses
+    say little about the models. None when the tokenizer has no unknown token of its own (a byte-level
+    one never needs it; GPT-2's is its end-of-text token, not countable as unknown)."""
+    if unk_id is None:
+        return {"unknown_tokens": None, "unknown_share": None}
+    count = int((ids == unk_id).sum())
+    return {"unknown_tokens": count, "unknown_share": count / len(ids)}
+
+
+def unknown_warning(counts: dict, what: str) -> dict | None:
+    """The warning for a probe text whose unknown tokens pass UNKNOWN_SHARE_WARN of its tokens."""
+    share = counts.get("unknown_share")
+    if share is None or share <= UNKNOWN_SHARE_WARN:
+        return None
+    return {"code": "probe_unknown_tokens",
+            "message": f"{counts['unknown_tokens']} of the {what}'s tokens ({share:.1%}) are the tokenizer's unknown "
+                       f"token (more than {UNKNOWN_SHARE_WARN:.0%}): characters its vocabulary cannot spell are "
+                       "all scored as one token, so the losses on it say little about the models",
+            "values": dict(counts), "thresholds": {"unknown_share": UNKNOWN_SHARE_WARN}}
 
 
 def model_device(module) -> torch.device:
@@ -71,7 +97,7 @@ def mean_loss(module, ids: torch.Tensor, window: int, check: Callable[[], None] 
             chunk = ids[start:start + window].to(device)
             if len(chunk) < 2:
                 break
-            logits = module(chunk[None]).logits[0, :-1].float()
+            logits = module(chunk[None], use_cache=False).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum"))
             count += len(chunk) - 1
             del logits

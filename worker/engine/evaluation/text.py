@@ -47,6 +47,7 @@ class TextModel:
         self.role = model.role
         self.check = check
         self.chat_template = False
+        self.unk_token_id: int | None = None
         env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if key in os.environ}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    TRANSFORMERS_VERBOSITY="error")
@@ -70,6 +71,7 @@ class TextModel:
                 self.close()
                 raise
         self.chat_template = bool(answer.get("chat_template"))
+        self.unk_token_id = answer.get("unk_token_id") if _is_id(answer.get("unk_token_id")) else None
 
     # --- requests ---------------------------------------------------------------------------------------
 

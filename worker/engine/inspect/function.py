@@ -15,15 +15,25 @@ import torch
 
 from ..config import EngineSettings
 from ..errors import GraftError
+from ..evaluation.limits import window_limit
 from ..evaluation.loading import (
     Deadline,
-    activation_bytes,
+    Phase,
     build_config,
-    check_fits,
+    fit_window,
     loaded,
+    running,
     transient_buffers,
 )
-from ..evaluation.probe import check_ids_in_vocab, context_window, mean_loss, probe_ids, probe_text, scored_tokens
+from ..evaluation.probe import (
+    check_ids_in_vocab,
+    context_window,
+    mean_loss,
+    probe_ids,
+    probe_text,
+    scored_tokens,
+    unknown_share,
+)
 from ..evaluation.text import open_tokenizer
 from ..model import ResolvedModel
 
@@ -36,32 +46,36 @@ INERT_CONFIG_KEYS = frozenset({
     "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "use_cache", "max_position_embeddings",
     "tie_word_embeddings", "vocab_size", "id2label", "label2id", "output_attentions", "output_hidden_states",
     "return_dict", "initializer_range", "problem_type", "chunk_size_feed_forward", "tokenizer_class",
-    "_attn_implementation_autoset", "output_router_logits", "max_length",
+    "_attn_implementation_autoset", "output_router_logits", "max_length", "n_positions", "n_ctx", "max_seq_len",
+    "max_sequence_length", "seq_length",
 })
 
 
 def function_probe(source_base: ResolvedModel, target_base: ResolvedModel, tokenizer_from: ResolvedModel, *,
                    text: str | None, settings: EngineSettings, device: str = "cpu",
                    should_cancel: Callable[[], bool] | None = None) -> dict:
-    """{"lambdas", "losses" (mean nats/token), "barrier", "barrier_ratio", "tokens", "probe", "seconds", ...}.
+    """{"lambdas", "losses" (mean nats/token), "barrier", "barrier_ratio", "tokens", "probe", "seconds",
+    "window", "unknown_share" (of the probe's tokens, None without an unknown token), ...}.
     Refuses with model_too_large (before loading), eval_timeout, no_tokenizer, and, for bases that do not
     compute the same function shape (architecture_mismatch, shape_conflict, config_mismatch)."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="function-level probe")
     untie = refuse_mismatch(source_base, target_base)
+    upper = context_window([source_base, target_base], settings.probe_max_tokens)
     body, source = probe_text(text)
     with open_tokenizer(tokenizer_from, check=deadline.check) as tokenizer:  # the tenant's: in a bounded child
         ids = probe_ids(tokenizer, body, settings.probe_max_tokens)
+        unknown = unknown_share(ids, tokenizer.unk_token_id)
     check_ids_in_vocab([ids], [source_base, target_base], "probe text")
-    window = context_window([source_base, target_base], settings.probe_max_tokens)
-    extra = activation_bytes(window, [source_base, target_base])
-    if untie:  # a tied base is built with a head of its own: one more embedding-sized tensor each
-        extra += sum(_tied_head_bytes(m) for m in (source_base, target_base))
-    check_fits([source_base, target_base], settings, device=device, what="function-level probe", extra_bytes=extra)
+    heads = sum(_tied_head_bytes(m) for m in (source_base, target_base)) if untie else 0
+    bases = [source_base, target_base]
+    window = fit_window([Phase(bases, extra_bytes=heads)], settings, device=device, upper=upper,
+                        what="function-level probe")
     deadline.check()
     losses = walk_line(source_base, target_base, ids, window, device=device, untie=untie, check=deadline.check)
     barrier, ratio = barrier_of(losses)
     return {"lambdas": list(LAMBDAS), "losses": losses, "barrier": barrier, "barrier_ratio": ratio,
             "tokens": len(ids), "scored_tokens": scored_tokens(len(ids), window), "window": window,
+            "window_limited_by": window_limit(window, upper, settings.probe_max_tokens), **unknown,
             "probe": source, "untied": untie, "seconds": round(deadline.elapsed, 3)}
 
 
@@ -90,9 +104,11 @@ def walk_line(source_base: ResolvedModel, target_base: ResolvedModel, ids: torch
     """The probe loss at each of LAMBDAS, the ends scored on the models as stored."""
     losses: dict[float, float] = {}
     with loaded(source_base, device=device, untie=untie, check=check) as walker:
-        losses[0.0] = mean_loss(walker, ids, window, check)
+        with running(source_base):
+            losses[0.0] = mean_loss(walker, ids, window, check)
         with loaded(target_base, device=device, untie=untie, check=check) as target:
-            losses[1.0] = mean_loss(target, ids, window, check)
+            with running(target_base):
+                losses[1.0] = mean_loss(target, ids, window, check)
             pairs = _pairs(walker, target)
             with torch.no_grad():
                 for here, there in pairs:
@@ -101,7 +117,8 @@ def walk_line(source_base: ResolvedModel, target_base: ResolvedModel, ids: torch
                 with torch.no_grad():
                     for here, diff in pairs:
                         here.add_(diff, alpha=lam - previous)
-                losses[lam] = mean_loss(walker, ids, window, check)
+                with running(source_base, f"forward pass at lambda {lam:g}"):
+                    losses[lam] = mean_loss(walker, ids, window, check)
     return [losses[lam] for lam in LAMBDAS]
 
 

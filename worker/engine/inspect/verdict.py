@@ -55,6 +55,12 @@ BARRIER_RISKY = 0.10
 # 0.96 -> 2.4 -> 9.6 nats: "no barrier"). Past this relative gap the probe says nothing about connectivity.
 PROBE_ENDS_APART = 0.5
 
+# The share of the probe's tokens that are the tokenizer's unknown token past which its losses are not taken
+# at their word (a newline the vocabulary lacked made every loss meaningless). 2%: a stray symbol or two
+# stays below it; a character class the vocabulary lacks (newlines, accents, another script) goes past it.
+# Past it the function level says so (probe_unknown_tokens, at least risky) and overrules nothing.
+PROBE_UNKNOWN_SHARE = 0.02
+
 # Weights-level codes about whether the bases are linearly connected. A conclusive function probe measures
 # connectivity directly, so it overrules their *incompatible*: the bases are one run after all. It does not
 # clear them: how far the target moved relative to the diff is a separate risk the barrier cannot see. The
@@ -134,7 +140,26 @@ def weights_reasons(*, bases_distance_ratio: float | None, cos_bases_delta: floa
 
 def function_reasons(result: dict) -> list[dict]:
     """The function level's one reason, from function_probe's result (always given, even when it says
-    compatible: it is what overrules the weights level's connectivity reasons)."""
+    compatible: it is what overrules the weights level's connectivity reasons). A probe text whose share of
+    unknown tokens passes PROBE_UNKNOWN_SHARE gives probe_unknown_tokens instead: at least risky, the
+    barrier's own verdict kept when worse, and no overruling (it is not loss_barrier)."""
+    found = _barrier_reasons(result)
+    share = result.get("unknown_share")
+    if share is None or float(share) <= PROBE_UNKNOWN_SHARE:
+        return found
+    measured = found[0]
+    return [reason(
+        "probe_unknown_tokens", Level.FUNCTION, worst([Verdict.RISKY, measured["verdict"]]),
+        f"{result.get('unknown_tokens')} of the probe's {result.get('tokens', '?')} tokens ({float(share):.1%}) are "
+        f"the tokenizer's unknown token (more than {PROBE_UNKNOWN_SHARE:.0%}): the probe text holds characters the "
+        "vocabulary cannot spell, all scored as one token, so the barrier is not trusted and the weights level's "
+        f"reasons stand; as measured: {measured['message']}",
+        values={"unknown_share": float(share), "unknown_tokens": result.get("unknown_tokens"),
+                "measured_code": measured["code"], "measured_verdict": measured["verdict"], **measured["values"]},
+        thresholds={"unknown_share": PROBE_UNKNOWN_SHARE, **measured["thresholds"]})]
+
+
+def _barrier_reasons(result: dict) -> list[dict]:
     ratio = float(result["barrier_ratio"])
     ends = [float(result["losses"][0]), float(result["losses"][-1])]
     gap = abs(ends[1] - ends[0]) / max(min(ends), 1e-9)
