@@ -393,3 +393,19 @@ def test_a_byte_level_tokenizer_has_no_unknown_tokens(tmp_path):
     result = _evaluate({"m": path}, EvaluateSpec(probe_text=LINES, prompts=["hi"], max_new_tokens=1), output="m",
                        target="m", finetuned="m")
     assert (result["probe"]["unknown_tokens"], result["warnings"]) == (0, [])
+
+
+def test_how_a_module_runs_is_not_the_configs_to_say(tmp_path):
+    """A config naming an attention implementation (a kernel from the hub, say) or asking for every layer's
+    attention probabilities and hidden states (L x heads x T^2 past the memory model) is not followed."""
+    from worker.engine.evaluation import load_causal_lm
+
+    path = _with_config(tmp_path, "m", attn_implementation="kernels-community/flash-attn",
+                        _attn_implementation_internal="flex_attention", output_attentions=True,
+                        output_hidden_states=True, return_dict=False)
+    model = resolve(path, "output")
+    module = load_causal_lm(model)
+    assert module.config._attn_implementation in ("sdpa", "eager")
+    out = module(torch.tensor([encode("abc")]), use_cache=False)
+    assert out.attentions is None and out.hidden_states is None and out.logits.shape[1] == 4
+    assert model.config["output_attentions"] is True  # the model's own config as it was read
