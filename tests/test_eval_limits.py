@@ -127,6 +127,26 @@ def test_builtin_prompts_adapt_to_a_64_token_context(gpt2):
     assert err.value.code == "invalid_option" and "window of 64 tokens" in err.value.message
 
 
+def test_a_graft_on_a_64_token_model_evaluates_and_says_what_it_adapted(gpt2, tmp_path):
+    """7, end to end: `--evaluate` without prompts on a 64-token model publishes the graft (it failed it with
+    invalid_option), and the adaptation is one of the job's warnings and in the manifest, not only inside the
+    evaluation record."""
+    from worker.engine import GraftOptions, GraftRequest
+    from worker.engine.checked_graft import Checks, run_checked_graft
+
+    out = str(tmp_path / "out")
+    warned: list[dict] = []
+    request = GraftRequest(gpt2["base"], gpt2["finetuned"], gpt2["output"], out, GraftOptions(alpha=0.5))
+    result = run_checked_graft(request, Checks(evaluate=EvaluateSpec(max_new_tokens=32)), warn=warned.append,
+                               settings=EngineSettings(cache_dir="", probe_max_tokens=300))
+    with open(os.path.join(out, "graft-manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["evaluation"]["prompts"]["skipped"] and manifest["evaluation"]["probe"]["window"] == 64
+    assert "prompts_adapted" in [w["code"] for w in warned]
+    assert "prompts_adapted" in [w["code"] for w in manifest["warnings"]]
+    assert result.checks["evaluation"]["prompts"]["used"]
+
+
 def test_no_builtin_prompt_fits_a_tiny_context(tmp_path):
     """A context shorter than every built-in prompt: the probe is still scored, the KL and samples are not."""
     ids = encode(builtin_probe_text())
@@ -137,6 +157,26 @@ def test_no_builtin_prompt_fits_a_tiny_context(tmp_path):
     assert [s["index"] for s in result["prompts"]["skipped"]] == [0, 1, 2, 3]
     assert "no KL" in result["warnings"][0]["message"]
     json.dumps(result, allow_nan=False)
+
+
+def test_the_cli_reports_an_evaluation_with_nothing_to_compare(tmp_path, capsys):
+    """A context shorter than every built-in prompt leaves the KL unmeasured (null): `graft run --evaluate`
+    prints it as such, and the adaptation as a warning (formatting None as a number raised a TypeError after
+    the graft was published)."""
+    from worker.cli import main
+    from worker.sample_models import perturb
+
+    ids = encode(builtin_probe_text())
+    base = bigram_state(ids, seed=0)
+    paths = {name: save(str(tmp_path / name), state, tokenizer=tokenizer_files(), max_positions=16)
+             for name, state in (("base", base), ("ft", perturb(base, seed=1, scale=0.05)),
+                                 ("target", perturb(base, seed=2, scale=0.01)))}
+    out = str(tmp_path / "out")
+    assert main(["run", "--source-base", paths["base"], "--source-finetuned", paths["ft"], "--target-base",
+                 paths["target"], "--output", out, "--evaluate"]) == 0
+    printed = capsys.readouterr().out
+    assert "KL(fine-tune || output) on the prompts: n/a" in printed
+    assert "warning:" in printed and os.path.exists(os.path.join(out, "graft-manifest.json"))
 
 
 def test_gpt2_of_64_positions_is_function_level_inspected(gpt2):

@@ -217,14 +217,22 @@ def _format_checks(checks: dict) -> list[str]:
             lines.append(f"alpha {c['alpha']:g}: {sweep['select']} {c['score']:.4f}{mark}")
     evaluation = checks.get("evaluation")
     if evaluation:
-        probe = evaluation["probe"]
-        lines.append("probe perplexity: " + ", ".join(f"{role} {probe[role]['perplexity']:.3f}" for role in
-                                                        ("target_base", "output", "source_finetuned")))
-        lines.append(f"KL(fine-tune || output) on the prompts: {evaluation['kl_to_finetuned']['mean']:.4f}")
-        for sample in evaluation.get("samples", [])[:3]:
-            lines.append(f"sample: {sample['prompt']!r} -> {sample['text']!r}")
-        if evaluation.get("quality_warning"):
-            lines.append(f"warning: {evaluation['quality_warning']['message']}")
+        lines += _format_evaluation(evaluation)
+    return lines
+
+
+def _format_evaluation(evaluation: dict) -> list[str]:
+    if "error" in evaluation:
+        return [f"not evaluated: [{evaluation['error']['code']}] {evaluation['error']['message']}"]
+    from .engine.checked_graft import evaluation_warnings
+
+    probe = evaluation["probe"]
+    lines = ["probe perplexity: " + ", ".join(f"{role} {_number(probe[role]['perplexity'], '.3f')}" for role in
+                                             ("target_base", "output", "source_finetuned"))]
+    lines.append(f"KL(fine-tune || output) on the prompts: {_number(evaluation['kl_to_finetuned']['mean'], '.4f')}")
+    for sample in evaluation.get("samples", [])[:3]:
+        lines.append(f"sample: {sample['prompt']!r} -> {sample['text']!r}")
+    lines += [f"warning: {w['message']}" for w in evaluation_warnings(evaluation)]
     return lines
 
 
@@ -247,7 +255,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _number(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)  # a loss that overflowed is null in the report
+    # null in a record: a loss that overflowed, or a KL with no prompt to measure it on
+    return "n/a" if value is None else format(value, spec)
 
 
 def _format_function(function: dict | None) -> list[str]:

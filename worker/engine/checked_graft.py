@@ -168,10 +168,19 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
                                   f"[{err.code}] {err.message}"}]}
         finally:
             output.store.close()
-        warning = evaluation.get("quality_warning")
-        return {"evaluation": evaluation, **({"warnings": [warning]} if warning else {})}
+        warnings = evaluation_warnings(evaluation)
+        return {"evaluation": evaluation, **({"warnings": warnings} if warnings else {})}
 
     return evaluate
+
+
+def evaluation_warnings(evaluation: dict) -> list[dict]:
+    """What an evaluation says the job's warnings must carry: how it adapted (prompts skipped or shortened on a
+    short context, a probe text the tokenizer could not read) and its quality warning."""
+    warnings = [w for w in evaluation.get("warnings") or () if isinstance(w, dict)]
+    if evaluation.get("quality_warning"):
+        warnings.append(evaluation["quality_warning"])
+    return warnings
 
 
 def _score(evaluation: dict, select: Select) -> float:
@@ -256,7 +265,7 @@ def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: s
                        should_cancel=hooks.should_cancel, warn=lambda w: None,
                        before_commit=_evaluator(spec, candidate, hooks, required=True))
     evaluation = result.checks["evaluation"]
-    warnings = [w for w in result.warnings if w.get("code") == "quality_warning"]
+    warnings = evaluation_warnings(evaluation)
     digests = {f.path: f.sha256 for f in result.files if f.path.endswith(".safetensors")}
     return _Candidate(alpha, _score(evaluation, select), evaluation, warnings, digests, directory)
 
