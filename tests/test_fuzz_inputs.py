@@ -2,6 +2,9 @@
 from valid ones and made up whole, run through resolve_model and build_plan. Every case must end in a
 plan or a GraftError with a code (never another exception, never a hang), and a plan must agree with
 the headers: every tensor's bytes inside its file, none overlapping, no segment reading past a tensor.
+mergekit YAML (generated configs with hostile scalars, tags, dates, huge numbers, nesting, anchors and
+aliases, and raw text edits of them) must end in a recipe the API can return as strict JSON or in
+GraftError("invalid_recipe"), both as text and as PyYAML's own safe_load builds it (the CLI's way).
 
 GRAFT_FUZZ_EXAMPLES sets the examples per test (`make fuzz` raises it); the default keeps this file to a
 few seconds in the suite. Derandomized: a failure here reproduces on every run.
@@ -387,3 +390,196 @@ def test_fuzz_options(pristine, include, exclude, vocab, dtype, shard_size):
     with time_limit(CASE_SECONDS):
         assert isinstance(options.selects("model.layers.0." + "a" * 5000 + ".weight"), bool)
     run_case(pristine, options)
+
+
+# --- mergekit YAML -----------------------------------------------------------------------------------------
+
+# Scalars as YAML text: numbers at and past a float's range, YAML 1.1's other types (dates, binary, sexagesimal,
+# yes/no), explicit tags good and bad, quoting, escapes, aliases to nothing, flow indicators out of place.
+YAML_SCALAR_TEXT = st.one_of(
+    st.sampled_from([
+        "1", "0", "-1", "0.5", "0.3", "0.7", "0.01", "-0.3", "1e308", "1.0e308", "-1.0e+308", "1.0e999", "1e999",
+        "1e-320", ".inf", "-.inf", ".nan", "~", "null", "yes", "no", "on", "off", "true", "false", "0x1F", "0o17",
+        "017", "0b101", "1:30", "190:20:30.15", "1_000", "2001-13-45", "2001-01-01", "2001-12-14t21:59:43.10-05:00",
+        "!!binary aGk=", "!!timestamp 2001-01-01", "!!int x", "!!int ''", "!!float abc", "!!bool maybe", "!!str 1",
+        "!!null x", "!!float 1e999", "!foo bar", "!!python/name:os.system", "!!set {a, b}", "!!omap [{a: 1}]",
+        "'quoted'", '"\\ud800"', '"\\ud83d\\ude00"', '"\\0"', '"\\x85"', "*nowhere", "''", "9" * 5000,
+        "-" + "9" * 400, "0x" + "f" * 500, "1" + "0" * 330, "ties", "task_arithmetic", "breadcrumbs",
+        "breadcrumbs_ties", "dare_ties", "dare_linear", "linear", "slerp", "float32", "bfloat16", "float64", "int8",
+        "torch.float16", "/m/base", "/m/ft", "org/model", "org/model@rev", "s3://b/m", "hf://org/m", "a+b", "..",
+    ]),
+    st.integers(-(10**30), 10**30).map(str),
+    st.floats(min_value=-2.0, max_value=2.0).map(repr),
+    st.floats().map(lambda x: f"{x:.17e}"),
+    st.text(max_size=10).map(json.dumps),
+    st.text(max_size=10).map(lambda t: json.dumps(t, ensure_ascii=False)),
+)
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                 "slices", "model", "weight", "density", "gamma", "normalize", "lambda", "int8_mask", "rescale",
+                 "epsilon", "filter", "value", "<<")
+YAML_KEY_TEXT = st.one_of(st.sampled_from(MERGEKIT_KEYS), YAML_SCALAR_TEXT, st.just("? [a]"))
+# Flow-style YAML trees: lists, mappings, scalars, deeply nested runs (inside and past the bound).
+YAML_TREE = st.recursive(
+    YAML_SCALAR_TEXT,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.lists(st.tuples(YAML_KEY_TEXT, inner), max_size=4).map(
+            lambda pairs: "{" + ", ".join(f"{k}: {v}" for k, v in pairs) + "}"),
+        st.tuples(DEPTHS, inner).map(lambda d: "[" * min(d[0], 6000) + d[1] + "]" * min(d[0], 6000)),
+        st.tuples(DEPTHS, inner).map(lambda d: "{a: " * min(d[0], 3000) + d[1] + "}" * min(d[0], 3000)),
+    ), max_leaves=10)
+
+
+@st.composite
+def yaml_value(draw, anchors: list[str], flag: bool = False) -> str:
+    """A value for a mergekit key: mostly plain numbers, sometimes any scalar, a list, a filter list, any
+    tree, an anchored value, an alias (to an anchor defined above, or to none), or a merge key over one."""
+    kind = draw(st.sampled_from(["number"] * 8 + ["scalar", "list", "filters", "tree", "anchor", "alias", "merge"]))
+    if kind in ("alias", "merge") and not anchors:
+        kind = "number"
+    if kind == "number" and flag:
+        return draw(st.sampled_from(["true", "false"]))
+    if kind == "number":
+        return draw(st.floats(min_value=0.0, max_value=1.0).map(repr) | st.sampled_from(["1", "0.5", "true"]))
+    if kind == "scalar":
+        return draw(YAML_SCALAR_TEXT)
+    if kind == "list":
+        return "[" + ", ".join(draw(st.lists(st.floats(min_value=-1.0, max_value=1.0).map(repr) | YAML_SCALAR_TEXT,
+                                             min_size=1, max_size=4))) + "]"
+    if kind == "filters":
+        return "[{filter: " + draw(st.sampled_from(["'*'", "mlp", "self_attn", "~"])) + ", value: " + \
+            draw(YAML_SCALAR_TEXT) + "}, {value: 1}]"
+    if kind == "tree":
+        return draw(YAML_TREE)
+    if kind == "anchor":
+        name = f"a{len(anchors)}"
+        anchors.append(name)
+        return f"&{name} " + draw(st.one_of(YAML_SCALAR_TEXT, YAML_TREE))
+    if kind == "alias":
+        return "*" + draw(st.sampled_from(anchors))
+    return "{<<: *" + draw(st.sampled_from(anchors)) + ", weight: " + draw(YAML_SCALAR_TEXT) + "}"
+
+
+@st.composite
+def mergekit_document(draw) -> str:
+    """A mergekit-like config in block style (merge method, base, models with parameters, top-level
+    parameters, dtypes), its values from yaml_value: mostly what the method takes, so that many reach the
+    converter's own checks and some become recipes; now and then any key, any reference, any value."""
+    def sane(common, rare=YAML_SCALAR_TEXT):  # nine times in ten the common kind
+        return draw(common) if draw(USUALLY) else draw(rare)
+
+    def names(allowed: tuple[str, ...], weight: bool) -> list[str]:
+        chosen = draw(st.lists(st.sampled_from(allowed), unique=True, max_size=2))
+        if weight and "weight" not in chosen and draw(USUALLY):
+            chosen.insert(0, "weight")
+        if not draw(USUALLY):
+            chosen.append(draw(st.sampled_from(("normalize", "lambda", "rescale", "epsilon", "gamma", "density",
+                                                "int8_mask", "filter"))))
+        return list(dict.fromkeys(chosen))
+
+    anchors: list[str] = []
+    refs = st.sampled_from(["/m/base", "/m/ft1", "/m/ft2", "/m/ft3", "org/ft", "s3://b/ft", "hf://o/m@r"])
+    method = draw(st.sampled_from(MERGEKIT_METHODS))
+    per_model = {"linear": ("weight",), "breadcrumbs": ("weight", "density", "gamma"),
+                 "breadcrumbs_ties": ("weight", "density", "gamma")}.get(method, ("weight", "density"))
+    shared = ("normalize",) if method == "linear" else ("normalize", "lambda", "int8_mask")
+    lines = [f"merge_method: {sane(st.just(method))}"]
+    if draw(USUALLY):
+        lines.append(f"base_model: {sane(st.just('/m/base'), refs | YAML_SCALAR_TEXT)}")
+    if draw(st.booleans()):
+        lines.append("parameters:")
+        lines += [f"  {name}: {draw(yaml_value(anchors, name in FLAGS))}" for name in names(per_model + shared, False)]
+    if draw(USUALLY):
+        lines.append("models:")
+        for i in range(draw(st.integers(1 if method != "linear" else 2, 4)) if draw(USUALLY) else 0):
+            model = "/m/base" if method == "linear" and i == 0 else f"/m/ft{i}"
+            lines.append(f"  - model: {sane(st.just(model), refs | YAML_SCALAR_TEXT)}")
+            chosen = names(per_model, True)
+            if chosen:
+                lines.append("    parameters:")
+                lines += [f"      {name}: {draw(yaml_value(anchors, name in FLAGS))}" for name in chosen]
+    if draw(st.booleans()):
+        lines.append(f"dtype: {sane(st.sampled_from(['float32', 'bfloat16', 'float16', 'float64']))}")
+    if not draw(USUALLY_5):
+        lines.append(f"{draw(YAML_KEY_TEXT)}: {draw(yaml_value(anchors))}")
+    return "\n".join(lines) + "\n"
+
+
+FLAGS = ("normalize", "int8_mask", "rescale")
+# True nine times in ten (four in five): hypothesis draws small integers far more often than their share, and
+# "integers(0, 9) != 0" would take the rare branch about half the time.
+USUALLY = st.sampled_from([True] * 9 + [False])
+USUALLY_5 = st.sampled_from([True] * 4 + [False])
+MERGEKIT_METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                    "linear"]
+YAML_SNIPPETS = ["[" * 5000, "]" * 5000, "{a: " * 3000, "- " * 3000, "9" * 5000, "2001-13-45", "&x [*x]", "*x",
+                 "&x", "!!binary x", "!!set", "!!python/object:os.system", "\t", "\x00", "\ufeff", "\x85", "\u2028",
+                 "\ud800", "\n---\n", "\n...\n", "%YAML 1.1\n", "%TAG ! tag:x,2000:\n", "? ", "- ", "<<: ", ": ",
+                 "|\n", ">-\n", "'", '"', "#", ",", "1e308", ".nan", "~", "\n  ", "\n"]
+
+
+@st.composite
+def mutated_yaml(draw) -> str:
+    """A document (generated, or a plain valid config) with raw text edits: inserted characters or hostile
+    snippets, deleted or duplicated spans."""
+    text = draw(mergekit_document()) if draw(st.booleans()) else (
+        "merge_method: ties\nbase_model: /m/base\nmodels:\n  - model: /m/ft1\n    parameters: {weight: 1.0, "
+        "density: 0.5}\n  - model: /m/ft2\n    parameters:\n      weight: [0.2, 0.8]\n      density: 0.5\n"
+        "dtype: float32\n")
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["insert", "snippet", "delete", "duplicate"]))
+        if op == "insert":
+            text = text[:at] + draw(st.text(alphabet=st.sampled_from("[]{}:,-?&*!|>'\"#%@` \n\t\\0123456789.e"),
+                                            min_size=1, max_size=4) | st.text(min_size=1, max_size=3)) + text[at:]
+        elif op == "snippet":
+            text = text[:at] + draw(st.sampled_from(YAML_SNIPPETS)) + text[at:]
+        elif op == "delete":
+            text = text[:at] + text[at + draw(st.integers(1, 8)):]
+        else:
+            end = min(len(text), at + draw(st.integers(1, 80)))
+            text = text[:end] + text[at:end] * draw(st.integers(1, 3)) + text[end:]
+    return text
+
+
+def _mergekit_case(config, resolve_local: bool) -> None:
+    """A clean refusal or a recipe the API can send back as strict JSON (finite numbers, UTF-8 text)."""
+    from worker.engine.mergekit_config import recipe_from_mergekit
+    from worker.engine.recipe import Recipe
+
+    with time_limit(CASE_SECONDS):
+        try:
+            recipe = recipe_from_mergekit(config, resolve_local=resolve_local)
+        except GraftError as err:
+            assert err.code == "invalid_recipe" and err.message.startswith("mergekit config"), (err.code, err.message)
+            return
+    assert isinstance(recipe, Recipe)
+    json.dumps(recipe.to_dict(), allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+def _parsed_elsewhere(text: str):
+    """The text as PyYAML's own safe_load builds it (the CLI's way: dates, any depth), or None where it cannot
+    (which is PyYAML's business, not the converter's). Merge keys and the generators' deep runs are left out:
+    safe_load itself would expand a merge-key bomb, and spend seconds recursing into thousands of brackets."""
+    import yaml
+
+    if "<<" in text or len(text) > 20_000 or any(run * 100 in text for run in ("[", "{a: ", "- ")):
+        return None
+    try:
+        with time_limit(CASE_SECONDS):
+            return yaml.safe_load(text)
+    except Exception:
+        return None
+
+
+# Fewer by default than the other targets: PyYAML is pure Python, and the suite should stay fast.
+YAML_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "60")))
+
+
+@YAML_FUZZ
+@given(text=st.one_of(mergekit_document(), mutated_yaml()), resolve_local=st.booleans())
+def test_fuzz_mergekit_yaml(text, resolve_local):
+    _mergekit_case(text, resolve_local)
+    parsed = _parsed_elsewhere(text)
+    if parsed is not None:
+        _mergekit_case(parsed, resolve_local)

@@ -157,13 +157,14 @@ def load_yaml(text: str, where: str = "mergekit config") -> Any:
     """A YAML (or JSON) document from a user, read with the rules above (JSON's types, MAX_DEPTH, MAX_VALUES):
     what it holds, or GraftError("invalid_recipe") naming `where` and the line. Length is the caller's to
     bound."""
-    loader = _ConfigLoader(text, where)
     try:
-        return loader.get_single_data()
+        loader = _ConfigLoader(text, where)  # the reader refuses unprintable characters here already
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise GraftError("invalid_recipe", f"{where}: not valid YAML: {exc}") from None
-    finally:
-        loader.dispose()
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -256,9 +257,12 @@ def _construct_int(loader: _ConfigLoader, node: yaml.ScalarNode) -> int:
 
 def _construct_str(loader: _ConfigLoader, node: yaml.ScalarNode) -> str:
     value = loader.construct_scalar(node)
-    if not _encodable(value):
-        raise loader.refusal(node, "a string with a lone surrogate escape (\\ud800-\\udfff): not text")
-    return value
+    if _encodable(value):
+        return value
+    try:  # PyYAML reads JSON's "\ud83d\ude00" as two surrogates: one character
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise loader.refusal(node, "a string with a lone surrogate escape (\\ud800-\\udfff): not text") from None
 
 
 def _encodable(text: str) -> bool:
