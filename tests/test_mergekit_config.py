@@ -444,20 +444,17 @@ def test_the_issues_breadcrumbs_window(grid_models, tmp_path):
 # --- the CLI reads a hostile file as the API does -------------------------------------------------------
 
 _HEAD = "merge_method: task_arithmetic\nbase_model: /m/base\nmodels:\n  - model: /m/ft\n    parameters:\n"
-_CLI_PARSES_FIRST = pytest.mark.xfail(strict=True, reason="worker/cli.py reads --mergekit-config with its own "
-                                      "yaml.safe_load before the converter sees it: it must pass the text")
 
 
 @pytest.mark.parametrize("text, says", [
-    pytest.param(_HEAD + "      weight: " + "9" * 5000 + "\n", "5000 characters", marks=_CLI_PARSES_FIRST),
-    pytest.param(_HEAD + "      weight: 1\ndtype: 2001-13-45\n", "date", marks=_CLI_PARSES_FIRST),
-    pytest.param(_HEAD + "      weight: " + "[" * 5000 + "]" * 5000 + "\n", "nested", marks=_CLI_PARSES_FIRST),
-    pytest.param(_HEAD + "      weight: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "nested",
-                 marks=_CLI_PARSES_FIRST),
+    (_HEAD + "      weight: " + "9" * 5000 + "\n", "5000 characters"),
+    (_HEAD + "      weight: 1\ndtype: 2001-13-45\n", "date"),
+    (_HEAD + "      weight: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    (_HEAD + "      weight: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "nested"),
     ("merge_method: linear\nbase_model: /m/base\nmodels:\n  - model: /m/base\n    parameters: {weight: 1e308}\n"
      "  - model: /m/a\n    parameters: {weight: 1e308}\n  - model: /m/b\n    parameters: {weight: -1e308}\n",
      "range of a float"),
-    (_HEAD + "      weight: 1\ndtype: 2001-01-01\n", "a date or time"),  # parsed by the CLI, refused here
+    (_HEAD + "      weight: 1\ndtype: 2001-01-01\n", "a date or time"),
 ], ids=["huge_int", "impossible_date", "brackets", "mappings", "linear_overflow", "date"])
 def test_the_cli_refuses_hostile_yaml_cleanly(tmp_path, text, says):
     cfg = tmp_path / "merge.yml"

@@ -75,15 +75,10 @@ def _add_option_flags(group) -> None:
 
 
 def _read_document(path: str) -> dict:
-    import yaml
+    """A recipe file (YAML is a superset of JSON), read by the same bounded loader as a tenant's config."""
+    from .engine.mergekit_config import load_yaml
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)  # YAML is a superset of JSON
-    except OSError as exc:
-        raise GraftError("input_not_found", f"{path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise GraftError("invalid_recipe", f"{path}: not valid YAML or JSON: {exc}") from None
+    data = load_yaml(_read_text(path, "--recipe", code="invalid_recipe", missing="input_not_found"), where=path)
     if not isinstance(data, dict):
         raise GraftError("invalid_recipe", f"{path}: expected a mapping at the top level")
     return data
@@ -104,12 +99,15 @@ def _request(args: argparse.Namespace):
                          "(with --alpha)")
     if args.recipe:
         data = _read_document(args.recipe)
-        data["options"] = {**(data.get("options") or {}), **flags}
+        if isinstance(data.get("options"), dict | None):  # anything else is load_recipe's to refuse by name
+            data["options"] = {**(data.get("options") or {}), **flags}
         recipe = load_recipe(data, where=args.recipe)
     elif args.mergekit_config:
         from .engine.mergekit_config import recipe_from_mergekit
 
-        recipe = recipe_from_mergekit(_read_document(args.mergekit_config))
+        # The text, not a dict: the converter's own loader bounds nesting and refuses YAML's non-JSON types.
+        recipe = recipe_from_mergekit(_read_text(args.mergekit_config, "--mergekit-config",
+                                                   code="invalid_recipe", missing="input_not_found"))
         recipe = load_recipe({**recipe.to_dict(), "options": {**recipe.options.model_dump(), **flags}},
                              where=args.mergekit_config)
     else:
@@ -163,12 +161,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_text(path: str, what: str) -> str:
+def _read_text(path: str, what: str, *, code: str = "invalid_option", missing: str | None = None) -> str:
+    """A file the flags name, as UTF-8 text of at most MAX_CONFIG_CHARS characters (read no further: a recipe,
+    a config, a probe text or prompts are pages, and a parser must not be handed a disk image)."""
+    from .engine.mergekit_config import MAX_CONFIG_CHARS
+
     try:
         with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GraftError("invalid_option", f"{what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            text = fh.read(MAX_CONFIG_CHARS + 1)
+    except OSError as exc:
+        raise GraftError(missing or code, f"{what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise GraftError(code, f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if len(text) > MAX_CONFIG_CHARS:
+        raise GraftError(code, f"{what} {path}: longer than {MAX_CONFIG_CHARS} characters")
+    return text
 
 
 def _evaluate_spec(args: argparse.Namespace):

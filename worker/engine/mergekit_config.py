@@ -16,12 +16,15 @@ base are mergekit's `base_model` (mergekit 0.1.5's semantics, read from its sour
   float64) and rounds once; `out_dtype` (or `dtype` without it, as in mergekit) is the stored dtype
   (options.dtype).
 - the output keeps the base model's vocabulary (options.vocab = target), as mergekit's output does without a
-  tokenizer_source.
+  tokenizer_source, and the recipe carries mergekit's conventions (recipe.py): the tokenizer, chat template
+  and generation config come from the base model, and a weight list gives the embeddings, the final norm and
+  the head its first value (mergekit plans every tensor outside the layers at t = 0).
+- what graft still computes differently (DARE's rescale and draw, ties at a magnitude threshold, the compute
+  dtype) goes with the recipe as `notes`: warnings whenever it runs, and in the manifest.
 
 Anything else (other merge methods, slices, modules, tokenizer settings, per-tensor parameter filters,
 LoRA references, per-layer densities, a key mergekit would ignore) is refused with
-GraftError("invalid_recipe") naming the key. Semantics that differ on purpose (thresholds' tie-breaking,
-DARE's draw and rescale, weights of the final norm and head) are listed in README.md.
+GraftError("invalid_recipe") naming the key.
 
 The YAML is a tenant's: it is read by a safe loader that builds only what JSON has (mappings with string keys,
 lists, strings, numbers, booleans, null) and refuses by name what else YAML can say (dates and times, binary,
@@ -116,7 +119,8 @@ def _convert(config: str | dict, resolve_local: bool) -> Recipe:
         why = {"slices": "slices and layer ranges are not supported", "modules": "modules are not supported",
                "tokenizer_source": "the output keeps the base model's tokenizer rows",
                "tokenizer": "tokenizer settings are not supported",
-               "chat_template": "the chat template comes from the first fine-tune"}.get(key, "not supported")
+               "chat_template": "the chat template comes from base_model's tokenizer files (mergekit's default)"
+               }.get(key, "not supported")
         raise _refuse(key, why)
     name = doc.get("merge_method")
     if not isinstance(name, str) or not name:
@@ -137,8 +141,9 @@ def _convert(config: str | dict, resolve_local: bool) -> Recipe:
     if name == "linear":
         _linear_weights(diffs, base_weight, normalize)
         normalize = False  # folded into the weights, the base's included
-    recipe = {"target_base": base, "diffs": diffs, "merge": _merge(name, method, diffs, normalize, lam, top),
-              "options": {"dtype": _dtype(doc), "vocab": "target"}}
+    merge = _merge(name, method, diffs, normalize, lam, top)
+    recipe = {"target_base": base, "diffs": diffs, "merge": merge, "options": {"dtype": _dtype(doc), "vocab": "target"},
+              "conventions": "mergekit", "notes": _notes(doc, diffs, merge)}
     return load_recipe(recipe, where="mergekit config")
 
 
@@ -530,6 +535,36 @@ def _merge(name: str, method: _Method, diffs: list[dict], normalize: bool, lam: 
     if method.merge == "dare_ties":
         merge["density"] = 1.0  # each diff names its own draw
     return merge
+
+
+def _notes(doc: dict, diffs: list[dict], merge: dict) -> list[dict]:
+    """What the recipe computes differently from mergekit running the same config (or, for breadcrumbs at
+    gamma 0, what mergekit itself does that its user may not expect): said whenever the recipe runs."""
+    transforms = [d.get("transform") or {} for d in diffs]
+    shared = merge.get("density", 1.0) < 1  # the merge's own draw (dare_ties) or trim (ties) for every diff
+    trimmed = merge["method"] == "ties" and shared or any(t.get("method") in ("magnitude", "breadcrumbs")
+                                                          for t in transforms)
+    dare = merge["method"] == "dare_ties" and shared or any(t.get("method") == "dare" for t in transforms)
+    notes = []
+    if dare:
+        notes.append({"code": "dare_rescale", "message": "DARE's kept elements are rescaled by exactly "
+                      "1 / density; mergekit (rescale: true) rescales them to the delta's L1 norm"})
+        notes.append({"code": "dare_draw", "message": "DARE's random draw is graft's (counter-based, the same "
+                      "for a given seed on every run and worker): other elements are dropped than in mergekit's run"})
+    if trimmed:
+        notes.append({"code": "threshold_ties", "message": "equal magnitudes at a trim's threshold are kept in "
+                      "element order; mergekit's sort keeps any of them"})
+    if any(t.get("method") == "breadcrumbs" and t.get("gamma") == 0 for t in transforms):
+        notes.append({"code": "breadcrumbs_keeps_nothing", "message": "gamma: 0 makes mergekit's breadcrumbs "
+                      "keep no element of any tensor (and gamma * numel < 1 of a tensor, none of it); graft "
+                      "computes the same, so those diffs add nothing"})
+    dtype = doc.get("dtype")
+    name = dtype[len("torch."):] if isinstance(dtype, str) and dtype.startswith("torch.") else dtype
+    if name not in ("float32", "float64"):
+        said = f"in {name}" if name else "in the inputs' own dtype (no dtype given)"
+        notes.append({"code": "compute_dtype", "message": f"mergekit computes {said}; graft accumulates in "
+                      "float32 (float64 where an input is) and rounds once to the stored dtype, so low bits differ"})
+    return notes
 
 
 def _dtype(doc: dict) -> str:
