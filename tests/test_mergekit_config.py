@@ -299,13 +299,10 @@ def _mergekit_outliers(delta: np.ndarray, density: float, gamma: float) -> np.nd
     num_elems = delta.size
     target_n = int(density * num_elems)
     n_top = int(gamma * num_elems)
-    n_bot = num_elems - target_n - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
+    n_bot = max(0, num_elems - target_n - n_top)  # fewer outliers dropped when needed to keep the density
     indices = np.argsort(np.abs(delta), kind="stable")
     mask = np.zeros(num_elems)
-    mask[indices[n_bot:-n_top]] = 1  # n_top == 0: `-0` ends the slice where it starts, nothing is kept
+    mask[indices[n_bot:n_bot + target_n]] = 1
     return delta * mask
 
 
@@ -346,7 +343,7 @@ def test_breadcrumbs_window_is_mergekits_over_sizes_densities_and_gammas():
 
 def test_graft_breadcrumbs_keep_their_documented_window():
     """graft's own recipes: always int(gamma * n) outliers dropped, then at most int(density * n) kept, even
-    where mergekit keeps nothing (int(gamma * n) = 0) or drops fewer outliers (gamma + density > 1)."""
+    where mergekit drops fewer outliers (gamma + density > 1)."""
     from worker.engine.methods import TRANSFORMS
     from worker.engine.methods.breadcrumbs import BreadcrumbsParams
 
@@ -357,7 +354,7 @@ def test_graft_breadcrumbs_keep_their_documented_window():
         assert (window.low, window.high) == want, (n, density, gamma)
 
 
-# (density, gamma) of each fine-tune: the issue's case, gamma 0 (mergekit keeps nothing), gamma + density = 1,
+# (density, gamma) of each fine-tune: the issue's case, gamma 0, gamma + density = 1,
 # density * n < 1, gamma * n < 1 on the small tensors, heavy overlap, default gamma, density 1 (untouched).
 E2E_PARAMS = [(0.7, 0.4), (0.5, 0.0), (0.3, 0.7), (0.6, 0.4), (0.005, 0.05), (0.9, 0.01), (0.25, 0.25),
               (0.999, 0.5), (0.2, None), (1.0, 0.3)]

@@ -117,8 +117,7 @@ def test_tokenizer_and_generation_config_come_from_base_model(tmp_path):
 @pytest.mark.parametrize("method, extra, dtype, reasons", [
     ("dare_linear", ", density: 0.5", None, {"dare_rescale", "dare_draw", "compute_dtype"}),
     ("ties", ", density: 0.5", "float32", {"threshold_ties"}),
-    ("breadcrumbs", ", density: 0.5, gamma: 0", "bfloat16", {"threshold_ties", "breadcrumbs_keeps_nothing",
-                                                               "compute_dtype"}),
+    ("breadcrumbs", ", density: 0.5, gamma: 0", "bfloat16", {"threshold_ties", "compute_dtype"}),
     ("task_arithmetic", "", "float32", set()),
 ])
 def test_what_still_differs_is_said_in_the_plan_the_events_and_the_manifest(tmp_path, method, extra, dtype,

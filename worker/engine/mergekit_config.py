@@ -538,8 +538,8 @@ def _merge(name: str, method: _Method, diffs: list[dict], normalize: bool, lam: 
 
 
 def _notes(doc: dict, diffs: list[dict], merge: dict) -> list[dict]:
-    """What the recipe computes differently from mergekit running the same config (or, for breadcrumbs at
-    gamma 0, what mergekit itself does that its user may not expect): said whenever the recipe runs."""
+    """What the recipe computes differently from mergekit 0.1.5 running the same config: said whenever the
+    recipe runs."""
     transforms = [d.get("transform") or {} for d in diffs]
     shared = merge.get("density", 1.0) < 1  # the merge's own draw (dare_ties) or trim (ties) for every diff
     trimmed = merge["method"] == "ties" and shared or any(t.get("method") in ("magnitude", "breadcrumbs")
@@ -554,10 +554,6 @@ def _notes(doc: dict, diffs: list[dict], merge: dict) -> list[dict]:
     if trimmed:
         notes.append({"code": "threshold_ties", "message": "equal magnitudes at a trim's threshold are kept in "
                       "element order; mergekit's sort keeps any of them"})
-    if any(t.get("method") == "breadcrumbs" and t.get("gamma") == 0 for t in transforms):
-        notes.append({"code": "breadcrumbs_keeps_nothing", "message": "gamma: 0 makes mergekit's breadcrumbs "
-                      "keep no element of any tensor (and gamma * numel < 1 of a tensor, none of it); graft "
-                      "computes the same, so those diffs add nothing"})
     dtype = doc.get("dtype")
     name = dtype[len("torch."):] if isinstance(dtype, str) and dtype.startswith("torch.") else dtype
     if name not in ("float32", "float64"):

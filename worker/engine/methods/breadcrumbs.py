@@ -6,13 +6,12 @@ window of descending magnitude ranks (ties broken by element index) kept is:
 - `semantics: graft` (the default, graft's own recipes): [top, top + keep), cut at n. The outliers asked for
   are always dropped, and density is an upper bound: where gamma + density passes 1 fewer than `keep` remain.
   With top = 0 (gamma = 0, or gamma * n < 1) nothing is dropped as an outlier and the `keep` largest stay.
-- `semantics: mergekit` (what `breadcrumbs` / `breadcrumbs_ties` configs map to): mergekit's
-  magnitude_outliers, rounding edges included. A density of 1 or more leaves the delta as it is; where
-  n - keep - top < 0, top becomes n - keep (fewer outliers, to keep the density); then the window is
-  [top, top + keep), except that top = 0 keeps nothing at all: mergekit keeps `indices[n_bot:-n_top]` of
-  the ascending sort, and `-0` ends that slice at its start. So gamma = 0, or a tensor of fewer than
-  1 / gamma elements (64-element norms at the default gamma of 0.01), adds nothing of that diff. graft's
-  own semantics do not copy that quirk.
+- `semantics: mergekit` (what `breadcrumbs` / `breadcrumbs_ties` configs map to): magnitude_outliers of
+  mergekit 0.1.5 as released (its sparsify.py: `n_bot = max(0, n - keep - top)`, then
+  `indices[n_bot : n_bot + keep]` of the ascending sort), rounding edges included. A density of 1 or more
+  leaves the delta as it is; where n - keep - top < 0, fewer outliers are dropped to keep the density, so
+  the window is [n - keep, n); otherwise [top, top + keep). (Its repository's older
+  `indices[n_bot:-n_top]` kept nothing when top = 0; the release does not, and neither does this.)
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ class BreadcrumbsParams(BaseModel):
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of the largest |delta| dropped as outliers")
     semantics: Literal["graft", "mergekit"] = Field(
         "graft", description="graft: always drop int(gamma * n) outliers, keep at most int(density * n); "
-        "mergekit: its magnitude_outliers exactly (fewer outliers where gamma + density passes 1, nothing kept "
-        "where int(gamma * n) = 0), what mergekit configs map to")
+        "mergekit: mergekit 0.1.5's magnitude_outliers exactly (fewer outliers dropped where gamma + density "
+        "passes 1), what mergekit configs map to")
 
 
 class Breadcrumbs(TransformMethod):
@@ -45,11 +44,8 @@ class Breadcrumbs(TransformMethod):
             return RankWindow(min(top, numel), min(numel, top + keep))
         if params.density >= 1:
             return None
-        if numel - keep - top < 0:
-            top = numel - keep
-        if top == 0:
-            return RankWindow(0, 0)
-        return RankWindow(top, top + keep)
+        bottom = max(0, numel - keep - top)  # the smallest, dropped; then `keep` kept above them
+        return RankWindow(numel - bottom - keep, numel - bottom)
 
     def apply(self, delta, params, *, window, key, start, spare):
         if window is not None:
