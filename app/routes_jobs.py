@@ -75,8 +75,7 @@ def _recipe(body: JobCreate) -> Recipe:
     """The recipe the body describes, in one of three ways: today's three fields (with alpha), `diffs` in place
     of source_base/source_finetuned, or a mergekit config in place of all the models. `merge` and `rules` go
     with the first two; `options` with all (over a mergekit config's own). Alpha is one strength on the whole
-    recipe, whichever way it came: every weight, the diffs' and the rules', times alpha (each alpha of a sweep
-    is checked the same way here, so that no candidate overflows in the worker)."""
+    recipe, whichever way it came: its merged delta times alpha (Recipe.scaled)."""
     options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
     if body.mergekit_config is not None:
         recipe = _mergekit_recipe(body, options)
@@ -95,12 +94,16 @@ def _recipe(body: JobCreate) -> Recipe:
             diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned)]
         recipe = Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
                         **({"merge": body.merge} if body.merge is not None else {}))
-    alphas = body.options.alpha if isinstance(body.options.alpha, list) else [body.options.alpha]
-    try:
-        scaled = [recipe.scaled(alpha) for alpha in alphas]
+        try:
+            recipe.check_strength()
+        except GraftError as err:
+            raise field_error(err.details["field"], err.message.split(": ", 1)[-1], err.code) from err
+    sweep = isinstance(body.options.alpha, list)
+    try:  # a sweep's every candidate too: none may leave float32's range in the worker
+        scaled = [recipe.scaled(alpha) for alpha in (body.options.alpha if sweep else [body.options.alpha])]
     except GraftError as err:
         raise field_error("options.alpha", err.message, err.code) from err
-    return recipe if isinstance(body.options.alpha, list) else scaled[0]
+    return recipe if sweep else scaled[0]  # a sweep's record holds the recipe at 1: the worker scales each
 
 
 def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:

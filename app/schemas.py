@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from worker.engine.checked_graft import MAX_SWEEP, Checks
+from worker.engine.errors import GraftError
 from worker.engine.evaluation.spec import ProbeText
 from worker.engine.inspect.verdict import LEVEL_HELP, Level
+from worker.engine.options import check_alpha
 from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
 from worker.statuses import JobStatus
 
@@ -27,16 +28,17 @@ MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 
 
 def _alpha(value: object) -> float | list[float]:
-    """One error naming options.alpha, rather than one per member of a union."""
-    def number(v: object) -> float | None:
-        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        return float(v) if ok else None
-
-    if isinstance(value, list) and 2 <= len(value) <= MAX_SWEEP and all(number(v) is not None for v in value):
-        return [float(v) for v in value]
-    if number(value) is not None:
-        return float(value)
-    raise PydanticCustomError("alpha", f"a finite JSON number, or a list of 2 to {MAX_SWEEP} of them (a sweep)")
+    """One error naming options.alpha, rather than one per member of a union; each number checked as the
+    engine checks it (finite, within float32's range: a 400-digit integer was an OverflowError here)."""
+    try:
+        if isinstance(value, list) and 2 <= len(value) <= MAX_SWEEP:
+            return [check_alpha(v) for v in value]
+        if not isinstance(value, list):
+            return check_alpha(value)
+    except GraftError:
+        pass
+    raise PydanticCustomError("alpha", f"a finite JSON number within float32's range (about 3.4e38), or a list "
+                              f"of 2 to {MAX_SWEEP} of them (a sweep)")
 
 
 _NUMBER = {"type": "number"}
@@ -48,9 +50,9 @@ class Options(RecipeOptions):
     """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
 
     alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, `rules` or a "
-                         "mergekit_config, a factor on every weight (the diffs' and the rules'). A list is a sweep: "
-                         "each value multiplies those weights in its own candidate, which is built and evaluated, "
-                         "and only the one `select` picks is published")
+                         "mergekit_config, a factor on the merged delta (the merge's lambda). A list is a sweep: "
+                         "each value scales it in its own candidate, which is built and evaluated, and only the "
+                         "one `select` picks is published")
 
 
 def _metadata_schema(schema: dict) -> None:

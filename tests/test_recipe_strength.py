@@ -6,6 +6,7 @@ and every candidate's score against transformers' float64 loss of that reference
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from eval_helpers import encode, reference_loss, reference_model, save, tokenize
 from graft_helpers import load_dir, ulp
 from service_fixtures import Service
 
-from worker.engine import GraftError, GraftRequest
+from worker.engine import GraftError, GraftRequest, run_graft
 from worker.engine.checked_graft import Checks, run_checked_graft
 from worker.engine.config import EngineSettings
 from worker.engine.evaluation.spec import EvaluateSpec
@@ -147,6 +148,58 @@ def test_an_overflowing_candidate_is_refused_before_anything_is_read(family, tmp
     assert not os.path.exists(out) and os.listdir(tmp_path / "scratch") == []
 
 
+def _ties_reference(t, deltas: list[torch.Tensor], weights: list[float], strength: float) -> torch.Tensor:
+    """ties (density 1, normalize): v_i = w_i d_i; s = sign(sum v_i), 0 counting as +; v_i joins where it is
+    not 0 and has sign s; target + strength * sum(joining v_i) / sum(joining w_i) (1 where none joins)."""
+    v = torch.stack([w * d for w, d in zip(weights, deltas, strict=True)])
+    sign = torch.where(v.sum(0) >= 0, 1.0, -1.0).double()
+    joins = (v != 0) & (torch.sign(v) == sign)
+    divisor = (joins * torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * t.dim())).sum(0)
+    merged = (v * joins).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+    return t + strength * merged
+
+
+@pytest.mark.parametrize("merge", [{"method": "ties"}, {"method": "sum", "normalize": True}])
+def test_alpha_scales_a_normalized_merge(family, tmp_path, merge):
+    """Under normalize the merge divides by the weights' sum: alpha times the weights cancelled out, and a
+    sweep over a ties recipe built one model several times. Alpha scales the merged delta."""
+    t, s = load_dir(family["near"]), load_dir(family["base"])
+    fts = [load_dir(family[name]) for name in ("finetuned", "unrelated")]
+    weights = [1.0, 0.5]
+    data = {"target_base": family["near"], "merge": merge, "diffs": [
+        {"source_base": family["base"], "source_finetuned": family[name], "weight": w}
+        for name, w in zip(("finetuned", "unrelated"), weights, strict=True)]}
+    for alpha in (0.5, 2.0):
+        out = str(tmp_path / f"out-{alpha}")
+        run_graft(GraftRequest.from_recipe(load_recipe(data).scaled(alpha), out), settings=_settings(tmp_path))
+        published = load_dir(out)
+        for name, value in published.items():
+            deltas = [f[name].double() - s[name].double() for f in fts]
+            if merge["method"] == "ties":
+                want = _ties_reference(t[name].double(), deltas, weights, alpha)
+            else:
+                want = t[name].double() + alpha * sum(w * d for w, d in zip(weights, deltas, strict=True)) / 1.5
+            scale = t[name].double().abs() + 4 * abs(alpha) * sum(d.abs() for d in deltas)
+            _assert_close(name, value, want, scale)
+
+
+def test_a_normalize_divisor_near_zero_is_not_divided_by(family, tmp_path):
+    """Weights summing to within 1e-8 of 0 under normalize: mergekit divides by 1 there, and so does graft (it
+    divided by 1e-10, amplifying the deltas ten billion times)."""
+    t, s, f = (load_dir(family[r]) for r in ("near", "base", "finetuned"))
+    u = load_dir(family["unrelated"])
+    weights = [1.0, -0.9999999999]
+    data = {"target_base": family["near"], "merge": {"method": "sum", "normalize": True}, "diffs": [
+        {"source_base": family["base"], "source_finetuned": family[name], "weight": w}
+        for name, w in zip(("finetuned", "unrelated"), weights, strict=True)]}
+    out = str(tmp_path / "out")
+    run_graft(GraftRequest.from_recipe(load_recipe(data), out), settings=_settings(tmp_path))
+    for name, value in load_dir(out).items():
+        df, du = f[name].double() - s[name].double(), u[name].double() - s[name].double()
+        want = t[name].double() + weights[0] * df + weights[1] * du
+        _assert_close(name, value, want, t[name].double().abs() + 2 * (df.abs() + du.abs()))
+
+
 # --- the API: alpha times weights checked where the recipe is built ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -174,8 +227,10 @@ def _overflowing_bodies(trio) -> list[dict]:
         {"target_base": target, "diffs": [_diff(trio, 10)], "options": {"alpha": 1e308}},
         {"target_base": target, "diffs": [_diff(trio, 10), _diff(trio, [1, 2])], "options": {"alpha": 1e308}},
         {"target_base": target, "diffs": [_diff(trio, 10)], "options": {"alpha": [1, 1e308]}, "select": "probe_loss"},
-        {"target_base": target, "diffs": [_diff(trio, 1)], "rules": [{"match": "mlp", "weight": 1e300}],
+        {"target_base": target, "diffs": [_diff(trio, 1)], "rules": [{"match": "mlp", "weight": 1e30}],
          "options": {"alpha": 1e10}},
+        {"target_base": target, "diffs": [_diff(trio, 1), _diff(trio, 1e30)], "merge": {"method": "ties"},
+         "options": {"alpha": [1, 1e10]}, "select": "probe_loss"},
         {"mergekit_config": yaml_config, "options": {"alpha": 1e308}},
     ]
 
@@ -190,13 +245,43 @@ def test_alpha_times_weights_that_overflow_is_422_naming_alpha(api, trio, route)
             resp = c.post(route, json=body)
             assert resp.status_code == 422, (body, resp.text)
             problem = resp.json()
-            assert [(e["field"], e["type"]) for e in problem["errors"]] == [("options.alpha", "invalid_option")], \
-                problem
+            assert [e["field"] for e in problem["errors"]] == ["options.alpha"], problem
         assert c.get("/v1/jobs", params={"limit": 100}).json()["data"] == before  # nothing accepted
 
 
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/jobs:preview"])
+@pytest.mark.parametrize("patch, field", [
+    ({"diffs": "two", "weights": [1e308, 1e308]}, "diffs.0.weight"),
+    ({"diffs": "two", "weights": [1e300, 1.0], "merge": {"method": "ties", "lambda": 1e300}}, "merge.lambda"),
+    ({"diffs": "two", "weights": [1e300, 1.0], "merge": {"method": "sum", "lambda": 1e10}}, "merge.lambda"),
+    ({"diffs": "two", "weights": [3e38, 3e38], "merge": {"method": "sum", "normalize": True}}, "diffs"),
+    ({"options": {"alpha": 1e308}}, "options.alpha"),
+    ({"options": {"alpha": 10**400}}, "options.alpha"),  # an integer past float's range was an OverflowError
+    ({"mergekit": "lambda: 1e300, weight: 1e300"}, "mergekit_config"),
+])
+def test_factors_past_float32_are_refused_where_the_recipe_is_built(api, trio, route, patch, field):
+    """Every factor the float32 arithmetic applies (weight x lambda, a normalize divisor, alpha): refused with a
+    422 naming its field, where each of these used to be accepted (202) and fail in the worker (internal_error
+    or nonfinite_output), or, for the normalized sum, publish the target itself (its scale divided by inf)."""
+    target = f"file://{trio['target_base']}"
+    if "mergekit" in patch:
+        body = {"mergekit_config": f"merge_method: task_arithmetic\nbase_model: {trio['source_base']}\nmodels:\n"
+                f"  - model: {trio['source_finetuned']}\n    parameters: {{weight: 1e300}}\n"
+                "parameters: {lambda: 1e300}\n"}
+    elif "diffs" in patch:
+        body = {"target_base": target, "diffs": [_diff(trio, w) for w in patch["weights"]],
+                **({"merge": patch["merge"]} if "merge" in patch else {})}
+    else:
+        body = {"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['source_finetuned']}",
+                "target_base": target, **patch}
+    with api.client() as c:
+        resp = c.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert field in [e["field"] for e in resp.json()["errors"]], resp.json()
+
+
 def test_alpha_beside_diffs_scales_the_rules_too(api, trio):
-    """What the job record holds: the rules' weights times alpha, as the diffs'."""
+    """What the job record holds: the merged delta times alpha (lambda), the rules' tensors included."""
     body = {"target_base": f"file://{trio['target_base']}", "diffs": [_diff(trio, 0.5)],
             "rules": [{"match": "mlp", "weight": 0.25}], "options": {"alpha": 2.0}}
     with api.client() as c:
@@ -204,6 +289,5 @@ def test_alpha_beside_diffs_scales_the_rules_too(api, trio):
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
         c.post(f"/v1/jobs/{job_id}/cancel")
-    record = api.store().get(job_id)
-    assert record["recipe"]["diffs"][0]["weight"] == 1.0
-    assert record["recipe"]["rules"][0]["weight"] == 0.5
+    recipe = api.store().get(job_id)["recipe"]
+    assert (recipe["merge"]["lambda"], recipe["diffs"][0]["weight"], recipe["rules"][0]["weight"]) == (2.0, 0.5, 0.25)

@@ -311,7 +311,7 @@ def test_symlinked_files_inside_a_model_cannot_lead_out(redis_url, trio, tmp_pat
 
 def test_recipe_fields_are_validated_like_the_rest(api, trio):
     """A recipe's regexes, methods and URIs get named 422s (a regex RE2 refuses was a 500), and alpha beside
-    diffs scales their weights."""
+    diffs scales their merged delta (the merge's lambda), their weights as given."""
     diffs = [{"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['source_finetuned']}",
               "weight": [0.5, 1.0]}]
     base = {"target_base": f"file://{trio['target_base']}", "diffs": diffs}
@@ -324,4 +324,4 @@ def test_recipe_fields_are_validated_like_the_rest(api, trio):
                               "diffs.0.source_finetuned")]:
             _problem(c.post("/v1/jobs", json={**base, **patch}), 422, field)
         job = c.post("/v1/jobs", json={**base, "options": {"alpha": 0.5}}).json()
-        assert job["recipe"]["diffs"][0]["weight"] == [0.25, 0.5]
+        assert job["recipe"]["diffs"][0]["weight"] == [0.5, 1.0] and job["recipe"]["merge"]["lambda"] == 0.5

@@ -67,24 +67,29 @@ class Checks(BaseModel):
 
 
 def check_alphas(alphas: list[float]) -> list[float]:
+    from .options import check_alpha
+
     if not 2 <= len(alphas) <= MAX_SWEEP:
         raise GraftError("invalid_option", f"alpha: a sweep takes 2 to {MAX_SWEEP} values")
-    if any(isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) for a in alphas):
-        raise GraftError("invalid_option", "alpha: every value must be a finite number")
-    if len(set(alphas)) != len(alphas):
+    values = [check_alpha(a) for a in alphas]
+    if len(set(values)) != len(values):
         raise GraftError("invalid_option", "alpha: the values must differ")
-    return [float(a) for a in alphas]
+    return values
 
 
 def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
-    """The request at strength alpha: the plain transfer's alpha or every weight of its recipe, times alpha.
+    """The request at strength alpha: the plain transfer's alpha, or its recipe's merged delta, times alpha.
     Always a product: a one-diff recipe with weight w runs as the plain transfer at alpha w, and a sweep
-    over it must build w * alpha, not alpha (GraftError naming alpha when a product is not finite)."""
-    from .recipe import scale_weight
+    over it must build w * alpha, not alpha (GraftError naming alpha when a product leaves float32's range)."""
+    from .options import check_alpha
 
     if request.recipe is not None:
         return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
-    scaled = scale_weight(request.options.alpha, alpha)
+    try:
+        scaled = check_alpha(request.options.alpha * check_alpha(alpha))
+    except GraftError as err:
+        raise GraftError(err.code, f"alpha: {alpha:g} times the graft's alpha {request.options.alpha:g} leaves "
+                         "float32's range", err.details) from None
     return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=scaled), **changes)
 
 

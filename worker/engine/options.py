@@ -45,16 +45,22 @@ def parse_size(value: object) -> int:
     return size
 
 
-def _check_alpha(value: object) -> float:
+FLOAT32_MAX = 3.4028234663852886e38  # the arithmetic's range: a factor past it makes every scaled delta inf
+
+
+def check_alpha(value: object) -> float:
+    """The one check of an alpha (a graft's, each of a sweep's, a recipe's strength), GraftError naming it."""
     # bool is an int in Python and "1" floats fine: both are refused, a caller who sent them meant something else.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise GraftError("invalid_option", f"alpha: must be a number, got {type(value).__name__}")
+        raise GraftError("invalid_option", f"alpha: must be a number, got {type(value).__name__}",
+                         {"field": "options.alpha"})
     try:
         alpha = float(value)
-    except OverflowError:
-        raise GraftError("invalid_option", "alpha: must be a finite number") from None
-    if not math.isfinite(alpha):
-        raise GraftError("invalid_option", "alpha: must be a finite number")
+    except OverflowError:  # an integer of hundreds of digits
+        alpha = math.inf
+    if not math.isfinite(alpha) or abs(alpha) > FLOAT32_MAX:
+        raise GraftError("invalid_option", "alpha: must be a finite number within float32's range (about 3.4e38), "
+                         "in which the arithmetic runs", {"field": "options.alpha"})
     return alpha
 
 
@@ -79,7 +85,7 @@ class GraftOptions:
 
     def __post_init__(self) -> None:
         self.shard_size = parse_size(self.shard_size)
-        self.alpha = _check_alpha(self.alpha)
+        self.alpha = check_alpha(self.alpha)
         for name, choices in (("vocab", VOCAB_POLICIES), ("dtype", DTYPE_CHOICES), ("device", DEVICE_CHOICES)):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise GraftError("invalid_option", f"{name} must be one of {', '.join(choices)}")

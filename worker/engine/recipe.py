@@ -168,46 +168,68 @@ class Recipe(BaseModel):
 
     def plain_alpha(self) -> float | None:
         """The alpha of a plain fine-tuning transfer (one diff, a plain sum, one number as weight, no
-        transform, no rules): such a recipe runs on the single-diff path and writes today's bytes."""
+        transform, no rules, graft's conventions): weight times lambda. Such a recipe runs on the single-diff
+        path and writes today's bytes."""
         merge = self.merge
         diff = self.diffs[0]
-        if (len(self.diffs) == 1 and merge.method == "sum" and merge.lambda_ == 1.0 and not merge.normalize
+        if (len(self.diffs) == 1 and merge.method == "sum" and not merge.normalize
                 and diff.transform is None and not self.rules and isinstance(diff.weight, float | int)
                 and self.conventions == "graft" and not self.notes):
-            return float(diff.weight)
+            return float(diff.weight) * merge.lambda_
         return None
 
     def scaled(self, alpha: float) -> Recipe:
-        """The recipe with every weight times alpha, the diffs' and the rules' (a rule's weight replaces the
-        diffs' for its tensors): alpha beside diffs is a strength on all of them (the API's `alpha` with
-        `diffs`, and each candidate of an alpha sweep)."""
-        alpha = scale_weight(1.0, alpha)  # a finite number, or the alpha's own error
+        """The recipe at strength alpha: its merged delta times alpha, i.e. the merge's lambda times alpha.
+        Alpha beside diffs is a strength on the whole recipe (the API's `alpha` with `diffs`, rules or a
+        mergekit config, and each candidate of an alpha sweep). Not the weights: under `normalize` (ties'
+        default) the merge divides by their sum, and alpha would cancel out. GraftError naming alpha when a
+        factor leaves float32's range."""
+        from .options import check_alpha
+
+        alpha = check_alpha(alpha)
         if alpha == 1.0:
             return self
+        lam = self.merge.lambda_ * alpha
+        scaled = self.model_copy(update={"merge": self.merge.model_copy(update={"lambda_": lam})})
+        try:
+            check_alpha(lam)
+            scaled.check_strength()
+        except GraftError as err:
+            raise GraftError("invalid_option", f"alpha: {alpha:g} makes {err.message.removeprefix('alpha: ')}",
+                             {"field": "options.alpha"}) from None
+        return scaled
 
-        def times(weight):
-            if isinstance(weight, list):
-                return [scale_weight(w, alpha) for w in weight]
-            return scale_weight(weight, alpha)
+    def check_strength(self) -> None:
+        """Every factor the arithmetic applies to a delta (a weight, a rule's weight, times lambda; the weights'
+        sum that `normalize` divides by) within float32's range, where the arithmetic runs: past it every
+        scaled delta is inf and the graft could only fail in the worker, after the job was accepted.
+        GraftError("invalid_recipe") naming the field."""
+        from .options import FLOAT32_MAX
 
-        diffs = [d.model_copy(update={"weight": times(d.weight)}) for d in self.diffs]
-        rules = [r.model_copy(update={"weight": times(r.weight)}) if r.weight is not None else r for r in self.rules]
-        return self.model_copy(update={"diffs": diffs, "rules": rules})
+        lam = self.merge.lambda_
+        named = [(f"diffs.{i}.weight", d.weight) for i, d in enumerate(self.diffs)]
+        named += [(f"rules.{j}.weight", r.weight) for j, r in enumerate(self.rules) if r.weight is not None]
+        for field, weight in named:
+            for w in _points(weight):
+                if not abs(w * lam) <= FLOAT32_MAX:
+                    where = field if lam == 1.0 else "merge.lambda"
+                    raise GraftError("invalid_recipe", f"{where}: the weight {w:g} times lambda {lam:g} is past "
+                                     "float32's range (about 3.4e38), in which the arithmetic runs", {"field": where})
+        if getattr(self.merge, "normalize", False):
+            try:
+                total = math.fsum(max(abs(w) for w in _points(d.weight)) for d in self.diffs)
+            except OverflowError:
+                total = math.inf
+            if not total <= FLOAT32_MAX:
+                raise GraftError("invalid_recipe", "diffs: the weights' sum, which normalize divides by, is past "
+                                 "float32's range (about 3.4e38)", {"field": "diffs"})
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 
 
-def scale_weight(weight: float, alpha: float) -> float:
-    """weight * alpha, or GraftError naming alpha when the product is not a finite number (model_copy does not
-    validate, and an infinite weight would only fail in the worker, after the job was accepted)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise GraftError("invalid_option", "alpha: must be a finite number", {"field": "options.alpha"})
-    product = float(weight) * float(alpha)
-    if not math.isfinite(product):
-        raise GraftError("invalid_option", f"alpha: {alpha:g} times the weight {weight:g} is not a finite number",
-                         {"field": "options.alpha"})
-    return product
+def _points(weight: float | list[float]) -> list[float]:
+    return weight if isinstance(weight, list) else [weight]
 
 
 def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
@@ -215,14 +237,16 @@ def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:
     from pydantic import ValidationError
 
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
+        recipe.check_strength()
+        return recipe
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or where}: {e['msg']}" for e in exc.errors()[:8])
         raise GraftError("invalid_recipe", f"{where}: {problems}",
                          {"errors": [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
                                      for e in exc.errors()[:50]]}) from None
     except GraftError as err:
-        raise GraftError("invalid_recipe", f"{where}: {err.message}") from None
+        raise GraftError("invalid_recipe", f"{where}: {err.message}", err.details) from None
 
 
 def layer_position(name: str, layers: int | None, conventions: str = "graft") -> float:

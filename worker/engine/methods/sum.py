@@ -1,5 +1,6 @@
-"""`sum`: weighted task arithmetic, sum(w_i * delta_i) (divided by sum(w_i) when `normalize`), times `lambda`.
-With one diff, weight alpha and no transform this is the plain fine-tuning transfer."""
+"""`sum`: weighted task arithmetic, sum(w_i * delta_i) (divided by sum(w_i) when `normalize`, unless that sum
+is within 1e-8 of 0, as mergekit does: a divisor that small would amplify the deltas a hundred million times),
+times `lambda`. With one diff, weight alpha and no transform this is the plain fine-tuning transfer."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import MergeMethod
 
+NEAR_ZERO = 1e-8  # mergekit's: a weights' sum below it in magnitude is not divided by
+
 
 class SumParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: Literal["sum"]
-    normalize: bool = Field(False, description="divide by the sum of the weights")
+    normalize: bool = Field(False, description="divide by the sum of the weights (not when it is within 1e-8 of 0)")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
 
 
@@ -23,8 +26,9 @@ class Sum(MergeMethod):
 
     def combine(self, out, deltas, weights, params: SumParams, tally, scratch):
         scale = params.lambda_
-        if params.normalize and sum(weights):
-            scale /= sum(weights)
+        total = sum(weights)
+        if params.normalize and abs(total) >= NEAR_ZERO:
+            scale /= total
         for delta, w in zip(deltas, weights, strict=True):
             if w == 0:
                 continue
