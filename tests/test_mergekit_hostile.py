@@ -86,6 +86,9 @@ def test_the_issues_inputs_are_invalid_recipes(name, says):
     (HEAD + "      weight:\n        " + "- " * 5000 + "1\n", "nested deeper"),  # two characters a level
     (_weight("&a [*a]"), "the alias *a is used inside what it names"),
     ("a: &a {b: *a}\n", "the alias *a is used inside what it names"),
+    # PyYAML keeps a repeated key's last value without a word (task_arithmetic here, ties read first)
+    ("merge_method: ties\n" + HEAD, "the key 'merge_method' appears twice in one mapping"),
+    (HEAD + "      weight: 1\n      weight: 2\n", "the key 'weight' appears twice"),
 ])
 def test_non_json_yaml_is_refused_by_name(text, says):
     _refused(text, says=says)

@@ -221,6 +221,12 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, _ in node.value:  # before merge keys (<<) bring theirs in, which own keys may override
+                if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str":
+                    if key.value in seen:  # PyYAML would keep the last silently: ties over task_arithmetic, say
+                        raise self.refusal(key, f"the key {key.value[:40]!r} appears twice in one mapping")
+                    seen.add(key.value)
             self.flatten_mapping(node)  # merge keys (<<) first: what they bring in is checked too
             for key, _ in node.value:
                 if not isinstance(key, yaml.ScalarNode) or key.tag != "tag:yaml.org,2002:str":
