@@ -1,8 +1,12 @@
 """Issue 13, item 9: no output is placed at or inside a model's directory (config.json, a safetensors index or
-*.safetensors directly in it) or a published result, nor through an existing file, for file:// and s3://
-alike: by POST /v1/jobs, /v1/jobs:preview and /v1/preflights, and again by the worker when the job runs.
-On the earlier main a tenant wrote under `s3://models/source_base/<x>` and under
-`s3://models/target_base/model.safetensors.index.json/`, and the preview ignored `output` altogether."""
+*.safetensors directly in it), a published result or an output another job is writing, nor through an existing
+file, for file:// and s3:// alike: by POST /v1/jobs, /v1/jobs:preview and /v1/preflights, and again by the
+worker when the job runs. On the earlier main a tenant wrote under `s3://models/source_base/<x>` and under
+`s3://models/target_base/model.safetensors.index.json/`, and the preview ignored `output` altogether.
+Its review: an idempotent replay after the job succeeded got 422 (the placement check ran before the key was
+looked up) and called the tenant's own result a model's directory; an output being written (S3's claim, a
+local output's staging directory) did not protect its location; shards alone past the first listing page were
+missed."""
 
 from __future__ import annotations
 
@@ -74,10 +78,10 @@ def _settings(root: str, endpoint: str | None = None):
 
 
 def _check(uri: str, settings, *, itself: bool = True) -> None:
-    from worker.uri_policy import check_not_inside_result, check_uri
+    from worker.uri_policy import check_output_placement, check_uri
 
     loc = check_uri(uri, "output", settings, output=True)
-    check_not_inside_result(loc, "output", settings, **({} if itself else {"itself": False}))
+    check_output_placement(loc, "output", settings, **({} if itself else {"itself": False}))
 
 
 @pytest.mark.parametrize("where", REFUSED)
@@ -271,3 +275,139 @@ def test_the_worker_refuses_a_model_published_above_the_output_after_submission(
     assert done[2]["status"] == "succeeded", done[2]  # beside them, a job runs as before
     assert _keys(s3_endpoint, s3_bucket, "later/") == ["later/config.json"]  # nothing written, no claim
     assert os.listdir(later) == ["config.json"]  # no output, no hidden temp directory
+
+
+# The review: an output being written, a result named as one, shards past a page, idempotent replays.
+
+def _claimed(endpoint: str, location: str):
+    """The sink of a graft still writing `location` (S3's claim or a local staging directory in place)."""
+    from worker.engine.sinks import open_sink
+    from worker.engine.uris import parse_uri
+
+    return open_sink(parse_uri(location, field="output"), endpoint_url=endpoint)
+
+
+def test_an_output_being_written_protects_its_location(tmp_path, s3_endpoint, s3_bucket):
+    """While tenant A's first shard uploads, its claim (or staging directory) is the only thing at its output:
+    no one else's output goes at or under it (A's retry would clear it), but A's own retry still runs."""
+    from worker.uri_policy import PolicyError
+
+    settings = _settings(str(tmp_path), s3_endpoint)
+    for base in (f"s3://{s3_bucket}", f"file://{tmp_path}"):
+        sink = _claimed(s3_endpoint, f"{base}/a/out")
+        try:
+            inside = [f"{base}/a/out", f"{base}/a/out/x", f"{base}/a/out/x/y"]
+            if base.startswith("file://"):
+                inside.append(f"file://{sink.tmp}/x")  # the staging directory itself, named outright
+            for uri in inside:
+                with pytest.raises(PolicyError) as info:
+                    _check(uri, settings)
+                assert "another job is writing there" in info.value.message, (uri, info.value.message)
+                if uri != f"{base}/a/out":
+                    with pytest.raises(PolicyError):
+                        _check(uri, settings, itself=False)  # the worker's check: another job's, not its own
+            _check(f"{base}/a/out", settings, itself=False)  # a retry of A finds its own claim there
+            _check(f"{base}/a/other", settings)  # beside it is fine
+            _check(f"{base}/a/ou", settings)
+        finally:
+            sink.abort()
+        _check(f"{base}/a/out/x", settings)  # once A is gone, its place is free again
+
+
+def test_the_in_progress_markers_are_the_sinks_own_names():
+    from worker import uri_policy
+    from worker.engine import sinks
+
+    assert (uri_policy.PENDING, uri_policy.OWNER, uri_policy.STAGING, uri_policy.MANIFEST) == (
+        sinks.PENDING, sinks.OWNER, sinks.STAGING, sinks.MANIFEST)
+
+
+def test_a_result_is_named_a_graft_result_not_a_models_directory(tmp_path, s3_endpoint, s3_bucket):
+    from worker.engine.s3 import s3_client
+    from worker.uri_policy import PolicyError
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    for name in ("config.json", "graft-manifest.json", "model.safetensors"):
+        s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"runs/r1/{name}", Body=b"{}")
+        (run / name).write_text("{}")
+    settings = _settings(str(tmp_path), s3_endpoint)
+    for uri in (f"s3://{s3_bucket}/runs/r1", f"s3://{s3_bucket}/runs/r1/sub", f"file://{run}", f"file://{run}/sub"):
+        with pytest.raises(PolicyError) as info:
+            _check(uri, settings)
+        assert "inside a graft result" in info.value.message and "graft-manifest.json" in info.value.message, (
+            uri, info.value.message)
+
+
+def _past_a_page(directory, name: str) -> None:
+    """`name` in `directory` after more than one listing page of other entries, in the order the directory
+    lists them (ext4 lists in hash order, whatever the creation order)."""
+    from worker.uri_policy import LISTING_PAGE
+
+    directory.mkdir()
+    (directory / name).write_text("")
+    i = 0
+    while os.listdir(directory).index(name) <= LISTING_PAGE + 50 and i < 5000:
+        for _ in range(50):
+            (directory / f"a{i:04d}").mkdir()
+            i += 1
+    assert os.listdir(directory).index(name) > LISTING_PAGE + 50
+
+
+def test_shards_alone_past_the_first_page_are_found(tmp_path, s3_endpoint, s3_bucket):
+    """A prefix of 150 subprefixes and one shard (no config.json, no index): found by one more bounded LIST of
+    the names a shard is given; locally by a scan of up to LOCAL_SCAN entries. An in-progress claim listed
+    after a full page is found by its fixed name."""
+    from worker.engine.s3 import s3_client
+    from worker.uri_policy import LISTING_PAGE, PolicyError
+
+    client = s3_client(s3_endpoint)
+    for i in range(LISTING_PAGE + 50):
+        client.put_object(Bucket=s3_bucket, Key=f"crowded/a{i:03d}/x", Body=b"")
+        client.put_object(Bucket=s3_bucket, Key=f"busy/-{i:03d}/x", Body=b"")  # '-' lists before '.'
+    client.put_object(Bucket=s3_bucket, Key="crowded/model-00001-of-00002.safetensors", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="busy/.graft-pending", Body=b"{}")
+    _past_a_page(tmp_path / "crowded", "model-00001-of-00002.safetensors")
+    settings = _settings(str(tmp_path), s3_endpoint)
+    for uri in (f"s3://{s3_bucket}/crowded/out", f"file://{tmp_path}/crowded/out"):
+        with pytest.raises(PolicyError) as info:
+            _check(uri, settings)
+        assert "model-00001-of-00002.safetensors" in info.value.message, info.value.message
+    with pytest.raises(PolicyError) as info:
+        _check(f"s3://{s3_bucket}/busy/out", settings)
+    assert "another job is writing there" in info.value.message, info.value.message
+    for i in range(LISTING_PAGE + 50):  # beside a crowded prefix without a model: still accepted
+        client.put_object(Bucket=s3_bucket, Key=f"calm/a{i:03d}/x", Body=b"")
+    _check(f"s3://{s3_bucket}/calm/out", settings)
+
+
+def test_an_idempotent_replay_is_the_original_job_whatever_has_happened_since(api, trio, s3_endpoint, s3_bucket):
+    """The job succeeded and published its result at the output, and a model has landed above it since: the
+    replay of the identical request still answers the original job (202, Idempotent-Replayed), on both routes
+    that take a key and both schemes; a new request there is refused, naming the result as one."""
+    from worker.engine.s3 import s3_client
+
+    with api.client("beta") as b:
+        for route in ("/v1/jobs", "/v1/preflights"):
+            name = f"idem-{route.rsplit('/', 1)[-1]}"
+            local = os.path.join(api.root, name)
+            for output in (f"s3://{s3_bucket}/{name}/run", f"file://{local}/run"):
+                body = job_body(trio, output=output)
+                key = {"Idempotency-Key": f"{route}-{output}"}
+                first = b.post(route, json=body, headers=key)
+                assert first.status_code == 202, first.text
+                # As if the job had run: its result at the output, and someone's model above it.
+                for rel in ("run/graft-manifest.json", "run/config.json", "run/model.safetensors", "config.json"):
+                    if output.startswith("s3://"):
+                        s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"{name}/{rel}", Body=b"{}")
+                    else:
+                        os.makedirs(os.path.join(local, "run"), exist_ok=True)
+                        with open(os.path.join(local, rel), "w") as fh:
+                            fh.write("{}")
+                again = b.post(route, json=body, headers=key)
+                assert again.status_code == 202, (route, output, again.text)
+                assert again.headers.get("idempotent-replayed") == "true"
+                assert again.json()["id"] == first.json()["id"]
+                fresh = b.post(route, json=body)  # no key: a new job, refused where the result now lies
+                _refused(fresh)
+                assert "graft result" in fresh.json()["errors"][0]["message"], fresh.text

@@ -19,7 +19,7 @@ from .job_store import ACTIVE, JobStore, now_iso
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
 from .statuses import JobStatus
-from .uri_policy import check_not_inside_result, check_uri, scope_for
+from .uri_policy import check_output_placement, check_uri, scope_for
 
 # Engine error codes worth another attempt: the storage may come back. Everything else is the request's
 # fault and fails the same way every time.
@@ -207,10 +207,11 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
                           f"diffs.{i}.source_finetuned": diff["source_finetuned"]})
         for role, uri in named.items():
             check_uri(uri, role, settings, tenant=tenant)
-        # Again here: a model or a result published above the output since submission still protects its
-        # directory. The output's own contents are the sink's to judge (a retry finds its own files there).
-        check_not_inside_result(check_uri(record["output"], "output", settings, output=True, tenant=tenant),
-                                "output", settings, tenant=tenant, itself=False)
+        # Again here: a model, a result or another job's output being written above the output since
+        # submission still protects its directory. The output's own contents and claim are the sink's to judge
+        # (a retry finds its own files there).
+        check_output_placement(check_uri(record["output"], "output", settings, output=True, tenant=tenant),
+                               "output", settings, tenant=tenant, itself=False)
         confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
                                strict=True))
         request = _request(record, job_id, confinement)

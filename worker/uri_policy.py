@@ -9,9 +9,9 @@
   whatever lies under GRAFT_OUTPUT_URI outside the caller's own namespace is neither readable nor writable, even
   where an allowed root contains it.
 - An output is never placed at or inside a model's directory (config.json, a safetensors index or
-  *.safetensors directly in it) or another graft's published result, nor through an existing file; checked
-  by the API (jobs, preflights, previews) and again by the worker, which leaves the output's own contents
-  to the sink (a retry finds its earlier attempt's files there).
+  *.safetensors directly in it), a published graft result, or an output another job is writing, nor through
+  an existing file; checked by the API (jobs, preflights, previews) and again by the worker, which leaves the
+  output's own contents to the sink (a retry finds its earlier attempt's files and claim there).
 - hf:// only when GRAFT_HF_ENABLED. Bare paths are refused: the API has no working directory a client could mean.
 
 Refusals say the same thing whether or not the path exists, so they cannot be used to probe the disk. (The
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .engine.errors import GraftError
@@ -31,13 +33,22 @@ from .settings import Settings
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST = "graft-manifest.json"  # the engine's name for it (worker.engine.sinks imports boto3; this stays light)
+# What the sinks write first for an output still being written (worker.engine.sinks' names, held equal by a
+# test): an S3 prefix's claim, and a local output's hidden sibling `.<name>.graft-tmp-<hex>` with its owner file.
+PENDING = ".graft-pending"
+OWNER = ".graft-owner"
+STAGING = ".graft-tmp-"
 MAX_OUTPUT_DEPTH = 32  # S3 output prefixes: each ancestor is checked for a result, so their number is capped
-# What makes a directory or prefix a model (or a published result) that no output may be placed in, besides
-# *.safetensors: the engine reads no model without config.json; the rest are found by the fixed names even in
-# a directory too large to list in one page.
-PLACEMENT_NAMES = ("config.json", MANIFEST, "model.safetensors", "model.safetensors.index.json")
-PLACEMENT_MARKERS = frozenset(PLACEMENT_NAMES)
-LISTING_PAGE = 100  # entries looked at per directory by the output's placement check
+# What makes a directory or prefix one that no output may be placed in, besides *.safetensors, strongest reason
+# first (a result holds a model's files too; a graft being written may hold its first shards): found by these
+# fixed names even in a directory too large to list.
+PLACEMENT_NAMES = (MANIFEST, PENDING, OWNER, "config.json", "model.safetensors.index.json", "model.safetensors")
+_RANK = {MANIFEST: 0, PENDING: 1, OWNER: 1}
+SHARD_PREFIX = "model"  # what shards are conventionally named (model-00001-of-00002.safetensors)
+LISTING_PAGE = 100  # S3 entries listed per prefix by the output's placement check (one more page for shards)
+LOCAL_SCAN = 10_000  # local entries looked at per directory: os.scandir is cheap, a bound still holds
+T = TypeVar("T")
+NOT_ALLOWED = "not allowed: outside what this tenant may use (symlinks are resolved)"
 NOT_ALLOWED = "not allowed: outside what this tenant may use (symlinks are resolved)"
 
 
@@ -195,111 +206,157 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
     raise PolicyError(field, f"unsupported scheme {scheme!r}")
 
 
-def check_not_inside_result(loc: Location, field: str, settings: Settings, *, tenant: str | None = None,
-                            itself: bool = True) -> None:
-    """Refuse an output placed in a model's directory or another graft's published result: at or under a
-    directory or prefix that directly holds config.json, a safetensors index, *.safetensors or
-    graft-manifest.json, or one whose path runs through an existing file. The walk goes up to the outermost
-    allowed root (file://; above it only for a manifest, as before) or the bucket root (s3://).
+def check_output_placement(loc: Location, field: str, settings: Settings, *, tenant: str | None = None,
+                           itself: bool = True) -> None:
+    """Refuse an output placed in a model's directory, a published result or an output being written: at or
+    under a directory or prefix that directly holds config.json, a safetensors index, *.safetensors,
+    graft-manifest.json or a sink's in-progress marker (S3's claim, a local output's staging directory beside
+    it), or one whose path runs through an existing file. The walk goes up to the outermost allowed root
+    (file://; above it only for a manifest, as before) or the bucket root (s3://).
     `itself=False` leaves the output location's own contents to the sink: a worker's retry finds its earlier
-    attempt's files there. Touches storage: call it off the event loop."""
+    attempt's files and claim there. Touches storage: call it off the event loop."""
     if loc.scheme == "file":
         _check_local_placement(loc, field, scope_for(tenant, settings), itself)
     elif loc.scheme == "s3":
         _check_s3_placement(loc, field, settings, itself)
 
 
-def _holds_model(names) -> str | None:
-    return next((n for n in names if n in PLACEMENT_MARKERS or n.endswith(".safetensors")), None)
+def _rank(name: str) -> int | None:
+    if name in _RANK:
+        return _RANK[name]
+    return 2 if name in PLACEMENT_NAMES or name.endswith(".safetensors") else None
 
 
-def _refuse_placement(field: str, where: str, marker: str) -> PolicyError:
+def _strongest(names, unknown: Callable[[str], bool], exists: Callable[[str], bool]) -> str | None:
+    """The strongest marker among the listed `names`, or among the fixed names the listing did not reach
+    (`unknown`), looked up one by one only while they could outrank what was found."""
+    best = min((n for n in names if _rank(n) is not None), key=lambda n: (_rank(n), n), default=None)
+    for name in PLACEMENT_NAMES:
+        if best is not None and _rank(name) >= _rank(best):
+            break
+        if unknown(name) and exists(name):
+            return name
+    return best
+
+
+def _refuse_placement(field: str, where: str | None, marker: str, *, staging: bool = False) -> PolicyError:
+    found = f" ({where} holds {marker})" if where else ""
     if marker == MANIFEST:
-        return PolicyError(field, "inside another graft's result; choose a location outside it")
-    return PolicyError(field, f"inside a model's directory ({where} holds {marker}); choose a location outside it")
+        return PolicyError(field, f"inside a graft result{found}; choose a location outside it")
+    if staging or _rank(marker) == 1:
+        return PolicyError(field, f"another job is writing there{found}; choose another location")
+    return PolicyError(field, f"inside a model's directory{found}; choose a location outside it")
 
 
 def _check_local_placement(loc: Location, field: str, scope: Scope, itself: bool) -> None:
     real = _real(loc.path)
     roots = [r for r in (os.path.realpath(r) for r in scope.file_roots) if _under(real, r)]
     top = min(roots, key=len) if roots else "/"
-    head = real if itself else os.path.dirname(real)
+    directory, child = (real, None) if itself else (os.path.dirname(real), os.path.basename(real))
+    own = not itself  # the first level's child is the output itself, whose staging is the sink's to judge
     while True:
-        if not _under(head, top):  # the operator's side of the root: only a published result still counts
-            if os.path.exists(os.path.join(head, MANIFEST)):
-                raise _refuse_placement(field, f"file://{head}", MANIFEST)
-        elif os.path.lexists(head) and not os.path.isdir(head):
-            raise PolicyError(field, f"runs through an existing file (file://{head}); choose a directory")
-        elif (marker := _local_marker(head, field)) is not None:
-            raise _refuse_placement(field, f"file://{head}", marker)
-        if head in ("/", ""):
+        if not _under(directory, top):  # the operator's side of the root: only a published result still counts
+            if os.path.exists(os.path.join(directory, MANIFEST)):
+                raise _refuse_placement(field, None, MANIFEST)
+        elif os.path.lexists(directory) and not os.path.isdir(directory):
+            raise PolicyError(field, f"runs through an existing file (file://{directory}); choose a directory")
+        else:
+            names, complete = _local_names(directory, field)
+            marker = _strongest(names, lambda _, c=complete: not c,
+                                lambda n, d=directory: os.path.lexists(os.path.join(d, n)))
+            # Another job's output at or above ours is staged beside it until it is renamed into place.
+            staged = next((n for n in names if n.startswith(f".{child}{STAGING}")), None) if child and not own else None
+            if staged is not None and (marker is None or _rank(marker) > 1):
+                raise _refuse_placement(field, f"file://{directory}", staged, staging=True)
+            if marker is not None:
+                raise _refuse_placement(field, f"file://{directory}", marker)
+        if directory in ("/", ""):
             return
-        head = os.path.dirname(head)
+        directory, child, own = os.path.dirname(directory), os.path.basename(directory), False
 
 
-def _local_marker(directory: str, field: str) -> str | None:
-    """A model file directly in `directory` (None where it does not exist): the first LISTING_PAGE entries
-    looked at whatever their names, then the fixed names, so a huge directory costs a bounded scan."""
+def _local_names(directory: str, field: str) -> tuple[list[str], bool]:
+    """The names directly in `directory` (none where it does not exist), at most LOCAL_SCAN of them, and
+    whether that was all."""
     try:
         with os.scandir(directory) as entries:
-            seen = [entry.name for entry, _ in zip(entries, range(LISTING_PAGE + 1), strict=False)]
+            names = [entry.name for entry, _ in zip(entries, range(LOCAL_SCAN + 1), strict=False)]
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return [], True
     except PermissionError:  # not the storage's passing fault: a retry would meet it again
         raise PolicyError(field, f"cannot be checked: file://{directory} cannot be listed by the server") from None
     except OSError as exc:
         raise GraftError("storage_error", f"{field}: cannot check the output location: {exc.strerror}") from None
-    if (marker := _holds_model(seen)) is not None or len(seen) <= LISTING_PAGE:
-        return marker
-    return next((n for n in PLACEMENT_NAMES if os.path.lexists(os.path.join(directory, n))), None)
+    return names[:LOCAL_SCAN], len(names) <= LOCAL_SCAN
 
 
 def _check_s3_placement(loc: Location, field: str, settings: Settings, itself: bool) -> None:
     from .engine.s3 import s3_client
+    from .engine.sinks import object_exists
 
+    # The shared, pooled client of this endpoint: its connections outlive this check, as everyone's do.
     client = s3_client(settings.s3_endpoint_url, settings.storage_timeout_seconds)
     parts = loc.prefix.split("/")
     # (the directory's prefix, the name below it the output's path continues through), deepest first
     levels = [("/".join(parts[:depth]) + "/" if depth else "", parts[depth] if depth < len(parts) else None)
               for depth in range(len(parts), -1, -1)]
     for directory, child in levels if itself else levels[1:]:
-        names, more = _s3_names(client, loc.bucket, directory, field)
-        marker = _holds_model(names)
-        if marker is None and more:  # a page did not hold them all: the fixed names, one HEAD each
-            marker = next((n for n in PLACEMENT_NAMES if _s3_exists(client, loc.bucket, directory + n, field)),
-                          None)
+        names, known = _s3_listing(client, loc.bucket, directory, field)
+
+        def exists(name: str, directory: str = directory) -> bool:
+            return _ask(field, lambda: object_exists(client, loc.bucket, directory + name))
+
+        marker = _strongest(names, lambda n, known=known: not known(n), exists)
         where = f"s3://{loc.bucket}/{directory.rstrip('/')}" if directory else f"s3://{loc.bucket}"
         if marker is not None:
             raise _refuse_placement(field, where, marker)
-        if child is not None and (child in names or (more and _s3_exists(client, loc.bucket, directory + child,
-                                                                          field))):
+        if child is not None and (child in names or (not known(child) and exists(child))):
             raise PolicyError(field, f"runs through an existing object (s3://{loc.bucket}/{directory}{child}); "
                               "choose a prefix")
 
 
-def _s3_names(client, bucket: str, directory: str, field: str) -> tuple[list[str], bool]:
-    """The names of the objects directly under `directory` on one page of LISTING_PAGE entries, and whether
-    there are more."""
-    try:
-        page = client.list_objects_v2(Bucket=bucket, Prefix=directory, Delimiter="/", MaxKeys=LISTING_PAGE)
-    except client.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code", "") == "NoSuchBucket":
-            return [], False  # nothing is stored there; the sink reports the bucket
-        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
-    except Exception as exc:  # connection errors: the storage's fault, worth a retry
-        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
-    return [obj["Key"][len(directory):] for obj in page.get("Contents", ())], bool(page.get("IsTruncated"))
+def _s3_listing(client, bucket: str, directory: str, field: str) -> tuple[set[str], Callable[[str], bool]]:
+    """The names of the objects directly under `directory` that one page of LISTING_PAGE entries holds, and
+    which names that listing answers for (absent from the names: not there). Past a full page, one more
+    page of the names starting with SHARD_PREFIX, so that a directory of shards alone is still found."""
+    def page(prefix: str) -> tuple[set[str], str | None]:
+        """(names, the last entry reached where the page was full; None where the listing was all)."""
+        answer = _ask(field, lambda: client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/",
+                                                            MaxKeys=LISTING_PAGE), absent=("NoSuchBucket",))
+        if answer is None:  # nothing is stored there; the sink reports the bucket
+            return set(), None
+        keys = [obj["Key"][len(directory):] for obj in answer.get("Contents", ())]
+        entries = keys + [p["Prefix"][len(directory):] for p in answer.get("CommonPrefixes", ())]
+        return set(keys), (max(entries) if answer.get("IsTruncated") and entries else None)
+
+    names, last = page(directory)
+    if last is None:
+        return names, lambda name: True
+    # S3 lists in byte order: every name up to `last` was on the page, shards included where it went past them.
+    shards = last < SHARD_PREFIX or last.startswith(SHARD_PREFIX)
+    shards_last = None
+    if shards:
+        shard_names, shards_last = page(directory + SHARD_PREFIX)
+        names |= shard_names
+
+    def known(name: str) -> bool:
+        if name <= last:
+            return True
+        return shards and name.startswith(SHARD_PREFIX) and (shards_last is None or name <= shards_last)
+
+    return names, known
 
 
-def _s3_exists(client, bucket: str, key: str, field: str) -> bool:
+def _ask(field: str, request: Callable[[], T], absent: tuple[str, ...] = (), default: T | None = None) -> T | None:
+    """One storage request of the placement check: an error code in `absent` means nothing is stored there
+    (`default`); any other failure is the storage's, worth a retry (the API answers 503, the worker retries)."""
+    from .engine.faults import error_code
+
     try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except client.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
+        return request()
     except Exception as exc:
+        if error_code(exc) in absent:
+            return default
         raise GraftError("storage_error", f"{field}: cannot check the output location: {exc}") from exc
 
 

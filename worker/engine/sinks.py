@@ -32,6 +32,7 @@ from .uris import Location
 MANIFEST = "graft-manifest.json"
 OWNER = ".graft-owner"  # in a local temp output: "host pid" of the process writing it
 PENDING = ".graft-pending"  # S3: marks a prefix a graft is writing (removed once the manifest is in)
+STAGING = ".graft-tmp-"  # a local output is built in `.<name>.graft-tmp-<hex>` beside it, then renamed
 
 log = logging.getLogger("graft.engine")
 T = TypeVar("T")
@@ -192,7 +193,7 @@ class LocalSink(Sink):
         parent = os.path.dirname(self.final) or "."
         if confinement is not None and not confinement.admits(_real_ancestor(parent)):
             raise self._escape()  # before makedirs creates anything out there
-        prefix = f".{os.path.basename(self.final)}.graft-tmp-"
+        prefix = f".{os.path.basename(self.final)}{STAGING}"
         self._tmp_name = prefix + uuid.uuid4().hex[:12]
         self.tmp = os.path.join(parent, self._tmp_name)
         self._parent_fd = self._dir_fd = -1
@@ -409,16 +410,7 @@ class S3Sink(Sink):
         return self.exists_key(self.key(name))
 
     def exists_key(self, key: str) -> bool:
-        def attempt() -> bool:
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=key)
-                return True
-            except ClientError as exc:
-                if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
-
-        return self.call(f"checking {key}", attempt)
+        return self.call(f"checking {key}", lambda: object_exists(self.client, self.bucket, key))
 
     def _pending_writer(self) -> str:
         def attempt() -> str:
@@ -617,6 +609,17 @@ class S3Sink(Sink):
         self._delete_keys(sorted(keys))
         # The claim goes last: while anything of ours may remain, it tells a retry that it may clear it.
         self._delete_keys([self.key(PENDING)])
+
+
+def object_exists(client, bucket: str, key: str) -> bool:
+    """One HEAD of `key`. Any failure but "not found" raises, for the caller to retry or report."""
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
 
 
 def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
