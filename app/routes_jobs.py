@@ -16,7 +16,7 @@ from worker.engine.options import GraftOptions
 from worker.engine.recipe import Diff, Recipe, RecipeOptions
 from worker.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
 from worker.statuses import ACTIVE, TERMINAL, JobStatus
-from worker.uri_policy import PolicyError, check_not_inside_result, check_uri, output_for, scope_for
+from worker.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
 from worker.webhooks import check_webhook_target
 
 from .auth import tenant_of
@@ -170,8 +170,8 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
     try:
         output = output_for(job_id, body.output, state.settings, tenant)
         # The default too: GRAFT_OUTPUT_URI, or the tenant's own namespace, may lie in a model or a result.
-        check_not_inside_result(check_uri(output, "output", state.settings, output=True, tenant=tenant),
-                                "output", state.settings, tenant=tenant)
+        check_output_placement(check_uri(output, "output", state.settings, output=True, tenant=tenant),
+                               "output", state.settings, tenant=tenant)
         return output
     except PolicyError as err:
         raise field_error("output", err.message.removeprefix("output: "), "uri_not_allowed") from err
@@ -183,6 +183,10 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
              responses={**ERRORS, 400: PROBLEM, **LIMITED})
 def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+    # First: an identical request's replay is the original job, even where what has happened since (its output
+    # published, a model placed above it, a limit lowered) would refuse the request now.
+    if idempotency_key is not None and (replay := _replay(state, tenant, idempotency_key, body)) is not None:
+        return _replayed(replay, state)
     _check_options(body)
     recipe = _recipe(body)
     _check_request(body, recipe, state, tenant)
@@ -203,6 +207,8 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
              "POST /v1/jobs:preview.", responses={**ERRORS, 400: PROBLEM, **LIMITED})
 def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                      idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+    if idempotency_key is not None and (replay := _replay(state, tenant, idempotency_key, body)) is not None:
+        return _replayed(replay, state)  # as in create_job: before anything that may have changed since
     if isinstance(body.options.alpha, list):
         raise field_error("options.alpha", "a list of alphas is a sweep, which graft jobs run; a preflight judges "
                           "the inputs", "invalid_option")
@@ -250,9 +256,8 @@ def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, id
     idem_rkey = None
     if idempotency_key is not None:
         replay, idem_rkey = _claim_idempotency(state, tenant, idempotency_key, body, job_id)
-        if replay is not None:
-            return _json(replay, 202, {"Location": f"/v1/jobs/{replay['id']}", "Idempotent-Replayed": "true",
-                                       "Retry-After": str(settings.retry_after_seconds)})
+        if replay is not None:  # an identical request came in while this one was being checked
+            return _replayed(replay, state)
     if spec:
         doc = {**doc, CHECKS_SPEC: spec}  # stored beside the public fields, never shown
     try:
@@ -279,12 +284,31 @@ def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, id
 def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate,
                        job_id: str) -> tuple[dict | None, str]:
     """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
+    rkey, body_hash = _idempotency_slot(state, tenant, key, body)
+    for _ in range(2):  # the holder's key may expire between our claim and our look at it: claim again
+        if state.redis.set(rkey, orjson.dumps({"body": body_hash, "job": job_id}), nx=True,
+                           ex=state.settings.idempotency_ttl):
+            return None, rkey
+        if (replay := _replay(state, tenant, key, body)) is not None:
+            return replay, rkey
+    raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
+
+
+def _idempotency_slot(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate
+                      ) -> tuple[str, str]:
+    """(the Redis key holding this Idempotency-Key, the hash of the body it was first used with)."""
     body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
-    rkey = state.store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest())
-    if state.redis.set(rkey, orjson.dumps({"body": body_hash, "job": job_id}), nx=True,
-                       ex=state.settings.idempotency_ttl):
-        return None, rkey
-    held = orjson.loads(state.redis.get(rkey) or b"{}")
+    return state.store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest()), body_hash
+
+
+def _replay(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate) -> dict | None:
+    """The job an earlier identical request with this key made (None: the key is unused); a different body
+    is refused. Only looks: the key is claimed by _submit, once the request has passed every check."""
+    rkey, body_hash = _idempotency_slot(state, tenant, key, body)
+    raw = state.redis.get(rkey)
+    if raw is None:
+        return None
+    held = orjson.loads(raw)
     if held.get("body") != body_hash:
         raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different body",
                       errors=[{"field": "Idempotency-Key", "message": "reused with a different body",
@@ -293,9 +317,14 @@ def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate |
     while time.monotonic() < deadline:
         doc = state.store.get(held["job"])
         if doc is not None:
-            return doc, rkey
+            return doc
         time.sleep(0.02)
     raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
+
+
+def _replayed(doc: dict, state: AppState) -> Response:
+    return _json(doc, 202, {"Location": f"/v1/jobs/{doc['id']}", "Idempotent-Replayed": "true",
+                            "Retry-After": str(state.settings.retry_after_seconds)})
 
 
 def _owned(state: AppState, job_id: str, tenant: str) -> dict:
