@@ -13,10 +13,8 @@ _RECORD_DROPS = ("tensors",)
 
 
 def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
-    from .engine.errors import GraftSuperseded
     from .engine.inspect import Level, inspect_graft
-    from .engine.run import storage_retry
-    from .engine.sinks import open_sink
+    from .engine.publish import publishing
     from .engine.uris import parse_uri
 
     asked = spec.get("preflight") or {}
@@ -24,11 +22,7 @@ def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
     output = parse_uri(request.output, field="output")
     # The output is claimed first, as a graft's is: an occupied location (output_exists) fails the job before
     # the inspection's pass over the inputs, not after it.
-    sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                     parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
-                     allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                     retry=storage_retry(settings))
-    try:
+    with publishing(output, request, settings, reporter.should_cancel) as sink:
         result = inspect_graft(request, level=Level(asked.get("level", Level.WEIGHTS)), settings=settings,
                                probe_text=asked.get("probe_text"), should_cancel=reporter.should_cancel,
                                progress=reporter.progress)
@@ -36,12 +30,6 @@ def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
         manifest = {"format": "graft-preflight/1", "verdict": result.report["verdict"],
                     "files": [r.to_dict() for r in records]}
         manifest_uri = sink.commit((json.dumps(manifest, indent=2) + "\n").encode())
-    except GraftSuperseded:
-        sink.abandon()  # a newer attempt writes the same names: leave them to it
-        raise
-    except BaseException:
-        sink.abort()
-        raise
     chart = next((r.path for r in records if r.path.endswith(".png")), None)
     weights = result.report.get("weights") or {}
     return {"uri": str(output), "manifest_uri": manifest_uri, "files": [r.to_dict() for r in records],

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import EngineSettings
-from .errors import GraftCancelled, GraftError, GraftSuperseded
-from .faults import StorageRetry
+from .errors import GraftCancelled, GraftError
 from .input_hashes import InputHasher
 from .lanes import RemoteReads
 from .manifest import build_manifest, dumps, model_card
@@ -22,7 +21,8 @@ from .model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel
 from .options import GraftRequest
 from .phases import Phase
 from .plan import Plan, build_plan
-from .sinks import MANIFEST, FileRecord, Sink, open_sink
+from .publish import publishing, storage_retry
+from .sinks import MANIFEST, FileRecord, Sink
 from .stores import RemoteStore
 from .stream import StreamTotals, stream_plan
 from .transforms import TensorStats
@@ -65,10 +65,6 @@ class GraftResult:
     @property
     def stats(self) -> dict:
         return self.manifest["stats"]
-
-
-def storage_retry(settings: EngineSettings) -> StorageRetry:
-    return StorageRetry(budget=settings.storage_retry_seconds, timeout=settings.storage_timeout_seconds)
 
 
 def remote_reads(settings: EngineSettings) -> RemoteReads:
@@ -301,21 +297,6 @@ def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, se
     return read
 
 
-def _superseded(should_cancel: Callable[[], bool] | None, failure: BaseException) -> bool:
-    """The fence, asked once more before a failed attempt cleans up: a newer attempt of the same job may
-    have taken the output over while this one failed (a storage fault, say), and its objects carry the same
-    names as this one's."""
-    if should_cancel is None or isinstance(failure, GraftCancelled | KeyboardInterrupt):
-        return False
-    try:
-        should_cancel()
-    except GraftSuperseded:
-        return True
-    except Exception:  # the check itself failing says nothing about who owns the output
-        return False
-    return False
-
-
 @dataclass
 class _Hooks:
     """The caller's callbacks of one graft."""
@@ -339,27 +320,14 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     statistics_first = plan.merge is not None and bool(plan.merge.windows())
     hooks.report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
                  if statistics_first else total)
-    sink: Sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
-                           parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
-                           allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                           retry=storage_retry(settings))
-    try:
+    with publishing(output, request, settings, hooks.should_cancel) as sink:
         hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
         hasher.start()
         side_records = _write_side_files(sink, request, models, plan)
         t0 = time.perf_counter()
         records, stats, late_warnings, totals = _stream(request, plan, models, sink, device, settings, hooks, total)
         stream_seconds = time.perf_counter() - t0
-        connectivity = _connectivity(plan, stats)
-        late_warnings += connectivity_warnings(connectivity)
-        for w in late_warnings:
-            hooks.warn(w)
-        nonfinite = [name for name, st in stats.items() if st.nonfinite]
-        if nonfinite:
-            raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
-                             + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
-        if hooks.should_cancel is not None and hooks.should_cancel():
-            raise GraftCancelled()
+        connectivity = _checked_output(plan, stats, hooks, late_warnings)
         checks = _checks_before_commit(sink, models, records, hooks, total, late_warnings)
         total.phase = Phase.COMMITTING
         hooks.report(total)
@@ -375,21 +343,25 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                                   str(output))
         manifest.update(checks)
         manifest_uri = sink.commit(dumps(manifest))
-    except GraftSuperseded:
-        sink.abandon()
-        raise
-    except BaseException as failure:
-        if _superseded(hooks.should_cancel, failure):  # the output is the newer attempt's: touch nothing there
-            sink.abandon()
-            raise GraftSuperseded() from failure
-        try:
-            sink.abort()
-        except Exception as exc:  # the original failure is the one to report
-            log.warning("cleaning up %s after a failed graft failed too: %s", output, exc)
-        raise
     total.phase = Phase.DONE
     hooks.report(total)
     return GraftResult(str(output), manifest_uri, records, manifest, warnings, checks)
+
+
+def _checked_output(plan: Plan, stats: dict[str, TensorStats], hooks: _Hooks, late_warnings: list[dict]) -> dict:
+    """After the compute pass, before anything is committed: the connectivity proxies (and their warnings, added
+    to `late_warnings`), no NaN or Inf in any output tensor, no cancel since."""
+    connectivity = _connectivity(plan, stats)
+    late_warnings += connectivity_warnings(connectivity)
+    for w in late_warnings:
+        hooks.warn(w)
+    nonfinite = [name for name, st in stats.items() if st.nonfinite]
+    if nonfinite:
+        raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
+                         + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
+    if hooks.should_cancel is not None and hooks.should_cancel():
+        raise GraftCancelled()
+    return connectivity
 
 
 def _stream(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], sink: Sink, device,
