@@ -15,7 +15,7 @@ from worker.engine.errors import GraftError
 from worker.engine.options import GraftOptions
 from worker.engine.recipe import Diff, Recipe, RecipeOptions
 from worker.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
-from worker.statuses import ACTIVE, TERMINAL, JobStatus
+from worker.statuses import ACTIVE, TERMINAL, JobKind, JobStatus
 from worker.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
 from worker.webhooks import check_webhook_target
 
@@ -193,10 +193,7 @@ def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppS
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
     spec = _checks_spec(body)
-    doc = {"id": job_id, "object": "graft.job", "kind": "graft", "checks": _shown_checks(spec), "status": "queued",
-           "created_at": now_iso(), "started_at": None, "finished_at": None, **_graft_fields(recipe),
-           "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url, "attempt": 0,
-           "max_attempts": state.settings.max_attempts, "progress": None, "result": None, "error": None}
+    doc = _job_doc(JobKind.GRAFT, job_id, spec, recipe, output, body, state)
     return _submit(doc, spec, body, state, tenant, idempotency_key)
 
 
@@ -219,12 +216,18 @@ def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited),
     job_id = new_job_id()
     output = _output(job_id, graft, state, tenant)
     spec = {"preflight": body.model_dump(mode="json", include={"level", "probe_text"}, exclude_none=True)}
-    doc = {"id": job_id, "object": "graft.job", "kind": "preflight", "checks": _shown_checks(spec),
-           "status": "queued", "created_at": now_iso(), "started_at": None, "finished_at": None,
-           **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
-           "attempt": 0, "max_attempts": state.settings.max_attempts, "progress": None, "result": None,
-           "error": None}
+    doc = _job_doc(JobKind.PREFLIGHT, job_id, spec, recipe, output, body, state)
     return _submit(doc, spec, body, state, tenant, idempotency_key)
+
+
+def _job_doc(kind: JobKind, job_id: str, spec: dict | None, recipe: Recipe, output: str, body,
+             state: AppState) -> dict:
+    """A new job's record, whatever its kind (worker/kinds.py): queued, its inputs and its checks."""
+    return {"id": job_id, "object": "graft.job", "kind": kind.value, "checks": _shown_checks(spec),
+            "status": JobStatus.QUEUED.value, "created_at": now_iso(), "started_at": None, "finished_at": None,
+            **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
+            "attempt": 0, "max_attempts": state.settings.max_attempts, "progress": None, "result": None,
+            "error": None}
 
 
 def _checks_spec(body: JobCreate) -> dict | None:

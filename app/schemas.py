@@ -13,7 +13,7 @@ from worker.engine.evaluation.spec import ProbeText
 from worker.engine.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.options import check_alpha
 from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
-from worker.statuses import JobStatus
+from worker.statuses import JobKind, JobStatus
 
 Status = JobStatus
 # A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
@@ -164,7 +164,7 @@ class JobError(BaseModel):
 class Job(BaseModel):
     id: str
     object: Literal["graft.job"] = "graft.job"
-    kind: Literal["graft", "preflight"] = Field("graft", description="a graft, or a preflight (POST /v1/preflights)")
+    kind: JobKind = Field(JobKind.GRAFT, description="a graft, or a preflight (POST /v1/preflights)")
     status: Status
     created_at: str
     started_at: str | None = None

@@ -16,6 +16,7 @@ from rq import Callback, Queue, Retry
 from .engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from .engine.phases import Phase
 from .job_store import ACTIVE, JobStore, now_iso
+from .kinds import kind_of
 from .outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
 from .settings import Settings, get_settings
 from .statuses import JobStatus
@@ -216,12 +217,7 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
                                strict=True))
         request = _request(record, job_id, confinement)
         spec = _wait(settings, "reading the job's checks", store.checks_spec, job_id)
-        if record.get("kind") == "preflight":
-            from .preflights import run_preflight
-
-            out = run_preflight(request, spec, settings, reporter)
-        else:
-            out = _run_graft(request, spec, settings, reporter)
+        out = kind_of(record).run(request, spec, settings, reporter)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
         try:
@@ -268,17 +264,6 @@ def _request(record: dict, job_id: str, confinement: dict):
         return GraftRequest.from_recipe(load_recipe(record["recipe"]), record["output"], writer=job_id, **confinement)
     return GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"], record["output"],
                         GraftOptions(**record["options"]), writer=job_id, **confinement)
-
-
-def _run_graft(request, spec: dict, settings: Settings, reporter: _Reporter) -> dict:
-    """The graft with the checks the job asked for (evaluate, require, an alpha sweep); the job's result."""
-    from .engine.checked_graft import Checks, run_checked_graft
-
-    checks = Checks.model_validate({k: v for k, v in spec.items() if k != "alpha"})
-    result = run_checked_graft(request, checks, alphas=spec.get("alpha"), settings=settings,
-                               progress=reporter.progress, should_cancel=reporter.should_cancel, warn=reporter.warn)
-    return {"uri": result.output_uri, "manifest_uri": result.manifest_uri,
-            "files": [f.to_dict() for f in result.files], "stats": result.stats, **result.checks}
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:
