@@ -193,14 +193,21 @@ def test_gpt2_of_64_positions_is_function_level_inspected(gpt2):
 @pytest.mark.parametrize("key", ["max_position_embeddings", "n_positions"])
 @pytest.mark.parametrize("value", [1, 0, -4])
 def test_context_under_two_is_refused_before_anything_runs(tmp_path, monkeypatch, key, value):
+    """Each key in a config of a type that reads it (n_positions: GPT-2's; a Llama reads no such key)."""
     _never_load(monkeypatch)
     ids = encode("abc abd")
-    path = save(str(tmp_path / "m"), bigram_state(ids, seed=0), tokenizer=tokenizer_files())
-    with open(os.path.join(path, "config.json")) as fh:
-        config = json.load(fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump({**config, key: value}, fh)
-    paths = {"ok": save(str(tmp_path / "ok"), bigram_state(ids, seed=0), tokenizer=tokenizer_files()), "m": path}
+
+    def model(name: str, **changes) -> str:
+        path = save(str(tmp_path / name), bigram_state(ids, seed=0), tokenizer=tokenizer_files())
+        with open(os.path.join(path, "config.json")) as fh:
+            config = json.load(fh)
+        if key == "n_positions":  # GPT-2's max_position_embeddings is an alias of n_positions
+            config = {**{k: v for k, v in config.items() if k != "max_position_embeddings"}, "model_type": "gpt2"}
+        with open(os.path.join(path, "config.json"), "w") as fh:
+            json.dump({**config, **changes}, fh)
+        return path
+
+    paths = {"ok": model("ok"), "m": model("m", **{key: value})}
     with pytest.raises(GraftError) as err:
         _evaluate(paths, output="ok", target="m", finetuned="ok")
     assert err.value.code == "invalid_input" and "target_base" in err.value.message and key in err.value.message
@@ -399,7 +406,9 @@ def test_probe_unknown_tokens_are_counted_and_warned(letters):
     assert probe["unknown_share"] == pytest.approx(share)
     (warning,) = result["warnings"]
     assert warning["code"] == "probe_unknown_tokens" and f"{share:.1%}" in warning["message"]
-    assert warning["thresholds"] == {"unknown_share": PROBE_UNKNOWN_SHARE}
+    assert warning["thresholds"] == {"unknown_share": PROBE_UNKNOWN_SHARE, "dropped_share": PROBE_UNKNOWN_SHARE}
+    # The newlines mapped to <unk> are characters its tokens do not spell, too.
+    assert (probe["characters"], probe["characters_dropped"]) == (len(LINES), newlines)
     clean = _evaluate(letters, EvaluateSpec(probe_text=LINES.replace("\n", " "), prompts=["the cat"],
                                             max_new_tokens=2), output="near", target="base", finetuned="base")
     assert (clean["probe"]["unknown_tokens"], clean["probe"]["unknown_share"], clean["warnings"]) == (0, 0.0, [])
@@ -449,3 +458,208 @@ def test_how_a_module_runs_is_not_the_configs_to_say(tmp_path):
     out = module(torch.tensor([encode("abc")]), use_cache=False)
     assert out.attentions is None and out.hidden_states is None and out.logits.shape[1] == 4
     assert model.config["output_attentions"] is True  # the model's own config as it was read
+
+
+# --- review: a KL sweep that no prompt can measure ------------------------------------------------------
+
+def _sweep_trio(tmp_path, **save_kwargs) -> dict:
+    from worker.sample_models import perturb
+
+    base = bigram_state(encode(builtin_probe_text()), seed=0)
+    return {name: save(str(tmp_path / name), state, tokenizer=tokenizer_files(), **save_kwargs)
+            for name, state in (("base", base), ("ft", perturb(base, seed=1, scale=0.05)),
+                                ("target", perturb(base, seed=2, scale=0.01)))}
+
+
+def _sweep(paths: dict, out: str, checks, monkeypatch, **settings) -> tuple[list[str], object]:
+    """Run a sweep over alphas 0.5 and 1; (the outputs run_graft was asked to build, the error raised)."""
+    from worker.engine import GraftOptions, GraftRequest
+    from worker.engine import run as run_module
+    from worker.engine.checked_graft import run_checked_graft
+
+    built: list[str] = []
+    real = run_module.run_graft
+
+    def counting(request, **kwargs):
+        built.append(request.output)
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_graft", counting)
+    request = GraftRequest(paths["base"], paths["ft"], paths["target"], out, GraftOptions())
+    with pytest.raises(GraftError) as err:
+        run_checked_graft(request, checks, alphas=[0.5, 1.0],
+                          settings=EngineSettings(**{"cache_dir": "", "probe_max_tokens": 300, **settings}))
+    return built, err.value
+
+
+def test_a_kl_sweep_no_prompt_fits_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """16-position models, the built-in prompts (46-76 tokens) and select kl_to_finetuned: both candidates were
+    built and scored, then the sweep failed sweep_unscored ("every score was NaN or infinite"), the cause
+    unsaid. It is refused before any candidate is built, saying no prompt fits and what to do instead."""
+    from worker.engine.checked_graft import Checks
+
+    paths = _sweep_trio(tmp_path, max_positions=16)
+    built, err = _sweep(paths, str(tmp_path / "out"), Checks(evaluate=EvaluateSpec(), select="kl_to_finetuned"),
+                        monkeypatch)
+    assert built == [] and err.code == "invalid_option", (built, err.code, err.message)
+    assert "no prompt fits the models' context" in err.message and "16" in err.message
+    assert "evaluate.prompts" in err.message and "select probe_loss" in err.message
+    # The user's prompts past the context fail a sweep likewise before it builds, whatever it selects by.
+    built, err = _sweep(paths, str(tmp_path / "out2"), Checks(evaluate=EvaluateSpec(prompts=["x" * 30]),
+                                                              select="probe_loss"), monkeypatch)
+    assert built == [] and err.code == "invalid_option" and "window of 16 tokens" in err.message
+    assert not os.path.exists(str(tmp_path / "out")) and not os.path.exists(str(tmp_path / "out2"))
+
+
+def test_a_kl_sweep_memory_leaves_no_prompt_fails_after_its_first_candidate(tmp_path, monkeypatch):
+    """The context fits the prompts, the memory bound leaves a 40-token window (every built-in prompt skipped):
+    the first candidate's evaluation shows it, and the sweep fails then, not after building every candidate."""
+    from worker.engine.checked_graft import Checks
+
+    paths = _sweep_trio(tmp_path)
+    m = _models(paths, t="target", f="ft")
+    try:
+        fixed = sum(parameter_bytes(x) + loading_module.module_overhead_bytes(x) for x in m.values())
+        budget = fixed + activation_bytes(40, list(m.values()), at_once=2)
+    finally:
+        _close(m)
+    built, err = _sweep(paths, str(tmp_path / "out"), Checks(evaluate=EvaluateSpec(), select="kl_to_finetuned"),
+                        monkeypatch, eval_memory_bytes=budget)
+    assert len(built) == 1 and err.code == "invalid_option", (built, err.code, err.message)
+    assert "no prompt fits" in err.message and "GRAFT_EVAL_MEMORY_BYTES" in err.message
+    assert "select probe_loss" in err.message
+
+
+# --- review: unknown tokens and dropped characters ------------------------------------------------------
+
+def _dropping_tokenizer() -> dict:
+    """_letters_tokenizer without an unknown token: what its vocabulary lacks (a newline) is dropped."""
+    from tokenizers import Tokenizer, models, processors
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz ."
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: 3 + i for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return {"tokenizer.json": tok.to_str(),
+            "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                      "eos_token": "</s>"}}
+
+
+def _probe_counts(tmp_path, name: str, tokenizer: dict, text: str, max_tokens: int = 300) -> tuple[dict, int | None]:
+    from worker.engine.evaluation.probe import probe_counts, probe_encoding
+    from worker.engine.evaluation.text import open_tokenizer
+
+    path = save(str(tmp_path / name), bigram_state(encode("abc"), seed=0), tokenizer=tokenizer)
+    model = resolve(path, "source_finetuned")
+    try:
+        with open_tokenizer(model) as tok:
+            ids, coverage = probe_encoding(tok, text, max_tokens)
+            return probe_counts(ids, tok.unk_token_id, coverage), tok.unk_token_id
+    finally:
+        model.store.close()
+
+
+def test_unknown_tokens_are_counted_when_the_pad_token_is_unk(tmp_path):
+    """Many Llama 2 fine-tunes set `pad_token: <unk>`: the unknown id was taken for a pad id and not counted
+    (share None, no warning). A pad never appears in an encoded text; the tokens an encoding inserts (BOS,
+    EOS, CLS, SEP) still rule the unknown token out when it is one of them (GPT-2's is its end of text)."""
+    from worker.engine.evaluation.probe import probe_ids, unknown_share
+    from worker.engine.evaluation.text import open_tokenizer
+
+    def counted(name: str, **extra) -> dict:
+        letters = _letters_tokenizer()
+        tok = {**letters, "tokenizer_config.json": {**letters["tokenizer_config.json"], **extra}}
+        model = resolve(save(str(tmp_path / name), bigram_state(encode("abc"), seed=0), tokenizer=tok), "m")
+        try:
+            with open_tokenizer(model) as tokenizer:
+                return unknown_share(probe_ids(tokenizer, LINES, 300), tokenizer.unk_token_id)
+        finally:
+            model.store.close()
+
+    assert counted("pad", pad_token="<unk>")["unknown_tokens"] == LINES.count("\n")
+    assert counted("mask", mask_token="<unk>")["unknown_tokens"] == LINES.count("\n")
+    assert counted("eos", unk_token="</s>")["unknown_tokens"] is None
+
+
+def test_characters_a_tokenizer_drops_are_reported_and_warned(tmp_path):
+    """A BPE tokenizer without an unknown token drops the newlines it cannot spell: 8 characters gone, no
+    unknown token to count, and no warning. What the ids do not spell is counted (characters_dropped,
+    dropped_share) and warned past PROBE_UNKNOWN_SHARE, in the evaluation and at the function level."""
+    dropping = _dropping_tokenizer()
+    counts, unk = _probe_counts(tmp_path, "drop", dropping, LINES)
+    newlines = LINES.count("\n")
+    assert unk is None and counts["unknown_tokens"] is None
+    assert (counts["characters"], counts["characters_dropped"]) == (len(LINES), newlines)
+    assert counts["dropped_share"] == pytest.approx(newlines / len(LINES))
+    assert counts["dropped_share"] > PROBE_UNKNOWN_SHARE
+    # Cut to its first 30 tokens: what those cover, a newline dropped among them.
+    cut, _ = _probe_counts(tmp_path, "cut", dropping, LINES, max_tokens=30)
+    assert cut["characters_dropped"] == 1 and 29 <= cut["characters"] <= 31
+    # A tokenizer that reads the text whole drops nothing; one that maps the newlines to <unk> counts both.
+    assert _probe_counts(tmp_path, "bytes", tokenizer_files(), LINES)[0]["characters_dropped"] == 0
+    assert _probe_counts(tmp_path, "unk", _letters_tokenizer(), LINES)[0]["characters_dropped"] == newlines
+    assert _probe_counts(tmp_path, "clean", dropping, LINES.replace("\n", " "))[0]["characters_dropped"] == 0
+
+    base = bigram_state(encode(LINES), seed=0)
+    paths = {"base": save(str(tmp_path / "base"), base, tokenizer=dropping),
+             "near": save(str(tmp_path / "near"), perturb(base, seed=1, scale=0.02), tokenizer=dropping)}
+    result = _evaluate(paths, EvaluateSpec(probe_text=LINES, prompts=["the cat"], max_new_tokens=2),
+                       output="near", target="base", finetuned="base")
+    assert result["probe"]["characters_dropped"] == newlines and result["probe"]["unknown_share"] is None
+    (warning,) = result["warnings"]
+    assert warning["code"] == "probe_unknown_tokens" and f"{newlines} of the probe text's" in warning["message"]
+    assert warning["thresholds"]["dropped_share"] == PROBE_UNKNOWN_SHARE
+    m = _models(paths, source_base="base", target_base="near")
+    try:
+        probed = function_probe(m["source_base"], m["target_base"], m["source_base"], text=LINES,
+                                settings=EngineSettings())
+    finally:
+        _close(m)
+    assert probed["characters_dropped"] == newlines
+    (r,) = function_reasons(probed)
+    assert r["code"] == "probe_unknown_tokens" and r["verdict"] == "risky" and "not spelled" in r["message"]
+    assert r["values"]["measured_code"] == "loss_barrier" and r["values"]["dropped_share"] > PROBE_UNKNOWN_SHARE
+
+
+# --- review: the keys a model reads, and a sliding window is no context -----------------------------------
+
+def test_context_keys_a_config_class_does_not_declare_are_not_read(tmp_path):
+    """transformers keeps every key of config.json as an attribute: a Llama's `seq_length: 1` was refused
+    invalid_input and `max_sequence_length: 8` gave 8-token windows, though a Llama reads neither. Only the
+    keys the model type's config class declares count (GPT-2's n_positions, an MPT's max_seq_len)."""
+    def context(**changes):
+        return model_context(resolve(_with_config(tmp_path, f"c{len(os.listdir(tmp_path))}", **changes), "m"))
+
+    assert context(seq_length=1) == 2048
+    assert context(max_sequence_length=8, max_seq_len=4, n_positions=6, n_ctx=5, sliding_window=3,
+                   attention_chunk_size=7) == 2048
+    assert context(model_type="mpt", max_seq_len=24) == 24
+    # GPT-2's n_ctx is no attribute it reads (its max_position_embeddings is n_positions, by attribute_map).
+    path = _with_config(tmp_path, "gpt2", model_type="gpt2", n_positions=40, n_ctx=30)
+    with open(os.path.join(path, "config.json")) as fh:
+        config = json.load(fh)
+    del config["max_position_embeddings"]
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    assert model_context(resolve(path, "m")) == 40
+    text = {"model_type": "llama", "max_position_embeddings": 40, "vocab_size": VOCAB, "seq_length": 1}
+    assert context(model_type="llava", text_config=text) == 40
+
+
+def test_a_prompt_past_the_sliding_window_is_not_refused(tmp_path):
+    """A Mistral takes prompts past its sliding window (it bounds what a token attends to, not the positions):
+    the user's 61-token prompt on a 48-token sliding window was refused invalid_option. The probe's windows
+    stay within the span; a prompt is held to the context (max_position_embeddings) alone."""
+    path = _with_config(tmp_path, "mistral", model_type="mistral", sliding_window=48)
+    result = _evaluate({"m": path}, EvaluateSpec(prompts=["x" * 60], max_new_tokens=4), output="m", target="m",
+                       finetuned="m", probe_max_tokens=200)
+    assert result["probe"]["window"] == 48 and result["prompts"]["window"] == 200
+    (sample,) = result["samples"]
+    assert sample["max_new_tokens"] == 4 and result["kl_to_finetuned"]["tokens"] == 61
+    # Past the context itself, still refused as the user's misconfiguration.
+    small = _with_config(tmp_path, "small", model_type="mistral", sliding_window=16, max_position_embeddings=40)
+    with pytest.raises(GraftError) as err:
+        _evaluate({"m": small}, EvaluateSpec(prompts=["x" * 60], max_new_tokens=4), output="m", target="m",
+                  finetuned="m")
+    assert err.value.code == "invalid_option" and "window of 40 tokens" in err.value.message

@@ -214,12 +214,14 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
 
     select = checks.select or Select.PROBE_LOSS
     spec = checks.evaluate or EvaluateSpec()
+    _check_scorable(request, spec, select, hooks)
     scratch = _scratch(hooks.settings)
     scores: list[dict] = []
     best: _Candidate | None = None
     try:
         for index, alpha in enumerate(alphas):
             candidate = _build_candidate(request, alpha, index, scratch, spec, select, hooks)
+            _check_measured(candidate, select)
             scores.append({"alpha": alpha, "score": candidate.score, "evaluation": candidate.evaluation})
             if best is None or candidate.score < best.score:  # ties keep the earlier (listed first) alpha
                 candidate, best = best, candidate
@@ -242,6 +244,47 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
                          should_cancel=hooks.should_cancel, warn=hooks.warn, before_commit=before_commit)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_scorable(request: GraftRequest, spec: EvaluateSpec, select: Select, hooks: _Hooks) -> None:
+    """Before any candidate is built: prompts the evaluations would refuse (the user's past the models'
+    context) or that cannot measure the selection (no built-in prompt fits a context, select
+    kl_to_finetuned) fail the sweep now, not after candidates that could never be scored. Reads the target
+    base's and the fine-tune's headers and runs the fine-tune's tokenizer; nothing when neither applies."""
+    if spec.prompts is None and select != Select.KL_TO_FINETUNED:
+        return  # the built-in prompts adapt, and the probe loss needs none of them
+    from .evaluation.evaluate import check_prompts_fit
+    from .model import resolve_model
+    from .run import remote_reads, storage_retry
+    from .uris import parse_uri
+
+    settings = hooks.settings
+    models: list[ResolvedModel] = []
+    try:
+        for role, uri in (("target_base", request.target_base), ("source_finetuned", request.source_finetuned)):
+            models.append(resolve_model(role, parse_uri(uri, field=role), endpoint_url=settings.s3_endpoint_url,
+                                        max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                                        allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                                        retry=storage_retry(settings)))
+        check_prompts_fit(models[0], models[1], spec, settings=settings,
+                          need_kl=select == Select.KL_TO_FINETUNED, should_cancel=hooks.should_cancel)
+    finally:
+        for model in models:
+            model.store.close()
+
+
+def _check_measured(candidate: _Candidate, select: Select) -> None:
+    """A selection by KL that the first candidate's evaluation could not measure (every built-in prompt
+    skipped: the memory bound left a window shorter than the context _check_scorable saw) fails at once:
+    no later candidate would be measured either."""
+    if select != Select.KL_TO_FINETUNED or candidate.evaluation["kl_to_finetuned"]["mean"] is not None:
+        return
+    from .evaluation.evaluate import no_prompt_fits
+
+    record = candidate.evaluation.get("prompts") or {}
+    skipped = [s["tokens"] for s in record.get("skipped") or ()]
+    raise no_prompt_fits(int(record.get("window") or 0), skipped or [0],
+                         limit="the window the models' context and memory bound (GRAFT_EVAL_MEMORY_BYTES) leave")
 
 
 def _scratch(settings: EngineSettings) -> str:

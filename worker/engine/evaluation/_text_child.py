@@ -6,7 +6,8 @@ not several); the limits are set once the imports are done, so they bound the te
 
 Requests: {"op": "load", "dir", "memory", "cpu", "rendered_max"} -> {"chat_template": bool,
                                                                         "unk_token_id": int | None}
-          {"op": "encode", "texts", "special", "max_tokens"} -> {"ids": [[int]]}
+          {"op": "encode", "texts", "special", "max_tokens", "coverage"} -> {"ids": [[int]],
+                                        "coverage" (when asked): [{"characters": int, "dropped": int}]}
           {"op": "render", "prompts"} -> {"texts": [str]}
           {"op": "decode", "ids": [[int]]} -> {"texts": [str]}
 Answers: {"ok": ...} or {"error": {"code", "message"}}. Anything raised (a panic of the tokenizers library
@@ -87,28 +88,72 @@ def load(req: dict) -> dict:
     return {"chat_template": bool(getattr(tokenizer, "chat_template", None)), "unk_token_id": unknown_id(tokenizer)}
 
 
+# Tokens an encoding inserts itself (a BOS, an end of text, BERT's CLS and SEP): an unknown token that is
+# one of them (GPT-2's is its end-of-text token) cannot be told from what the encoding added. A pad or mask
+# token never appears in an encoded text, so an unknown token that is also one (a Llama 2 fine-tune's
+# `pad_token: <unk>`) is still counted.
+INSERTED_TOKENS = ("bos", "eos", "sep", "cls")
+
+
 def unknown_id(tokenizer) -> int | None:
-    """The id text is mapped to when the vocabulary cannot spell it; None without one of its own (GPT-2's
-    unknown token is its end-of-text token: an occurrence of it says nothing about the text's spelling)."""
+    """The id text is mapped to when the vocabulary cannot spell it; None without one of its own (one the
+    encoding inserts: INSERTED_TOKENS)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if not isinstance(unk, int) or isinstance(unk, bool) or unk < 0:
         return None
-    others = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls", "mask")]
+    others = [getattr(tokenizer, f"{name}_token_id", None) for name in INSERTED_TOKENS]
     return None if unk in others else unk
 
 
 def encode(req: dict) -> dict:
     tokenizer = STATE["tokenizer"]
-    out = []
+    out, coverage = [], []
+    cap = req.get("max_tokens")
     for text in req["texts"]:
-        try:
-            ids = tokenizer(text, add_special_tokens=bool(req["special"]), verbose=False)["input_ids"]
-        except BaseException as exc:
-            raise Refusal("tokenizer_failed", f"its tokenizer fails on a text: {said(exc)}") from None
-        if req.get("max_tokens") is not None:
-            ids = ids[:int(req["max_tokens"])]
-        out.append([int(i) for i in ids])
-    return {"ids": out}
+        offsets = bool(req.get("coverage")) and bool(getattr(tokenizer, "is_fast", False))
+        enc = None
+        if offsets:
+            try:
+                enc = tokenizer(text, add_special_tokens=bool(req["special"]), verbose=False,
+                                return_offsets_mapping=True)
+            except Exception:  # offsets are a nicety of coverage: a tokenizer without them is read without
+                offsets = False
+            except BaseException as exc:  # a panic of the tokenizers library: the text cannot be read at all
+                raise Refusal("tokenizer_failed", f"its tokenizer fails on a text: {said(exc)}") from None
+        if enc is None:
+            try:
+                enc = tokenizer(text, add_special_tokens=bool(req["special"]), verbose=False)
+            except BaseException as exc:
+                raise Refusal("tokenizer_failed", f"its tokenizer fails on a text: {said(exc)}") from None
+        ids = enc["input_ids"]
+        kept = ids[:int(cap)] if cap is not None else ids
+        if req.get("coverage"):
+            coverage.append(covered(tokenizer, text, ids, kept, enc.get("offset_mapping") if offsets else None))
+        out.append([int(i) for i in kept])
+    return {"ids": out, **({"coverage": coverage} if req.get("coverage") else {})}
+
+
+def covered(tokenizer, text: str, ids: list, kept: list, offsets: list | None) -> dict:
+    """How many characters of the text the kept ids fail to spell: those the text holds more of than the
+    ids decode to (a multiset difference: blind to the order, and to what a decoder adds, such as spaces
+    between tokens, but not to what a tokenizer without an unknown token drops, nor to what it maps to one,
+    the unknown token being special and so not decoded). Of the text the kept ids cover: up to the end of
+    the last kept token's offsets when the ids were cut (a fast tokenizer), else all of it."""
+    from collections import Counter
+
+    part = text
+    if len(kept) < len(ids):
+        if offsets is not None:
+            part = text[:max((int(end) for _, end in offsets[:len(kept)]), default=0)]
+        else:
+            kept = ids  # no offsets to find where the cut falls: the whole text against all its ids
+    try:
+        decoded = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    except BaseException as exc:
+        raise Refusal("tokenizer_failed", f"its tokenizer fails to decode: {said(exc)}") from None
+    missing = Counter(part)
+    missing.subtract(Counter(decoded) if isinstance(decoded, str) else Counter())
+    return {"characters": len(part), "dropped": sum(n for n in missing.values() if n > 0)}
 
 
 def render(req: dict) -> dict:

@@ -5,8 +5,9 @@ of the next-token distributions over a few prompts, and one greedy sample per pr
 Memory: at most two models at once (the target base alone, then the output beside the fine-tune for the KL),
 checked against the bound before anything is loaded with their activations (limits.py); the window shrinks
 to what the bound allows. Windows never pass the models' context: the built-in prompts adapt to a short one
-(plan_prompts), the user's must fit it. One tokenizer for all three: the fine-tune's (the
-output carries the fine-tune's tokenizer files, and token ids must mean the same in every model compared)."""
+(plan_prompts), the user's must fit it; a sliding window bounds the probe's windows, not a prompt's. One
+tokenizer for all three: the fine-tune's (the output carries the fine-tune's tokenizer files, and token ids
+must mean the same in every model compared)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ from ..errors import GraftError
 from ..manifest import json_safe
 from ..model import GENERATION_CONFIG, ResolvedModel
 from ..safetensors_format import load_json
-from .limits import window_limit
+from .limits import context_limit, window_limit
 from .loading import Deadline, Phase, fit_window, loaded, running
 from .probe import (
     check_ids_in_vocab,
     context_window,
     mean_loss,
     model_device,
-    probe_ids,
+    probe_counts,
+    probe_encoding,
     probe_text,
     scored_tokens,
-    unknown_share,
     unknown_warning,
 )
 from .spec import EvaluateSpec
@@ -52,16 +53,22 @@ def evaluate_graft(output: ResolvedModel, target_base: ResolvedModel, source_fin
     `warnings` (prompts_adapted, probe_unknown_tokens) for the job's warnings."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="evaluation")
     # The models' context first: a config that allows no window is refused before a tokenizer is started.
-    upper = context_window([target_base, output, source_finetuned], settings.probe_max_tokens)
+    models = [target_base, output, source_finetuned]
+    upper = context_window(models, settings.probe_max_tokens)
+    context = context_limit(models, settings.probe_max_tokens, spans=False)
     with open_tokenizer(source_finetuned, check=deadline.check) as tokenizer:
-        return _evaluate(output, target_base, source_finetuned, spec, settings, device, deadline, tokenizer, upper)
+        return _evaluate(output, target_base, source_finetuned, spec, settings, device, deadline, tokenizer,
+                         (upper, context))
 
 
 def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel,
               spec: EvaluateSpec, settings: EngineSettings, device: str, deadline: Deadline,
-              tokenizer: TextModel, upper: int) -> dict:
+              tokenizer: TextModel, uppers: tuple[int, int]) -> dict:
+    """`uppers`: the probe's windows at most (the context within the attention spans), a prompt's (the
+    context alone: a model takes a prompt past its sliding window)."""
+    upper, context = uppers
     text, source = probe_text(spec.probe_text)
-    ids = probe_ids(tokenizer, text, settings.probe_max_tokens)
+    ids, coverage = probe_encoding(tokenizer, text, settings.probe_max_tokens)
     check_ids_in_vocab([ids], [target_base, output, source_finetuned], "probe text")
     prompts = spec.prompt_list()
     rendered, chat = render_prompts(tokenizer, prompts)
@@ -70,12 +77,13 @@ def _evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetune
     max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
     builtin = spec.prompts is None
     if not builtin:  # the user's prompts must fit the models' context: a misconfiguration, refused as such
-        check_prompt_lengths(prompt_ids, max_new, upper, chat=chat)
+        check_prompt_lengths(prompt_ids, max_new, context, chat=chat)
     # What is loaded at once: the target base alone, then the output beside the fine-tune (both logits: the KL).
     phases = [Phase([target_base]), Phase([output, source_finetuned], at_once=2)]
     window = fit_window(phases, settings, device=device, upper=upper)
-    plan = plan_prompts(prompt_ids, max_new, window, builtin=builtin, chat=chat)
-    unknown = unknown_share(ids, tokenizer.unk_token_id)
+    room = prompt_room(phases, settings, device, context, window)
+    plan = plan_prompts(prompt_ids, max_new, room, builtin=builtin, chat=chat)
+    unknown = probe_counts(ids, tokenizer.unk_token_id, coverage)
     deadline.check()
 
     probe: dict = {"tokens": len(ids), "scored_tokens": scored_tokens(len(ids), window), "window": window,
@@ -140,6 +148,48 @@ def check_prompt_lengths(prompt_ids: list[torch.Tensor], max_new: int, window: i
             raise GraftError("invalid_option", f"prompts[{i}] is {len(ids)} tokens{how}; with the {max_new} "
                              f"tokens of its sample it must fit the window of {window} tokens (the models' "
                              "context, at most GRAFT_PROBE_MAX_TOKENS)")
+
+
+def prompt_room(phases: list[Phase], settings: EngineSettings, device: str, context: int, window: int) -> int:
+    """The longest prompt and sample one forward pass may take: the models' context (a sliding window does
+    not bound it) within the memory bound, never less than the probe's `window`, which fits it."""
+    if context <= window:
+        return window
+    try:
+        return max(window, fit_window(phases, settings, device=device, upper=context))
+    except GraftError as err:
+        if err.code != "model_too_large":
+            raise
+        return window  # what the bound allows past the window is under MIN_WINDOW: the window then
+
+
+def no_prompt_fits(window: int, lengths: list[int], *, limit: str = "the models' context") -> GraftError:
+    """The refusal of a selection by KL that no built-in prompt can measure: `limit` is what set `window`."""
+    return GraftError("invalid_option", f"select: kl_to_finetuned, but no prompt fits {limit}: the built-in "
+                      f"prompts are {min(lengths)} to {max(lengths)} tokens and the models take {window} at most, "
+                      "so no KL to the fine-tune can be measured; give prompts that fit (evaluate.prompts) or "
+                      "select probe_loss", {"window": window, "prompt_tokens": lengths})
+
+
+def check_prompts_fit(target_base: ResolvedModel, source_finetuned: ResolvedModel, spec: EvaluateSpec, *,
+                      settings: EngineSettings, need_kl: bool,
+                      should_cancel: Callable[[], bool] | None = None) -> None:
+    """Before a sweep builds anything: what its evaluations would refuse on the prompts alone, refused now.
+    The user's prompts must fit the models' context (check_prompt_lengths); with `need_kl` (a selection by
+    KL), at least one built-in prompt must fit it (no_prompt_fits). An output's context is its target
+    base's (it carries that config.json). The memory bound is the evaluation's to apply: it can only
+    shorten what fits."""
+    models = [target_base, source_finetuned]
+    context = context_limit(models, settings.probe_max_tokens, spans=False)
+    deadline = Deadline(settings.eval_seconds, should_cancel, what="evaluation")
+    with open_tokenizer(source_finetuned, check=deadline.check) as tokenizer:
+        rendered, chat = render_prompts(tokenizer, spec.prompt_list())
+        prompt_ids = encode_prompts(tokenizer, rendered, chat=chat)
+    max_new = min(spec.max_new_tokens, settings.eval_max_new_tokens)
+    if spec.prompts is not None:
+        check_prompt_lengths(prompt_ids, max_new, context, chat=chat)
+    elif need_kl and all(len(ids) >= context for ids in prompt_ids):
+        raise no_prompt_fits(context, [len(ids) for ids in prompt_ids])
 
 
 def plan_prompts(prompt_ids: list[torch.Tensor], max_new: int, window: int, *, builtin: bool, chat: bool) -> dict:

@@ -18,6 +18,8 @@ held together (the KL holds two).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,10 +27,14 @@ from ..errors import GraftError
 from ..model import ResolvedModel
 
 # Config entries that bound the positions a model can take: the table of learned positions (GPT-2,
-# GPT-J, OPT, ...) or what rotary models were trained for. Their smallest is the model's context.
+# GPT-J, OPT, ...) or what rotary models were trained for. Their smallest is the model's context. Only
+# those its config class declares count: transformers keeps any other key of config.json as an attribute
+# the model never reads (a Llama's `seq_length: 1` bounds nothing).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
                 "seq_length")
-# Attention spans: a window no longer than these lets every token see all of its window.
+# Attention spans (declared, as above): a window no longer than these lets every token see all of its
+# window, so they bound the probe's windows; they do not bound the positions a model takes (a Mistral runs
+# a prompt past its sliding window), so a prompt is held to the context alone.
 SPAN_KEYS = ("sliding_window", "attention_chunk_size")
 ATTENTION_COPIES = 3  # eager measured 2.05, SDPA's math fallback 2.3: rounded up
 MASK_COPIES = 2  # the causal mask transformers builds (float32, T x T) and its broadcast sum
@@ -76,35 +82,64 @@ def _configs(model: ResolvedModel) -> list:
     return out
 
 
-def model_context(model: ResolvedModel) -> int | None:
-    """The most tokens one window may hold for this model: the smallest of its configs' context entries
-    and the attention spans it uses (None when it states none). A context under 2 leaves no token to score
-    given another: GraftError("invalid_input")."""
-    found: list[tuple[int, str]] = []
+@functools.lru_cache(maxsize=1024)
+def declares(cls: type, key: str) -> bool:
+    """Whether config class `cls` declares `key` (a parameter of its __init__, an attribute_map alias or a
+    class attribute): the keys its model may read. A class whose __init__ names nothing (all **kwargs) says
+    nothing either way, and every key is taken as declared."""
+    if key in (getattr(cls, "attribute_map", None) or {}) or any(key in vars(c) for c in cls.__mro__):
+        return True
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    return key in named or not named
+
+
+def _declared_int(config, key: str) -> int | None:
+    return _int(config, key) if declares(type(config), key) else None
+
+
+def model_limits(model: ResolvedModel) -> tuple[int | None, int | None]:
+    """(context, span): the most positions the model takes (the smallest of its configs' declared context
+    entries) and the shortest attention span it uses (a sliding window, an attention chunk); None for what
+    it states none of. A context under 2 leaves no token to score given another: GraftError("invalid_input")."""
+    contexts: list[int] = []
+    spans: list[int] = []
     for config in _configs(model):
         for key in CONTEXT_KEYS:
-            value = _int(config, key)
+            value = _declared_int(config, key)
             if value is not None:
                 if value < 2:
-                    raise GraftError("invalid_input", f"{model.role}: its config.json says {key} = {value}: a "
+                    name = (getattr(type(config), "attribute_map", None) or {}).get(key, key)  # as config.json has it
+                    raise GraftError("invalid_input", f"{model.role}: its config.json says {name} = {value}: a "
                                      "context under 2 tokens leaves nothing to score")
-                found.append((value, key))
+                contexts.append(value)
         if getattr(config, "use_sliding_window", True) is False:
             continue
         for key in SPAN_KEYS:
-            value = _int(config, key)
+            value = _declared_int(config, key)
             if value is not None and value >= 2:  # a span of 1 is the config's business, not a window's
-                found.append((value, key))
-    return min(found)[0] if found else None
+                spans.append(value)
+    return min(contexts, default=None), min(spans, default=None)
 
 
-def context_limit(models: Sequence[ResolvedModel], max_tokens: int) -> int:
-    """Tokens per window at most: GRAFT_PROBE_MAX_TOKENS within every model's context."""
+def model_context(model: ResolvedModel) -> int | None:
+    """The most tokens one probe window may hold for this model: its context, within its attention span."""
+    found = [v for v in model_limits(model) if v is not None]
+    return min(found) if found else None
+
+
+def context_limit(models: Sequence[ResolvedModel], max_tokens: int, *, spans: bool = True) -> int:
+    """Tokens per window at most: GRAFT_PROBE_MAX_TOKENS within every model's context and, with `spans`
+    (a probe's windows, not a prompt), its attention span."""
     window = max(max_tokens, 2)
     for model in models:
-        context = model_context(model)
-        if context is not None:
-            window = min(window, context)
+        context, span = model_limits(model)
+        for value in (context, span if spans else None):
+            if value is not None:
+                window = min(window, value)
     return window
 
 

@@ -32,12 +32,18 @@ def probe_text(text: str | None) -> tuple[str, str]:
 def probe_ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     """The text's token ids as the tokenizer (a text.TextModel) encodes a document (its BOS included), the
     first `max_tokens`."""
+    return probe_encoding(tokenizer, text, max_tokens)[0]
+
+
+def probe_encoding(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor, dict]:
+    """probe_ids, and what those ids cover of the text: {"characters", "dropped"} (characters they do not
+    spell: dropped by the tokenizer, or mapped to its unknown token)."""
     # Cut after encoding, not by the tokenizer: its truncation side is a setting of its own.
-    ids = tokenizer.encode([text], special=True, max_tokens=max_tokens)[0]
-    if len(ids) < 2:
-        raise GraftError("invalid_option", f"the probe text gives {len(ids)} token(s); at least 2 are needed "
+    ids, coverage = tokenizer.encode_with_coverage([text], special=True, max_tokens=max_tokens)
+    if len(ids[0]) < 2:
+        raise GraftError("invalid_option", f"the probe text gives {len(ids[0])} token(s); at least 2 are needed "
                          "to measure a loss")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids[0], dtype=torch.long), coverage[0]
 
 
 def check_ids_in_vocab(ids: Sequence[torch.Tensor], models: Sequence[ResolvedModel], what: str) -> None:
@@ -70,16 +76,35 @@ def unknown_share(ids: torch.Tensor, unk_id: int | None) -> dict:
     return {"unknown_tokens": count, "unknown_share": count / len(ids)}
 
 
+def probe_counts(ids: torch.Tensor, unk_id: int | None, coverage: dict) -> dict:
+    """unknown_share's counts, and the characters of the probe text its ids do not spell: `characters`
+    (those the ids cover), `characters_dropped` and `dropped_share` (0 for a text the tokenizer reads
+    whole). A tokenizer without an unknown token drops what its vocabulary lacks without a trace in the
+    ids: only this counts it; one with an unknown token counts it both ways."""
+    characters, dropped = int(coverage["characters"]), int(coverage["dropped"])
+    return {**unknown_share(ids, unk_id), "characters": characters, "characters_dropped": dropped,
+            "dropped_share": dropped / characters if characters else 0.0}
+
+
 def unknown_warning(counts: dict, what: str) -> dict | None:
-    """The warning for a probe text whose unknown tokens pass UNKNOWN_SHARE_WARN of its tokens."""
+    """The warning for a probe text the tokenizer cannot read: its unknown tokens past UNKNOWN_SHARE_WARN
+    of its tokens, or the characters its ids do not spell past that share of its characters."""
     share = counts.get("unknown_share")
-    if share is None or share <= UNKNOWN_SHARE_WARN:
+    dropped = counts.get("dropped_share")
+    said = []
+    if share is not None and share > UNKNOWN_SHARE_WARN:
+        said.append(f"{counts['unknown_tokens']} of the {what}'s tokens ({share:.1%}) are the tokenizer's unknown "
+                    "token")
+    if dropped is not None and dropped > UNKNOWN_SHARE_WARN:
+        said.append(f"{counts['characters_dropped']} of the {what}'s {counts['characters']} characters ({dropped:.1%}) "
+                    "are not spelled by its tokens (dropped by the tokenizer or unknown)")
+    if not said:
         return None
     return {"code": "probe_unknown_tokens",
-            "message": f"{counts['unknown_tokens']} of the {what}'s tokens ({share:.1%}) are the tokenizer's unknown "
-                       f"token (more than {UNKNOWN_SHARE_WARN:.0%}): characters its vocabulary cannot spell are "
-                       "all scored as one token, so the losses on it say little about the models",
-            "values": dict(counts), "thresholds": {"unknown_share": UNKNOWN_SHARE_WARN}}
+            "message": f"{'; '.join(said)} (more than {UNKNOWN_SHARE_WARN:.0%}): what the vocabulary cannot spell is "
+                       "scored as one token or not at all, so the losses on it say little about the models",
+            "values": dict(counts),
+            "thresholds": {"unknown_share": UNKNOWN_SHARE_WARN, "dropped_share": UNKNOWN_SHARE_WARN}}
 
 
 def model_device(module) -> torch.device:

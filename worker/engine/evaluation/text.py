@@ -78,13 +78,28 @@ class TextModel:
     def encode(self, texts: list[str], *, special: bool, max_tokens: int | None = None) -> list[list[int]]:
         """Each text's token ids (`special`: with the tokenizer's own special tokens, BOS and the like),
         the first `max_tokens`."""
-        answer = self._ask({"op": "encode", "texts": texts, "special": special, "max_tokens": max_tokens},
-                           ENCODE_SECONDS, "tokenizer_failed", "its tokenizer")
+        return self._encode(texts, special, max_tokens, coverage=False)[0]
+
+    def encode_with_coverage(self, texts: list[str], *, special: bool, max_tokens: int | None = None
+                             ) -> tuple[list[list[int]], list[dict]]:
+        """As encode, and per text {"characters", "dropped"}: how many characters of the text the ids
+        cover and how many of them the ids do not spell (_text_child.covered)."""
+        return self._encode(texts, special, max_tokens, coverage=True)
+
+    def _encode(self, texts: list[str], special: bool, max_tokens: int | None, *, coverage: bool
+                ) -> tuple[list[list[int]], list[dict]]:
+        answer = self._ask({"op": "encode", "texts": texts, "special": special, "max_tokens": max_tokens,
+                            "coverage": coverage}, ENCODE_SECONDS, "tokenizer_failed", "its tokenizer")
         ids = answer.get("ids")
         if not (isinstance(ids, list) and len(ids) == len(texts)
                 and all(isinstance(row, list) and all(_is_id(i) for i in row) for row in ids)):
             raise GraftError("tokenizer_failed", f"{self.role}: its tokenizer did not give token ids")
-        return ids
+        counts = answer.get("coverage") if coverage else []
+        if coverage and not (isinstance(counts, list) and len(counts) == len(texts) and all(
+                isinstance(c, dict) and _is_id(c.get("characters")) and _is_id(c.get("dropped"))
+                and c["dropped"] <= c["characters"] for c in counts)):
+            raise GraftError("tokenizer_failed", f"{self.role}: its tokenizer did not say what the ids cover")
+        return ids, counts
 
     def render(self, prompts: list[str]) -> list[str]:
         """Each prompt as one user turn through the chat template, the assistant's turn opened."""

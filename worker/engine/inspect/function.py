@@ -29,10 +29,10 @@ from ..evaluation.probe import (
     check_ids_in_vocab,
     context_window,
     mean_loss,
-    probe_ids,
+    probe_counts,
+    probe_encoding,
     probe_text,
     scored_tokens,
-    unknown_share,
 )
 from ..evaluation.text import open_tokenizer
 from ..model import ResolvedModel
@@ -55,7 +55,8 @@ def function_probe(source_base: ResolvedModel, target_base: ResolvedModel, token
                    text: str | None, settings: EngineSettings, device: str = "cpu",
                    should_cancel: Callable[[], bool] | None = None) -> dict:
     """{"lambdas", "losses" (mean nats/token), "barrier", "barrier_ratio", "tokens", "probe", "seconds",
-    "window", "unknown_share" (of the probe's tokens, None without an unknown token), ...}.
+    "window", "unknown_share" (of the probe's tokens, None without an unknown token), "dropped_share" (of
+    its characters, those its tokens do not spell), ...}.
     Refuses with model_too_large (before loading), eval_timeout, no_tokenizer, and, for bases that do not
     compute the same function shape (architecture_mismatch, shape_conflict, config_mismatch)."""
     deadline = Deadline(settings.eval_seconds, should_cancel, what="function-level probe")
@@ -63,8 +64,8 @@ def function_probe(source_base: ResolvedModel, target_base: ResolvedModel, token
     upper = context_window([source_base, target_base], settings.probe_max_tokens)
     body, source = probe_text(text)
     with open_tokenizer(tokenizer_from, check=deadline.check) as tokenizer:  # the tenant's: in a bounded child
-        ids = probe_ids(tokenizer, body, settings.probe_max_tokens)
-        unknown = unknown_share(ids, tokenizer.unk_token_id)
+        ids, coverage = probe_encoding(tokenizer, body, settings.probe_max_tokens)
+        unknown = probe_counts(ids, tokenizer.unk_token_id, coverage)
     check_ids_in_vocab([ids], [source_base, target_base], "probe text")
     heads = sum(_tied_head_bytes(m) for m in (source_base, target_base)) if untie else 0
     bases = [source_base, target_base]

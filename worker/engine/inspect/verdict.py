@@ -58,7 +58,9 @@ PROBE_ENDS_APART = 0.5
 # The share of the probe's tokens that are the tokenizer's unknown token past which its losses are not taken
 # at their word (a newline the vocabulary lacked made every loss meaningless). 2%: a stray symbol or two
 # stays below it; a character class the vocabulary lacks (newlines, accents, another script) goes past it.
-# Past it the function level says so (probe_unknown_tokens, at least risky) and overrules nothing.
+# The same share of the probe's characters that its tokens do not spell (a tokenizer without an unknown
+# token drops them silently) counts alike. Past either the function level says so (probe_unknown_tokens,
+# at least risky) and overrules nothing.
 PROBE_UNKNOWN_SHARE = 0.02
 
 # Weights-level codes about whether the bases are linearly connected. A conclusive function probe measures
@@ -140,23 +142,37 @@ def weights_reasons(*, bases_distance_ratio: float | None, cos_bases_delta: floa
 
 def function_reasons(result: dict) -> list[dict]:
     """The function level's one reason, from function_probe's result (always given, even when it says
-    compatible: it is what overrules the weights level's connectivity reasons). A probe text whose share of
-    unknown tokens passes PROBE_UNKNOWN_SHARE gives probe_unknown_tokens instead: at least risky, the
-    barrier's own verdict kept when worse, and no overruling (it is not loss_barrier)."""
+    compatible: it is what overrules the weights level's connectivity reasons). A probe text of which more
+    than PROBE_UNKNOWN_SHARE of the tokens are the unknown token, or of the characters are not spelled by
+    its tokens, gives probe_unknown_tokens instead: at least risky, the barrier's own verdict kept when
+    worse, and no overruling (it is not loss_barrier)."""
     found = _barrier_reasons(result)
-    share = result.get("unknown_share")
-    if share is None or float(share) <= PROBE_UNKNOWN_SHARE:
+    share, dropped = _share(result, "unknown_share"), _share(result, "dropped_share")
+    said = []
+    if share is not None and share > PROBE_UNKNOWN_SHARE:
+        said.append(f"{result.get('unknown_tokens')} of the probe's {result.get('tokens', '?')} tokens ({share:.1%}) "
+                    "are the tokenizer's unknown token")
+    if dropped is not None and dropped > PROBE_UNKNOWN_SHARE:
+        said.append(f"{result.get('characters_dropped')} of its {result.get('characters', '?')} characters "
+                    f"({dropped:.1%}) are not spelled by its tokens (dropped by the tokenizer or unknown)")
+    if not said:
         return found
     measured = found[0]
     return [reason(
         "probe_unknown_tokens", Level.FUNCTION, worst([Verdict.RISKY, measured["verdict"]]),
-        f"{result.get('unknown_tokens')} of the probe's {result.get('tokens', '?')} tokens ({float(share):.1%}) are "
-        f"the tokenizer's unknown token (more than {PROBE_UNKNOWN_SHARE:.0%}): the probe text holds characters the "
-        "vocabulary cannot spell, all scored as one token, so the barrier is not trusted and the weights level's "
-        f"reasons stand; as measured: {measured['message']}",
-        values={"unknown_share": float(share), "unknown_tokens": result.get("unknown_tokens"),
-                "measured_code": measured["code"], "measured_verdict": measured["verdict"], **measured["values"]},
-        thresholds={"unknown_share": PROBE_UNKNOWN_SHARE, **measured["thresholds"]})]
+        f"{'; '.join(said)} (more than {PROBE_UNKNOWN_SHARE:.0%}): the probe text holds characters the "
+        "vocabulary cannot spell, scored as one token or not at all, so the barrier is not trusted and the "
+        f"weights level's reasons stand; as measured: {measured['message']}",
+        values={"unknown_share": share, "unknown_tokens": result.get("unknown_tokens"), "dropped_share": dropped,
+                "characters_dropped": result.get("characters_dropped"), "measured_code": measured["code"],
+                "measured_verdict": measured["verdict"], **measured["values"]},
+        thresholds={"unknown_share": PROBE_UNKNOWN_SHARE, "dropped_share": PROBE_UNKNOWN_SHARE,
+                    **measured["thresholds"]})]
+
+
+def _share(result: dict, key: str) -> float | None:
+    value = result.get(key)
+    return None if value is None else float(value)
 
 
 def _barrier_reasons(result: dict) -> list[dict]:
