@@ -11,7 +11,7 @@ from worker.engine.checked_graft import MAX_SWEEP, Checks
 from worker.engine.errors import GraftError
 from worker.engine.evaluation.spec import ProbeText
 from worker.engine.inspect.verdict import LEVEL_HELP, Level
-from worker.engine.options import check_alpha
+from worker.engine.options import FLOAT32_MAX, check_alpha
 from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
 from worker.statuses import JobKind, JobStatus
 
@@ -41,7 +41,7 @@ def _alpha(value: object) -> float | list[float]:
                               f"of 2 to {MAX_SWEEP} of them (a sweep)")
 
 
-_NUMBER = {"type": "number"}
+_NUMBER = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}  # as check_alpha holds it
 Alpha = Annotated[float | list[float], PlainValidator(_alpha), WithJsonSchema(
     {"anyOf": [_NUMBER, {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": MAX_SWEEP}]})]
 

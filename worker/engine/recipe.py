@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 from .errors import GraftError
 from .methods import MERGES, TRANSFORMS
 from .methods.sum import SumParams
-from .options import DEVICE_CHOICES, DTYPE_CHOICES, MAX_SHARD, MIN_SHARD, VOCAB_POLICIES, GraftOptions
+from .options import DEVICE_CHOICES, DTYPE_CHOICES, FLOAT32_MAX, MAX_SHARD, MIN_SHARD, VOCAB_POLICIES, GraftOptions
 from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_any
 
 MAX_DIFFS = 16
@@ -45,7 +45,8 @@ Transform = Annotated[Union[tuple(m.Params for m in TRANSFORMS.values())],  # no
                       Field(discriminator="method")]
 Merge = Annotated[Union[tuple(m.Params for m in MERGES.values())],  # noqa: UP007
                   Field(discriminator="method")]
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Within float32's range, where the arithmetic runs (products of them are Recipe.check_strength's to bound).
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 Weight = Number | Annotated[list[Number], Field(min_length=1, max_length=MAX_WEIGHT_POINTS)]
 URI = Annotated[str, Field(min_length=1, max_length=2048)]
 
