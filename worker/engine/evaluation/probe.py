@@ -9,7 +9,7 @@ from importlib import resources
 import torch
 
 from ..errors import GraftError
-from ..inspect.verdict import PROBE_UNKNOWN_SHARE
+from ..inspect.verdict import PROBE_UNKNOWN_SHARE, unreadable_text
 from ..model import ResolvedModel
 
 PROBE_RESOURCE = "data/probe.txt"
@@ -71,9 +71,9 @@ def unknown_share(ids: torch.Tensor, unk_id: int | None) -> dict:
     say little about the models. None when the tokenizer has no unknown token of its own (a byte-level
     one never needs it; GPT-2's is its end-of-text token, not countable as unknown)."""
     if unk_id is None:
-        return {"unknown_tokens": None, "unknown_share": None}
+        return {"tokens": len(ids), "unknown_tokens": None, "unknown_share": None}
     count = int((ids == unk_id).sum())
-    return {"unknown_tokens": count, "unknown_share": count / len(ids)}
+    return {"tokens": len(ids), "unknown_tokens": count, "unknown_share": count / len(ids)}
 
 
 def probe_counts(ids: torch.Tensor, unk_id: int | None, coverage: dict) -> dict:
@@ -89,15 +89,7 @@ def probe_counts(ids: torch.Tensor, unk_id: int | None, coverage: dict) -> dict:
 def unknown_warning(counts: dict, what: str) -> dict | None:
     """The warning for a probe text the tokenizer cannot read: its unknown tokens past UNKNOWN_SHARE_WARN
     of its tokens, or the characters its ids do not spell past that share of its characters."""
-    share = counts.get("unknown_share")
-    dropped = counts.get("dropped_share")
-    said = []
-    if share is not None and share > UNKNOWN_SHARE_WARN:
-        said.append(f"{counts['unknown_tokens']} of the {what}'s tokens ({share:.1%}) are the tokenizer's unknown "
-                    "token")
-    if dropped is not None and dropped > UNKNOWN_SHARE_WARN:
-        said.append(f"{counts['characters_dropped']} of the {what}'s {counts['characters']} characters ({dropped:.1%}) "
-                    "are not spelled by its tokens (dropped by the tokenizer or unknown)")
+    said = unreadable_text(counts, what)
     if not said:
         return None
     return {"code": "probe_unknown_tokens",

@@ -148,13 +148,7 @@ def function_reasons(result: dict) -> list[dict]:
     worse, and no overruling (it is not loss_barrier)."""
     found = _barrier_reasons(result)
     share, dropped = _share(result, "unknown_share"), _share(result, "dropped_share")
-    said = []
-    if share is not None and share > PROBE_UNKNOWN_SHARE:
-        said.append(f"{result.get('unknown_tokens')} of the probe's {result.get('tokens', '?')} tokens ({share:.1%}) "
-                    "are the tokenizer's unknown token")
-    if dropped is not None and dropped > PROBE_UNKNOWN_SHARE:
-        said.append(f"{result.get('characters_dropped')} of its {result.get('characters', '?')} characters "
-                    f"({dropped:.1%}) are not spelled by its tokens (dropped by the tokenizer or unknown)")
+    said = unreadable_text(result, "probe")
     if not said:
         return found
     measured = found[0]
@@ -168,6 +162,20 @@ def function_reasons(result: dict) -> list[dict]:
                 "measured_verdict": measured["verdict"], **measured["values"]},
         thresholds={"unknown_share": PROBE_UNKNOWN_SHARE, "dropped_share": PROBE_UNKNOWN_SHARE,
                     **measured["thresholds"]})]
+
+
+def unreadable_text(counts: dict, what: str) -> list[str]:
+    """What a text's token counts say its tokenizer could not read, past PROBE_UNKNOWN_SHARE: its unknown
+    tokens (of its tokens), the characters its ids do not spell (of its characters). Empty: it reads."""
+    share, dropped = _share(counts, "unknown_share"), _share(counts, "dropped_share")
+    said = []
+    if share is not None and share > PROBE_UNKNOWN_SHARE:
+        said.append(f"{counts.get('unknown_tokens')} of the {what}'s {counts.get('tokens', '?')} tokens "
+                    f"({share:.1%}) are the tokenizer's unknown token")
+    if dropped is not None and dropped > PROBE_UNKNOWN_SHARE:
+        said.append(f"{counts.get('characters_dropped')} of the {what}'s {counts.get('characters', '?')} characters "
+                    f"({dropped:.1%}) are not spelled by its tokens (dropped by the tokenizer or unknown)")
+    return said
 
 
 def _share(result: dict, key: str) -> float | None:
