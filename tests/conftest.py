@@ -19,6 +19,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# The models' forward passes run inline in the suite (tests patch the loaders, and a child's start costs a second
+# an evaluation); test_eval_isolation.py runs them in the child process the service uses by default.
+os.environ.setdefault("GRAFT_EVAL_ISOLATION", "inline")
 # Input digests are remembered across runs; tests keep theirs out of the user's cache.
 os.environ.setdefault("GRAFT_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"graft-test-cache-{os.getpid()}"))
 

@@ -151,7 +151,7 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
     against the target base and the (first) fine-tune. An evaluation that cannot run (no tokenizer, a model
     too large for this worker, out of time) is recorded as such and the graft is published all the same,
     unless `required` (a sweep cannot pick without scores)."""
-    from .evaluation import evaluate_graft
+    from .evaluation import isolation
     from .model import resolve_model
     from .run import pick_device, remote_reads, storage_retry
 
@@ -162,9 +162,10 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, requ
                                allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                                retry=storage_retry(settings))
         try:
-            evaluation = evaluate_graft(output, models["target_base"], models["source_finetuned"], spec,
-                                        settings=settings, device=str(pick_device(request.options.device)),
-                                        should_cancel=hooks.should_cancel)
+            evaluation = isolation.evaluate(output, models["target_base"], models["source_finetuned"], spec,
+                                            settings=settings, device=str(pick_device(request.options.device)),
+                                            should_cancel=hooks.should_cancel,
+                                            roots=(request.allowed_roots, request.denied_roots))
         except GraftError as err:
             if required or isinstance(err, GraftCancelled | GraftSuperseded):  # a cancel, the fence: never advice
                 raise

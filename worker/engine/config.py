@@ -5,6 +5,7 @@ so a service Settings object is an engine one, and the CLI passes either."""
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,4 +50,8 @@ class EngineSettings(BaseSettings):
     probe_max_tokens: int = Field(2048, description="tokens of a probe text used at most (the rest is ignored)")
     scratch_dir: str = Field("", description="where an alpha sweep builds its candidates (two at most at a time, "
                              "each the size of the output); empty: the system's temporary directory")
+    eval_isolation: Literal["process", "inline"] = Field(
+        "process", description="process: an evaluation's and a function-level probe's forward passes run in a "
+        "child process under an address-space limit (GRAFT_EVAL_MEMORY_BYTES and a slack, on CPU), killed at a "
+        "cancel, so that no model can take the worker down; inline: in the job's own process")
     eval_max_new_tokens: int = Field(64, description="cap on the greedy sample's length per prompt")

@@ -195,15 +195,16 @@ def _function_fits(request: GraftRequest, models: dict[str, ResolvedModel], sett
 
 def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings,
               probe_text: str | None, should_cancel) -> tuple[dict, list[dict]]:
-    from .function import function_probe
+    from ..evaluation import isolation
 
     device = pick_device(request.options.device).type
     probes, reasons = [], []
     bases = _bases(request, models)
     for base, diffs in bases:
         try:
-            result = function_probe(base, models["target_base"], _tokenizer_from(models), text=probe_text,
-                                    settings=settings, device=device, should_cancel=should_cancel)
+            result = isolation.probe(base, models["target_base"], _tokenizer_from(models), text=probe_text,
+                                     settings=settings, device=device, should_cancel=should_cancel,
+                                     roots=(request.allowed_roots, request.denied_roots))
         except GraftError as err:
             if err.code not in UNDEFINED_PROBE:
                 raise

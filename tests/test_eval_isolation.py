@@ -1,0 +1,126 @@
+"""The models' forward passes in a child process (GRAFT_EVAL_ISOLATION=process, the service's default; the
+rest of the suite runs them inline, see conftest): the same records as in-process, an address-space limit on
+the child, a cancel that stops it at once, and a child that dies (the OOM killer, say) failing the evaluation
+with a named error while the caller carries on. Nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+import pytest
+from checks_models import PROBE, PROMPTS, checks_family
+from service_fixtures import _descendants
+
+from worker.engine import GraftCancelled, GraftOptions, GraftRequest
+from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.config import EngineSettings
+from worker.engine.evaluation.isolation import MEMORY_SLACK_BYTES
+from worker.engine.evaluation.spec import EvaluateSpec
+from worker.engine.inspect import Level, inspect_graft
+
+SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=4)
+BUDGET = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return checks_family(str(tmp_path_factory.mktemp("isolation")))
+
+
+def _settings(mode: str) -> EngineSettings:
+    return EngineSettings(cache_dir="", probe_max_tokens=512, eval_isolation=mode, eval_memory_bytes=BUDGET)
+
+
+def _request(family, out: str) -> GraftRequest:
+    return GraftRequest(family["base"], family["finetuned"], family["near"], out, GraftOptions(alpha=0.5))
+
+
+def _children() -> list[int]:
+    """The model children of this process (the tokenizer's children below them count as theirs)."""
+    out = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"_model_child" in fh.read():
+                    out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _soft_address_limit(pid: int) -> int | None:
+    with open(f"/proc/{pid}/limits") as fh:
+        for line in fh:
+            if line.startswith("Max address space"):
+                value = line.split()[3]
+                return None if value == "unlimited" else int(value)
+    return None
+
+
+def test_a_child_evaluates_as_the_worker_would_within_its_address_space(family, tmp_path):
+    records, limits = {}, []
+
+    def watch() -> bool:  # the cancel check, polled while the child works: read the child's limit meanwhile
+        limits.extend(_soft_address_limit(pid) for pid in _children())
+        return False
+
+    for mode in ("inline", "process"):
+        result = run_checked_graft(_request(family, str(tmp_path / mode)), Checks(evaluate=SPEC),
+                                   settings=_settings(mode), should_cancel=watch if mode == "process" else None)
+        records[mode] = {k: v for k, v in result.checks["evaluation"].items() if k != "seconds"}
+    assert records["process"] == records["inline"]
+    limited = [limit for limit in limits if limit is not None]  # set once torch is imported, then for good
+    assert limited and limits[-1] is not None, limits
+    own_soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    assert own_soft == resource.RLIM_INFINITY  # the caller's own process is not limited
+    assert all(BUDGET + MEMORY_SLACK_BYTES < limit < BUDGET + MEMORY_SLACK_BYTES + (16 << 30) for limit in limited)
+    assert _children() == []
+
+
+def test_a_function_level_probe_in_a_child_is_the_inline_one(family):
+    request = _request(family, "")
+    got = {mode: inspect_graft(request, level=Level.FUNCTION, settings=_settings(mode)).report["function"]
+           for mode in ("inline", "process")}
+    for report in got.values():
+        for part in (report, *report.get("probes", ())):
+            part.pop("seconds", None)
+    assert got["process"] == got["inline"]
+    assert _children() == []
+
+
+def test_a_cancel_kills_the_child_at_once(family, tmp_path):
+    seen = []
+
+    def cancel_once_running() -> bool:
+        seen.extend(_children())
+        return bool(seen)
+
+    out = str(tmp_path / "out")
+    with pytest.raises(GraftCancelled):
+        run_checked_graft(_request(family, out), Checks(evaluate=SPEC), settings=_settings("process"),
+                          should_cancel=cancel_once_running)
+    assert seen and _children() == [] and not os.path.exists(out)
+
+
+def test_a_child_killed_fails_the_evaluation_by_name_and_the_graft_goes_on(family, tmp_path):
+    """SIGKILL, as the OOM killer sends it: the evaluation is recorded as failed (model_too_large, most
+    likely memory) and the graft is published all the same; the caller's process is untouched."""
+    killed = []
+
+    def kill_the_child() -> bool:
+        for pid in _children():
+            if not killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return False
+
+    out = str(tmp_path / "out")
+    result = run_checked_graft(_request(family, out), Checks(evaluate=SPEC), settings=_settings("process"),
+                               should_cancel=kill_the_child)
+    assert killed
+    error = result.checks["evaluation"]["error"]
+    assert error["code"] == "model_too_large" and "SIGKILL" in error["message"]
+    assert "evaluation_failed" in [w["code"] for w in result.warnings]
+    assert os.path.exists(os.path.join(out, "graft-manifest.json")) and _children() == []

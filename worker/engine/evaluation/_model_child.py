@@ -1,0 +1,104 @@
+"""The child process of isolation.py: one request on stdin (JSON), one answer on stdout, then exit.
+
+It dies with the process that started it, sets its address-space limit once torch and transformers are
+imported (the soft limit only: the tokenizer's own child it starts sets its own), re-resolves the inputs by URI
+under the request's confinement, and runs the evaluation or the function-level probe as the worker would
+in-process. A GraftError is answered as such; an allocation past the limit as model_too_large."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def _limit(memory: int | None) -> None:
+    if not memory:
+        return
+    vm = 0
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                vm = int(line.split()[1]) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = vm + memory
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _models(req: dict, settings) -> dict:
+    from worker.engine.model import resolve_model
+    from worker.engine.run import remote_reads, storage_retry
+    from worker.engine.uris import parse_uri
+
+    return {role: resolve_model(role, parse_uri(uri, field=role), endpoint_url=settings.s3_endpoint_url,
+                                max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                                allowed_roots=req["allowed_roots"], denied_roots=req["denied_roots"],
+                                retry=storage_retry(settings))
+            for role, uri in req["models"].items()}
+
+
+def _evaluate(models: dict, args: dict, settings, device: str) -> dict:
+    from worker.engine.evaluation import evaluate_graft
+    from worker.engine.evaluation.spec import EvaluateSpec
+
+    return evaluate_graft(models["output"], models["target_base"], models["source_finetuned"],
+                          EvaluateSpec.model_validate(args["spec"]), settings=settings, device=device)
+
+
+def _probe(models: dict, args: dict, settings, device: str) -> dict:
+    from worker.engine.inspect.function import function_probe
+
+    return function_probe(models["source_base"], models["target_base"], models["tokenizer_from"],
+                          text=args.get("text"), settings=settings, device=device)
+
+
+OPS = {"evaluate": _evaluate, "probe": _probe}
+
+
+def _run(req: dict) -> dict:
+    from worker.engine.config import EngineSettings
+    from worker.engine.errors import GraftError
+
+    settings = EngineSettings.model_validate({**req["settings"], "eval_isolation": "inline"})
+    try:
+        models = _models(req, settings)
+        try:
+            return {"result": OPS[req["op"]](models, req["args"], settings, req["device"])}
+        finally:
+            for model in {id(m): m for m in models.values()}.values():
+                model.store.close()
+    except GraftError as err:
+        return {"error": {"code": err.code, "message": err.message, "details": err.details}}
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        limit = f"{req['memory']:,} bytes of address space beyond its start" if req.get("memory") else "the device's"
+        return {"error": {"code": "model_too_large", "message": f"the models ran past the memory their process may "
+                          f"take ({limit}: GRAFT_EVAL_MEMORY_BYTES and a slack)"}}
+
+
+def main() -> None:
+    from worker.engine.evaluation._text_child import die_with_parent
+
+    die_with_parent(int(sys.argv[1]))
+    import torch  # noqa: F401  (imported before the limit is set: its libraries are mapped, not the models)
+    import transformers  # noqa: F401
+
+    req = json.loads(sys.stdin.readline())
+    _limit(req.get("memory"))
+    try:
+        answer = _run(req)
+    except BaseException as exc:  # an answer, whatever happened: the parent reads one line
+        answer = {"error": {"code": "model_failed", "message": f"{type(exc).__name__}: {str(exc)[:500]}"}}
+    try:
+        line = json.dumps(answer)
+    except (TypeError, ValueError) as exc:
+        line = json.dumps({"error": {"code": "internal_error", "message": f"unserializable answer: {exc}"}})
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
