@@ -11,9 +11,10 @@ import signal
 
 import pytest
 from checks_models import PROBE, PROMPTS, checks_family
+from hub_server import HubServer
 from service_fixtures import _descendants
 
-from worker.engine import GraftCancelled, GraftOptions, GraftRequest
+from worker.engine import GraftCancelled, GraftError, GraftOptions, GraftRequest
 from worker.engine.checked_graft import Checks, run_checked_graft
 from worker.engine.config import EngineSettings
 from worker.engine.evaluation.isolation import MEMORY_SLACK_BYTES
@@ -124,3 +125,43 @@ def test_a_child_killed_fails_the_evaluation_by_name_and_the_graft_goes_on(famil
     assert error["code"] == "model_too_large" and "SIGKILL" in error["message"]
     assert "evaluation_failed" in [w["code"] for w in result.warnings]
     assert os.path.exists(os.path.join(out, "graft-manifest.json")) and _children() == []
+
+
+def test_hub_inputs_are_read_by_the_child_at_the_commit_grafted(family, tmp_path, monkeypatch):
+    """hf:// inputs: the child resolves them again at the commit this process pinned (it was started offline,
+    and the hub refused it: every evaluation of a hub graft failed with storage_error)."""
+    server = HubServer()
+    for name in ("base", "finetuned", "near"):
+        server.add(f"t/{name}", family[name])
+    server.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        request = GraftRequest("hf://t/base", "hf://t/finetuned", "hf://t/near", str(tmp_path / "out"),
+                               GraftOptions(alpha=0.5))
+        evaluation = run_checked_graft(request, Checks(evaluate=SPEC), settings=_settings("process")).checks[
+            "evaluation"]
+    finally:
+        server.stop()
+    assert "error" not in evaluation, evaluation
+    local = run_checked_graft(_request(family, str(tmp_path / "local")), Checks(evaluate=SPEC),
+                              settings=_settings("inline")).checks["evaluation"]
+    assert evaluation["probe"] == local["probe"]
+
+
+def test_the_child_names_models_by_their_roles(family, tmp_path):
+    """No input has a tokenizer: the function level's refusal names target_base (whose files it tried) in the
+    child as inline, not the child's own name for the model (tokenizer_from)."""
+    import shutil
+
+    bare = {}
+    for name in ("base", "near"):
+        bare[name] = str(tmp_path / name)
+        shutil.copytree(family[name], bare[name], ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    request = GraftRequest(bare["base"], family["finetuned_no_tokenizer"], bare["near"], "", GraftOptions(alpha=0.5))
+    said = {}
+    for mode in ("inline", "process"):
+        with pytest.raises(GraftError) as err:
+            inspect_graft(request, level=Level.FUNCTION, settings=_settings(mode))
+        said[mode] = (err.value.code, err.value.message)
+    assert said["process"] == said["inline"] and said["inline"][1].startswith("target_base:"), said

@@ -256,6 +256,8 @@ def test_alpha_times_weights_that_overflow_is_422_naming_alpha(api, trio, route)
     ({"diffs": "two", "weights": [1e30, 1.0], "merge": {"method": "ties", "lambda": 1e30}}, "merge.lambda"),
     ({"diffs": "two", "weights": [1e30, 1.0], "merge": {"method": "sum", "lambda": 1e10}}, "merge.lambda"),
     ({"diffs": "two", "weights": [3e38, 3e38], "merge": {"method": "sum", "normalize": True}}, "diffs"),
+    # each weight and their sum fine, but normalize divides by a sum of 1e-8: a factor of 1e46
+    ({"diffs": "three", "weights": [1e38, -1e38, 1e-8], "merge": {"method": "sum", "normalize": True}}, "diffs"),
     ({"options": {"alpha": 1e308}}, "options.alpha"),
     ({"options": {"alpha": 10**400}}, "options.alpha"),  # an integer past float's range was an OverflowError
     ({"mergekit": "lambda: 1e300, weight: 1e300"}, "mergekit_config"),

@@ -196,7 +196,9 @@ class Recipe(BaseModel):
             check_alpha(lam)
             scaled.check_strength()
         except GraftError as err:
-            raise GraftError("invalid_option", f"alpha: {alpha:g} makes {err.message.removeprefix('alpha: ')}",
+            said = (f"lambda {self.merge.lambda_:g} times alpha is {lam:g}, past float32's range (about 3.4e38)"
+                    if err.message.startswith("alpha:") else err.message.split(": ", 1)[-1])
+            raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then {said}",
                              {"field": "options.alpha"}) from None
         return scaled
 
@@ -224,6 +226,12 @@ class Recipe(BaseModel):
             if not total <= FLOAT32_MAX:
                 raise GraftError("invalid_recipe", "diffs: the weights' sum, which normalize divides by, is past "
                                  "float32's range (about 3.4e38)", {"field": "diffs"})
+        if self.merge.method == "sum" and self.merge.normalize:
+            factor = _normalized_factor([d.weight for d in self.diffs], lam)
+            if not factor <= FLOAT32_MAX:
+                raise GraftError("invalid_recipe", f"diffs: a weight times lambda over the weights' sum, which "
+                                 f"normalize divides by, reaches {factor:g}, past float32's range (about 3.4e38)",
+                                 {"field": "diffs"})
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
@@ -231,6 +239,23 @@ class Recipe(BaseModel):
 
 def _points(weight: float | list[float]) -> list[float]:
     return weight if isinstance(weight, list) else [weight]
+
+
+def _normalized_factor(weights: list[float | list[float]], lam: float) -> float:
+    """A bound on the factor `sum` with normalize applies to a delta, |w| * |lambda| / |S| with S the weights'
+    sum where |S| >= 1e-8 (below it nothing is divided). S is piecewise linear over the depth between the
+    lists' knots: where it nears or crosses zero it comes as close to 1e-8 as the layers allow, elsewhere
+    its smallest magnitude is at a knot."""
+    from .methods.sum import NEAR_ZERO
+
+    knots = {0.0, 1.0}
+    for w in weights:
+        if isinstance(w, list) and len(w) > 1:
+            knots.update(k / (len(w) - 1) for k in range(len(w)))
+    sums = [math.fsum(weight_at(w, x) for w in weights) for x in sorted(knots)]
+    crosses = any(a * b < 0 for a, b in zip(sums, sums[1:], strict=False))
+    smallest = NEAR_ZERO if crosses else max(NEAR_ZERO, min(abs(total) for total in sums))
+    return max(abs(w) for weight in weights for w in _points(weight)) * abs(lam) / smallest
 
 
 def load_recipe(data: dict, *, where: str = "recipe") -> Recipe:

@@ -1,4 +1,5 @@
-"""The child process of isolation.py: one request on stdin (JSON), one answer on stdout, then exit.
+"""The child process of isolation.py: one request (a JSON file named on its command line), one answer on
+stdout, then exit.
 
 It dies with the process that started it, sets its address-space limit once torch and transformers are
 imported (the soft limit only: the tokenizer's own child it starts sets its own), re-resolves the inputs by URI
@@ -11,19 +12,17 @@ import json
 import resource
 import sys
 
+PER_THREAD_BYTES = 16 << 20  # a thread's stack (8 MiB) and its share of the malloc arenas' reservations
+
 
 def _limit(memory: int | None) -> None:
-    if not memory:
+    from worker.engine.evaluation._text_child import vm_size
+
+    vm = vm_size()
+    if not memory or not vm:
         return
-    vm = 0
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmSize:"):
-                vm = int(line.split()[1]) * 1024
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = vm + memory
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
+    soft = vm + memory if hard == resource.RLIM_INFINITY else min(vm + memory, hard)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
@@ -32,11 +31,11 @@ def _models(req: dict, settings) -> dict:
     from worker.engine.run import remote_reads, storage_retry
     from worker.engine.uris import parse_uri
 
-    return {role: resolve_model(role, parse_uri(uri, field=role), endpoint_url=settings.s3_endpoint_url,
-                                max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
-                                allowed_roots=req["allowed_roots"], denied_roots=req["denied_roots"],
-                                retry=storage_retry(settings))
-            for role, uri in req["models"].items()}
+    return {name: resolve_model(m["role"], parse_uri(m["uri"], field=m["role"]),
+                                endpoint_url=settings.s3_endpoint_url, max_header_bytes=settings.max_header_bytes,
+                                reads=remote_reads(settings), allowed_roots=req["allowed_roots"],
+                                denied_roots=req["denied_roots"], retry=storage_retry(settings))
+            for name, m in req["models"].items()}
 
 
 def _evaluate(models: dict, args: dict, settings, device: str) -> dict:
@@ -83,11 +82,14 @@ def main() -> None:
     from worker.engine.evaluation._text_child import die_with_parent
 
     die_with_parent(int(sys.argv[1]))
-    import torch  # noqa: F401  (imported before the limit is set: its libraries are mapped, not the models)
+    import torch  # (imported before the limit is set: its libraries are mapped, not the models)
     import transformers  # noqa: F401
 
-    req = json.loads(sys.stdin.readline())
-    _limit(req.get("memory"))
+    with open(sys.argv[2], encoding="utf-8") as fh:
+        req = json.load(fh)
+    # Each of torch's threads holds a stack (and, past MALLOC_ARENA_MAX, an arena) besides the budget.
+    threads = torch.get_num_threads() + torch.get_num_interop_threads()
+    _limit(req["memory"] + threads * PER_THREAD_BYTES if req.get("memory") else None)
     try:
         answer = _run(req)
     except BaseException as exc:  # an answer, whatever happened: the parent reads one line

@@ -22,15 +22,20 @@ import sys
 STATE = {"tokenizer": None, "rendered_max": 0}
 
 
-def limits(memory: int, cpu: int) -> None:
-    vm = 0
+def vm_size() -> int:
+    """This process's address space now, in bytes (0 where /proc does not say)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith("VmSize:"):
-                    vm = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
+    return 0
+
+
+def limits(memory: int, cpu: int) -> None:
+    vm = vm_size()
     if vm:
         resource.setrlimit(resource.RLIMIT_AS, (vm + memory, vm + memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))

@@ -14,12 +14,14 @@ loaders, a debugger).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -40,39 +42,64 @@ def isolated(settings: EngineSettings) -> bool:
 def run_in_child(op: str, models: dict[str, ResolvedModel], args: dict, *, settings: EngineSettings, device: str,
                  allowed_roots: list[str] | None, denied_roots: list[str] | None,
                  should_cancel: Callable[[], bool] | None) -> dict:
-    """`op` ("evaluate" or "probe", see _model_child.OPS) on `models` (role -> model, re-resolved by URI in
-    the child), its answer as the in-process call would return it."""
+    """`op` ("evaluate" or "probe", see _model_child.OPS) on `models` (a name of op's -> a model, resolved again
+    in the child by its pinned location under its own role), its answer as the in-process call would return
+    it."""
     request = {"op": op, "args": args, "device": device,
                "settings": settings.model_dump(mode="json", include=set(EngineSettings.model_fields)),
-               "models": {role: str(m.store.location) for role, m in models.items()},
+               "models": {name: {"role": m.role, "uri": pinned_uri(m)} for name, m in models.items()},
                "allowed_roots": allowed_roots, "denied_roots": denied_roots,
                "memory": settings.eval_memory_bytes + MEMORY_SLACK_BYTES if device == "cpu" else None}
     deadline = time.monotonic() + settings.eval_seconds + START_SECONDS
-    try:  # stderr is discarded: the answer says what went wrong, and nothing of it may pile up
-        proc = subprocess.Popen([sys.executable, "-m", "worker.engine.evaluation._model_child", str(os.getpid())],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                                close_fds=True, start_new_session=True)
-    except OSError as exc:
-        raise GraftError("model_failed", f"no process to run the models in: {exc}") from None
-    try:
-        proc.stdin.write(json.dumps(request).encode() + b"\n")
-        proc.stdin.close()
-        answer = _answer(proc, deadline, should_cancel)
-    finally:
-        _stop(proc)
+    # The request goes as a file (a probe text's escapes can pass a pipe's buffer, and a write into a pipe
+    # the child has not begun to read would block beyond any cancel); the file is the child's alone.
+    with tempfile.TemporaryDirectory(prefix="graft-models-") as tmp:
+        path = os.path.join(tmp, "request.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(request, fh)
+        proc = _start(path)
+        try:
+            answer = _answer(proc, deadline, should_cancel)
+        finally:
+            _stop(proc)
     if "error" in answer:
-        error = answer["error"]
-        raise GraftError(error["code"], error["message"], error.get("details"))
+        error = answer["error"] if isinstance(answer["error"], dict) else {}
+        raise GraftError(str(error.get("code") or "model_failed"), str(error.get("message") or "the models' "
+                         "process failed"), error.get("details") if isinstance(error.get("details"), dict) else None)
+    if not isinstance(answer.get("result"), dict):
+        raise GraftError("model_failed", "the models' process answered nonsense")
     return answer["result"]
 
 
+def pinned_uri(model: ResolvedModel) -> str:
+    """The model's location as the child must read it: a hub repository at the commit this process resolved
+    (a revision such as `main` may have moved since), anything else as it is."""
+    location = model.store.location
+    commit = getattr(model.store, "revision", None)
+    if location.scheme == "hf" and commit:
+        return str(dataclasses.replace(location, revision=commit))
+    return str(location)
+
+
+def _start(request_path: str) -> subprocess.Popen:
+    # glibc gives each of torch's threads a malloc arena of 64 MiB of address space: on a many-core host they
+    # alone would pass the slack. A few arenas cost nothing measurable for tensors this size.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "4"}
+    try:  # stderr is discarded: the answer says what went wrong, and nothing of it may pile up
+        return subprocess.Popen([sys.executable, "-m", "worker.engine.evaluation._model_child", str(os.getpid()),
+                                 request_path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, close_fds=True, start_new_session=True)
+    except OSError as exc:
+        raise GraftError("model_failed", f"no process to run the models in: {exc}") from None
+
+
 def _answer(proc: subprocess.Popen, deadline: float, should_cancel: Callable[[], bool] | None) -> dict:
-    """The child's one answer line, waited for with the cancel and the budget checked every POLL_SECONDS."""
+    """The child's one answer line, waited for with the cancel and the budget checked every POLL_SECONDS;
+    anything but a JSON object is model_failed."""
     buffer = b""
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
-        while True:
+        while b"\n" not in buffer:
             if should_cancel is not None and should_cancel():
                 raise GraftCancelled()
             if time.monotonic() > deadline:
@@ -84,10 +111,15 @@ def _answer(proc: subprocess.Popen, deadline: float, should_cancel: Callable[[],
             if not chunk:
                 return _died(proc)
             buffer += chunk
-            if b"\n" in buffer:
-                return json.loads(buffer.split(b"\n", 1)[0])
             if len(buffer) > ANSWER_MAX_BYTES:
                 raise GraftError("model_failed", "the models' process answered past its size limit")
+    try:
+        answer = json.loads(buffer.split(b"\n", 1)[0])
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise GraftError("model_failed", "the models' process answered nonsense")
+    return answer
 
 
 def _died(proc: subprocess.Popen) -> dict:
@@ -100,16 +132,16 @@ def _died(proc: subprocess.Popen) -> dict:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Killed and reaped on every path (its session too: the tokenizer's child it may have started)."""
+    """Killed and reaped on every path, with its session while it runs (the tokenizer's child it may have
+    started dies with it in any case: its parent-death signal)."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        if stream is not None and not stream.closed:
-            stream.close()
+    if proc.stdout is not None and not proc.stdout.closed:
+        proc.stdout.close()
 
 
 def evaluate(output: ResolvedModel, target_base: ResolvedModel, source_finetuned: ResolvedModel, spec, *,
