@@ -84,7 +84,10 @@ def pinned_uri(model: ResolvedModel) -> str:
 def _start(request_path: str) -> subprocess.Popen:
     # glibc gives each of torch's threads a malloc arena of 64 MiB of address space: on a many-core host they
     # alone would pass the slack. A few arenas cost nothing measurable for tensors this size.
-    env = {**os.environ, "MALLOC_ARENA_MAX": "4"}
+    # The service's own settings (API keys, the webhook secret, Redis) are not the child's: it takes the engine
+    # settings from its request. Storage credentials, HF_* and CUDA_* stay.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GRAFT_")}
+    env["MALLOC_ARENA_MAX"] = "4"
     try:  # stderr is discarded: the answer says what went wrong, and nothing of it may pile up
         return subprocess.Popen([sys.executable, "-m", "worker.engine.evaluation._model_child", str(os.getpid()),
                                  request_path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
