@@ -30,8 +30,17 @@ from pydantic_core import PydanticCustomError
 
 from .errors import GraftError
 from .methods import MERGES, TRANSFORMS
-from .methods.sum import SumParams
-from .options import DEVICE_CHOICES, DTYPE_CHOICES, FLOAT32_MAX, MAX_SHARD, MIN_SHARD, VOCAB_POLICIES, GraftOptions
+from .methods.sum import NEAR_ZERO, SumParams
+from .options import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    FLOAT32_MAX,
+    MAX_SHARD,
+    MIN_SHARD,
+    VOCAB_POLICIES,
+    GraftOptions,
+    check_alpha,
+)
 from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS, check_patterns, matches_any
 
 MAX_DIFFS = 16
@@ -185,8 +194,6 @@ class Recipe(BaseModel):
         mergekit config, and each candidate of an alpha sweep). Not the weights: under `normalize` (ties'
         default) the merge divides by their sum, and alpha would cancel out. GraftError naming alpha when a
         factor leaves float32's range."""
-        from .options import check_alpha
-
         alpha = check_alpha(alpha)
         if alpha == 1.0:
             return self
@@ -207,8 +214,6 @@ class Recipe(BaseModel):
         sum that `normalize` divides by) within float32's range, where the arithmetic runs: past it every
         scaled delta is inf and the graft could only fail in the worker, after the job was accepted.
         GraftError("invalid_recipe") naming the field."""
-        from .options import FLOAT32_MAX
-
         lam = self.merge.lambda_
         named = [(f"diffs.{i}.weight", d.weight) for i, d in enumerate(self.diffs)]
         named += [(f"rules.{j}.weight", r.weight) for j, r in enumerate(self.rules) if r.weight is not None]
@@ -246,8 +251,6 @@ def _normalized_factor(weights: list[float | list[float]], lam: float) -> float:
     sum where |S| >= 1e-8 (below it nothing is divided). S is piecewise linear over the depth between the
     lists' knots: where it nears or crosses zero it comes as close to 1e-8 as the layers allow, elsewhere
     its smallest magnitude is at a knot."""
-    from .methods.sum import NEAR_ZERO
-
     knots = {0.0, 1.0}
     for w in weights:
         if isinstance(w, list) and len(w) > 1:
