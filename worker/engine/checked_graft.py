@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import EngineSettings
 from .errors import GraftCancelled, GraftError, GraftSuperseded
 from .evaluation.spec import EvaluateSpec
-from .options import GraftRequest
+from .options import GraftRequest, check_alpha
 
 if TYPE_CHECKING:
     from .model import ResolvedModel
@@ -67,8 +67,6 @@ class Checks(BaseModel):
 
 
 def check_alphas(alphas: list[float]) -> list[float]:
-    from .options import check_alpha
-
     if not 2 <= len(alphas) <= MAX_SWEEP:
         raise GraftError("invalid_option", f"alpha: a sweep takes 2 to {MAX_SWEEP} values")
     values = [check_alpha(a) for a in alphas]
@@ -81,8 +79,6 @@ def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
     """The request at strength alpha: the plain transfer's alpha, or its recipe's merged delta, times alpha.
     Always a product: a one-diff recipe with weight w runs as the plain transfer at alpha w, and a sweep
     over it must build w * alpha, not alpha (GraftError naming alpha when a product leaves float32's range)."""
-    from .options import check_alpha
-
     if request.recipe is not None:
         return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
     try:
