@@ -18,12 +18,18 @@ from .stores import LocalStore
 HASH_CHUNK = 8 << 20
 
 
-def sha256_file(path: str) -> str:
+class HashingStopped(Exception):
+    """The graft the digests were for ended first."""
+
+
+def sha256_file(path: str, stop: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
+            if stop is not None and stop.is_set():
+                raise HashingStopped()
             digest.update(view[:n])
     return digest.hexdigest()
 
@@ -47,11 +53,11 @@ class DigestCache:
         st = os.stat(path)
         return f"{os.path.realpath(path)}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
-    def digest(self, path: str) -> str:
+    def digest(self, path: str, stop: threading.Event | None = None) -> str:
         key = self._key(path)
         found = self._entries.get(key)
         if found is None:
-            found = self._entries[key] = sha256_file(path)
+            found = self._entries[key] = sha256_file(path, stop)
             self._dirty = True
         return found
 
@@ -69,11 +75,24 @@ class DigestCache:
 
 
 class InputHasher(threading.Thread):
+    """The digests on a side thread while the graft streams; as a context manager it is started on entry and,
+    on the way out whatever happened, told to stop and joined: a failed or cancelled graft leaves no thread
+    hashing inputs whose stores are about to be closed."""
+
     def __init__(self, models: dict[str, ResolvedModel], enabled: bool, cache_dir: str | None) -> None:
         super().__init__(name="graft-hash", daemon=True)
         self.models, self.enabled, self.cache_dir = models, enabled, cache_dir
         self.result: dict[str, dict] = {}
         self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def __enter__(self) -> InputHasher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.join()
 
     def run(self) -> None:
         try:
@@ -82,11 +101,15 @@ class InputHasher(threading.Thread):
                 store = model.store
                 files = {}
                 for name in sorted(store.files):
+                    if self.stop.is_set():
+                        return
                     entry = store.fingerprint(name)
                     if self.enabled and isinstance(store, LocalStore) and "sha256" not in entry:
-                        entry["sha256"] = cache.digest(store.path(name))
+                        entry["sha256"] = cache.digest(store.path(name), self.stop)
                     files[name] = entry
                 self.result[role] = files
             cache.save()
+        except HashingStopped:
+            pass
         except BaseException as exc:
             self.error = exc

@@ -320,9 +320,8 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
     statistics_first = plan.merge is not None and bool(plan.merge.windows())
     hooks.report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
                  if statistics_first else total)
-    with publishing(output, request, settings, hooks.should_cancel) as sink:
-        hasher = InputHasher(models, settings.hash_inputs, settings.cache_dir or None)
-        hasher.start()
+    with (publishing(output, request, settings, hooks.should_cancel) as sink,
+          InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher):
         side_records = _write_side_files(sink, request, models, plan)
         t0 = time.perf_counter()
         records, stats, late_warnings, totals = _stream(request, plan, models, sink, device, settings, hooks, total)
