@@ -33,6 +33,19 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def descendants_running(pid: int, marker: bytes) -> list[int]:
+    """The descendants of `pid` whose command line holds `marker` (a child script's name)."""
+    found = []
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                if marker in fh.read():
+                    found.append(child)
+        except OSError:
+            continue
+    return found
+
+
 KEYS = {"alpha": "key-alpha-123", "beta": "key-beta-456"}
 WEBHOOK_SECRET = "whsec-test"
 

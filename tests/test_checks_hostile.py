@@ -691,17 +691,9 @@ def _wait_phase(c, job_id: str, phase: str, timeout: float = 60, written: bool =
 
 
 def _text_children(pid: int) -> list[int]:
-    from service_fixtures import _descendants
+    from service_fixtures import descendants_running
 
-    found = []
-    for child in _descendants(pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as fh:
-                if b"_text_child.py" in fh.read():
-                    found.append(child)
-        except OSError:
-            pass
-    return found
+    return descendants_running(pid, b"_text_child.py")
 
 
 def _ours_below(directory: str) -> list[str]:

@@ -12,7 +12,7 @@ import signal
 import pytest
 from checks_models import PROBE, PROMPTS, checks_family
 from hub_server import HubServer
-from service_fixtures import _descendants
+from service_fixtures import descendants_running
 
 from worker.engine import GraftCancelled, GraftError, GraftOptions, GraftRequest
 from worker.engine.checked_graft import Checks, run_checked_graft
@@ -40,15 +40,7 @@ def _request(family, out: str) -> GraftRequest:
 
 def _children() -> list[int]:
     """The model children of this process (the tokenizer's children below them count as theirs)."""
-    out = []
-    for pid in _descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"_model_child" in fh.read():
-                    out.append(pid)
-        except OSError:
-            continue
-    return out
+    return descendants_running(os.getpid(), b"_model_child")
 
 
 def _soft_address_limit(pid: int) -> int | None:
