@@ -198,15 +198,16 @@ class Recipe(BaseModel):
         if alpha == 1.0:
             return self
         lam = self.merge.lambda_ * alpha
+        if not abs(lam) <= FLOAT32_MAX:
+            raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then lambda "
+                             f"{self.merge.lambda_:g} times alpha is {lam:g}, past float32's range (about 3.4e38)",
+                             {"field": "options.alpha"})
         scaled = self.model_copy(update={"merge": self.merge.model_copy(update={"lambda_": lam})})
         try:
-            check_alpha(lam)
             scaled.check_strength()
         except GraftError as err:
-            said = (f"lambda {self.merge.lambda_:g} times alpha is {lam:g}, past float32's range (about 3.4e38)"
-                    if err.message.startswith("alpha:") else err.message.split(": ", 1)[-1])
-            raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then {said}",
-                             {"field": "options.alpha"}) from None
+            raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then "
+                             f"{err.message.split(': ', 1)[-1]}", {"field": "options.alpha"}) from None
         return scaled
 
     def check_strength(self) -> None:
