@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m worker.devtools.demo
 
 test: venv
 	$(BIN)/ruff check .

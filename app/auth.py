@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from worker.uri_policy import TENANT_NAME
+from worker.service.uri_policy import TENANT_NAME
 
 from .problems import problem_response
 

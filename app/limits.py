@@ -7,8 +7,8 @@ import math
 
 import redis
 
-from worker.job_store import JobStore
-from worker.settings import Settings
+from worker.service.job_store import JobStore
+from worker.service.settings import Settings
 
 from .problems import Problem
 

@@ -16,9 +16,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 
-from worker.job_store import JobStore
-from worker.settings import Settings, get_settings
-from worker.uri_policy import parse_grants
+from worker.service.job_store import JobStore
+from worker.service.settings import Settings, get_settings
+from worker.service.uri_policy import parse_grants
 
 from . import problems, routes_jobs, routes_ops
 from .auth import Gate, dev_key, parse_keys

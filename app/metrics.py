@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from worker.job_store import DURATION_BUCKETS, JobStore
+from worker.service.job_store import DURATION_BUCKETS, JobStore
 
 
 class JobCollector:

@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from worker.settings import Settings
+from worker.service.settings import Settings
 
 from .main import create_app
 

@@ -20,12 +20,12 @@ STARTUP_TIMEOUT = 120.0  # a pool process importing torch on a loaded machine
 def _plan_in_child(settings_dump: dict, request: dict) -> dict:
     """Runs in a pool process. Returns {"plan": ...} or {"error": {"code", "message"}} (exceptions with our
     constructors do not survive pickling, and a crash here must not become the API's 500)."""
+    from worker.engine.checks.inspect import headers_verdict
     from worker.engine.errors import GraftError
-    from worker.engine.inspect import headers_verdict
-    from worker.engine.options import GraftOptions, GraftRequest
-    from worker.engine.recipe import load_recipe
-    from worker.engine.run import close_models, plan_graft
-    from worker.settings import Settings
+    from worker.engine.pipeline.graft import close_models, plan_graft
+    from worker.engine.planning.options import GraftOptions, GraftRequest
+    from worker.engine.planning.recipe import load_recipe
+    from worker.service.settings import Settings
 
     try:
         settings = Settings(**settings_dump)
@@ -46,7 +46,7 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
 
 
 def _warm() -> None:
-    import worker.engine.run  # noqa: F401  (torch and the engine, once per pool process)
+    import worker.engine.pipeline.graft  # noqa: F401  (torch and the engine, once per pool process)
 
 
 class PreviewPool:

@@ -12,12 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from worker.engine.errors import GraftError
-from worker.engine.options import GraftOptions
-from worker.engine.recipe import Diff, Recipe, RecipeOptions
-from worker.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
-from worker.statuses import ACTIVE, TERMINAL, JobKind, JobStatus
-from worker.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
-from worker.webhooks import check_webhook_target
+from worker.engine.planning.options import GraftOptions
+from worker.engine.planning.recipe import Diff, Recipe, RecipeOptions
+from worker.service.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
+from worker.service.statuses import ACTIVE, TERMINAL, JobKind, JobStatus
+from worker.service.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
+from worker.service.webhooks import check_webhook_target
 
 from .auth import tenant_of
 from .problems import Problem, field_error
@@ -58,7 +58,7 @@ def _check_options(body: JobCreate) -> None:
     if body.select is not None and not isinstance(body.options.alpha, list):
         raise field_error("select", "picks among several alphas: give options.alpha as a list", "invalid_option")
     if isinstance(body.options.alpha, list):
-        from worker.engine.checked_graft import check_alphas
+        from worker.engine.checks.checked_graft import check_alphas
 
         try:
             check_alphas(body.options.alpha)
@@ -111,7 +111,7 @@ def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:
     for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
         if getattr(body, name) is not None:
             raise field_error(name, "a mergekit_config names the models and the method itself")
-    from worker.engine.mergekit_config import recipe_from_mergekit
+    from worker.engine.planning.mergekit_config import recipe_from_mergekit
 
     try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
         recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
@@ -222,7 +222,7 @@ def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited),
 
 def _job_doc(kind: JobKind, job_id: str, spec: dict | None, recipe: Recipe, output: str, body,
              state: AppState) -> dict:
-    """A new job's record, whatever its kind (worker/kinds.py): queued, its inputs and its checks."""
+    """A new job's record, whatever its kind (worker/service/kinds.py): queued, its inputs and its checks."""
     return {"id": job_id, "object": "graft.job", "kind": kind.value, "checks": _shown_checks(spec),
             "status": JobStatus.QUEUED.value, "created_at": now_iso(), "started_at": None, "finished_at": None,
             **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
@@ -272,7 +272,7 @@ def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, id
             state.redis.delete(idem_rkey)
         raise
     try:
-        from worker.jobs import enqueue
+        from worker.service.jobs import enqueue
 
         enqueue(state.redis, job_id, settings)
     except Exception as exc:

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from worker.settings import Settings
+from worker.service.settings import Settings
 
 from .routes_jobs import PROBLEM
 from .schemas import Health
@@ -56,11 +56,11 @@ def _storage_check(settings: Settings) -> str:
     if not settings.output_uri:
         return "not configured"
     try:
-        from worker.engine.uris import parse_uri
+        from worker.engine.storage.uris import parse_uri
 
         loc = parse_uri(settings.output_uri)
         if loc.scheme == "s3":
-            from worker.engine.s3 import s3_client
+            from worker.engine.storage.s3 import s3_client
 
             s3_client(settings.s3_endpoint_url).head_bucket(Bucket=loc.bucket)
             return "ok"

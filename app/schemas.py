@@ -7,13 +7,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from worker.engine.checked_graft import MAX_SWEEP, Checks
+from worker.engine.checks.checked_graft import MAX_SWEEP, Checks
+from worker.engine.checks.evaluation.spec import ProbeText
+from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.errors import GraftError
-from worker.engine.evaluation.spec import ProbeText
-from worker.engine.inspect.verdict import LEVEL_HELP, Level
-from worker.engine.options import FLOAT32_MAX, check_alpha
-from worker.engine.recipe import Diff, Merge, RecipeOptions, Rule
-from worker.statuses import JobKind, JobStatus
+from worker.engine.planning.options import FLOAT32_MAX, check_alpha
+from worker.engine.planning.recipe import Diff, Merge, RecipeOptions, Rule
+from worker.service.statuses import JobKind, JobStatus
 
 Status = JobStatus
 # A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
@@ -47,7 +47,7 @@ Alpha = Annotated[float | list[float], PlainValidator(_alpha), WithJsonSchema(
 
 
 class Options(RecipeOptions):
-    """What `graft run` takes: the engine's options (declared once, in worker/engine/recipe.py) and alpha."""
+    """What `graft run` takes: the engine's options (declared once, in worker/engine/planning/recipe.py) and alpha."""
 
     alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, `rules` or a "
                          "mergekit_config, a factor on the merged delta (the merge's lambda). A list is a sweep: "

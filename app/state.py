@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
-from worker.job_store import JobStore
-from worker.settings import Settings
+from worker.service.job_store import JobStore
+from worker.service.settings import Settings
 
 from .limits import TenantLimits
 from .preview import PreviewPool

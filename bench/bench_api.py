@@ -23,7 +23,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from worker.loopback import free_port, wait_port  # noqa: E402
+from worker.devtools.loopback import free_port, wait_port  # noqa: E402
 
 
 async def _conn(port: int, request: bytes, stop_at: float, warm_until: float, lat: list, errors: list) -> None:
@@ -71,7 +71,7 @@ LIST_PATHS = ("/v1/jobs?limit=20", "/v1/jobs?limit=20&status=failed", "/v1/jobs?
 
 
 def _doc(job_id: str, status: str) -> dict:
-    from worker.job_store import now_iso
+    from worker.service.job_store import now_iso
 
     return {"id": job_id, "object": "graft.job", "status": status, "created_at": now_iso(),
             "started_at": now_iso(), "finished_at": None, "source_base": "s3://models/a",
@@ -86,7 +86,7 @@ def _doc(job_id: str, status: str) -> dict:
 
 def _seed(store, list_status: bool) -> str:
     """The job the GET bench reads, or the tenant's 10,000 jobs of the listing bench."""
-    from worker.job_store import new_job_id
+    from worker.service.job_store import new_job_id
 
     if not list_status:
         job_id = new_job_id()
@@ -110,7 +110,7 @@ def main() -> int:
 
     import redis
 
-    from worker.job_store import JobStore
+    from worker.service.job_store import JobStore
 
     tmp = tempfile.mkdtemp(prefix="graft-bench-api-")
     procs = []

@@ -26,7 +26,7 @@ def _request(job: str, paths: dict[str, str], out: str, device: str):
     """`plain`: the fine-tuning transfer. `ties`: TIES over two fine-tunes of one base (the generated trio's
     fine-tune and its drifted target are both perturbations of its base), base as target, density 0.2."""
     from worker.engine import GraftOptions, GraftRequest
-    from worker.engine.recipe import load_recipe
+    from worker.engine.planning.recipe import load_recipe
 
     if job == "plain":
         return GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], out,
@@ -44,7 +44,7 @@ def main() -> int:
 
     from bench.bench_engine import input_bytes, model_dir, warm
     from worker.engine import run_graft
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="5,10")

@@ -53,7 +53,7 @@ save_file(result, os.path.join(out, "model.safetensors"))
 
 
 def model_dir(layers: int) -> dict[str, str]:
-    from worker.sample_models import LlamaShape, make_trio
+    from worker.devtools.sample_models import LlamaShape, make_trio
 
     root = os.path.join(BENCH, f"llama-l{layers}")
     if not os.path.exists(os.path.join(root, "target_base", "config.json")):
@@ -138,7 +138,7 @@ dtype: bfloat16
 
 
 def startup(tmp: str) -> float:
-    from worker.sample_models import make_trio
+    from worker.devtools.sample_models import make_trio
 
     paths = make_trio(os.path.join(tmp, "tiny"))
     out = os.path.join(tmp, "tiny-out")

@@ -29,8 +29,8 @@ LAYERS = 5
 INSPECT = r'''
 import json, sys
 from worker.engine import GraftRequest
-from worker.engine.inspect import inspect_graft
-from worker.settings import Settings
+from worker.engine.checks.inspect import inspect_graft
+from worker.service.settings import Settings
 base, finetuned, target, level = sys.argv[1:5]
 result = inspect_graft(GraftRequest(base, finetuned, target, ""), level=level, settings=Settings())
 w = result.report.get("weights", {})

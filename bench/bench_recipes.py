@@ -43,8 +43,8 @@ DEVICE: list[str] = []  # --device flag passed on to graft
 PHASES = r'''
 import json, sys, time
 from worker.engine import GraftRequest, run_graft
-from worker.engine.mergekit_config import recipe_from_mergekit
-from worker.settings import Settings
+from worker.engine.planning.mergekit_config import recipe_from_mergekit
+from worker.service.settings import Settings
 cfg, out = sys.argv[1:3]
 marks = []
 def progress(p):
@@ -67,7 +67,7 @@ def ties_models() -> dict[str, str]:
     root = os.path.dirname(paths["source_base"])
     ft2 = os.path.join(root, "finetuned_b")
     if not os.path.exists(os.path.join(ft2, "config.json")):
-        from worker.sample_models import perturb, save_checkpoint
+        from worker.devtools.sample_models import perturb, save_checkpoint
 
         base = load_dir(paths["source_base"])
         with open(os.path.join(paths["source_base"], "config.json")) as fh:

@@ -1,7 +1,7 @@
 """S3 -> S3 graft time vs. its parts alone, through a bandwidth-capped proxy in front of moto's S3 server.
 
 Real object stores serve each connection at a capped rate (S3: roughly 50-100 MB/s) and charge a round
-trip for each new one; worker/tcp_proxy.py (a subprocess) caps every connection at 25, 50 and 100 MB/s per
+trip for each new one; worker/devtools/tcp_proxy.py (a subprocess) caps every connection at 25, 50 and 100 MB/s per
 direction and adds 20 ms before each new connection is put through. At each cap:
 
     job          the S3 -> S3 graft (inputs through the lanes, output through parallel part uploads)
@@ -34,18 +34,18 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from worker.loopback import free_port, wait_port  # noqa: E402
+from worker.devtools.loopback import free_port, wait_port  # noqa: E402
 
 MB = 1_000_000
 
 
 class Proxy:
-    """worker.tcp_proxy in a process of its own (it must not share this process's GIL with the engine)."""
+    """worker.devtools.tcp_proxy in a process of its own (it must not share this process's GIL with the engine)."""
 
     def __init__(self, upstream_port: int, latency: float) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.tcp_proxy", "--listen", str(self.port), "--upstream",
+            [sys.executable, "-m", "worker.devtools.tcp_proxy", "--listen", str(self.port), "--upstream",
              f"127.0.0.1:{upstream_port}", "--latency", str(latency)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,8 +125,8 @@ def in_threads(fns: list[Callable[[], object]]) -> None:
 def read_with_lanes(uris: list[str], endpoint: str, reads, chunk: int) -> int:
     """Every weight file of the three inputs, front to back, through the engine's S3Store (one thread per
     input, as the stream reads them), `chunk` bytes per read."""
-    from worker.engine.stores import open_store
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.stores import open_store
+    from worker.engine.storage.uris import parse_uri
 
     stores = [open_store(parse_uri(uri), endpoint, reads=reads) for uri in uris]
     total = 0
@@ -160,8 +160,8 @@ def read_one_connection_each(client, bucket: str, keys_by_input: list[list[str]]
 
 
 def upload_alone(local_out: str, uri: str, endpoint: str, settings) -> None:
-    from worker.engine.sinks import MANIFEST, open_sink
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.sinks import MANIFEST, open_sink
+    from worker.engine.storage.uris import parse_uri
 
     sink = open_sink(parse_uri(uri), endpoint_url=endpoint, part_bytes=settings.s3_part_bytes,
                      parts_in_flight=settings.s3_parts_in_flight)
@@ -196,11 +196,11 @@ def main() -> int:
                          "read back to front)")
     args = ap.parse_args()
 
+    from worker.devtools.sample_models import LlamaShape, make_trio
     from worker.engine import GraftOptions, GraftRequest, run_graft
-    from worker.engine.run import remote_reads
-    from worker.engine.s3 import s3_client
-    from worker.sample_models import LlamaShape, make_trio
-    from worker.settings import Settings
+    from worker.engine.pipeline.graft import remote_reads
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.settings import Settings
 
     overrides = {k: v for k, v in (("remote_lanes", args.lanes), ("s3_parts_in_flight", args.parts)) if v}
     tmp = tempfile.mkdtemp(prefix="graft-bench-s3-")

@@ -40,7 +40,7 @@ _PRECISION = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 # --- models and runs ------------------------------------------------------------------------------------
 
 def make_models(root: str) -> dict[str, str]:
-    from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
+    from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 
     shape = LlamaShape(vocab=512, hidden=128, layers=3, intermediate=384, heads=4, kv_heads=2)
     base = llama_state(shape, seed=300)
@@ -72,8 +72,8 @@ def run_mergekit(exe: str, cfg: str, out: str) -> None:
 
 def run_graft(cfg: str, out: str) -> None:
     from worker.engine import GraftRequest, run_graft
-    from worker.engine.mergekit_config import recipe_from_mergekit
-    from worker.settings import Settings
+    from worker.engine.planning.mergekit_config import recipe_from_mergekit
+    from worker.service.settings import Settings
 
     run_graft(GraftRequest.from_recipe(recipe_from_mergekit(cfg), out), settings=Settings())
 

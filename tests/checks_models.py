@@ -8,7 +8,7 @@ import os
 
 from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, save, tokenizer_files
 
-from worker.sample_models import perturb
+from worker.devtools.sample_models import perturb
 
 PROBE = ("the cat sat on the mat and the dog sat on the log. " * 6).strip()
 PROMPTS = ["the cat", "a dog sat"]

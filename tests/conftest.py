@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from worker.loopback import free_port, wait_port
+from worker.devtools.loopback import free_port, wait_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -46,7 +46,7 @@ def redis_url(tmp_path_factory):
     if _redis_answers(url):
         yield url
         return
-    from worker.local_redis import redis_server_binary
+    from worker.devtools.local_redis import redis_server_binary
 
     binary = redis_server_binary()
     if binary is None:
@@ -81,7 +81,7 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3_bucket(s3_endpoint):
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_client(s3_endpoint).create_bucket(Bucket=name)
@@ -89,7 +89,7 @@ def s3_bucket(s3_endpoint):
 
 
 def upload_dir(endpoint: str, local: str, bucket: str, prefix: str) -> str:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     client = s3_client(endpoint)
     for name in os.listdir(local):
@@ -100,7 +100,7 @@ def upload_dir(endpoint: str, local: str, bucket: str, prefix: str) -> str:
 @pytest.fixture(scope="session")
 def trio(tmp_path_factory):
     """Untied source base, fine-tune with 8 added rows, drifted target; 1, 2 and 3 shards."""
-    from worker.sample_models import make_trio
+    from worker.devtools.sample_models import make_trio
 
     return make_trio(str(tmp_path_factory.mktemp("trio")))
 

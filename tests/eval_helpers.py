@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.sample_models import LlamaShape, llama_state, save_checkpoint
+from worker.devtools.sample_models import LlamaShape, llama_state, save_checkpoint
 
 VOCAB = 260  # the tokenizer's 259 tokens (3 specials, 256 bytes) and one spare row
 SHAPE = LlamaShape(vocab=VOCAB, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
@@ -76,8 +76,8 @@ def save(directory: str, state: dict, *, tied: bool = False, shards: int = 1, to
 
 
 def resolve(path: str, role: str):
-    from worker.engine.model import resolve_model
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.model import resolve_model
+    from worker.engine.storage.uris import parse_uri
 
     return resolve_model(role, parse_uri(path, field=role))
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from worker.engine import GraftOptions, GraftRequest, run_graft
-from worker.settings import Settings
+from worker.service.settings import Settings
 
 ROLES = ("source_base", "source_finetuned", "target_base")
 EMBED = "model.embed_tokens.weight"
@@ -39,7 +39,7 @@ def graft(paths: dict[str, str], output: str, *, settings_overrides: dict | None
 def multipart_trio(root: str) -> dict[str, str]:
     """About 11 MB per model in one shard each: many windows and blocks per file, and an output that goes up
     as a multipart upload (the remote-storage tests' models)."""
-    from worker.sample_models import LlamaShape, make_trio
+    from worker.devtools.sample_models import LlamaShape, make_trio
 
     shape = LlamaShape(vocab=8192, hidden=320, layers=1, intermediate=64, heads=4, kv_heads=2)
     return make_trio(root, shape=shape, added_rows=0, shards=(1, 1, 1), target_only=False)

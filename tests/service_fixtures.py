@@ -12,7 +12,7 @@ import uuid
 
 import httpx
 
-from worker.loopback import free_port, wait_port
+from worker.devtools.loopback import free_port, wait_port
 
 
 def _descendants(pid: int) -> list[int]:
@@ -69,7 +69,7 @@ def read_local(directory: str) -> dict[str, bytes]:
 
 
 def read_s3(endpoint: str, uri: str) -> dict[str, bytes]:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     client = s3_client(endpoint)
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -81,7 +81,7 @@ def read_s3(endpoint: str, uri: str) -> dict[str, bytes]:
 
 def local_graft(paths: dict[str, str], output: str, **options) -> str:
     from worker.engine import GraftOptions, GraftRequest, run_graft
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], output,
                            GraftOptions(**options))
@@ -187,7 +187,7 @@ class Service:
     def store(self):
         import redis
 
-        from worker.job_store import JobStore
+        from worker.service.job_store import JobStore
 
         return JobStore(redis.Redis.from_url(self.env["GRAFT_REDIS_URL"]), self.prefix)
 

@@ -1,4 +1,4 @@
-"""A graft with its checks (worker/engine/checked_graft.py and the CLI): the evaluation recorded is the published
+"""A graft with its checks (worker/engine/checks/checked_graft.py and the CLI): the evaluation recorded is the published
 output's (scored again here by transformers in float64), a sweep publishes exactly its best candidate and leaves
 no other behind, `require: compatible` refuses before anything is written, and `graft inspect` reports."""
 
@@ -17,9 +17,9 @@ from graft_helpers import load_dir
 
 from worker.cli import main
 from worker.engine import GraftError, GraftOptions, GraftRequest, run_graft
-from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
-from worker.engine.evaluation.spec import EvaluateSpec
 
 
 @pytest.fixture(autouse=True)
@@ -192,9 +192,9 @@ def test_cli_inspect_text_when_the_function_level_cannot_run(family, monkeypatch
     def function_probe(*args, **kwargs):
         raise GraftError("config_mismatch", "the bases' computing configs differ")
 
-    module = types.ModuleType("worker.engine.inspect.function")
+    module = types.ModuleType("worker.engine.checks.inspect.function")
     module.function_probe = function_probe
-    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    monkeypatch.setitem(sys.modules, "worker.engine.checks.inspect.function", module)
     assert main(["inspect", "--source-base", family["base"], "--source-finetuned", family["finetuned"],
                  "--target-base", family["unrelated"], "--level", "function"]) == 0
     printed = capsys.readouterr().out
@@ -208,7 +208,7 @@ def test_sweep_over_a_recipe_scales_the_rules_weights_too(family, tmp_path):
     """A recipe with a weighted rule, swept: the published candidate is target + alpha * w * (f - s) with w the
     rule's weight where it matches and the diff's elsewhere (float64 here; float32 arithmetic's error bound)."""
 
-    from worker.engine.recipe import load_recipe
+    from worker.engine.planning.recipe import load_recipe
 
     recipe = load_recipe({"target_base": family["near"], "rules": [{"match": "mlp", "weight": 0.25}],
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["finetuned"],
@@ -233,7 +233,7 @@ def test_sweep_over_a_recipe_scales_the_rules_weights_too(family, tmp_path):
 
 def test_a_winner_unlike_its_scored_candidate_is_not_published(family, tmp_path, monkeypatch):
     """The published shards must be the scored candidate's bytes, checked before the manifest is written."""
-    import worker.engine.checked_graft as checked
+    import worker.engine.checks.checked_graft as checked
 
     build = checked._build_candidate
 

@@ -14,14 +14,14 @@ from checks_models import PROBE, PROMPTS, checks_family
 from eval_helpers import CHAT_TEMPLATE, bigram_state, encode, resolve, save, tokenizer_files, tokenizer_json
 
 from worker.engine import GraftOptions, GraftRequest
-from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.evaluation import evaluate_graft, load_tokenizer
+from worker.engine.checks.evaluation import text as text_module
+from worker.engine.checks.evaluation.evaluate import render_prompts
+from worker.engine.checks.evaluation.spec import EvaluateSpec
+from worker.engine.checks.evaluation.text import open_tokenizer
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError, GraftSuperseded
-from worker.engine.evaluation import evaluate_graft, load_tokenizer
-from worker.engine.evaluation import text as text_module
-from worker.engine.evaluation.evaluate import render_prompts
-from worker.engine.evaluation.spec import EvaluateSpec
-from worker.engine.evaluation.text import open_tokenizer
 
 SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=3)
 SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -140,7 +140,7 @@ def test_catastrophic_tokenizer_regex_is_stopped(tmp_path, state, monkeypatch):
     """Past Oniguruma's retry limit the tokenizers library panics (a BaseException, no Exception: it went
     through every `except Exception`); short of it, a probe text of runs that each cost a million steps keeps
     the encode (in Rust, the GIL released) going for minutes. Both are a tokenizer_failed, the child killed."""
-    from worker.engine.evaluation.probe import probe_ids
+    from worker.engine.checks.evaluation.probe import probe_ids
 
     monkeypatch.setattr(text_module, "ENCODE_SECONDS", 2.0)
     path = _model_dir(tmp_path, state, "panic", tokenizer=_split_tokenizer("(a+)+$"))
@@ -234,7 +234,7 @@ def test_tokenizer_process_dies_with_its_parent(tmp_path, state):
     path = _model_dir(tmp_path, state, "spin", tokenizer=tokenizer_files(chat_template=SPIN))
     script = (f"import sys; sys.path[:0] = [{os.getcwd()!r}, {os.path.join(os.getcwd(), 'tests')!r}]\n"
               "from eval_helpers import resolve\n"
-              "from worker.engine.evaluation.text import open_tokenizer\n"
+              "from worker.engine.checks.evaluation.text import open_tokenizer\n"
               f"with open_tokenizer(resolve({path!r}, 'source_finetuned')) as t:\n"
               "    t.render(['hi'])\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -271,7 +271,7 @@ def _state_of_pid(pid: int) -> str:
 def test_prompt_longer_than_the_window_is_refused_before_any_forward_pass(tmp_path, state, monkeypatch):
     """A template may add tens of kilobytes to each prompt (within RENDERED_MAX_BYTES): every forward pass
     stays within the window the memory bound was computed for."""
-    from worker.engine.evaluation import loading
+    from worker.engine.checks.evaluation import loading
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -357,7 +357,7 @@ def test_sampling_settings_of_the_tenant_do_not_change_the_samples(tmp_path, sta
 
 
 def test_generation_stops_at_a_valid_end_of_sequence_id(tmp_path, state):
-    from worker.engine.evaluation.evaluate import greedy_config
+    from worker.engine.checks.evaluation.evaluate import greedy_config
 
     path = _model_dir(tmp_path, state, "m", generation_config={"eos_token_id": [2, 10 ** 9], "pad_token_id": 0},
                       config={"eos_token_id": 2, "bos_token_id": 1})
@@ -382,7 +382,7 @@ def test_generation_stops_at_a_valid_end_of_sequence_id(tmp_path, state):
     ({"hidden_size": 32, "head_dim": 8}, "config.json makes it"),
 ])
 def test_config_that_builds_another_module_is_refused_before_allocating(tmp_path, state, config, said):
-    from worker.engine.evaluation import load_causal_lm
+    from worker.engine.checks.evaluation import load_causal_lm
 
     path = _model_dir(tmp_path, state, "m", config=config)
     t0 = time.monotonic()
@@ -411,7 +411,7 @@ def _gptj(tmp_path, positions: int) -> str:
 
 
 def test_position_table_of_a_billion_positions_is_refused(tmp_path):
-    from worker.engine.evaluation import load_causal_lm
+    from worker.engine.checks.evaluation import load_causal_lm
 
     small = load_causal_lm(resolve(_gptj(tmp_path / "a", 64), "output"))
     assert [tuple(b.shape) for n, b in small.named_buffers() if n.endswith("embed_positions")] == [(64, 8)]
@@ -517,7 +517,7 @@ def test_auto_map_imports_no_code(tmp_path, state, private_tmp):
 
 
 def test_oversized_and_malformed_tokenizer_files(tmp_path, state, private_tmp, monkeypatch):
-    from worker.engine.evaluation import loading
+    from worker.engine.checks.evaluation import loading
 
     base = tokenizer_files()
     deep = "[" * 100_000 + "]" * 100_000
@@ -568,7 +568,7 @@ def _set_config(path: str, **changes) -> None:
 
 
 def _inspect_headers(paths: dict) -> dict:
-    from worker.engine.inspect import Level, inspect_graft
+    from worker.engine.checks.inspect import Level, inspect_graft
 
     request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
                            GraftOptions())
@@ -603,7 +603,7 @@ def test_vocab_size_of_a_config_is_not_a_loop_to_run(tmp_path):
 def test_tokenizer_of_too_many_entries_is_not_compared(tmp_path, monkeypatch):
     from test_inspect_headers import VOCAB, tokenizer_json, trio, words
 
-    from worker.engine.inspect import tokens
+    from worker.engine.checks.inspect import tokens
 
     monkeypatch.setattr(tokens, "MAX_IDS", VOCAB - 1)
     tok = {"tokenizer.json": tokenizer_json(words(VOCAB))}
@@ -779,7 +779,7 @@ def test_worker_killed_mid_sweep_the_retry_publishes_one_output(svc, worker, fam
 def test_preflight_outputs_follow_the_graft_output_policy(svc, worker, family, s3_endpoint, s3_bucket):
     from service_fixtures import read_s3, wait_job
 
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     worker()
     outputs = os.path.join(svc.root, "outputs", "alpha")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine.transforms import CHUNK, Arithmetic, TensorStats
+from worker.engine.compute.arithmetic import CHUNK, Arithmetic, TensorStats
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])

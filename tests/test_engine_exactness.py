@@ -21,7 +21,7 @@ from graft_helpers import (
     ulp_error,
 )
 
-from worker.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
+from worker.devtools.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5, -0.75])

@@ -24,10 +24,10 @@ from graft_helpers import (
 import worker.progress  # noqa: F401  bound to pytest's stderr at collection (see test_engine_bad_input.py)
 from worker.cli import main
 from worker.engine import GraftError, GraftOptions, GraftRequest, run_graft
-from worker.engine.patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS
-from worker.engine.sinks import LocalSink
-from worker.engine.stores import Confinement, LocalStore
-from worker.engine.uris import parse_uri
+from worker.engine.planning.patterns import MAX_PATTERN_LENGTH, MAX_PATTERNS
+from worker.engine.storage.sinks import LocalSink
+from worker.engine.storage.stores import Confinement, LocalStore
+from worker.engine.storage.uris import parse_uri
 
 INDEX = "model.safetensors.index.json"
 
@@ -313,7 +313,7 @@ def test_cli_bad_options_are_one_line(capsys, paths, tmp_path):
 
 
 def test_cli_unexpected_exception_is_one_line_unless_debugging(capsys, paths, tmp_path, monkeypatch):
-    import worker.engine.run as engine_run
+    import worker.engine.pipeline.graft as engine_run
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug of ours")
@@ -444,10 +444,10 @@ def test_denied_roots_carve_out_inside_allowed(tmp_path):
 def test_a_failed_attempt_that_was_superseded_leaves_the_output_alone(tmp_path):
     """The fence is asked again before a failed attempt cleans up: when a newer attempt owns the output, the
     failure becomes GraftSuperseded and nothing is deleted (abandon, not abort)."""
+    from worker.devtools.sample_models import make_trio
     from worker.engine import GraftRequest, run_graft
     from worker.engine.errors import GraftSuperseded
-    from worker.sample_models import make_trio
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     paths = make_trio(str(tmp_path / "trio"))
     taken_over = []

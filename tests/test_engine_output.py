@@ -14,7 +14,7 @@ import torch
 from graft_helpers import EMBED, HEAD, copy_trio, data_region, graft, load_dir, read_json
 
 from worker.engine import GraftOptions, GraftRequest, plan_graft
-from worker.engine.manifest import ENGINE_VERSION
+from worker.engine.pipeline.manifest import ENGINE_VERSION
 
 
 def _sha256(path) -> str:

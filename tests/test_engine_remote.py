@@ -12,11 +12,11 @@ from conftest import upload_dir
 from graft_helpers import graft, load_dir, read_json
 from hub_server import HubServer
 
+from worker.devtools.sample_models import LlamaShape, make_trio
 from worker.engine import GraftCancelled, GraftError
-from worker.engine.model import HEADER_PROBE
-from worker.engine.s3 import s3_client
-from worker.engine.stores import S3Store
-from worker.sample_models import LlamaShape, make_trio
+from worker.engine.storage.model import HEADER_PROBE
+from worker.engine.storage.s3 import s3_client
+from worker.engine.storage.stores import S3Store
 
 SKIP_COMPARE = {"graft-manifest.json", "README.md"}  # these name the input URIs
 
@@ -156,8 +156,8 @@ def test_s3_output_never_deletes_unrelated_objects(trio, s3_endpoint, s3_bucket)
 
 def test_s3_output_retry_clears_leftovers_of_a_killed_attempt(trio, s3_endpoint, s3_bucket):
     """What a killed attempt left (objects, a pending multipart upload, no manifest) does not stop a retry."""
-    from worker.engine.sinks import S3Sink
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.sinks import S3Sink
+    from worker.engine.storage.uris import parse_uri
 
     client = s3_client(s3_endpoint)
     sink = S3Sink(parse_uri(f"s3://{s3_bucket}/grafts/retry"), endpoint_url=s3_endpoint, writer="job-7")
@@ -241,8 +241,8 @@ def test_hf_unknown_repo_or_revision(hub_trio, hub, tmp_path):
 def test_manifest_put_refused_after_it_landed_is_a_success(s3_endpoint, s3_bucket, ours):
     """If the conditional manifest PUT landed but its answer was lost, the retry is refused (412): the
     sink must see its own manifest there and succeed, not abort and delete its own shards."""
-    from worker.engine.sinks import MANIFEST, PENDING, S3Sink
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.sinks import MANIFEST, PENDING, S3Sink
+    from worker.engine.storage.uris import parse_uri
 
     client = s3_client(s3_endpoint)
     sink = S3Sink(parse_uri(f"s3://{s3_bucket}/race"), endpoint_url=s3_endpoint)

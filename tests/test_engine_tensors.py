@@ -9,8 +9,8 @@ import pytest
 import torch
 from graft_helpers import assert_matches_expected, expected_output, graft, load_dir
 
+from worker.devtools.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
 from worker.engine import GraftError
-from worker.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 BIAS = "model.layers.0.self_attn.q_proj.bias"
@@ -170,7 +170,7 @@ def test_nan_in_excluded_tensor_is_harmless(tmp_path):
 
 def test_connectivity_proxies_and_weak_connectivity_warning(tmp_path):
     """Related bases: proxies in the manifest, no warning. A target from another run: a warning."""
-    from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
+    from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 
     shape = LlamaShape(vocab=64, hidden=32, layers=1, intermediate=64)
     base = llama_state(shape, seed=11)
@@ -196,9 +196,9 @@ def test_connectivity_proxies_and_weak_connectivity_warning(tmp_path):
 def test_output_order_follows_an_input_layout_to_spare_remote_seeks(trio, tmp_path):
     """The target is saved in reverse; the plan streams in a source's layout instead, so that input is read
     front to back, each output tensor still written exactly once."""
-    from worker.engine.options import GraftOptions, GraftRequest
-    from worker.engine.plan import _seeks
-    from worker.engine.run import plan_graft
+    from worker.engine.pipeline.graft import plan_graft
+    from worker.engine.planning.options import GraftOptions, GraftRequest
+    from worker.engine.planning.plan import _seeks
 
     request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], str(tmp_path / "o"),
                            GraftOptions())

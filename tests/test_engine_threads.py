@@ -16,7 +16,7 @@ def _hashing() -> list[threading.Thread]:
 
 
 def test_a_cancelled_graft_stops_hashing_its_inputs(trio, tmp_path, monkeypatch):
-    import worker.engine.input_hashes as hashes
+    import worker.engine.storage.input_hashes as hashes
 
     monkeypatch.setattr(hashes, "HASH_CHUNK", 1)  # a byte at a time: hashing outlasts the graft by seconds
     calls = []

@@ -18,7 +18,14 @@ from graft_helpers import (
     read_json,
 )
 
-from worker.sample_models import LlamaShape, chat_tokenizer_files, llama_state, make_trio, perturb, save_checkpoint
+from worker.devtools.sample_models import (
+    LlamaShape,
+    chat_tokenizer_files,
+    llama_state,
+    make_trio,
+    perturb,
+    save_checkpoint,
+)
 
 
 def _load_causal_lm(directory: str):

@@ -15,11 +15,11 @@ from hub_server import HubServer
 from service_fixtures import descendants_running
 
 from worker.engine import GraftCancelled, GraftError, GraftOptions, GraftRequest
-from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.evaluation.isolation import MEMORY_SLACK_BYTES
+from worker.engine.checks.evaluation.spec import EvaluateSpec
+from worker.engine.checks.inspect import Level, inspect_graft
 from worker.engine.config import EngineSettings
-from worker.engine.evaluation.isolation import MEMORY_SLACK_BYTES
-from worker.engine.evaluation.spec import EvaluateSpec
-from worker.engine.inspect import Level, inspect_graft
 
 SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=4)
 BUDGET = 1 << 30

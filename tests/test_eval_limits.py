@@ -14,17 +14,17 @@ import pytest
 import torch
 from eval_helpers import CHAT_TEMPLATE, VOCAB, bigram_state, encode, reference_loss, resolve, save, tokenizer_files
 
+from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
+from worker.engine.checks.evaluation import EvaluateSpec, evaluate_graft
+from worker.engine.checks.evaluation import loading as loading_module
+from worker.engine.checks.evaluation.limits import activation_bytes, model_context
+from worker.engine.checks.evaluation.loading import Phase, fit_window, memory_limit, parameter_bytes
+from worker.engine.checks.evaluation.probe import builtin_probe_text
+from worker.engine.checks.evaluation.spec import DEFAULT_PROMPTS
+from worker.engine.checks.inspect.function import function_probe
+from worker.engine.checks.inspect.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
-from worker.engine.evaluation import EvaluateSpec, evaluate_graft
-from worker.engine.evaluation import loading as loading_module
-from worker.engine.evaluation.limits import activation_bytes, model_context
-from worker.engine.evaluation.loading import Phase, fit_window, memory_limit, parameter_bytes
-from worker.engine.evaluation.probe import builtin_probe_text
-from worker.engine.evaluation.spec import DEFAULT_PROMPTS
-from worker.engine.inspect.function import function_probe
-from worker.engine.inspect.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
-from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -132,7 +132,7 @@ def test_a_graft_on_a_64_token_model_evaluates_and_says_what_it_adapted(gpt2, tm
     invalid_option), and the adaptation is one of the job's warnings and in the manifest, not only inside the
     evaluation record."""
     from worker.engine import GraftOptions, GraftRequest
-    from worker.engine.checked_graft import Checks, run_checked_graft
+    from worker.engine.checks.checked_graft import Checks, run_checked_graft
 
     out = str(tmp_path / "out")
     warned: list[dict] = []
@@ -164,7 +164,7 @@ def test_the_cli_reports_an_evaluation_with_nothing_to_compare(tmp_path, capsys)
     prints it as such, and the adaptation as a warning (formatting None as a number raised a TypeError after
     the graft was published)."""
     from worker.cli import main
-    from worker.sample_models import perturb
+    from worker.devtools.sample_models import perturb
 
     ids = encode(builtin_probe_text())
     base = bigram_state(ids, seed=0)
@@ -308,7 +308,7 @@ import torch
 torch.set_num_threads(1)
 from eval_helpers import resolve
 from worker.engine.config import EngineSettings
-from worker.engine.evaluation import EvaluateSpec, evaluate_graft
+from worker.engine.checks.evaluation import EvaluateSpec, evaluate_graft
 
 def status(key):
     with open("/proc/self/status") as fh:
@@ -447,7 +447,7 @@ def test_a_byte_level_tokenizer_has_no_unknown_tokens(tmp_path):
 def test_how_a_module_runs_is_not_the_configs_to_say(tmp_path):
     """A config naming an attention implementation (a kernel from the hub, say) or asking for every layer's
     attention probabilities and hidden states (L x heads x T^2 past the memory model) is not followed."""
-    from worker.engine.evaluation import load_causal_lm
+    from worker.engine.checks.evaluation import load_causal_lm
 
     path = _with_config(tmp_path, "m", attn_implementation="kernels-community/flash-attn",
                         _attn_implementation_internal="flex_attention", output_attentions=True,
@@ -463,7 +463,7 @@ def test_how_a_module_runs_is_not_the_configs_to_say(tmp_path):
 # --- review: a KL sweep that no prompt can measure ------------------------------------------------------
 
 def _sweep_trio(tmp_path, **save_kwargs) -> dict:
-    from worker.sample_models import perturb
+    from worker.devtools.sample_models import perturb
 
     base = bigram_state(encode(builtin_probe_text()), seed=0)
     return {name: save(str(tmp_path / name), state, tokenizer=tokenizer_files(), **save_kwargs)
@@ -475,7 +475,7 @@ def _sweep(paths: dict, out: str, checks, monkeypatch, **settings) -> tuple[list
     """Run a sweep over alphas 0.5 and 1; (the outputs run_graft was asked to build, the error raised)."""
     from worker.engine import GraftOptions, GraftRequest
     from worker.engine import run as run_module
-    from worker.engine.checked_graft import run_checked_graft
+    from worker.engine.checks.checked_graft import run_checked_graft
 
     built: list[str] = []
     real = run_module.run_graft
@@ -496,7 +496,7 @@ def test_a_kl_sweep_no_prompt_fits_is_refused_before_anything_is_built(tmp_path,
     """16-position models, the built-in prompts (46-76 tokens) and select kl_to_finetuned: both candidates were
     built and scored, then the sweep failed sweep_unscored ("every score was NaN or infinite"), the cause
     unsaid. It is refused before any candidate is built, saying no prompt fits and what to do instead."""
-    from worker.engine.checked_graft import Checks
+    from worker.engine.checks.checked_graft import Checks
 
     paths = _sweep_trio(tmp_path, max_positions=16)
     built, err = _sweep(paths, str(tmp_path / "out"), Checks(evaluate=EvaluateSpec(), select="kl_to_finetuned"),
@@ -514,7 +514,7 @@ def test_a_kl_sweep_no_prompt_fits_is_refused_before_anything_is_built(tmp_path,
 def test_a_kl_sweep_memory_leaves_no_prompt_fails_after_its_first_candidate(tmp_path, monkeypatch):
     """The context fits the prompts, the memory bound leaves a 40-token window (every built-in prompt skipped):
     the first candidate's evaluation shows it, and the sweep fails then, not after building every candidate."""
-    from worker.engine.checked_graft import Checks
+    from worker.engine.checks.checked_graft import Checks
 
     paths = _sweep_trio(tmp_path)
     m = _models(paths, t="target", f="ft")
@@ -547,8 +547,8 @@ def _dropping_tokenizer() -> dict:
 
 
 def _probe_counts(tmp_path, name: str, tokenizer: dict, text: str, max_tokens: int = 300) -> tuple[dict, int | None]:
-    from worker.engine.evaluation.probe import probe_counts, probe_encoding
-    from worker.engine.evaluation.text import open_tokenizer
+    from worker.engine.checks.evaluation.probe import probe_counts, probe_encoding
+    from worker.engine.checks.evaluation.text import open_tokenizer
 
     path = save(str(tmp_path / name), bigram_state(encode("abc"), seed=0), tokenizer=tokenizer)
     model = resolve(path, "source_finetuned")
@@ -564,8 +564,8 @@ def test_unknown_tokens_are_counted_when_the_pad_token_is_unk(tmp_path):
     """Many Llama 2 fine-tunes set `pad_token: <unk>`: the unknown id was taken for a pad id and not counted
     (share None, no warning). A pad never appears in an encoded text; the tokens an encoding inserts (BOS,
     EOS, CLS, SEP) still rule the unknown token out when it is one of them (GPT-2's is its end of text)."""
-    from worker.engine.evaluation.probe import probe_ids, unknown_share
-    from worker.engine.evaluation.text import open_tokenizer
+    from worker.engine.checks.evaluation.probe import probe_ids, unknown_share
+    from worker.engine.checks.evaluation.text import open_tokenizer
 
     def counted(name: str, **extra) -> dict:
         letters = _letters_tokenizer()

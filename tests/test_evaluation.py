@@ -23,13 +23,13 @@ from eval_helpers import (
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from worker.devtools.sample_models import perturb
+from worker.engine.checks.evaluation import EvaluateSpec, evaluate_graft, load_causal_lm
+from worker.engine.checks.evaluation import loading as loading_module
+from worker.engine.checks.evaluation.probe import builtin_probe_text
+from worker.engine.checks.evaluation.spec import DEFAULT_PROMPTS
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
-from worker.engine.evaluation import EvaluateSpec, evaluate_graft, load_causal_lm
-from worker.engine.evaluation import loading as loading_module
-from worker.engine.evaluation.probe import builtin_probe_text
-from worker.engine.evaluation.spec import DEFAULT_PROMPTS
-from worker.sample_models import perturb
 
 CAP = 300  # probe tokens: a few windows' worth at 128 positions
 PROMPTS = ["Say hello.", "Name a colour of the sky at dusk, in one word."]
@@ -303,8 +303,8 @@ def test_missing_and_extra_tensors_refused(models, tmp_path):
 def test_s3_input_loads_like_local(models, tmp_path, s3_endpoint, s3_bucket):
     from conftest import upload_dir
 
-    from worker.engine.model import resolve_model
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.model import resolve_model
+    from worker.engine.storage.uris import parse_uri
 
     uri = upload_dir(s3_endpoint, models["output"], s3_bucket, "models/output")
     model = resolve_model("output", parse_uri(uri, field="output"), endpoint_url=s3_endpoint)

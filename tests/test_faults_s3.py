@@ -1,4 +1,4 @@
-"""Storage faults, for real: moto's S3 server behind worker.tcp_proxy, which refuses, resets or stalls
+"""Storage faults, for real: moto's S3 server behind worker.devtools.tcp_proxy, which refuses, resets or stalls
 connections while a graft runs. Short outages are ridden out inside an attempt; longer ones end in a clean
 storage_error that leaves nothing behind; a job is retried after a delay by the service."""
 
@@ -16,11 +16,11 @@ from conftest import upload_dir
 from graft_helpers import graft, multipart_trio
 from service_fixtures import Service, compare_dirs, local_graft, read_s3, wait_job
 
+from worker.devtools.loopback import free_port
+from worker.devtools.tcp_proxy import FaultProxy
 from worker.engine import GraftError
-from worker.engine.s3 import s3_client
-from worker.engine.sinks import MANIFEST, PENDING
-from worker.loopback import free_port
-from worker.tcp_proxy import FaultProxy
+from worker.engine.storage.s3 import s3_client
+from worker.engine.storage.sinks import MANIFEST, PENDING
 
 # Small blocks and 8 MiB parts: the ~11 MB output is a multipart upload of two parts, streamed in many blocks.
 STREAM = {"block_bytes": 512 << 10, "s3_part_bytes": 8 << 20, "prefetch_blocks": 1,
@@ -315,7 +315,7 @@ def test_hub_reads_ride_out_resets(trio, tmp_path, monkeypatch, storage_log):
 def test_classification_of_storage_failures():
     from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-    from worker.engine.faults import classify
+    from worker.engine.storage.faults import classify
 
     def client_error(code: str, status: int) -> ClientError:
         return ClientError({"Error": {"Code": code, "Message": code},

@@ -18,8 +18,8 @@ import pytest
 import redis
 from service_fixtures import Service, _descendants, compare_dirs, job_body, local_graft, read_local, read_s3
 
-from worker.local_redis import redis_server_binary
-from worker.loopback import free_port, wait_port
+from worker.devtools.local_redis import redis_server_binary
+from worker.devtools.loopback import free_port, wait_port
 
 # Slowed-down blocks so that faults land mid-job; short lease and backoff so that recoveries are quick.
 SLOW = {"GRAFT_BLOCK_BYTES": 4096, "GRAFT_JOB_BLOCK_DELAY": 0.03, "GRAFT_LEASE_SECONDS": 2,
@@ -155,10 +155,10 @@ def test_job_reporting_rides_out_an_outage(own_redis):
     import threading
     import uuid
 
-    from worker.engine.run import Progress
-    from worker.job_store import ACTIVE, JobStore
-    from worker.jobs import _Reporter, _wait
-    from worker.settings import Settings
+    from worker.engine.pipeline.graft import Progress
+    from worker.service.job_store import ACTIVE, JobStore
+    from worker.service.jobs import _Reporter, _wait
+    from worker.service.settings import Settings
 
     settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:", redis_retry_max=0.3, redis_wait_seconds=20)
     store = JobStore(redis.Redis.from_url(own_redis.url, socket_timeout=2), settings.key_prefix)
@@ -277,7 +277,7 @@ def _check_local(done: dict, expected: str) -> None:
 
 
 def _check_s3(done: dict, expected: str, endpoint: str, bucket: str, prefix: str) -> None:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     got = read_s3(endpoint, done["output"])
     if done["status"] == "succeeded":

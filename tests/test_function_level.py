@@ -12,13 +12,13 @@ import torch
 from eval_helpers import bigram_state, encode, reference_loss, resolve, save, tokenizer_files
 from safetensors.torch import load_file
 
+from worker.devtools.sample_models import perturb
+from worker.engine.checks.evaluation import loading as loading_module
+from worker.engine.checks.evaluation.probe import builtin_probe_text
+from worker.engine.checks.inspect import function as function_module
+from worker.engine.checks.inspect.function import function_probe
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
-from worker.engine.evaluation import loading as loading_module
-from worker.engine.evaluation.probe import builtin_probe_text
-from worker.engine.inspect import function as function_module
-from worker.engine.inspect.function import function_probe
-from worker.sample_models import perturb
 
 CAP = 300
 WINDOW = 128  # the models' max_position_embeddings: three windows over the probe

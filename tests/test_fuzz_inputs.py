@@ -25,13 +25,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from worker.devtools.sample_models import LlamaShape, make_trio
 from worker.engine.errors import GraftError
-from worker.engine.model import INDEX_FILE, resolve_model
-from worker.engine.options import GraftOptions
-from worker.engine.plan import ROLES, build_plan
-from worker.engine.safetensors_format import DTYPES, itemsize
-from worker.engine.uris import parse_uri
-from worker.sample_models import LlamaShape, make_trio
+from worker.engine.planning.options import GraftOptions
+from worker.engine.planning.plan import ROLES, build_plan
+from worker.engine.storage.model import INDEX_FILE, resolve_model
+from worker.engine.storage.safetensors_format import DTYPES, itemsize
+from worker.engine.storage.uris import parse_uri
 
 EXAMPLES = int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "150"))
 CASE_SECONDS = 10  # one case: three small models resolved and planned, normally a few milliseconds
@@ -544,8 +544,8 @@ def mutated_yaml(draw) -> str:
 
 def _mergekit_case(config, resolve_local: bool) -> None:
     """A clean refusal or a recipe the API can send back as strict JSON (finite numbers, UTF-8 text)."""
-    from worker.engine.mergekit_config import recipe_from_mergekit
-    from worker.engine.recipe import Recipe
+    from worker.engine.planning.mergekit_config import recipe_from_mergekit
+    from worker.engine.planning.recipe import Recipe
 
     with time_limit(CASE_SECONDS):
         try:

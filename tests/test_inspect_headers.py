@@ -9,10 +9,10 @@ import os
 import pytest
 from graft_helpers import load_dir
 
+from worker.devtools.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
 from worker.engine import GraftOptions, GraftRequest
+from worker.engine.checks.inspect import Level, inspect_graft
 from worker.engine.config import EngineSettings
-from worker.engine.inspect import Level, inspect_graft
-from worker.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
 
 SHAPE = LlamaShape()
 VOCAB = SHAPE.vocab

@@ -14,13 +14,13 @@ import types
 import pytest
 from graft_helpers import HEAD, effective, load_dir
 
+from worker.devtools.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
 from worker.engine import GraftCancelled, GraftError, GraftRequest
+from worker.engine.checks.inspect import Level, inspect_graft
+from worker.engine.checks.inspect import weights as weights_module
 from worker.engine.config import EngineSettings
-from worker.engine.inspect import Level, inspect_graft
-from worker.engine.inspect import weights as weights_module
-from worker.engine.recipe import load_recipe
-from worker.engine.stores import LocalStore
-from worker.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
+from worker.engine.planning.recipe import load_recipe
+from worker.engine.storage.stores import LocalStore
 
 SHAPE = LlamaShape(layers=3)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -316,9 +316,9 @@ def fake_probe(monkeypatch, barrier_ratio: float | None, *, refuse: str | None =
                 "barrier": 2.0 * barrier_ratio, "barrier_ratio": barrier_ratio, "tokens": 100,
                 "probe": "user", "seconds": 0.1}
 
-    module = types.ModuleType("worker.engine.inspect.function")
+    module = types.ModuleType("worker.engine.checks.inspect.function")
     module.function_probe = function_probe
-    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    monkeypatch.setitem(sys.modules, "worker.engine.checks.inspect.function", module)
     return calls
 
 
@@ -405,9 +405,9 @@ def test_a_probe_overrules_only_the_diffs_of_its_own_base(family, monkeypatch):
         return {"lambdas": [0, 0.25, 0.5, 0.75, 1], "losses": [2.0, 2.0, 2.0, 2.0, 2.0], "barrier": 0.0,
                 "barrier_ratio": 0.0, "tokens": 100, "probe": "user", "seconds": 0.1}
 
-    module = types.ModuleType("worker.engine.inspect.function")
+    module = types.ModuleType("worker.engine.checks.inspect.function")
     module.function_probe = function_probe
-    monkeypatch.setitem(sys.modules, "worker.engine.inspect.function", module)
+    monkeypatch.setitem(sys.modules, "worker.engine.checks.inspect.function", module)
     recipe = load_recipe({"target_base": family["unrelated"],
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["ft"]},
                                     {"source_base": family["base2"], "source_finetuned": family["ft2"]}]})

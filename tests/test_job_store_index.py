@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from worker.job_store import STATUSES, UNFINISHED, JobStore, new_job_id
+from worker.service.job_store import STATUSES, UNFINISHED, JobStore, new_job_id
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The table of job kinds (worker/kinds.py): every kind the API can record has a runner the work horse can
+"""The table of job kinds (worker/service/kinds.py): every kind the API can record has a runner the work horse can
 import, the API's schema lists exactly those kinds, and a record without a kind (written before kinds
 existed) runs as a graft."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from worker.kinds import KINDS, kind_of
-from worker.statuses import JobKind
+from worker.service.kinds import KINDS, kind_of
+from worker.service.statuses import JobKind
 
 
 def test_every_kind_has_a_runner_of_the_runners_signature():

@@ -16,10 +16,10 @@ import torch
 import yaml
 from graft_helpers import correctly_rounded, load_dir, ulp_error
 
+from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 from worker.engine import GraftError, GraftRequest, run_graft
-from worker.engine.mergekit_config import recipe_from_mergekit
-from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
-from worker.settings import Settings
+from worker.engine.planning.mergekit_config import recipe_from_mergekit
+from worker.service.settings import Settings
 
 BASE, FT1, FT2 = "/models/base", "/models/ft1", "/models/ft2"
 
@@ -322,7 +322,7 @@ def test_breadcrumbs_window_is_mergekits_over_sizes_densities_and_gammas():
     """Every (n, density, gamma) of the grid: gamma = 0, gamma * n < 1, density * n < 1, gamma + density = 1
     (0.3 + 0.7 and 0.6 + 0.4 are exactly 1 in floats) and past it, density just below 1 and at 1."""
     from worker.engine.methods import TRANSFORMS
-    from worker.engine.recipe import load_recipe
+    from worker.engine.planning.recipe import load_recipe
 
     crumbs = TRANSFORMS["breadcrumbs"]
     for n in EDGE_SIZES:

@@ -13,7 +13,7 @@ import pytest
 from service_fixtures import Service
 
 from worker.engine.errors import GraftError
-from worker.engine.mergekit_config import MAX_DEPTH, MAX_VALUES, load_yaml, recipe_from_mergekit
+from worker.engine.planning.mergekit_config import MAX_DEPTH, MAX_VALUES, load_yaml, recipe_from_mergekit
 
 HEAD = "merge_method: task_arithmetic\nbase_model: /m/base\nmodels:\n  - model: /m/ft\n    parameters:\n"
 

@@ -13,12 +13,12 @@ import os
 import pytest
 from graft_helpers import load_dir, ulp
 
+from worker.devtools.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
 from worker.engine import GraftRequest, run_graft
-from worker.engine.mergekit_config import recipe_from_mergekit
-from worker.engine.recipe import LAYER_INDEX, load_recipe
-from worker.engine.run import close_models, plan_graft
-from worker.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
-from worker.settings import Settings
+from worker.engine.pipeline.graft import close_models, plan_graft
+from worker.engine.planning.mergekit_config import recipe_from_mergekit
+from worker.engine.planning.recipe import LAYER_INDEX, load_recipe
+from worker.service.settings import Settings
 
 WEIGHTS = [0.2, 0.5, 0.8]
 

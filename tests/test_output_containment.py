@@ -38,7 +38,7 @@ ACCEPTED = ["fresh/out", "team/out", "source_base-copy/out", "deep/a/c", "loose/
 
 
 def _s3_layout(endpoint: str, bucket: str) -> None:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     client = s3_client(endpoint)
     for where, names in MODELS.items():
@@ -57,7 +57,7 @@ def _file_layout(root: str) -> str:
 
 
 def _keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
@@ -72,13 +72,13 @@ def _refused(resp) -> None:
 # The policy on its own: every case, both schemes, without a service.
 
 def _settings(root: str, endpoint: str | None = None):
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     return Settings(allowed_roots=root, s3_endpoint_url=endpoint)
 
 
 def _check(uri: str, settings, *, itself: bool = True) -> None:
-    from worker.uri_policy import check_output_placement, check_uri
+    from worker.service.uri_policy import check_output_placement, check_uri
 
     loc = check_uri(uri, "output", settings, output=True)
     check_output_placement(loc, "output", settings, **({} if itself else {"itself": False}))
@@ -86,7 +86,7 @@ def _check(uri: str, settings, *, itself: bool = True) -> None:
 
 @pytest.mark.parametrize("where", REFUSED)
 def test_outputs_in_a_model_are_refused_local(tmp_path, where):
-    from worker.uri_policy import PolicyError
+    from worker.service.uri_policy import PolicyError
 
     shared = _file_layout(str(tmp_path))
     with pytest.raises(PolicyError) as info:
@@ -97,7 +97,7 @@ def test_outputs_in_a_model_are_refused_local(tmp_path, where):
 
 @pytest.mark.parametrize("where", REFUSED)
 def test_outputs_in_a_model_are_refused_s3(tmp_path, s3_endpoint, s3_bucket, where):
-    from worker.uri_policy import PolicyError
+    from worker.service.uri_policy import PolicyError
 
     _s3_layout(s3_endpoint, s3_bucket)
     with pytest.raises(PolicyError) as info:
@@ -114,8 +114,8 @@ def test_outputs_beside_models_are_accepted(tmp_path, s3_endpoint, s3_bucket, wh
 
 
 def test_a_model_at_the_bucket_root_or_the_allowed_root_covers_everything_in_it(tmp_path, s3_endpoint, s3_bucket):
-    from worker.engine.s3 import s3_client
-    from worker.uri_policy import PolicyError
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.uri_policy import PolicyError
 
     s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key="config.json", Body=b"{}")
     (tmp_path / "config.json").write_text("{}")
@@ -133,8 +133,8 @@ def test_a_config_above_the_allowed_root_is_the_operators_and_not_looked_at(tmp_
 def test_a_large_directory_is_checked_by_the_fixed_names_past_one_page(tmp_path, s3_endpoint, s3_bucket):
     """More entries than one listing page: the model's config.json (listed after 150 other names) is still
     found, on S3 by a HEAD, locally by its name."""
-    from worker.engine.s3 import s3_client
-    from worker.uri_policy import LISTING_PAGE, PolicyError
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.uri_policy import LISTING_PAGE, PolicyError
 
     client = s3_client(s3_endpoint)
     big = tmp_path / "big"
@@ -155,8 +155,8 @@ def test_a_large_directory_is_checked_by_the_fixed_names_past_one_page(tmp_path,
 def test_the_workers_check_leaves_the_outputs_own_files_to_the_sink(tmp_path, s3_endpoint, s3_bucket):
     """A retry finds its earlier attempt's config.json and shards at the output itself: not a refusal there
     (the sink clears its own leftovers and refuses anyone else's); a model above the output still is."""
-    from worker.engine.s3 import s3_client
-    from worker.uri_policy import PolicyError
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.uri_policy import PolicyError
 
     client = s3_client(s3_endpoint)
     run = tmp_path / "runs" / "job"
@@ -177,10 +177,10 @@ def test_the_workers_check_leaves_the_outputs_own_files_to_the_sink(tmp_path, s3
 
 
 def test_an_unreachable_store_is_a_storage_error_not_a_refusal(tmp_path):
+    from worker.devtools.loopback import free_port
     from worker.engine.errors import GraftError
-    from worker.loopback import free_port
-    from worker.settings import Settings
-    from worker.uri_policy import PolicyError
+    from worker.service.settings import Settings
+    from worker.service.uri_policy import PolicyError
 
     settings = Settings(allowed_roots=str(tmp_path), s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
                         storage_timeout_seconds=1.0)
@@ -238,7 +238,7 @@ def test_previews_and_jobs_accept_outputs_beside_models(api, trio, placed):
 
 def test_outputs_inside_the_tenants_own_result_are_refused_too(api, trio, s3_endpoint, s3_bucket):
     """A tenant's earlier result is a model directory like any other: nothing is written inside it."""
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     for name in ("config.json", "model.safetensors", "graft-manifest.json"):
         s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"mine/run1/{name}", Body=b"{}")
@@ -260,7 +260,7 @@ def test_the_worker_refuses_a_model_published_above_the_output_after_submission(
                     (f"s3://{s3_bucket}/later/run", f"file://{later}/run", f"s3://{s3_bucket}/fine/run")]
             assert [r.status_code for r in jobs] == [202, 202, 202], [r.text for r in jobs]
             # Another tenant's model lands at the outputs' parents while the jobs wait in the queue.
-            from worker.engine.s3 import s3_client
+            from worker.engine.storage.s3 import s3_client
 
             s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key="later/config.json", Body=b"{}")
             later.mkdir()
@@ -281,8 +281,8 @@ def test_the_worker_refuses_a_model_published_above_the_output_after_submission(
 
 def _claimed(endpoint: str, location: str):
     """The sink of a graft still writing `location` (S3's claim or a local staging directory in place)."""
-    from worker.engine.sinks import open_sink
-    from worker.engine.uris import parse_uri
+    from worker.engine.storage.sinks import open_sink
+    from worker.engine.storage.uris import parse_uri
 
     return open_sink(parse_uri(location, field="output"), endpoint_url=endpoint)
 
@@ -290,7 +290,7 @@ def _claimed(endpoint: str, location: str):
 def test_an_output_being_written_protects_its_location(tmp_path, s3_endpoint, s3_bucket):
     """While tenant A's first shard uploads, its claim (or staging directory) is the only thing at its output:
     no one else's output goes at or under it (A's retry would clear it), but A's own retry still runs."""
-    from worker.uri_policy import PolicyError
+    from worker.service.uri_policy import PolicyError
 
     settings = _settings(str(tmp_path), s3_endpoint)
     for base in (f"s3://{s3_bucket}", f"file://{tmp_path}"):
@@ -323,8 +323,8 @@ def test_the_in_progress_markers_are_the_sinks_own_names():
 
 
 def test_a_result_is_named_a_graft_result_not_a_models_directory(tmp_path, s3_endpoint, s3_bucket):
-    from worker.engine.s3 import s3_client
-    from worker.uri_policy import PolicyError
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.uri_policy import PolicyError
 
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
@@ -342,7 +342,7 @@ def test_a_result_is_named_a_graft_result_not_a_models_directory(tmp_path, s3_en
 def _past_a_page(directory, name: str) -> None:
     """`name` in `directory` after more than one listing page of other entries, in the order the directory
     lists them (ext4 lists in hash order, whatever the creation order)."""
-    from worker.uri_policy import LISTING_PAGE
+    from worker.service.uri_policy import LISTING_PAGE
 
     directory.mkdir()
     (directory / name).write_text("")
@@ -358,8 +358,8 @@ def test_shards_alone_past_the_first_page_are_found(tmp_path, s3_endpoint, s3_bu
     """A prefix of 150 subprefixes and one shard (no config.json, no index): found by one more bounded LIST of
     the names a shard is given; locally by a scan of up to LOCAL_SCAN entries. An in-progress claim listed
     after a full page is found by its fixed name."""
-    from worker.engine.s3 import s3_client
-    from worker.uri_policy import LISTING_PAGE, PolicyError
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.uri_policy import LISTING_PAGE, PolicyError
 
     client = s3_client(s3_endpoint)
     for i in range(LISTING_PAGE + 50):
@@ -385,7 +385,7 @@ def test_an_idempotent_replay_is_the_original_job_whatever_has_happened_since(ap
     """The job succeeded and published its result at the output, and a model has landed above it since: the
     replay of the identical request still answers the original job (202, Idempotent-Replayed), on both routes
     that take a key and both schemes; a new request there is refused, naming the result as one."""
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     with api.client("beta") as b:
         for route in ("/v1/jobs", "/v1/preflights"):

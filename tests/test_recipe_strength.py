@@ -17,11 +17,11 @@ from graft_helpers import load_dir, ulp
 from service_fixtures import Service
 
 from worker.engine import GraftError, GraftRequest, run_graft
-from worker.engine.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.checked_graft import Checks, run_checked_graft
+from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
-from worker.engine.evaluation.spec import EvaluateSpec
-from worker.engine.mergekit_config import recipe_from_mergekit
-from worker.engine.recipe import load_recipe
+from worker.engine.planning.mergekit_config import recipe_from_mergekit
+from worker.engine.planning.recipe import load_recipe
 
 SPEC = EvaluateSpec(probe_text=PROBE, prompts=["the cat"], max_new_tokens=2)
 

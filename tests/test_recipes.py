@@ -16,10 +16,10 @@ import torch
 import yaml
 from graft_helpers import EMBED, HEAD, correctly_rounded, graft, load_dir, read_json, ulp, ulp_error
 
+from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 from worker.engine import GraftError, GraftRequest, run_graft
-from worker.engine.recipe import load_recipe
-from worker.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
-from worker.settings import Settings
+from worker.engine.planning.recipe import load_recipe
+from worker.service.settings import Settings
 
 LAYERS = 3
 VOCAB = 256
@@ -384,7 +384,7 @@ def test_bf16_inputs_to_float32_output(bf16, tmp_path):
 def _whole_pieces(monkeypatch) -> None:
     """The accelerator's way (each piece at once) on the CPU."""
     from worker.engine import stream
-    from worker.engine.transforms import Arithmetic
+    from worker.engine.compute.arithmetic import Arithmetic
 
     monkeypatch.setattr(stream, "Arithmetic", functools.partial(Arithmetic, whole_pieces=True))
 
@@ -631,8 +631,8 @@ def test_statistics_phase_precedes_the_compute_pass(f32, tmp_path):
 _PEAKS = """
 import json, resource, sys
 from worker.engine import GraftRequest, run_graft
-from worker.engine.recipe import load_recipe
-from worker.settings import Settings
+from worker.engine.planning.recipe import load_recipe
+from worker.service.settings import Settings
 
 peaks = []
 for i, recipe in enumerate(json.loads(sys.argv[1])):
@@ -667,12 +667,12 @@ def test_a_diff_of_another_architecture_is_refused_before_any_data_is_read(tmp_p
     import json
     import shutil
 
+    from worker.devtools.sample_models import make_trio
     from worker.engine.errors import GraftError
-    from worker.engine.options import GraftRequest
-    from worker.engine.recipe import load_recipe
-    from worker.engine.run import run_graft
-    from worker.sample_models import make_trio
-    from worker.settings import Settings
+    from worker.engine.pipeline.graft import run_graft
+    from worker.engine.planning.options import GraftRequest
+    from worker.engine.planning.recipe import load_recipe
+    from worker.service.settings import Settings
 
     paths = make_trio(str(tmp_path / "trio"), added_rows=0)
     other = tmp_path / "other-arch"

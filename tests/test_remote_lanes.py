@@ -1,5 +1,6 @@
 """Remote inputs read over several lanes, outputs uploaded over several parts: against moto's S3 server and the
-local hub behind worker.tcp_proxy with a per-connection byte-rate cap (what real object stores do), with resets,
+local hub behind worker.devtools.tcp_proxy
+with a per-connection byte-rate cap (what real object stores do), with resets,
 stalls and 5xx thrown in. Every graft must equal the local one byte for byte."""
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from conftest import upload_dir
 from graft_helpers import graft, multipart_trio
 from hub_server import HubServer
 
-from worker.engine.faults import StorageRetry
-from worker.engine.lanes import Lanes, RemoteReads
-from worker.engine.s3 import s3_client
-from worker.engine.sinks import MANIFEST, open_sink
-from worker.engine.stores import S3Store, open_store
-from worker.engine.uris import parse_uri
-from worker.tcp_proxy import FaultProxy
+from worker.devtools.tcp_proxy import FaultProxy
+from worker.engine.storage.faults import StorageRetry
+from worker.engine.storage.lanes import Lanes, RemoteReads
+from worker.engine.storage.s3 import s3_client
+from worker.engine.storage.sinks import MANIFEST, open_sink
+from worker.engine.storage.stores import S3Store, open_store
+from worker.engine.storage.uris import parse_uri
 
 SKIP = {MANIFEST, "README.md"}  # these name the input URIs
 MB = 1_000_000
@@ -325,7 +326,7 @@ def test_hf_lanes_follow_the_redirect_once_per_file_and_retry_5xx(models, expect
 def test_dry_run_states_the_memory_remote_io_holds(s3_models, capsys):
     from worker.cli import main
     from worker.engine import GraftRequest, plan_graft
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     settings = Settings(remote_lanes=6, remote_window_bytes=4 << 20, s3_part_bytes=8 << 20, s3_parts_in_flight=5)
     request = GraftRequest(s3_models["source_base"], s3_models["source_finetuned"], s3_models["target_base"], "")

@@ -161,8 +161,8 @@ def test_cancel_queued_and_409_when_ended(api, trio):
 
 def test_preview_matches_cli_plan(api, trio):
     from worker.engine import GraftOptions, GraftRequest, plan_graft
-    from worker.engine.inspect import headers_verdict
-    from worker.engine.run import close_models
+    from worker.engine.checks.inspect import headers_verdict
+    from worker.engine.pipeline.graft import close_models
 
     with api.client() as c:
         resp = c.post("/v1/jobs:preview", json=job_body(trio, options={"shard_size": "40KB"}))
@@ -209,7 +209,7 @@ def test_refuses_to_start_without_keys(redis_url, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "GRAFT_API_KEYS" in proc.stderr
     from app.main import create_app
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     app = create_app(Settings(api_keys="", dev_mode=True, redis_url=redis_url))
     assert len(app.state.keys) == 1 and list(app.state.keys.values()) == ["dev"]
@@ -286,7 +286,7 @@ def test_local_graft_helper_is_deterministic(trio, tmp_path):
 
 @pytest.mark.parametrize("address", ["[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[::ffff:10.0.0.1]"])
 def test_webhook_urls_hiding_a_private_ipv4_in_ipv6_are_refused(address):
-    from worker.webhooks import check_webhook_url
+    from worker.service.webhooks import check_webhook_url
 
     with pytest.raises(ValueError):
         check_webhook_url(f"http://{address}/hook", allow_private=False)
@@ -294,8 +294,8 @@ def test_webhook_urls_hiding_a_private_ipv4_in_ipv6_are_refused(address):
 
 
 def test_dangling_symlink_out_of_the_roots_is_refused(tmp_path):
-    from worker.settings import Settings
-    from worker.uri_policy import PolicyError, check_uri
+    from worker.service.settings import Settings
+    from worker.service.uri_policy import PolicyError, check_uri
 
     root = tmp_path / "root"
     root.mkdir()

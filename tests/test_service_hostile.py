@@ -245,7 +245,7 @@ def test_redis_away_gives_503_with_retry_after():
     from service_fixtures import free_port
 
     from app.main import create_app
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_keys=f"{KEYS['alpha']}:alpha"))
     with TestClient(app, raise_server_exceptions=False) as c:

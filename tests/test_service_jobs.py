@@ -187,8 +187,8 @@ def test_webhook_claimed_by_one_sender_only(redis_url):
 
     import redis as redis_lib
 
-    from worker.settings import Settings
-    from worker.webhooks import WebhookSender
+    from worker.service.settings import Settings
+    from worker.service.webhooks import WebhookSender
 
     settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:")
     conn = redis_lib.Redis.from_url(redis_url)
@@ -218,9 +218,9 @@ def test_webhook_connects_to_the_address_it_checked(redis_url, monkeypatch):
 
     import redis as redis_lib
 
-    from worker.job_store import JobStore
-    from worker.settings import Settings
-    from worker.webhooks import WebhookSender
+    from worker.service.job_store import JobStore
+    from worker.service.settings import Settings
+    from worker.service.webhooks import WebhookSender
 
     _Receiver.calls, _Receiver.fail_first = [], 0
     server = HTTPServer(("127.0.0.1", 0), _Receiver)
@@ -267,10 +267,10 @@ def test_an_attempt_taken_for_dead_stops_when_a_newer_one_starts(redis_url, trio
     import redis as redis_lib
 
     from worker.engine import GraftOptions, GraftRequest, GraftSuperseded, run_graft
-    from worker.engine.s3 import s3_client
-    from worker.job_store import JobStore
-    from worker.jobs import _Reporter
-    from worker.settings import Settings
+    from worker.engine.storage.s3 import s3_client
+    from worker.service.job_store import JobStore
+    from worker.service.jobs import _Reporter
+    from worker.service.settings import Settings
 
     settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:10]}:", block_bytes=16 << 10)
     conn = redis_lib.Redis.from_url(redis_url)
@@ -307,8 +307,8 @@ def test_recipe_job_matches_local_run(svc, trio, tmp_path):
     """A recipe through the API (diffs in place of the three fields, a merge, rules): the job records it, the
     statistics phase shows in the events, and the output equals the engine's own run of the same recipe."""
     from worker.engine import GraftRequest, run_graft
-    from worker.engine.recipe import load_recipe
-    from worker.settings import Settings
+    from worker.engine.planning.recipe import load_recipe
+    from worker.service.settings import Settings
 
     diffs = [{"source_base": f"file://{trio['source_base']}", "source_finetuned": f"file://{trio['source_finetuned']}",
               "weight": [0.5, 1.0]},

@@ -37,7 +37,7 @@ def _wait_streaming(c, job_id: str, timeout: float = 30) -> dict:
 
 
 def _objects(endpoint: str, bucket: str, prefix: str) -> tuple[list, list]:
-    from worker.engine.s3 import s3_client
+    from worker.engine.storage.s3 import s3_client
 
     client = s3_client(endpoint)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]

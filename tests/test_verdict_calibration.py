@@ -19,8 +19,8 @@ from graft_helpers import graft, load_dir
 from tiny_family import family, tiny_family  # noqa: F401  (tiny_family: a session fixture)
 
 from worker.engine import GraftRequest
+from worker.engine.checks.inspect import inspect_graft
 from worker.engine.config import EngineSettings
-from worker.engine.inspect import inspect_graft
 
 TARGETS = ("v1", "v2", "v2_far", "unrelated")
 # Every question (20 held out, 40 the fine-tune saw): on so small a model the 20 held-out ones alone move

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from worker.webhooks import WebhookHostUnresolved, WebhookURLError, check_webhook_target, check_webhook_url
+from worker.service.webhooks import WebhookHostUnresolved, WebhookURLError, check_webhook_target, check_webhook_url
 
 INWARD = ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "0", "0x", "127.0.1", "LOCALHOST.", "localhost..",
           "Foo.LocalHost", "ip6-localhost", "[::ffff:127.0.0.1]", "[::1]", "[::]", "[::127.0.0.1]",

@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from .engine.errors import GraftError
+from worker.engine.errors import GraftError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,8 +43,8 @@ def _alphas(text: str) -> float | list[float]:
 
 def _add_check_flags(group) -> None:
     """The flags of worker/engine/checked_graft.Checks and its EvaluateSpec, with their declared descriptions."""
-    from .engine.checked_graft import Checks, Require, Select
-    from .engine.evaluation.spec import EvaluateSpec
+    from worker.engine.checks.checked_graft import Checks, Require, Select
+    from worker.engine.checks.evaluation.spec import EvaluateSpec
 
     fields, spec = Checks.model_fields, EvaluateSpec.model_fields
     group.add_argument("--evaluate", action="store_true", help=fields["evaluate"].description)
@@ -60,7 +60,7 @@ def _add_option_flags(group) -> None:
     """One flag per field of the engine's RecipeOptions: the CLI, the API and recipes share one declaration."""
     from typing import get_args, get_origin
 
-    from .engine.recipe import RecipeOptions
+    from worker.engine.planning.recipe import RecipeOptions
 
     for name, field in RecipeOptions.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -76,7 +76,7 @@ def _add_option_flags(group) -> None:
 
 def _read_document(path: str) -> dict:
     """A recipe file (YAML is a superset of JSON), read by the same bounded loader as a tenant's config."""
-    from .engine.mergekit_config import load_yaml
+    from worker.engine.planning.mergekit_config import load_yaml
 
     data = load_yaml(_read_text(path, "--recipe", code="invalid_recipe", missing="input_not_found"), where=path)
     if not isinstance(data, dict):
@@ -87,8 +87,8 @@ def _read_document(path: str) -> dict:
 def _request(args: argparse.Namespace):
     """The GraftRequest the flags describe: three URIs and alpha, or a recipe (whose options the option
     flags override)."""
-    from .engine.options import GraftRequest
-    from .engine.recipe import RecipeOptions, load_recipe
+    from worker.engine.planning.options import GraftRequest
+    from worker.engine.planning.recipe import RecipeOptions, load_recipe
 
     flags = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
     three = [args.source_base, args.source_finetuned, args.target_base]
@@ -103,7 +103,7 @@ def _request(args: argparse.Namespace):
             data["options"] = {**(data.get("options") or {}), **flags}
         recipe = load_recipe(data, where=args.recipe)
     elif args.mergekit_config:
-        from .engine.mergekit_config import recipe_from_mergekit
+        from worker.engine.planning.mergekit_config import recipe_from_mergekit
 
         # The text, not a dict: the converter's own loader bounds nesting and refuses YAML's non-JSON types.
         recipe = recipe_from_mergekit(_read_text(args.mergekit_config, "--mergekit-config",
@@ -115,7 +115,7 @@ def _request(args: argparse.Namespace):
                                             strict=True) if not v]
         if missing:
             raise GraftError("invalid_option", f"{', '.join(missing)} required (or --recipe FILE)")
-        from .engine.options import GraftOptions
+        from worker.engine.planning.options import GraftOptions
 
         options = GraftOptions(alpha=1.0 if alpha is None else alpha, **flags)
         return GraftRequest(args.source_base, args.source_finetuned, args.target_base,
@@ -128,8 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise GraftError("invalid_option", "--output is required (or use --dry-run)")
     request = _request(args)
     if args.dry_run:
-        from .engine.inspect import headers_verdict
-        from .engine.run import close_models, plan_graft
+        from worker.engine.checks.inspect import headers_verdict
+        from worker.engine.pipeline.graft import close_models, plan_graft
 
         plan, models = plan_graft(request)
         try:
@@ -138,8 +138,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             close_models(models)
         print(json.dumps(summary, indent=2) if args.json else _format_plan(summary))
         return 0
-    from .engine.checked_graft import run_checked_graft
-    from .progress import TerminalProgress
+    from worker.engine.checks.checked_graft import run_checked_graft
+    from worker.progress import TerminalProgress
 
     checks, alphas = _checks(args)
     bar = TerminalProgress()
@@ -164,7 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _read_text(path: str, what: str, *, code: str = "invalid_option", missing: str | None = None) -> str:
     """A file the flags name, as UTF-8 text of at most MAX_CONFIG_CHARS characters (read no further: a recipe,
     a config, a probe text or prompts are pages, and a parser must not be handed a disk image)."""
-    from .engine.mergekit_config import MAX_CONFIG_CHARS
+    from worker.engine.planning.mergekit_config import MAX_CONFIG_CHARS
 
     try:
         with open(path, encoding="utf-8") as fh:
@@ -182,7 +182,7 @@ def _evaluate_spec(args: argparse.Namespace):
     """The EvaluateSpec the flags describe, or None when no evaluation was asked for."""
     from pydantic import ValidationError
 
-    from .engine.evaluation.spec import EvaluateSpec
+    from worker.engine.checks.evaluation.spec import EvaluateSpec
 
     given = {}
     if args.probe_text:
@@ -205,7 +205,7 @@ def _validation_message(exc) -> str:
 
 def _checks(args: argparse.Namespace):
     """(Checks, the sweep's alphas or None) from the flags."""
-    from .engine.checked_graft import Checks, check_alphas
+    from worker.engine.checks.checked_graft import Checks, check_alphas
 
     alphas = check_alphas(args.alpha) if isinstance(args.alpha, list) else None
     if args.select and not alphas:
@@ -231,7 +231,7 @@ def _format_checks(checks: dict) -> list[str]:
 def _format_evaluation(evaluation: dict) -> list[str]:
     if "error" in evaluation:
         return [f"not evaluated: [{evaluation['error']['code']}] {evaluation['error']['message']}"]
-    from .engine.checked_graft import evaluation_warnings
+    from worker.engine.checks.checked_graft import evaluation_warnings
 
     probe = evaluation["probe"]
     lines = ["probe perplexity: " + ", ".join(f"{role} {_number(probe[role]['perplexity'], '.3f')}" for role in
@@ -244,7 +244,7 @@ def _format_evaluation(evaluation: dict) -> list[str]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .engine.inspect import Level, Verdict, inspect_graft
+    from worker.engine.checks.inspect import Level, Verdict, inspect_graft
 
     if isinstance(args.alpha, list):
         raise GraftError("invalid_option", "--alpha: a list is a sweep (graft run); inspect judges the inputs")
@@ -336,7 +336,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .service_worker import run_worker
+    from worker.service_worker import run_worker
 
     run_worker(burst=args.burst)
     return 0
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="judge before grafting whether the transfer can work: a verdict "
                              "(compatible, risky, incompatible) with its reasons")
     _add_model_args(inspect)
-    from .engine.checked_graft import Require
-    from .engine.inspect.verdict import LEVEL_HELP, Level
+    from worker.engine.checks.checked_graft import Require
+    from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
 
     inspect.add_argument("--level", choices=[lv.value for lv in Level], default=Level.WEIGHTS.value,
                          help=f"{LEVEL_HELP} (default weights)")
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _debug() -> bool:
     try:
-        from .settings import Settings
+        from worker.service.settings import Settings
 
         return Settings().debug
     except Exception:  # settings that cannot be read must not hide the error being reported

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .engine.run import Progress
+from worker.engine.pipeline.graft import Progress
 
 
 class TerminalProgress:

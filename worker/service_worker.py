@@ -4,7 +4,7 @@ sender as threads of the parent. Each job runs in a forked work horse: CUDA is i
 
 A Redis outage never ends the process: RQ's work loop, which quits on most connection errors, is started
 again once Redis answers (with capped exponential backoff), the threads back off the same way, and a running
-job keeps running (see worker/jobs.py). SIGTERM stops the worker: at once when idle or waiting for Redis,
+job keeps running (see worker/service/jobs.py). SIGTERM stops the worker: at once when idle or waiting for Redis,
 after the running job otherwise (RQ's warm shutdown; a second SIGTERM kills the job).
 """
 
@@ -22,10 +22,10 @@ from rq import Queue, Worker
 from rq.exceptions import StopRequested
 from rq.scheduler import RQScheduler
 
-from .monitor import Monitor
-from .outage import OUTAGE, REDIS_DOWN, Backoff, RQLogFilter, wait_for_redis
-from .settings import Settings, get_settings
-from .webhooks import WebhookSender
+from worker.service.monitor import Monitor
+from worker.service.outage import OUTAGE, REDIS_DOWN, Backoff, RQLogFilter, wait_for_redis
+from worker.service.settings import Settings, get_settings
+from worker.service.webhooks import WebhookSender
 
 log = logging.getLogger("graft.worker")
 # A work loop that ran this long before quitting starts again after the shortest wait.
@@ -210,7 +210,7 @@ def run_worker(burst: bool = False) -> None:
                                 socket_connect_timeout=settings.redis_timeout)
     wait_for_redis(side, threading.Event(), settings.redis_retry_max, "the worker's start")
     if settings.worker_preload:
-        import worker.engine.run  # noqa: F401  (torch and the engine, imported once; no CUDA call here)
+        import worker.engine.pipeline.graft  # noqa: F401  (torch and the engine, imported once; no CUDA call here)
     monitor, sender = Monitor(side, settings), WebhookSender(side, settings)
     monitor.start()
     sender.start()

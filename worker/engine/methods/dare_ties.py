@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import MergeMethod
-from .dare import DareParams
-from .ties import elect
+from worker.engine.methods.base import MergeMethod
+from worker.engine.methods.dare import DareParams
+from worker.engine.methods.ties import elect
 
 
 class DareTiesParams(BaseModel):

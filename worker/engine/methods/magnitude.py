@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import RankWindow, TransformMethod
+from worker.engine.methods.base import RankWindow, TransformMethod
 
 
 class MagnitudeParams(BaseModel):

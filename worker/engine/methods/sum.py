@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import MergeMethod
+from worker.engine.methods.base import MergeMethod
 
 NEAR_ZERO = 1e-8  # mergekit's: a weights' sum below it in magnitude is not divided by
 

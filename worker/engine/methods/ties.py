@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
-from .base import MergeMethod
-from .magnitude import MagnitudeParams
+from worker.engine.methods.base import MergeMethod
+from worker.engine.methods.magnitude import MagnitudeParams
 
 
 class TiesParams(BaseModel):

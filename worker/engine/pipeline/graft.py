@@ -1,0 +1,408 @@
+"""One graft, start to end: resolve -> plan -> stream -> write -> commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.engine.compute.arithmetic import TensorStats
+from worker.engine.compute.stream import StreamTotals, stream_plan
+from worker.engine.config import EngineSettings
+from worker.engine.errors import GraftCancelled, GraftError
+from worker.engine.phases import Phase
+from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
+from worker.engine.pipeline.publish import publishing, storage_retry
+from worker.engine.planning.options import GraftRequest
+from worker.engine.planning.plan import Plan, build_plan
+from worker.engine.storage.input_hashes import InputHasher
+from worker.engine.storage.lanes import RemoteReads
+from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
+from worker.engine.storage.sinks import MANIFEST, FileRecord, Sink
+from worker.engine.storage.stores import RemoteStore
+from worker.engine.storage.uris import Location, parse_uri
+
+log = logging.getLogger("graft.engine")
+
+
+
+BeforeCommit = Callable[[Location, dict[str, ResolvedModel], list[FileRecord]], dict]
+
+
+@dataclass
+class Progress:
+    phase: Phase
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_total: int = 0
+
+    @property
+    def fraction(self) -> float:
+        if not self.bytes_total:
+            return 0.0
+        # An inspection writes nothing: how far it is, is how much of its input it has read.
+        done = self.bytes_read if self.phase == Phase.INSPECTING else self.bytes_written
+        return done / self.bytes_total
+
+
+@dataclass
+class GraftResult:
+    output_uri: str
+    manifest_uri: str
+    files: list[FileRecord]
+    manifest: dict
+    warnings: list[dict] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)  # what before_commit added to the manifest (an evaluation)
+
+    @property
+    def stats(self) -> dict:
+        return self.manifest["stats"]
+
+
+def remote_reads(settings: EngineSettings) -> RemoteReads:
+    return RemoteReads(lanes=settings.remote_lanes, window_bytes=settings.remote_window_bytes,
+                       windows=settings.remote_windows, span_windows=settings.remote_span_windows,
+                       stall_seconds=settings.remote_stall_seconds)
+
+
+def tokenizer_donor(request: GraftRequest) -> str:
+    """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
+    the target for a recipe with mergekit's (mergekit copies its base_model's); the other is the fallback."""
+    if request.recipe is not None and request.recipe.conventions == "mergekit":
+        return "target_base"
+    return "source_finetuned"
+
+
+def _side_files_of(uri: str, uris: dict[str, str], donor: str) -> tuple[str, ...]:
+    """The small files a graft copies from this input: the donor's tokenizer and generation config, the
+    other's generation config (used when the donor has none)."""
+    names: tuple[str, ...] = ()
+    if uri == uris[donor]:
+        names += (*TOKENIZER_FILES, GENERATION_CONFIG)
+    if uri in (uris["target_base"], uris["source_finetuned"]) and GENERATION_CONFIG not in names:
+        names += (GENERATION_CONFIG,)
+    return names
+
+
+def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None, *,
+                   side_files: bool = False) -> dict[str, ResolvedModel]:
+    """`side_files`: also fetch the small files the output copies (a graft, not a dry run), all at once."""
+    settings = settings or EngineSettings()
+    uris = request.inputs()
+    donor = tokenizer_donor(request)
+    # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
+    first_role: dict[str, str] = {}
+    for role, uri in uris.items():
+        first_role.setdefault(uri, role)
+    with ThreadPoolExecutor(max_workers=min(8, len(first_role))) as pool:
+        futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
+                                     endpoint_url=settings.s3_endpoint_url,
+                                     max_header_bytes=settings.max_header_bytes,
+                                     reads=remote_reads(settings),
+                                     allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                                     require_model_type=uri == uris["target_base"],
+                                     side_files=_side_files_of(uri, uris, donor) if side_files else (),
+                                     retry=storage_retry(settings)) for uri, role in first_role.items()}
+        resolved, errors = {}, []
+        for role, future in futures.items():
+            try:
+                resolved[uris[role]] = future.result()
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:
+        close_models(resolved)
+        raise errors[0]
+    return {role: resolved[uri] for role, uri in uris.items()}
+
+
+def close_models(models: dict[str, ResolvedModel]) -> None:
+    for model in {id(m): m for m in models.values()}.values():  # a model shared by several roles, once
+        model.store.close()
+
+
+def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:
+    """Role -> the first role naming the same model: reads of one model are issued (and coalesced) once."""
+    first: dict[int, str] = {}
+    return {role: first.setdefault(id(m), role) for role, m in models.items()}
+
+
+def memory_bound(models: dict[str, ResolvedModel], settings: EngineSettings) -> dict:
+    """What remote I/O holds at most: per remote input, its windows (lanes x window bytes, plus the window
+    being read); for an S3 output, its parts in flight plus the one being filled."""
+    canon = canonical_roles(models)
+    remote = {role: m.store.reads.describe() for role, m in models.items()
+              if canon[role] == role and isinstance(m.store, RemoteStore)}
+    return {"remote_inputs": remote, "remote_input_bytes": sum(r["bytes"] for r in remote.values()),
+            "s3_output_bytes": settings.s3_part_bytes * (max(1, settings.s3_parts_in_flight) + 1)}
+
+
+def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
+               side_files: bool = False) -> tuple[Plan, dict[str, ResolvedModel]]:
+    """The --dry-run: everything decided from headers alone (`side_files`: see resolve_inputs)."""
+    settings = settings or EngineSettings()
+    models = resolve_inputs(request, settings, side_files=side_files)
+    try:
+        return plan_models(request, models, settings), models
+    except BaseException:
+        close_models(models)
+        raise
+
+
+def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
+    """The plan of models already resolved (GraftError when the graft cannot be planned)."""
+    if request.recipe is not None:
+        from worker.engine.planning.recipe_plan import build_recipe_plan
+
+        by_uri = {uri: models[role] for role, uri in request.inputs().items()}
+        plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
+    else:
+        plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"], request.options)
+    plan.memory = memory_bound(models, settings)
+    return plan
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if choice == "cuda":
+        raise GraftError("invalid_option", "device cuda was asked for but no GPU is visible")
+    return torch.device("cpu")
+
+
+def _side_files(models: dict[str, ResolvedModel], plan: Plan, donor: str) -> list[tuple[str, bytes]]:
+    """config from the target; tokenizer, chat template and generation config from the donor (the fine-tune,
+    or the target under mergekit's conventions), else from the other. Fetched while resolving, but for the
+    fallback's tokenizer (a donor without one), read here, all at once."""
+    first = models[donor]
+    second = models["target_base" if donor == "source_finetuned" else "source_finetuned"]
+    files = [("config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())]
+    tokenizer_from = first if first.tokenizer_files() else second
+    names = tokenizer_from.tokenizer_files()
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        files += zip(names, pool.map(tokenizer_from.side_file, names), strict=True)
+    for model in (first, second):
+        if model.store.exists(GENERATION_CONFIG):
+            files.append((GENERATION_CONFIG, model.side_file(GENERATION_CONFIG)))
+            break
+    return files
+
+
+def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, ResolvedModel],
+                      plan: Plan) -> list[FileRecord]:
+    """Everything but the shards and the manifest, known from the plan: written before the shards stream
+    (an S3 sink uploads them on its own threads), so that the end of a graft is the shards' last parts,
+    their completion and the manifest."""
+    records = []
+    if len(plan.shards) > 1:
+        records.append(sink.put(INDEX_FILE, _index(plan)))
+    for name, data in _side_files(models, plan, tokenizer_donor(request)):
+        records.append(sink.put(name, data))
+    records.append(sink.put("README.md", model_card(request, plan).encode()))
+    return records
+
+
+def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
+    """Whole-model proxies: medians over the transferred matrices of how far apart the bases are (relative
+    to the target and to the fine-tune's diff) and how the bases' difference lines up with the diff.
+    Medians of per-matrix ratios, because a norm pooled over the model is dominated by whichever
+    tensors carry the most mass (in small models, the norms' ones)."""
+    ratios: dict[str, list[float]] = {"bases_distance_ratio": [], "delta_ratio": [], "bases_to_delta_ratio": [],
+                                      "cos_bases_delta": []}
+    for t in plan.tensors:
+        st = stats[t.name]
+        if t.action == "copied" or len(t.shape) < 2 or not (st.target_sq and st.delta_sq):
+            continue
+        target, delta, bases = st.target_sq ** 0.5, st.delta_sq ** 0.5, st.bases_sq ** 0.5
+        ratios["bases_distance_ratio"].append(bases / target)
+        ratios["delta_ratio"].append(delta / target)
+        ratios["bases_to_delta_ratio"].append(bases / delta)
+        if bases:
+            ratios["cos_bases_delta"].append(st.cross / (bases * delta))
+    return {name: round(statistics.median(values), 6) for name, values in ratios.items() if values}
+
+
+def connectivity_warnings(connectivity: dict) -> list[dict]:
+    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/checks/inspect/verdict.py), as
+    the graft's `weak_connectivity` warnings: the same thresholds whether one inspects or grafts."""
+    from worker.engine.checks.inspect.verdict import weights_reasons
+
+    reasons = weights_reasons(bases_distance_ratio=connectivity.get("bases_distance_ratio"),
+                              cos_bases_delta=connectivity.get("cos_bases_delta"), coverage=None)
+    return [{"code": "weak_connectivity", "reason": r["code"], "verdict": r["verdict"],
+             "message": f"{r['message']}; transfer helps when the target continues the source base's training "
+                        "(graft inspect --level function measures it)"} for r in reasons]
+
+
+def _index(plan: Plan) -> bytes:
+    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    index = {"metadata": {"total_size": plan.output_bytes},
+             "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
+              progress: Callable[[Progress], None] | None = None,
+              should_cancel: Callable[[], bool] | None = None,
+              warn: Callable[[dict], None] | None = None,
+              before_commit: BeforeCommit | None = None) -> GraftResult:
+    """`before_commit(staged, models, shards)`: called once every output file is written and before the
+    manifest is, with where the output can be read back and the shards' records; the sections it returns go
+    into the manifest (an evaluation). What it raises fails the graft like any other error: nothing is
+    published."""
+    settings = settings or EngineSettings()
+    output = parse_uri(request.output, field="output")
+    device = pick_device(request.options.device)
+    report = progress or (lambda p: None)
+    report(Progress(Phase.RESOLVING))
+    t0 = time.perf_counter()
+    plan, models = plan_graft(request, settings, side_files=True)
+    resolve_seconds = time.perf_counter() - t0
+    try:
+        hooks = _Hooks(report, should_cancel, warn or (lambda w: None), before_commit)
+        return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
+    finally:
+        close_models(models)
+
+
+def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, settings: EngineSettings,
+                     report: Callable[[Progress], None], total: Progress,
+                     should_cancel: Callable[[], bool] | None) -> int:
+    """A recipe's magnitude thresholds (exact, two reads of the diffs concerned) before the compute pass;
+    progress names the pass, so that an ETA taken from the compute pass alone is not misread."""
+    if plan.merge is None or not plan.merge.windows():
+        return 0
+    from worker.engine.compute.stream import rank_statistics
+
+    phase = Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+    report(phase)
+
+    def on_pass(index: int, done: int, blocks: int) -> None:
+        phase.bytes_written = int(total.bytes_total * (index + done / blocks) / 2)  # how far through both passes
+        report(phase)
+
+    read = rank_statistics(plan, plan.merge, stores, device=device, block_bytes=settings.block_bytes,
+                           prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, canon=canon,
+                           should_cancel=should_cancel, on_pass=on_pass)
+    report(total)  # back to streaming
+    return read
+
+
+@dataclass
+class _Hooks:
+    """The caller's callbacks of one graft."""
+
+    report: Callable[[Progress], None]
+    should_cancel: Callable[[], bool] | None
+    warn: Callable[[dict], None]
+    before_commit: BeforeCommit | None = None
+
+
+def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
+                 settings: EngineSettings, hooks: _Hooks, resolve_seconds: float) -> GraftResult:
+    started = time.perf_counter()
+    source_only = [{"code": "source_only", "tensor": d["tensor"],
+                    "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
+                   for d in plan.source_only]
+    for w in plan.warnings + source_only:
+        hooks.warn(w)
+    total = Progress(Phase.STREAMING, tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
+    # A recipe's statistics pass runs first: a job's events must not say streaming before it has begun.
+    statistics_first = plan.merge is not None and bool(plan.merge.windows())
+    hooks.report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+                 if statistics_first else total)
+    with (publishing(output, request, settings, hooks.should_cancel) as sink,
+          InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher):
+        side_records = _write_side_files(sink, request, models, plan)
+        t0 = time.perf_counter()
+        records, stats, late_warnings, totals = _stream(request, plan, models, sink, device, settings, hooks, total)
+        stream_seconds = time.perf_counter() - t0
+        connectivity = _checked_output(plan, stats, hooks, late_warnings)
+        checks = _checks_before_commit(sink, models, records, hooks, total, late_warnings)
+        total.phase = Phase.COMMITTING
+        hooks.report(total)
+        records += side_records
+        hasher.join()
+        if hasher.error is not None:
+            raise GraftError("storage_error", f"hashing the inputs failed: {hasher.error}")
+        warnings = plan.warnings + source_only + late_warnings
+        run_stats = {"device": str(device), "seconds_total": round(time.perf_counter() - started, 3),
+                     "seconds_resolving": round(resolve_seconds, 3), **_stream_stats(total, totals, stream_seconds),
+                     "tensors": len(plan.tensors), "connectivity": connectivity}
+        manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
+                                  str(output))
+        manifest.update(checks)
+        manifest_uri = sink.commit(dumps(manifest))
+    total.phase = Phase.DONE
+    hooks.report(total)
+    return GraftResult(str(output), manifest_uri, records, manifest, warnings, checks)
+
+
+def _checked_output(plan: Plan, stats: dict[str, TensorStats], hooks: _Hooks, late_warnings: list[dict]) -> dict:
+    """After the compute pass, before anything is committed: the connectivity proxies (and their warnings, added
+    to `late_warnings`), no NaN or Inf in any output tensor, no cancel since."""
+    connectivity = _connectivity(plan, stats)
+    late_warnings += connectivity_warnings(connectivity)
+    for w in late_warnings:
+        hooks.warn(w)
+    nonfinite = [name for name, st in stats.items() if st.nonfinite]
+    if nonfinite:
+        raise GraftError("nonfinite_output", f"NaN or Inf in {len(nonfinite)} output tensor(s): "
+                         + ", ".join(nonfinite[:20]), {"tensors": nonfinite})
+    if hooks.should_cancel is not None and hooks.should_cancel():
+        raise GraftCancelled()
+    return connectivity
+
+
+def _stream(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], sink: Sink, device,
+            settings: EngineSettings, hooks: _Hooks, total: Progress):
+    """The statistics pass (a recipe's thresholds) and the compute pass; `total` follows both."""
+    def on_block(totals: StreamTotals) -> None:
+        total.tensors_done, total.bytes_read, total.bytes_written = (
+            totals.tensors_done, totals.bytes_read, totals.bytes_written)
+        hooks.report(total)
+
+    stores = {role: m.store for role, m in models.items()}
+    canon = canonical_roles(models)
+    stats_read = _statistics_pass(plan, stores, canon, device, settings, hooks.report, total, hooks.should_cancel)
+    out = stream_plan(plan, stores, sink, alpha=request.options.alpha, device=device,
+                      block_bytes=settings.block_bytes, prefetch=settings.prefetch_blocks,
+                      io_threads=settings.io_threads, on_block=on_block, should_cancel=hooks.should_cancel,
+                      merge=plan.merge, canon=canon)
+    total.bytes_read += stats_read
+    return out
+
+
+def _stream_stats(total: Progress, totals: StreamTotals, seconds: float) -> dict:
+    return {"seconds_streaming": round(seconds, 3), "bytes_read": total.bytes_read,
+            "bytes_written": total.bytes_written,
+            "input_gb_per_s": round(total.bytes_read / seconds / 1e9, 3) if seconds else None,
+            "compute_thread": {"computing_s": round(totals.compute_s, 3),
+                               "waiting_reads_s": round(totals.wait_read_s, 3),
+                               "waiting_writer_s": round(totals.wait_write_s, 3)}}
+
+
+def _checks_before_commit(sink: Sink, models: dict[str, ResolvedModel], records: list[FileRecord], hooks: _Hooks,
+                          total: Progress, late_warnings: list[dict]) -> dict:
+    """The caller's before_commit on the staged output: the manifest sections it returns; its warnings (a
+    quality warning) are events now and in the manifest."""
+    if hooks.before_commit is None:
+        return {}
+    hooks.report(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
+                          total.bytes_written, total.bytes_total))
+    checks = dict(hooks.before_commit(sink.staged(), models, list(records)) or {})
+    for w in checks.pop("warnings", []):
+        late_warnings.append(w)
+        hooks.warn(w)
+    return checks
+
+__all__ = ["GraftResult", "Phase", "Progress", "plan_graft", "run_graft", "resolve_inputs", "MANIFEST"]

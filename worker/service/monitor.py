@@ -1,0 +1,133 @@
+"""Prompt recovery and hard cancels, run as a thread in every worker parent.
+
+RQ notices a dead work horse only when the StartedJobRegistry entry expires (job_monitoring_interval +
+60 s). Our job process renews a short lease instead (worker/service/jobs.py); when a running job's lease lapses,
+the monitor expires that one RQ execution now and runs RQ's own registry cleanup, which raises
+AbandonedJobError through the failure callback and consumes one Retry (re-queueing the job) or fails it.
+
+A lease also lapses when Redis is unreachable for longer than the lease (nobody can renew it, and Redis
+expiries are wall-clock), so leases are judged only once Redis has answered this monitor without a break for a
+full lease period: by then every live job process has renewed its lease. The fence (GraftSuperseded) still
+stops an attempt taken for dead that lived on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from rq import Queue
+from rq.command import send_stop_job_command
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
+
+from worker.service.job_store import JobStore, now_iso
+from worker.service.outage import OUTAGE, REDIS_DOWN, Backoff
+from worker.service.settings import Settings
+
+log = logging.getLogger("graft.monitor")
+
+
+class Monitor(threading.Thread):
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        super().__init__(daemon=True, name="graft-monitor")
+        self.conn = conn
+        self.settings = settings
+        self.store = JobStore(conn, settings.key_prefix)
+        self.queue = Queue(settings.queue_name, connection=conn)
+        self.stop = threading.Event()
+        self._cancelling_since: dict[str, float] = {}
+        self._reachable_since: float | None = None  # monotonic time of the first tick after the last outage
+
+    def run(self) -> None:
+        backoff = Backoff(self.settings.redis_retry_max)
+        delay = self.settings.monitor_interval
+        while not self.stop.wait(delay):
+            delay = self.settings.monitor_interval
+            try:
+                self.tick()
+            except REDIS_DOWN as exc:
+                self._reachable_since = None
+                OUTAGE.down("the recovery monitor", exc)
+                delay = backoff.next()
+                continue
+            except Exception:  # never let the monitor die; the next tick tries again
+                log.exception("monitor tick failed")
+            OUTAGE.up()
+            backoff.reset()
+
+    def judges_leases(self) -> bool:
+        """True once Redis has answered for a full lease period since this monitor last found it unreachable."""
+        now = time.monotonic()
+        if self._reachable_since is None:
+            self._reachable_since = now
+        return now - self._reachable_since >= self.settings.lease_seconds
+
+    def tick(self) -> None:
+        self.conn.ping()  # an outage shows here, before anything is judged
+        judge = self.judges_leases()
+        for status in ("validating", "running", "committing", "cancelling"):
+            ids = self.store.ids_with_status(status)
+            if status == "cancelling":  # forget jobs that left cancelling before their grace ran out
+                for gone in set(self._cancelling_since) - set(ids):
+                    self._cancelling_since.pop(gone, None)
+            for job_id in ids:
+                if status == "cancelling":
+                    self._escalate_cancel(job_id)
+                if judge and not self.store.lease_alive(job_id):
+                    self._recover(job_id)
+
+    def _recover(self, job_id: str) -> None:
+        # One monitor per job at a time, across all workers.
+        if not self.conn.set(f"{self.settings.key_prefix}recover:{job_id}", b"1", nx=True,
+                             px=int(self.settings.lease_seconds * 1000)):
+            return
+        if self.store.lease_alive(job_id):
+            return
+        try:
+            job = Job.fetch(job_id, connection=self.conn)
+        except NoSuchJobError:
+            job = None
+        rq_status = job.get_status() if job is not None else None
+        if job is None or rq_status != JobStatus.STARTED or job.origin != self.queue.name:
+            # RQ forgot it (e.g. Redis lost its keys), or RQ ended it without our callback: a work horse killed
+            # while its worker lives (OOM killer, segfault) on its last attempt is failed by RQ's
+            # handle_job_failure, which runs no failure callback. Nothing will touch the record again.
+            if job is None or rq_status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.FINISHED,
+                                            JobStatus.CANCELED):
+                message = "the job vanished from the queue" if job is None else "the job's process died"
+                if self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),
+                                         event={"type": "finished", "status": "cancelled", "worker_lost": True}):
+                    return
+                error = {"code": "worker_lost", "message": message}
+                self.store.transition(job_id, ("validating", "running", "committing"), "failed",
+                                      finished_at=now_iso(), error=error,
+                                      event={"type": "finished", "status": "failed", "error": error})
+            return
+        if self.store.status(job_id) == "cancelling":
+            self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),
+                                  event={"type": "finished", "status": "cancelled", "worker_lost": True})
+        # The failure callback runs in this (non-main) thread: SIGALRM timeouts only work in the main one.
+        registry = StartedJobRegistry(self.queue.name, connection=self.conn, death_penalty_class=TimerDeathPenalty)
+        members = [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{job_id}:")]
+        if not members:
+            return
+        log.warning("job %s: its process died; expiring its RQ execution now", job_id)
+        self.store.add_event(job_id, "worker_lost")
+        self.conn.zadd(registry.key, {m: 1 for m in members}, xx=True)
+        registry.cleanup(timestamp=2)  # only entries scored below 2: exactly the ones expired above
+
+    def _escalate_cancel(self, job_id: str) -> None:
+        first = self._cancelling_since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - first < self.settings.cancel_grace_seconds:
+            return
+        self._cancelling_since.pop(job_id, None)
+        try:
+            send_stop_job_command(self.conn, job_id)
+            self.store.add_event(job_id, "stop_sent")
+        except Exception as exc:  # not running on any worker any more
+            log.info("stop of %s: %s", job_id, exc)
