@@ -383,7 +383,7 @@ def test_bf16_inputs_to_float32_output(bf16, tmp_path):
 
 def _whole_pieces(monkeypatch) -> None:
     """The accelerator's way (each piece at once) on the CPU."""
-    from worker.engine import stream
+    from worker.engine.compute import stream
     from worker.engine.compute.arithmetic import Arithmetic
 
     monkeypatch.setattr(stream, "Arithmetic", functools.partial(Arithmetic, whole_pieces=True))
@@ -391,10 +391,9 @@ def _whole_pieces(monkeypatch) -> None:
 
 def _small_chunks(monkeypatch) -> None:
     """Many CPU chunks per piece, in both passes: the tie counters carry across chunk boundaries too."""
-    from worker.engine import merging, stream
+    from worker.engine.compute import merge_kernel
 
-    monkeypatch.setattr(merging, "CHUNK", 1000)
-    monkeypatch.setattr(stream, "CHUNK", 1000)
+    monkeypatch.setattr(merge_kernel, "CHUNK", 1000)  # the compute pass's and the statistics passes' chunks
 
 
 # Weights that keep every product, sum and division exact on the 2**-12 grid: the output must be the reference

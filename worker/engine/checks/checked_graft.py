@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError, GraftSuperseded
+from worker.engine.pipeline.hooks import Hooks
 from worker.engine.planning.options import GraftRequest, check_alpha
 
 if TYPE_CHECKING:
@@ -89,14 +90,6 @@ def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
     return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=scaled), **changes)
 
 
-@dataclasses.dataclass
-class _Hooks:
-    settings: EngineSettings
-    progress: Callable[[Progress], None]
-    should_cancel: Callable[[], bool] | None
-    warn: Callable[[dict], None]
-
-
 def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, alphas: list[float] | None = None,
                       settings: EngineSettings | None = None, progress: Callable[[Progress], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None,
@@ -110,7 +103,7 @@ def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, al
         alphas = check_alphas(alphas)
         for alpha in alphas:  # every candidate's weights are finite, or nothing is read
             with_alpha(request, alpha)
-    hooks = _Hooks(settings or EngineSettings(), progress or (lambda p: None), should_cancel,
+    hooks = Hooks(settings or EngineSettings(), progress or (lambda p: None), should_cancel,
                    warn or (lambda w: None))
     sections: dict = {}
     if checks.require is not None:
@@ -126,7 +119,7 @@ def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, al
                      warn=hooks.warn, before_commit=before_commit if sections or evaluate else None)
 
 
-def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
+def require_compatible(request: GraftRequest, hooks: Hooks) -> dict:
     """The weights-level verdict, or incompatible_bases before anything is written."""
     from worker.engine.checks.inspect import Level, Verdict, inspect_graft
 
@@ -141,7 +134,7 @@ def require_compatible(request: GraftRequest, hooks: _Hooks) -> dict:
     return summary
 
 
-def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: _Hooks, *, required: bool = False
+def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: Hooks, *, required: bool = False
                ) -> BeforeCommit:
     """before_commit: the staged output (resolved like any input, under the request's confinement) evaluated
     against the target base and the (first) fine-tune. An evaluation that cannot run (no tokenizer, a model
@@ -205,7 +198,7 @@ class _Candidate:
     directory: str
 
 
-def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _Hooks, sections: dict
+def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: Hooks, sections: dict
            ) -> GraftResult:
     from worker.engine.pipeline.graft import run_graft
 
@@ -243,7 +236,7 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: _H
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _check_scorable(request: GraftRequest, spec: EvaluateSpec, select: Select, hooks: _Hooks) -> None:
+def _check_scorable(request: GraftRequest, spec: EvaluateSpec, select: Select, hooks: Hooks) -> None:
     """Before any candidate is built: prompts the evaluations would refuse (the user's past the models'
     context) or that cannot measure the selection (no built-in prompt fits a context, select
     kl_to_finetuned) fail the sweep now, not after candidates that could never be scored. Reads the target
@@ -298,7 +291,7 @@ def _scratch(settings: EngineSettings) -> str:
 
 
 def _build_candidate(request: GraftRequest, alpha: float, index: int, scratch: str, spec: EvaluateSpec,
-                     select: Select, hooks: _Hooks) -> _Candidate:
+                     select: Select, hooks: Hooks) -> _Candidate:
     """One candidate built into the private scratch directory and scored. Its progress reads as streaming
     (it is not the job's commit), and its plan warnings are the final graft's: not repeated here."""
     from worker.engine.pipeline.graft import run_graft

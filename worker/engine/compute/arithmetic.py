@@ -1,5 +1,5 @@
-"""The arithmetic: out = target + alpha * (finetuned - base), accumulated in float32 (float64 when an input
-is float64) and rounded once to the stored dtype, plus the copies and the per-tensor statistics.
+"""The plain kernel: out = target + alpha * (finetuned - base), accumulated in float32 (float64 when an input
+is float64) and rounded once to the stored dtype, plus the copies and the per-tensor sums (tensor_stats.py).
 
 CPU work runs in cache-sized chunks over reusable scratch buffers: a whole-tensor expression would make
 several passes over memory and allocate full-size float32 temporaries.
@@ -8,30 +8,14 @@ several passes over memory and allocate full-size float32 temporaries.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from worker.engine.compute.tensor_stats import TensorStats, chunk_sums
 
 # float16 overflows to Inf on rounding above this; float32 and bfloat16 share float32's range.
 _FINITE_LIMIT = {torch.float16: 65520.0}
 CHUNK = 1 << 18  # elements per CPU pass: scratch stays in L2
-
-
-@dataclass
-class TensorStats:
-    delta_sq: float = 0.0  # ||f - s||^2
-    target_sq: float = 0.0  # ||t||^2
-    bases_sq: float = 0.0  # ||t - s||^2, the distance between the bases
-    cross: float = 0.0  # <t - s, f - s>
-    nonfinite: bool = False
-
-    def to_dict(self) -> dict:
-        d, t, b = self.delta_sq ** 0.5, self.target_sq ** 0.5, self.bases_sq ** 0.5
-        out = {"delta_norm": d, "target_norm": t, "delta_ratio": d / t if t else None}
-        if d and b:
-            out["bases_to_delta_ratio"] = b / d
-            out["cos_bases_delta"] = self.cross / (b * d)
-        return out
 
 
 def _finite(chunk: torch.Tensor) -> bool:
@@ -63,7 +47,7 @@ class Arithmetic:
             return self._transfer_device(out, t, s, f, alpha, compute, stats)
         a_buf, b_buf, c_buf = self._buffers(compute)
         n = out.numel()
-        dsq = tsq = bsq = cross = 0.0
+        sums = TensorStats()  # this piece's, added to the tensor's at the end
         finite = True
         limit = _FINITE_LIMIT.get(out.dtype)
         big = 0.0
@@ -76,10 +60,7 @@ class Arithmetic:
             a.sub_(c)  # the delta, exact in float32 for nearby bf16/f16 values
             b.copy_(t[i:j])
             c.sub_(b)  # base - target: the bases' distance, negated
-            dsq += float(torch.dot(a, a))
-            tsq += float(torch.dot(b, b))
-            bsq += float(torch.dot(c, c))
-            cross -= float(torch.dot(c, a))
+            sums.add_chunk(chunk_sums(b, a, c))
             if alpha != 1.0:
                 a.mul_(alpha)
             a.add_(b)
@@ -88,10 +69,7 @@ class Arithmetic:
             if limit is not None:
                 big = max(big, float(a.abs().max()))
             out[i:j].copy_(a)  # the one rounding to the stored dtype
-        stats.delta_sq += dsq
-        stats.target_sq += tsq
-        stats.bases_sq += bsq
-        stats.cross += cross
+        stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
     def _staging(self, slot: int, like: torch.Tensor) -> torch.Tensor:
@@ -114,9 +92,7 @@ class Arithmetic:
         td, sd, fd = on_device
         tc = td.to(compute)
         delta = fd.to(compute) - sd.to(compute)
-        bases = tc - sd.to(compute)
-        sums = torch.stack([torch.dot(delta, delta), torch.dot(tc, tc), torch.dot(bases, bases),
-                            torch.dot(bases, delta)])
+        sums = torch.stack(chunk_sums(tc, delta, sd.to(compute) - tc))
         result = tc.add_(delta, alpha=alpha) if alpha != 1.0 else tc.add_(delta)
         rounded = result.to(out.dtype)
         sums = torch.cat([sums.double(), torch.dot(result, result).double().reshape(1)])
@@ -124,11 +100,8 @@ class Arithmetic:
         big = result.abs().max() if limit is not None and result.numel() else None
         host_out = self._staging(3, out)
         host_out.copy_(rounded, non_blocking=True)
-        d, tt, b, c, o = sums.tolist()  # synchronises: host_out is complete after this
-        stats.delta_sq += d
-        stats.target_sq += tt
-        stats.bases_sq += b
-        stats.cross += c
+        *four, o = sums.tolist()  # synchronises: host_out is complete after this
+        stats.add_chunk(four)
         finite = math.isfinite(o) or bool(torch.isfinite(result).all())
         stats.nonfinite |= not finite or (big is not None and float(big) >= limit)
         out.copy_(host_out)

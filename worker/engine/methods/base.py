@@ -1,16 +1,26 @@
-"""What a transform and a merge provide to the engine."""
+"""What a transform, a merge and a whole-tensor statistic provide to the engine."""
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     import torch
+
+
+INT8_MASK = "mergekit's mask dtype (int8 rather than the compute dtype): accepted, the same result"
+
+
+def later_field(default: bool, description: str):
+    """A parameter added after recipes were first recorded: dumped (manifests, previews, the mergekit mapping)
+    only when set away from its default, so that what an older recipe records reads as it did."""
+    return Field(default, description=description, exclude_if=lambda value: value is default)
 
 
 @dataclass
@@ -27,6 +37,10 @@ class RankWindow:
     above: dict[int, int] = field(default_factory=dict)
     ties_total: dict[int, int] = field(default_factory=dict)  # elements equal to the k-th value
     ties_seen: dict[int, int] = field(default_factory=dict)
+
+    def rewind(self) -> None:
+        """Before a pass that walks the tensor again: no tie at a threshold placed yet."""
+        self.ties_seen.clear()
 
     def _shrink(self, k: int) -> float | None:
         """The hardshrink threshold that selects the top-k in this chunk without counting ties (|x| > it
@@ -91,6 +105,16 @@ def _float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
+def f32(x: float) -> float:
+    """x rounded to the nearest float32, as a Python float (inf past float32's range). An operation on float32
+    values done in float64 and rounded so is the float32 operation: float64 holds its exact result closely
+    enough that the second rounding changes nothing (for +, -, * and /)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     """|delta| as int32 that sort like the values (non-negative IEEE floats do): exact comparisons and
     histograms without rounding. Float64 deltas are ranked by their float32 rounding."""
@@ -100,22 +124,120 @@ def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     return (mag if mag.dtype == torch.float32 else mag.float()).view(torch.int32)
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a statistic is gathered: one tensor's merged elements, and one of its diffs (`diff`: the position
+    among the tensor's diffs) or all of them (`diff` None)."""
+
+    numel: int
+    shape: tuple[int, ...]
+    diffs: int
+    diff: int | None = None
+    key: int = 0  # the diff's draw stream (seed, diff, tensor)
+
+    @property
+    def row(self) -> int:
+        """Elements per row: a matrix's last dimensions; a vector is one row."""
+        return math.prod(self.shape[1:]) if len(self.shape) >= 2 else max(1, self.numel)
+
+
+class Statistic:
+    """A whole-tensor figure that a method needs before its tensor is computed (a magnitude threshold, a norm,
+    a selection), gathered by reading the tensor's merged elements `reads` times, in index order, before the
+    compute pass. A method declares the kinds it needs as data (its class's `statistics`, in order: each is
+    gathered after those declared before it); the plan makes one per diff (a transform's) or per tensor (a
+    merge's) and the pass runner (worker/engine/compute/statistics_pass.py) schedules the reads.
+
+    `reads` 0: nothing to read ahead; `whole_rows`: every piece (and chunk) of the tensor holds whole rows,
+    for a method that computes over rows as it goes."""
+
+    reads: int = 1
+    whole_rows: bool = False
+
+    def __init__(self, site: Site, earlier: dict[type, Statistic]) -> None:
+        self.site = site
+        self.after = tuple(earlier.values())  # finished before this one's first read
+        self.diffs = tuple(range(site.diffs)) if site.diff is None else (site.diff,)
+
+    @classmethod
+    def create(cls, method: object, params: BaseModel, site: Site, earlier: dict[type, Statistic]
+               ) -> Statistic | None:
+        """The statistic a method with these parameters needs at this site, or None (nothing to gather)."""
+        return cls(site, earlier)
+
+    def add(self, read: int, deltas: dict[int, torch.Tensor], start: int, scratch: Callable[[str], torch.Tensor]
+            ) -> None:
+        """One chunk of read `read`: `deltas` maps each position in `self.diffs` to its delta over elements
+        [start, start + n) (read-only: copy into `scratch(name)` to change one)."""
+
+    def finish(self, read: int) -> None:
+        """The tensor's last chunk of read `read` was added."""
+
+    def rewind(self) -> None:
+        """Before any pass that applies the statistic again (tie counters walk the tensor from its start)."""
+
+    def adjust(self, delta: torch.Tensor) -> None:
+        """Called on a diff's transformed delta chunk in the compute pass (a rescale); nothing by default."""
+
+
+def make_statistics(method: object, params: BaseModel, site: Site) -> dict[type, Statistic]:
+    """The statistics `method` declares, made for one site (a class with nothing to gather is left out)."""
+    made: dict[type, Statistic] = {}
+    for kind in getattr(method, "statistics", ()):
+        stat = kind.create(method, params, site, dict(made))
+        if stat is not None:
+            made[kind] = stat
+    return made
+
+
+def schedule(stats: list[Statistic]) -> tuple[dict[int, int], int]:
+    """The read each statistic starts at (by id) and the number of reads in all: a statistic starts once those
+    it comes after are finished."""
+    first: dict[int, int] = {}
+
+    def start(stat: Statistic) -> int:
+        if id(stat) not in first:
+            first[id(stat)] = max((start(s) + s.reads for s in stat.after), default=0)
+        return first[id(stat)]
+
+    total = max((start(s) + s.reads for s in stats), default=0)
+    return first, total
+
+
+@dataclass
+class Chunk:
+    """What a transform or a merge may use on one chunk of a tensor: where it starts, scratch of its shape, the
+    tensor's row length, the diff's draw stream and the finished statistics (the diff's for a transform, the
+    tensor's for a merge), and the per-tensor tally a merge reports in the manifest."""
+
+    start: int
+    scratch: Callable[[str], torch.Tensor]
+    row: int = 1
+    key: int = 0
+    stats: dict[type, Statistic] = field(default_factory=dict)
+    tally: dict = field(default_factory=dict)
+
+
 class TransformMethod:
     """A per-diff, per-tensor rewrite of the delta."""
 
     name: str
     Params: type[BaseModel]
+    statistics: tuple[type[Statistic], ...] = ()  # what it needs gathered before the compute pass
 
     def window(self, params: BaseModel, numel: int) -> RankWindow | None:
-        """The magnitude-rank window to keep (needs the statistics pass), or None."""
+        """The magnitude-rank window to keep (the MagnitudeRank statistic asks), or None."""
         return None
 
-    def apply(self, delta: torch.Tensor, params: BaseModel, *, window: RankWindow | None, key: int,
-              start: int, spare: torch.Tensor) -> int | None:
-        """Rewrite one chunk of the tensor's delta in place (elements [start, start + n); dropped ones become
-        0, survivors rescaled where the method rescales). Returns how many were kept when the method had to
-        count them, None when the window's width says it. `key` names (seed, diff, tensor) for methods that
-        draw; `spare` is a scratch chunk of the same shape."""
+    def l1_rescale(self, params: BaseModel) -> bool:
+        """Whether the transformed delta is scaled back to the delta's L1 norm (mergekit's `rescale`; the
+        L1Rescale statistic asks)."""
+        return False
+
+    def apply(self, delta: torch.Tensor, params: BaseModel, chunk: Chunk) -> int | None:
+        """Rewrite one chunk of the tensor's delta in place (elements [chunk.start, chunk.start + n); dropped
+        ones become 0, survivors rescaled where the method itself rescales). Returns how many were kept when
+        the method had to count them, None when its window's width says it."""
         raise NotImplementedError
 
 
@@ -124,13 +246,16 @@ class MergeMethod:
 
     name: str
     Params: type[BaseModel]
+    statistics: tuple[type[Statistic], ...] = ()  # per tensor, over all its diffs
+    takes_weights = True  # False: the method weighs the diffs itself (every weight must be 1)
+    takes_transforms = True  # False: the diffs are merged as they are
 
     def default_transform(self, params: BaseModel) -> BaseModel | None:
         """The transform every diff gets unless it names its own (TIES trims by magnitude)."""
         return None
 
     def combine(self, out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], params: BaseModel,
-                tally: dict, scratch) -> None:
-        """out += merged delta (float chunks of one length; the deltas may be overwritten); `tally` collects
-        per-tensor statistics; `scratch(name)` lends a chunk-sized buffer."""
+                chunk: Chunk) -> None:
+        """out += merged delta (float chunks of one length; the deltas may be overwritten); `chunk.tally`
+        collects per-tensor statistics; `chunk.scratch(name)` lends a chunk-sized buffer."""
         raise NotImplementedError

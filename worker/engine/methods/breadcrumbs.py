@@ -12,6 +12,8 @@ window of descending magnitude ranks (ties broken by element index) kept is:
   leaves the delta as it is; where n - keep - top < 0, fewer outliers are dropped to keep the density, so
   the window is [n - keep, n); otherwise [top, top + keep). (Its repository's older
   `indices[n_bot:-n_top]` kept nothing when top = 0; the release does not, and neither does this.)
+
+`rescale` (mergekit's, off by default): the kept elements scaled back to the delta's L1 norm.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.engine.methods.base import RankWindow, TransformMethod
+from worker.engine.methods.base import RankWindow, TransformMethod, later_field
+from worker.engine.methods.magnitude import RESCALE_L1, zero_outside_window
+from worker.engine.methods.statistics.l1 import L1Rescale
+from worker.engine.methods.statistics.magnitude_rank import MagnitudeRank
 
 
 class BreadcrumbsParams(BaseModel):
@@ -32,11 +37,13 @@ class BreadcrumbsParams(BaseModel):
         "graft", description="graft: always drop int(gamma * n) outliers, keep at most int(density * n); "
         "mergekit: mergekit 0.1.5's magnitude_outliers exactly (fewer outliers dropped where gamma + density "
         "passes 1), what mergekit configs map to")
+    rescale: bool = later_field(False, RESCALE_L1)
 
 
 class Breadcrumbs(TransformMethod):
     name = "breadcrumbs"
     Params = BreadcrumbsParams
+    statistics = (MagnitudeRank, L1Rescale)
 
     def window(self, params: BreadcrumbsParams, numel: int) -> RankWindow | None:
         keep, top = int(params.density * numel), int(params.gamma * numel)
@@ -47,7 +54,10 @@ class Breadcrumbs(TransformMethod):
         bottom = max(0, numel - keep - top)  # the smallest, dropped; then `keep` kept above them
         return RankWindow(numel - bottom - keep, numel - bottom)
 
-    def apply(self, delta, params, *, window, key, start, spare):
-        if window is not None:
-            window.zero_outside(delta, spare)
+    def l1_rescale(self, params: BreadcrumbsParams) -> bool:
+        # mergekit's magnitude_outliers returns a delta of density 1 as it is, unscaled.
+        return params.rescale and (params.semantics == "graft" or params.density < 1)
+
+    def apply(self, delta, params, chunk):
+        zero_outside_window(delta, chunk)
         return None

@@ -1,8 +1,12 @@
-"""`dare`: drop each delta element with probability `drop` and rescale the survivors by 1 / (1 - drop)
-(the DARE paper's rescale; mergekit's dare methods rescale to the L1 norm instead).
+"""`dare`: drop each delta element with probability `drop`; `rescale` says what happens to the survivors:
+true (graft's default, the DARE paper's): times 1 / (1 - drop); "l1" (what mergekit's `rescale: true`
+computes): scaled so that the delta keeps its L1 norm (worker/engine/methods/statistics/l1.py); false
+(mergekit's `rescale: false`): left as they are.
 
 The draw is a counter-based hash of (seed, tensor name, element index), not a stateful generator: the same
-recipe keeps the same elements whatever the block size, the device or a split of the job over workers."""
+recipe keeps the same elements whatever the block size, the device or a split of the job over workers. It
+is not mergekit's torch.bernoulli draw, so a DARE merge cannot agree with mergekit's element for element;
+with the same density both keep each element with the same probability."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
-from worker.engine.methods.base import TransformMethod
+from worker.engine.methods.base import TransformMethod, later_field
+from worker.engine.methods.statistics.l1 import L1Rescale
 
 _M32 = 0xFFFFFFFF
 
@@ -24,6 +29,13 @@ class DareParams(BaseModel):
     method: Literal["dare"]
     drop: float = Field(ge=0, lt=1, description="probability that an element of the delta is dropped")
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
+    rescale: Literal[True, False, "l1"] = later_field(
+        True, "the survivors: true, times 1 / (1 - drop) (the DARE paper's); l1, scaled to the delta's L1 norm "
+        "(mergekit's rescale: true); false, as they are (mergekit's rescale: false)")
+
+
+RESCALE_DARE = ("true: survivors times 1 / density (the DARE paper's); l1: scaled to the delta's L1 norm "
+                "(mergekit's rescale: true); false: as they are")
 
 
 def draw_key(seed: int, tensor: str) -> int:
@@ -57,13 +69,20 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 class Dare(TransformMethod):
     name = "dare"
     Params = DareParams
+    statistics = (L1Rescale,)
 
-    def apply(self, delta, params: DareParams, *, window, key, start, spare):
+    def l1_rescale(self, params: DareParams) -> bool:
+        return params.rescale == "l1" and params.drop > 0
+
+    def apply(self, delta, params: DareParams, chunk):
         import torch
 
         if params.drop <= 0:
             return None
         cut = int(params.drop * 2**32)
-        keep = torch.ge(uniform32(key, start, delta.numel(), delta.device), cut, out=spare)  # 1.0 / 0.0
-        delta.mul_(keep).div_(1.0 - params.drop)
+        keep = torch.ge(uniform32(chunk.key, chunk.start, delta.numel(), delta.device), cut,
+                        out=chunk.scratch("spare"))  # 1.0 / 0.0
+        delta.mul_(keep)
+        if params.rescale is True:
+            delta.div_(1.0 - params.drop)
         return int(keep.sum())

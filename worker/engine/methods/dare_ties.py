@@ -1,5 +1,5 @@
-"""`dare_ties`: DARE on each delta (keep probability `density`, survivors rescaled by 1 / density), then the
-TIES sign vote and disjoint mean."""
+"""`dare_ties`: DARE on each delta (keep probability `density`; `rescale` as dare's: by default survivors times
+1 / density), then the TIES sign vote and disjoint mean."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.engine.methods.base import MergeMethod
-from worker.engine.methods.dare import DareParams
+from worker.engine.methods.base import INT8_MASK, MergeMethod, later_field
+from worker.engine.methods.dare import RESCALE_DARE, DareParams
 from worker.engine.methods.ties import elect
 
 
@@ -19,6 +19,8 @@ class DareTiesParams(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
     normalize: bool = Field(True, description="divide by the sum of the agreeing weights")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
+    rescale: Literal[True, False, "l1"] = later_field(True, RESCALE_DARE)
+    int8_mask: bool = later_field(False, INT8_MASK)
 
 
 class DareTies(MergeMethod):
@@ -26,7 +28,9 @@ class DareTies(MergeMethod):
     Params = DareTiesParams
 
     def default_transform(self, params: DareTiesParams) -> BaseModel | None:
-        return DareParams(method="dare", drop=1.0 - params.density, seed=params.seed) if params.density < 1 else None
+        if params.density >= 1:
+            return None
+        return DareParams(method="dare", drop=1.0 - params.density, seed=params.seed, rescale=params.rescale)
 
-    def combine(self, out, deltas, weights, params: DareTiesParams, tally, scratch):
-        elect(out, deltas, weights, params.normalize, params.lambda_, tally, scratch)
+    def combine(self, out, deltas, weights, params: DareTiesParams, chunk):
+        elect(out, deltas, weights, params.normalize, params.lambda_, chunk)

@@ -24,14 +24,19 @@ class Sum(MergeMethod):
     name = "sum"
     Params = SumParams
 
-    def combine(self, out, deltas, weights, params: SumParams, tally, scratch):
-        scale = params.lambda_
-        total = sum(weights)
-        if params.normalize and abs(total) >= NEAR_ZERO:
-            scale /= total
-        for delta, w in zip(deltas, weights, strict=True):
-            if w == 0:
-                continue
-            if w * scale != 1.0:
-                delta.mul_(w * scale)
-            out.add_(delta)
+    def combine(self, out, deltas, weights, params: SumParams, chunk):
+        weighted_sum(out, deltas, weights, params.normalize, params.lambda_)
+
+
+def weighted_sum(out, deltas: list, weights: list[float], normalize: bool, lam: float) -> None:
+    """out += sum(w_i * delta_i) * lambda (over sum(w_i) when normalize); the deltas are overwritten."""
+    scale = lam
+    total = sum(weights)
+    if normalize and abs(total) >= NEAR_ZERO:
+        scale /= total
+    for delta, w in zip(deltas, weights, strict=True):
+        if w == 0:
+            continue
+        if w * scale != 1.0:
+            delta.mul_(w * scale)
+        out.add_(delta)

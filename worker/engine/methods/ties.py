@@ -1,7 +1,8 @@
 """`ties`: trim each delta to its `density` largest magnitudes (unless a diff names its own transform), elect a
 sign per element by the summed weighted deltas (0 counts as +), keep each weighted delta whose sign agrees
 (a zero never does), and add their sum divided by the agreeing weights' sum (`normalize`, on by default: the
-disjoint mean) times `lambda`. As mergekit's ties with its `sum` consensus."""
+disjoint mean) times `lambda`. As mergekit's ties with its `sum` consensus; `rescale` (mergekit's, off by
+default) scales each trimmed delta back to its L1 norm."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
-from worker.engine.methods.base import MergeMethod
-from worker.engine.methods.magnitude import MagnitudeParams
+from worker.engine.methods.base import INT8_MASK, Chunk, MergeMethod, later_field
+from worker.engine.methods.magnitude import RESCALE_L1, MagnitudeParams
 
 
 class TiesParams(BaseModel):
@@ -22,10 +23,12 @@ class TiesParams(BaseModel):
     density: float = Field(1.0, gt=0, le=1, description="fraction of each delta kept by magnitude before the vote")
     normalize: bool = Field(True, description="divide by the sum of the agreeing weights (the disjoint mean)")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
+    rescale: bool = later_field(False, RESCALE_L1)
+    int8_mask: bool = later_field(False, INT8_MASK)
 
 
 def elect(out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool, scale: float,
-          tally: dict, scratch) -> None:
+          chunk: Chunk) -> None:
     """The sign vote and disjoint mean shared by ties and dare_ties; `deltas` are overwritten.
 
     Float arithmetic only (comparisons into float outputs, ReLUs): boolean tensors cost several times more
@@ -33,6 +36,7 @@ def elect(out: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], n
     adding the magnitudes of values that share a sign rounds exactly as adding the values."""
     import torch
 
+    tally, scratch = chunk.tally, chunk.scratch
     for delta, w in zip(deltas, weights, strict=True):
         if w != 1.0:
             delta.mul_(w)
@@ -69,7 +73,9 @@ class Ties(MergeMethod):
     Params = TiesParams
 
     def default_transform(self, params: TiesParams) -> BaseModel | None:
-        return MagnitudeParams(method="magnitude", density=params.density) if params.density < 1 else None
+        if params.density >= 1:
+            return None
+        return MagnitudeParams(method="magnitude", density=params.density, rescale=params.rescale)
 
-    def combine(self, out, deltas, weights, params: TiesParams, tally, scratch):
-        elect(out, deltas, weights, params.normalize, params.lambda_, tally, scratch)
+    def combine(self, out, deltas, weights, params: TiesParams, chunk):
+        elect(out, deltas, weights, params.normalize, params.lambda_, chunk)

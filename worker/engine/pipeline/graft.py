@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.engine.compute.arithmetic import TensorStats
+from worker.engine.compute.passes import Reading
 from worker.engine.compute.stream import StreamTotals, stream_plan
+from worker.engine.compute.tensor_stats import TensorStats, connectivity_medians
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError
 from worker.engine.phases import Phase
+from worker.engine.pipeline.hooks import BeforeCommit, Hooks
 from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
 from worker.engine.pipeline.publish import publishing, storage_retry
 from worker.engine.planning.options import GraftRequest
@@ -26,13 +27,9 @@ from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
 from worker.engine.storage.sinks import MANIFEST, FileRecord, Sink
 from worker.engine.storage.stores import RemoteStore
-from worker.engine.storage.uris import Location, parse_uri
+from worker.engine.storage.uris import parse_uri
 
 log = logging.getLogger("graft.engine")
-
-
-
-BeforeCommit = Callable[[Location, dict[str, ResolvedModel], list[FileRecord]], dict]
 
 
 @dataclass
@@ -212,23 +209,11 @@ def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, Resol
 
 
 def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
-    """Whole-model proxies: medians over the transferred matrices of how far apart the bases are (relative
-    to the target and to the fine-tune's diff) and how the bases' difference lines up with the diff.
-    Medians of per-matrix ratios, because a norm pooled over the model is dominated by whichever
-    tensors carry the most mass (in small models, the norms' ones)."""
-    ratios: dict[str, list[float]] = {"bases_distance_ratio": [], "delta_ratio": [], "bases_to_delta_ratio": [],
-                                      "cos_bases_delta": []}
-    for t in plan.tensors:
-        st = stats[t.name]
-        if t.action == "copied" or len(t.shape) < 2 or not (st.target_sq and st.delta_sq):
-            continue
-        target, delta, bases = st.target_sq ** 0.5, st.delta_sq ** 0.5, st.bases_sq ** 0.5
-        ratios["bases_distance_ratio"].append(bases / target)
-        ratios["delta_ratio"].append(delta / target)
-        ratios["bases_to_delta_ratio"].append(bases / delta)
-        if bases:
-            ratios["cos_bases_delta"].append(st.cross / (bases * delta))
-    return {name: round(statistics.median(values), 6) for name, values in ratios.items() if values}
+    """Whole-model proxies over the transferred tensors (tensor_stats.connectivity_medians, as the inspection
+    reports them): how far apart the bases are, relative to the target and to the fine-tune's diff, and how
+    the bases' difference lines up with the diff."""
+    medians = connectivity_medians([(t.shape, stats[t.name]) for t in plan.tensors if t.action != "copied"])
+    return {name: round(value, 6) for name, value in medians.items() if name != "tensors" and value is not None}
 
 
 def connectivity_warnings(connectivity: dict) -> list[dict]:
@@ -268,47 +253,33 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
     plan, models = plan_graft(request, settings, side_files=True)
     resolve_seconds = time.perf_counter() - t0
     try:
-        hooks = _Hooks(report, should_cancel, warn or (lambda w: None), before_commit)
+        hooks = Hooks(settings, report, should_cancel, warn or (lambda w: None), before_commit)
         return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
     finally:
         close_models(models)
 
 
-def _statistics_pass(plan: Plan, stores: dict, canon: dict[str, str], device, settings: EngineSettings,
-                     report: Callable[[Progress], None], total: Progress,
-                     should_cancel: Callable[[], bool] | None) -> int:
-    """A recipe's magnitude thresholds (exact, two reads of the diffs concerned) before the compute pass;
-    progress names the pass, so that an ETA taken from the compute pass alone is not misread."""
-    if plan.merge is None or not plan.merge.windows():
+def _statistics_pass(plan: Plan, reading: Reading, hooks: Hooks, total: Progress) -> int:
+    """A recipe's whole-tensor statistics (as many reads of the diffs concerned as its methods need) before the
+    compute pass; progress names the pass, so that an ETA taken from the compute pass alone is not misread."""
+    if plan.merge is None or not plan.merge.passes():
         return 0
-    from worker.engine.compute.stream import rank_statistics
+    from worker.engine.compute.statistics_pass import statistics_passes
 
     phase = Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
-    report(phase)
+    hooks.progress(phase)
 
-    def on_pass(index: int, done: int, blocks: int) -> None:
-        phase.bytes_written = int(total.bytes_total * (index + done / blocks) / 2)  # how far through both passes
-        report(phase)
+    def on_pass(index: int, passes: int, done: int, blocks: int) -> None:
+        phase.bytes_written = int(total.bytes_total * (index + done / blocks) / passes)  # through all passes
+        hooks.progress(phase)
 
-    read = rank_statistics(plan, plan.merge, stores, device=device, block_bytes=settings.block_bytes,
-                           prefetch=settings.prefetch_blocks, io_threads=settings.io_threads, canon=canon,
-                           should_cancel=should_cancel, on_pass=on_pass)
-    report(total)  # back to streaming
+    read = statistics_passes(plan, reading, on_pass)
+    hooks.progress(total)  # back to streaming
     return read
 
 
-@dataclass
-class _Hooks:
-    """The caller's callbacks of one graft."""
-
-    report: Callable[[Progress], None]
-    should_cancel: Callable[[], bool] | None
-    warn: Callable[[dict], None]
-    before_commit: BeforeCommit | None = None
-
-
 def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], output, device,
-                 settings: EngineSettings, hooks: _Hooks, resolve_seconds: float) -> GraftResult:
+                 settings: EngineSettings, hooks: Hooks, resolve_seconds: float) -> GraftResult:
     started = time.perf_counter()
     source_only = [{"code": "source_only", "tensor": d["tensor"],
                     "message": f"{d['tensor']} is only in {', '.join(d['in'])}; not in the output"}
@@ -317,8 +288,8 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         hooks.warn(w)
     total = Progress(Phase.STREAMING, tensors_total=len(plan.tensors), bytes_total=plan.output_bytes)
     # A recipe's statistics pass runs first: a job's events must not say streaming before it has begun.
-    statistics_first = plan.merge is not None and bool(plan.merge.windows())
-    hooks.report(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
+    statistics_first = plan.merge is not None and bool(plan.merge.passes())
+    hooks.progress(Progress(Phase.STATISTICS, tensors_total=total.tensors_total, bytes_total=total.bytes_total)
                  if statistics_first else total)
     with (publishing(output, request, settings, hooks.should_cancel) as sink,
           InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher):
@@ -329,7 +300,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         connectivity = _checked_output(plan, stats, hooks, late_warnings)
         checks = _checks_before_commit(sink, models, records, hooks, total, late_warnings)
         total.phase = Phase.COMMITTING
-        hooks.report(total)
+        hooks.progress(total)
         records += side_records
         hasher.join()
         if hasher.error is not None:
@@ -343,11 +314,11 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         manifest.update(checks)
         manifest_uri = sink.commit(dumps(manifest))
     total.phase = Phase.DONE
-    hooks.report(total)
+    hooks.progress(total)
     return GraftResult(str(output), manifest_uri, records, manifest, warnings, checks)
 
 
-def _checked_output(plan: Plan, stats: dict[str, TensorStats], hooks: _Hooks, late_warnings: list[dict]) -> dict:
+def _checked_output(plan: Plan, stats: dict[str, TensorStats], hooks: Hooks, late_warnings: list[dict]) -> dict:
     """After the compute pass, before anything is committed: the connectivity proxies (and their warnings, added
     to `late_warnings`), no NaN or Inf in any output tensor, no cancel since."""
     connectivity = _connectivity(plan, stats)
@@ -364,22 +335,19 @@ def _checked_output(plan: Plan, stats: dict[str, TensorStats], hooks: _Hooks, la
 
 
 def _stream(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel], sink: Sink, device,
-            settings: EngineSettings, hooks: _Hooks, total: Progress):
+            settings: EngineSettings, hooks: Hooks, total: Progress):
     """The statistics pass (a recipe's thresholds) and the compute pass; `total` follows both."""
     def on_block(totals: StreamTotals) -> None:
         total.tensors_done, total.bytes_read, total.bytes_written = (
             totals.tensors_done, totals.bytes_read, totals.bytes_written)
-        hooks.report(total)
+        hooks.progress(total)
 
-    stores = {role: m.store for role, m in models.items()}
-    canon = canonical_roles(models)
-    stats_read = _statistics_pass(plan, stores, canon, device, settings, hooks.report, total, hooks.should_cancel)
-    out = stream_plan(plan, stores, sink, alpha=request.options.alpha, device=device,
-                      block_bytes=settings.block_bytes, prefetch=settings.prefetch_blocks,
-                      io_threads=settings.io_threads, on_block=on_block, should_cancel=hooks.should_cancel,
-                      merge=plan.merge, canon=canon)
+    reading = Reading({role: m.store for role, m in models.items()}, canonical_roles(models), device,
+                      settings.block_bytes, settings.prefetch_blocks, settings.io_threads, hooks.should_cancel)
+    stats_read = _statistics_pass(plan, reading, hooks, total)
+    out = stream_plan(plan, sink, reading, alpha=request.options.alpha, on_block=on_block)
     total.bytes_read += stats_read
-    return out
+    return out.records, out.stats, out.changed_buffers, out.totals
 
 
 def _stream_stats(total: Progress, totals: StreamTotals, seconds: float) -> dict:
@@ -391,13 +359,13 @@ def _stream_stats(total: Progress, totals: StreamTotals, seconds: float) -> dict
                                "waiting_writer_s": round(totals.wait_write_s, 3)}}
 
 
-def _checks_before_commit(sink: Sink, models: dict[str, ResolvedModel], records: list[FileRecord], hooks: _Hooks,
+def _checks_before_commit(sink: Sink, models: dict[str, ResolvedModel], records: list[FileRecord], hooks: Hooks,
                           total: Progress, late_warnings: list[dict]) -> dict:
     """The caller's before_commit on the staged output: the manifest sections it returns; its warnings (a
     quality warning) are events now and in the manifest."""
     if hooks.before_commit is None:
         return {}
-    hooks.report(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
+    hooks.progress(Progress(Phase.EVALUATING, total.tensors_done, total.tensors_total, total.bytes_read,
                           total.bytes_written, total.bytes_total))
     checks = dict(hooks.before_commit(sink.staged(), models, list(records)) or {})
     for w in checks.pop("warnings", []):

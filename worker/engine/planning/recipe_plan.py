@@ -1,22 +1,24 @@
 """Recipes on top of the three-input planner: one plan per diff composed into one output plan whose
-transferred segments become `merge` segments reading the target and every contributing diff, and the
-arithmetic of such a segment (float32 accumulation, float64 when an input is float64, one rounding).
+transferred segments become `merge` segments reading the target and every contributing diff, each merged
+tensor recorded with the diffs that make it and the whole-tensor statistics its methods need (made here,
+gathered by worker/engine/compute/statistics_pass.py, applied by compute/merge_kernel.py).
 
-The plain fine-tuning transfer (one diff, a plain sum, a scalar weight) never comes here: it keeps the
-single-diff path and its bytes."""
+A merged tensor with one diff, a plain sum (no normalize) and no transform is the plain fine-tuning transfer
+at alpha = weight * lambda: the compute step runs it on the plain kernel, with today's bytes
+(`MergeContext.plain_alpha`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-import torch
 from pydantic import BaseModel
 
-from worker.engine.compute.arithmetic import _FINITE_LIMIT, CHUNK, TensorStats, _finite
 from worker.engine.errors import GraftError
 from worker.engine.methods import MERGES, TRANSFORMS
-from worker.engine.methods.base import RankWindow
+from worker.engine.methods.base import Site, Statistic, make_statistics, schedule
 from worker.engine.methods.dare import draw_key
+from worker.engine.methods.statistics.magnitude_rank import MagnitudeRank
 from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
 from worker.engine.planning.plan import OutputTensor, Plan, Segment, build_plan
 from worker.engine.planning.recipe import Recipe, layer_position, rule_for, weight_at
@@ -30,7 +32,7 @@ class DiffUse:
     index: int
     weight: float
     transform: BaseModel | None
-    window: RankWindow | None = None
+    stats: dict[type, Statistic] = field(default_factory=dict)  # what its transform needs, by kind
     key: int = 0
     kept: int = 0
     seen: int = 0
@@ -39,7 +41,8 @@ class DiffUse:
         out = {"diff": self.index, "weight": self.weight,
                "transform": self.transform.model_dump(by_alias=True) if self.transform else None}
         if self.seen:
-            kept = self.window.high - self.window.low if self.window is not None else self.kept
+            rank = self.stats.get(MagnitudeRank)
+            kept = rank.window.high - rank.window.low if rank is not None else self.kept
             out["kept_fraction"] = round(kept / self.seen, 6)
         return out
 
@@ -51,11 +54,27 @@ class MergeContext:
     method: object
     params: BaseModel
     uses: dict[str, list[DiffUse]]
+    tensor_stats: dict[str, dict[type, Statistic]] = field(default_factory=dict)  # the merge's, per tensor
+    rows: dict[str, int] = field(default_factory=dict)  # tensors computed in whole rows -> row length
     tallies: dict[str, dict] = field(default_factory=dict)
-    scratch: Scratch = field(default_factory=lambda: Scratch())
 
-    def windows(self) -> list[tuple[str, DiffUse]]:
-        return [(name, u) for name, uses in self.uses.items() for u in uses if u.window is not None]
+    def statistics(self) -> list[tuple[str, Statistic]]:
+        """(tensor, statistic) of every statistic to gather before the compute pass."""
+        out = [(name, st) for name, stats in self.tensor_stats.items() for st in stats.values()]
+        return out + [(name, st) for name, uses in self.uses.items() for u in uses for st in u.stats.values()]
+
+    def passes(self) -> int:
+        """Reads of the inputs the statistics take before the compute pass."""
+        return schedule([st for _name, st in self.statistics()])[1]
+
+    def plain_alpha(self, name: str) -> float | None:
+        """The alpha of a merged tensor that is the plain transfer (one diff, a sum without normalize, no
+        transform): weight * lambda, as the plain path multiplies."""
+        uses = self.uses[name]
+        if (len(uses) == 1 and uses[0].transform is None and self.params.method == "sum"
+                and not self.params.normalize and not self.tensor_stats.get(name)):
+            return uses[0].weight * self.params.lambda_
+        return None
 
     def summary(self) -> dict:
         """What the plan says of the recipe: the merge, and how many tensors each diff contributes to."""
@@ -65,7 +84,7 @@ class MergeContext:
                 counts[u.index] = counts.get(u.index, 0) + 1
         return {"merge": self.params.model_dump(by_alias=True), "merged_tensors": len(self.uses),
                 "tensors_per_diff": [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)],
-                "statistics_passes": 2 if self.windows() else 0}
+                "statistics_passes": self.passes()}
 
     def tensor_report(self, name: str) -> dict | None:
         uses = self.uses.get(name)
@@ -95,13 +114,14 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     plan = plans[0]
     by_name = [{t.name: t for t in p.tensors} for p in plans]
     method = MERGES[recipe.merge.method]
+    _check_method(recipe, method)
     default = method.default_transform(recipe.merge)
     layers = _layers(target.config)
-    uses: dict[str, list[DiffUse]] = {}
+    merge = MergeContext(method, recipe.merge, {})
     for tensor in plan.tensors:
         made = _compose(tensor, [b.get(tensor.name) for b in by_name], recipe, default, layers)
         if made:
-            uses[tensor.name] = made
+            _add_statistics(merge, tensor, made)
     for p in plans[1:]:  # what only the other diffs noticed (a tensor missing from their sources, say)
         seen = {(w.get("code"), w.get("tensor")) for w in plan.warnings}
         plan.warnings += [w for w in p.warnings if (w.get("code"), w.get("tensor")) not in seen]
@@ -109,7 +129,41 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     # Said in the plan (preview, dry run), as events and in the manifest: the recipe computes differently
     # from the config it was imported from.
     plan.warnings += [{"code": "foreign_semantics", "reason": n.code, "message": n.message} for n in recipe.notes]
-    return plan, MergeContext(method, recipe.merge, uses)
+    return plan, merge
+
+
+def _check_method(recipe: Recipe, method) -> None:
+    """A merge that weighs the diffs itself (sce) takes no weights, one that merges them as they are no
+    transforms: refused by field, before anything is read."""
+    fields = []
+    if not method.takes_weights:
+        fields += [f"diffs.{i}.weight" for i, d in enumerate(recipe.diffs) if d.weight != 1.0]
+        fields += [f"rules.{j}.weight" for j, r in enumerate(recipe.rules) if r.weight is not None]
+    if not method.takes_transforms:
+        fields += [f"diffs.{i}.transform" for i, d in enumerate(recipe.diffs) if d.transform is not None]
+        fields += [f"rules.{j}.transform" for j, r in enumerate(recipe.rules) if r.transform is not None]
+    if fields:
+        raise GraftError("invalid_recipe", f"{fields[0]}: merge {method.name} weighs the diffs itself and takes "
+                         "them untransformed (as mergekit's does): no weight other than 1, no transform",
+                         {"field": fields[0], "fields": fields})
+
+
+def _add_statistics(merge: MergeContext, tensor: OutputTensor, uses: list[DiffUse]) -> None:
+    """The tensor's diffs and the statistics their methods declare (per diff, then the merge's per tensor)."""
+    span = sum(s.stop - s.start for s in tensor.segments if s.op == "merge")
+    merge.uses[tensor.name] = uses
+    for k, use in enumerate(uses):
+        if use.transform is not None:
+            seed = getattr(use.transform, "seed", 0)
+            use.key = draw_key(seed, f"{use.index}\x00{tensor.name}")
+            use.stats = make_statistics(TRANSFORMS[use.transform.method], use.transform,
+                                        Site(span, tensor.shape, len(uses), k, use.key))
+    stats = make_statistics(merge.method, merge.params, Site(span, tensor.shape, len(uses)))
+    if stats:
+        merge.tensor_stats[tensor.name] = stats
+    every = [*stats.values(), *(st for u in uses for st in u.stats.values())]
+    if any(st.whole_rows for st in every):
+        merge.rows[tensor.name] = math.prod(tensor.shape[1:]) if len(tensor.shape) >= 2 else max(1, span)
 
 
 def _check_architectures(recipe: Recipe, models: dict[str, ResolvedModel]) -> None:
@@ -154,77 +208,4 @@ def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: 
                        Segment(f"finetuned.{contributing[0]}" if s.op == "finetuned" else s.op, s.start, s.stop)
                        for s in first.segments]
     tensor.compute_dtype = "F64" if any(i.dtype == "F64" for i in sources.values()) else "F32"
-    span = sum(s.stop - s.start for s in tensor.segments if s.op == "merge")
-    for use in uses:
-        if use.transform is not None:
-            seed = getattr(use.transform, "seed", 0)
-            use.key = draw_key(seed, f"{use.index}\x00{tensor.name}")
-            use.window = TRANSFORMS[use.transform.method].window(use.transform, span)
     return uses
-
-
-class Scratch:
-    """Reused chunk buffers of one compute thread: fresh megabyte tensors per chunk cost page faults."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, device)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[key] = torch.empty(max(n, CHUNK), dtype=dtype, device=device)
-        return buf[:n]
-
-
-def merge_chunks(out: torch.Tensor, target: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                 uses: list[DiffUse], ctx: MergeContext, name: str, start: int, compute: torch.dtype,
-                 stats: TensorStats, device: torch.device, whole: bool) -> None:
-    """out = target + merge(transform(f_i - s_i), w_i) for one piece; `start` is the piece's first element
-    within the tensor's merged span (what DARE's draw and the rank windows count). `whole`: the piece at once
-    (an accelerator's way; the tests force it on the CPU), else cache-sized chunks."""
-    n = out.numel()
-    step = n if whole else CHUNK
-    tally = ctx.tallies.setdefault(name, {})
-    limit = _FINITE_LIMIT.get(out.dtype)
-    scratch = ctx.scratch
-    for i in range(0, n, step):
-        j = min(n, i + step)
-        m = j - i
-        acc = scratch.get("acc", m, compute, device)
-        acc.copy_(target[i:j])
-        bases: dict[int, torch.Tensor] = {}  # diffs of one base share its conversion
-        for k, ((s, f), use) in enumerate(zip(pairs, uses, strict=True)):
-            base = bases.get(s.data_ptr())
-            if base is None:
-                base = bases[s.data_ptr()] = scratch.get(f"base{len(bases)}", m, compute, device)
-                base.copy_(s[i:j])
-            delta = scratch.get(f"delta{k}", m, compute, device)
-            delta.copy_(f[i:j])
-            delta.sub_(base)
-            if k == 0:
-                _connectivity(stats, acc, base, delta, scratch.get("tmp", m, compute, device))
-            use.seen += m
-            kept = None
-            if use.transform is not None:
-                kept = TRANSFORMS[use.transform.method].apply(delta, use.transform, window=use.window, key=use.key,
-                                                              start=start + i,
-                                                              spare=scratch.get("spare", m, compute, device))
-            use.kept += m if kept is None else kept  # a window's count comes from its width (DiffUse.to_dict)
-        ctx.method.combine(acc, [scratch.get(f"delta{k}", m, compute, device) for k in range(len(uses))],
-                           [u.weight for u in uses], ctx.params, tally,
-                           lambda name, m=m: scratch.get(name, m, compute, device))
-        finite = _finite(acc)
-        big = float(acc.abs().max()) if limit is not None and m else 0.0
-        stats.nonfinite |= not finite or (limit is not None and big >= limit)
-        out[i:j].copy_(acc.to(out.dtype).cpu() if acc.device != out.device else acc)
-
-
-def _connectivity(stats: TensorStats, target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor,
-                  bases: torch.Tensor) -> None:
-    """The manifest's proxies, from the first diff: ||delta||, ||target||, ||target - base||, their dot."""
-    torch.sub(target, base, out=bases)
-    stats.delta_sq += float(torch.dot(delta, delta))
-    stats.target_sq += float(torch.dot(target, target))
-    stats.bases_sq += float(torch.dot(bases, bases))
-    stats.cross += float(torch.dot(bases, delta))

@@ -5,7 +5,7 @@ Memory, as the stream really holds it (worker/engine/compute/stream.py):
 - input buffers: the block being computed plus `prefetch_blocks` read ahead, each block's reads as built
   (roles naming one model share them); the largest such run of consecutive blocks is taken;
 - output buffers (a graft only): the block being computed, two queued for the writer, one being written;
-- chunk scratch: a few float32 chunks per input (worker/engine/transforms.CHUNK elements each);
+- chunk scratch: a few float32 chunks per input (worker/engine/compute/arithmetic.CHUNK elements each);
 - remote I/O: each remote input's windows, and an S3 output's parts in flight (plan.memory).
 The interpreter and torch themselves add some 0.3-0.5 GB of resident memory on top.
 """
@@ -16,9 +16,11 @@ import time
 
 import torch
 
-from worker.engine.checks.inspect.weights import Sums, _Accumulator, diff_pairs, stat_plan
-from worker.engine.compute.arithmetic import CHUNK, Arithmetic, TensorStats
-from worker.engine.compute.stream import Block, build_blocks, one_compute_thread
+from worker.engine.checks.inspect.weights import _Accumulator, diff_pairs, weights_visits
+from worker.engine.compute.arithmetic import CHUNK, Arithmetic
+from worker.engine.compute.blocks import Block, build_blocks, graft_groups
+from worker.engine.compute.passes import one_compute_thread
+from worker.engine.compute.tensor_stats import TensorStats
 from worker.engine.config import EngineSettings
 from worker.engine.planning.plan import Plan
 
@@ -74,7 +76,7 @@ def throughput(dtype: torch.dtype = torch.bfloat16) -> dict:
     return {
         "transfer": _time(lambda: arithmetic.transfer(out, t, s, f, 1.0, torch.float32, TensorStats()),
                           KERNEL_ELEMENTS),
-        "weights": _time(lambda: acc.piece(t, [(s, f)], torch.float32, [Sums()]), KERNEL_ELEMENTS),
+        "weights": _time(lambda: acc.piece(t, [(s, f)], torch.float32, [TensorStats()]), KERNEL_ELEMENTS),
     }
 
 
@@ -92,8 +94,9 @@ def _dominant_dtype(plan: Plan) -> torch.dtype:
 def estimate(plan: Plan, settings: EngineSettings, canon: dict[str, str], *, s3_output: bool,
              measure: bool = True) -> dict:
     """Bytes, shards, memory and time of the graft the plan describes and of the weights-level pass."""
-    graft_blocks = build_blocks(plan, settings.block_bytes, canon)
-    weights_blocks = build_blocks(stat_plan(plan), settings.block_bytes, canon)
+    graft_blocks = build_blocks(graft_groups(plan, plan.merge.rows if plan.merge else None), settings.block_bytes,
+                                canon)
+    weights_blocks = build_blocks([(None, weights_visits(plan))], settings.block_bytes, canon)
     diffs = 1 + max((u.index for uses in plan.merge.uses.values() for u in uses), default=0) if plan.merge else 1
     # The transfer's three chunks; a recipe's merge: an accumulator, temporaries and a base and delta per diff.
     graft_chunks = 3 if plan.merge is None else 4 + 2 * diffs
@@ -105,8 +108,8 @@ def estimate(plan: Plan, settings: EngineSettings, canon: dict[str, str], *, s3_
         "input_bytes": plan.input_bytes(),
         "graft_bytes_read": sum(r[3] for b in graft_blocks for r in b.reads),
         "weights_bytes_read": sum(r[3] for b in weights_blocks for r in b.reads),
-        # A recipe's magnitude windows read their diffs twice more before the compute pass.
-        "graft_statistics_passes": plan.merge.summary()["statistics_passes"] if plan.merge is not None else 0,
+        # A recipe's statistics (magnitude windows, norms, selections) read its diffs again before the compute pass.
+        "graft_statistics_passes": plan.merge.passes() if plan.merge is not None else 0,
         "output_bytes": plan.output_bytes,
         "shards": len(plan.shards),
         "shard_files": [s.file for s in plan.shards][:20],
