@@ -32,11 +32,22 @@ class StatisticsVisitor:
     def visit(self, piece: Piece, buffers: list[memoryview], out: memoryview | None) -> None:
         tensor = piece.tensor
         stats = self.active[tensor.name]
-        uses = self.merge.uses[tensor.name]
-        wanted = sorted({k for stat, _read in stats for k in stat.diffs})
+        groups: dict[tuple[int, ...], list[tuple[Statistic, int]]] = {}
+        for stat, read in stats:
+            groups.setdefault(stat.diffs, []).append((stat, read))
+        for diffs, members in groups.items():  # one diff's statistics at a time: one diff's histograms in cache
+            self._walk(piece, buffers, diffs, members)
+        if piece.last:
+            for stat, read in stats:
+                stat.finish(read)
+
+    def _walk(self, piece: Piece, buffers: list[memoryview], diffs: tuple[int, ...],
+              members: list[tuple[Statistic, int]]) -> None:
+        """Chunk by chunk in element order, the deltas of `diffs` to the statistics that read them."""
+        tensor, uses = piece.tensor, self.merge.uses[piece.tensor.name]
         count = piece.stop - piece.start
         pairs = {k: tuple(view_of(buffers, piece.reads[r], tensor.sources[r].dtype, count)
-                          for r in (base_role(uses[k].index), finetuned_role(uses[k].index))) for k in wanted}
+                          for r in (base_role(uses[k].index), finetuned_role(uses[k].index))) for k in diffs}
         compute = DTYPES[tensor.compute_dtype]
         step = chunk_step(self.merge.rows.get(tensor.name, 0))
         for i in range(0, count, step):
@@ -46,11 +57,8 @@ class StatisticsVisitor:
             for k, (s, f) in pairs.items():
                 delta = lend(f"delta{k}").copy_(f[i:i + m])
                 deltas[k] = delta.sub_(lend("base").copy_(s[i:i + m]))
-            for stat, read in stats:
+            for stat, read in members:
                 stat.add(read, deltas, piece.start + i, lend)
-        if piece.last:
-            for stat, read in stats:
-                stat.finish(read)
 
 
 def _visits(plan: Plan, merge: MergeContext, active: dict[str, list[tuple[Statistic, int]]]) -> list[Visit]:

@@ -18,9 +18,10 @@ RATIOS = ("bases_distance_ratio", "delta_ratio", "bases_to_delta_ratio", "cos_ba
 
 def chunk_sums(target: torch.Tensor, delta: torch.Tensor, base_minus_target: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk's dots, in TensorStats' order; `base_minus_target` is s - t (its sign makes the cross term)."""
+    """One chunk's dots: ||delta||^2, ||t||^2, ||s - t||^2 and <s - t, delta> (the cross term, negated: the
+    kernels hold s - t, which they form in place of s)."""
     c = base_minus_target
-    return torch.dot(delta, delta), torch.dot(target, target), torch.dot(c, c), torch.dot(c, delta).neg()
+    return torch.dot(delta, delta), torch.dot(target, target), torch.dot(c, c), torch.dot(c, delta)
 
 
 @dataclass
@@ -34,11 +35,11 @@ class TensorStats:
 
     def add_chunk(self, sums, elements: int = 0) -> None:
         """Add chunk_sums' four dots."""
-        d, t, b, c = sums
+        d, t, b, negated_cross = sums
         self.delta_sq += float(d)
         self.target_sq += float(t)
         self.bases_sq += float(b)
-        self.cross += float(c)
+        self.cross -= float(negated_cross)
         self.elements += elements
 
     def add(self, other: TensorStats) -> None:
