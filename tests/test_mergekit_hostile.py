@@ -78,7 +78,7 @@ def test_the_issues_inputs_are_invalid_recipes(name, says):
     (_weight("1e999"), "expected a finite number, got inf"),  # a string to YAML, a number to mergekit
     (_weight("-.inf"), "expected a finite number, got -inf"),
     (_weight(".nan"), "expected a finite number, got nan"),
-    (_linear("1e-7", "1e308", "-1e308"), "models[0].parameters.weight: divided by the weights' sum"),
+    (_linear("1e-7", "1e308", "-1e308"), "models[1].parameters.weight: divided by the weights' sum"),
     (HEAD + "      1: 1\n", "a mapping key must be a string (quote it), not int '1'"),
     (HEAD + "      ~: 1\n", "a mapping key must be a string"),
     (HEAD + "      ? [weight]\n      : 1\n", "a mapping key must be a string (quote it), not a list"),

@@ -75,7 +75,10 @@ def remote_reads(settings: EngineSettings) -> RemoteReads:
 
 def tokenizer_donor(request: GraftRequest) -> str:
     """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
-    the target for a recipe with mergekit's (mergekit copies its base_model's); the other is the fallback."""
+    the target for a recipe with mergekit's (mergekit copies its base_model's), or the input a recipe's
+    `tokenizer` names; the fine-tune or the target is the fallback."""
+    if request.recipe is not None and request.recipe.tokenizer is not None:
+        return next(role for role, uri in request.inputs().items() if uri == request.recipe.tokenizer.source)
     if request.recipe is not None and request.recipe.conventions == "mergekit":
         return "target_base"
     return "source_finetuned"
@@ -205,10 +208,20 @@ def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, Resol
     records = []
     if len(plan.shards) > 1:
         records.append(sink.put(INDEX_FILE, _index(plan)))
-    for name, data in _side_files(models, plan, tokenizer_donor(request)):
+    for name, data in _with_chat_template(_side_files(models, plan, tokenizer_donor(request)), request):
         records.append(sink.put(name, data))
     records.append(sink.put("README.md", model_card(request, plan).encode()))
     return records
+
+
+def _with_chat_template(files: list[tuple[str, bytes]], request: GraftRequest) -> list[tuple[str, bytes]]:
+    """A recipe's chat template as chat_template.jinja, which transformers reads over tokenizer_config.json's;
+    the donor's own template files give way to it."""
+    template = request.recipe.chat_template if request.recipe is not None else None
+    if template is None:
+        return files
+    kept = [(n, d) for n, d in files if n not in ("chat_template.jinja", "chat_template.json")]
+    return [*kept, ("chat_template.jinja", template.encode())]
 
 
 def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
