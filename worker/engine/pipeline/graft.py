@@ -19,8 +19,8 @@ from worker.engine.errors import GraftCancelled, GraftError
 from worker.engine.phases import Phase
 from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
 from worker.engine.pipeline.publish import publishing, storage_retry
-from worker.engine.planning.options import GraftRequest
 from worker.engine.planning.plan import Plan, build_plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.input_hashes import InputHasher
 from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
@@ -76,7 +76,7 @@ def remote_reads(settings: EngineSettings) -> RemoteReads:
 def tokenizer_donor(request: GraftRequest) -> str:
     """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
     the target for a recipe with mergekit's (mergekit copies its base_model's); the other is the fallback."""
-    if request.recipe is not None and request.recipe.conventions == "mergekit":
+    if request.recipe.conventions == "mergekit":
         return "target_base"
     return "source_finetuned"
 
@@ -158,7 +158,7 @@ def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
 
 def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
     """The plan of models already resolved (GraftError when the graft cannot be planned)."""
-    if request.recipe is not None:
+    if not request.plain:
         from worker.engine.planning.recipe_plan import build_recipe_plan
 
         by_uri = {uri: models[role] for role, uri in request.inputs().items()}

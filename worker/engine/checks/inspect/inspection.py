@@ -31,8 +31,8 @@ from worker.engine.pipeline.graft import (
     resolve_inputs,
 )
 from worker.engine.pipeline.manifest import json_safe
-from worker.engine.planning.options import GraftRequest
 from worker.engine.planning.plan import Plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
 
 # function_probe's refusals of bases whose interpolation is not defined: the headers level already says why
