@@ -9,10 +9,10 @@ from pydantic_core import PydanticCustomError
 
 from worker.engine.checks.checked_graft import MAX_SWEEP, Checks
 from worker.engine.checks.evaluation.spec import ProbeText
-from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.errors import GraftError
 from worker.engine.planning.options import FLOAT32_MAX, check_alpha
 from worker.engine.planning.recipe import Diff, Merge, RecipeOptions, Rule
+from worker.engine.verdict import LEVEL_HELP, Level
 from worker.service.statuses import JobKind, JobStatus
 
 Status = JobStatus

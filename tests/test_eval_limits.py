@@ -22,9 +22,9 @@ from worker.engine.checks.evaluation.loading import Phase, fit_window, memory_li
 from worker.engine.checks.evaluation.probe import builtin_probe_text
 from worker.engine.checks.evaluation.spec import DEFAULT_PROMPTS
 from worker.engine.checks.inspect.function import function_probe
-from worker.engine.checks.inspect.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
+from worker.engine.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

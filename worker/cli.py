@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(compatible, risky, incompatible) with its reasons")
     _add_model_args(inspect)
     from worker.engine.checks.checked_graft import Require
-    from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
+    from worker.engine.verdict import LEVEL_HELP, Level
 
     inspect.add_argument("--level", choices=[lv.value for lv in Level], default=Level.WEIGHTS.value,
                          help=f"{LEVEL_HELP} (default weights)")

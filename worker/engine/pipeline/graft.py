@@ -232,9 +232,9 @@ def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
 
 
 def connectivity_warnings(connectivity: dict) -> list[dict]:
-    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/checks/inspect/verdict.py), as
+    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/verdict.py), as
     the graft's `weak_connectivity` warnings: the same thresholds whether one inspects or grafts."""
-    from worker.engine.checks.inspect.verdict import weights_reasons
+    from worker.engine.verdict import weights_reasons
 
     reasons = weights_reasons(bases_distance_ratio=connectivity.get("bases_distance_ratio"),
                               cos_bases_delta=connectivity.get("cos_bases_delta"), coverage=None)

@@ -15,13 +15,13 @@ Config agreement is judged between each source base and the target (and each fin
 from __future__ import annotations
 
 from worker.engine.checks.inspect import tokens
-from worker.engine.checks.inspect.verdict import Level, Verdict, reason
 from worker.engine.errors import GraftError
 from worker.engine.planning.options import base_role, finetuned_role
 from worker.engine.planning.plan import EMBED_NAME, LM_HEAD_NAME, Plan, find_name
 from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
 from worker.engine.storage.safetensors_format import ARITHMETIC_FLOATS
+from worker.engine.verdict import Level, Verdict, reason
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim")
