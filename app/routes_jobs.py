@@ -137,14 +137,15 @@ def _inputs(body: JobCreate, recipe: Recipe) -> dict[str, str]:
 
 
 def _graft_fields(recipe: Recipe) -> dict:
-    """What the job record (and a preview process) needs of a recipe: the first diff's and the target's URIs,
-    the engine options, and the recipe itself unless it is the plain transfer."""
+    """What the job record (and a preview process) holds of the request: the recipe, which the worker runs. The
+    first diff's and the target's URIs and the engine options (alpha: a one-diff recipe's strength, else 1)
+    are shown beside it, for the reader of a job; nothing reads them back."""
     alpha = recipe.plain_alpha()
     first = recipe.diffs[0]
     return {"source_base": first.source_base, "source_finetuned": first.source_finetuned,
             "target_base": recipe.target_base,
             "options": recipe.options.engine_options(1.0 if alpha is None else alpha).to_dict(),
-            "recipe": recipe.to_dict() if alpha is None else None}
+            "recipe": recipe.to_dict()}
 
 
 def _check_request(body: JobCreate, recipe: Recipe, state: AppState, tenant: str) -> None:

@@ -9,10 +9,10 @@ from pydantic_core import PydanticCustomError
 
 from worker.engine.checks.checked_graft import MAX_SWEEP, Checks
 from worker.engine.checks.evaluation.spec import ProbeText
-from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.errors import GraftError
 from worker.engine.planning.options import FLOAT32_MAX, check_alpha
 from worker.engine.planning.recipe import Diff, Merge, RecipeOptions, Rule
+from worker.engine.verdict import LEVEL_HELP, Level
 from worker.service.statuses import JobKind, JobStatus
 
 Status = JobStatus
@@ -174,8 +174,9 @@ class Job(BaseModel):
     target_base: str
     output: str
     options: dict[str, Any]
-    recipe: dict[str, Any] | None = Field(None, description="the recipe, when the job is more than the plain "
-                                          "transfer (several diffs, transforms, a merge method, rules)")
+    recipe: dict[str, Any] | None = Field(None, description="the recipe the job runs (a plain transfer is a "
+                                          "one-diff recipe whose weight is alpha); the URIs and options beside it "
+                                          "repeat it for the reader")
     checks: dict[str, Any] | None = Field(None, description="what the job asked beyond the graft: evaluate (the "
                                           "probe text shown by its length), select, require, the swept alphas; a "
                                           "preflight's level")

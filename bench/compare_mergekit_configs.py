@@ -147,9 +147,14 @@ def compare(graft: str, mk: str) -> dict:
         total += u.numel()
         within += int((u <= 1.0).sum())
         worst = max(worst, float(u.max()))
-    vocab = [json.load(open(os.path.join(d, "config.json"))).get("vocab_size") for d in (graft, mk)]
+    vocab = [_json(os.path.join(d, "config.json")).get("vocab_size") for d in (graft, mk)]
     return {"share": within / total if total else 0.0, "max_ulps": worst, "only_one": sorted(set(g) ^ set(m)),
             "vocab": vocab}
+
+
+def _json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def moved(out: str, base: dict[str, torch.Tensor]) -> tuple[float, float]:
