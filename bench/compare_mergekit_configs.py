@@ -5,8 +5,8 @@
 
 Every bench/mergekit_configs/*.yml (written in the styles of mergekit's examples/, docs/ and README) names
 its models as bare names (`base`, `ft1`, ...), which both tools read as local directories: both run with the
-generated models' directory as their working directory. The models are Llama-shaped (4 layers, bf16 matrices,
-float32 norms) with real tokenizers: `ft_chat` adds two tokens (and rows) to the base's vocabulary,
+generated models' directory as their working directory. The models are Llama-shaped (4 layers, float32 or
+bf16 matrices, float32 norms) with real tokenizers: `ft_chat` adds two tokens (and rows) to the base's vocabulary,
 `ft_swapped` numbers two tokens the other way round.
 
 So that both tools do the same arithmetic, each config is run with `dtype: float32` (mergekit's compute
@@ -57,14 +57,14 @@ def tokenizer_files(tokens: list[str], marker: str) -> dict:
             "special_tokens_map.json": special}
 
 
-def make_models(root: str) -> None:
+def make_models(root: str, dtype: torch.dtype) -> None:
     from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 
     shape = LlamaShape(vocab=256, hidden=64, layers=4, intermediate=128, heads=4, kv_heads=2)
     words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, shape.vocab))]
     swapped = list(words)
     swapped[10], swapped[11] = swapped[11], swapped[10]
-    base = llama_state(shape, seed=500)
+    base = llama_state(shape, seed=500, dtype=dtype)
     made = {"base": (base, words), "ft1": (perturb(base, seed=501), words),
             "ft2": (perturb(base, seed=502, scale=0.08), words), "ft3": (perturb(base, seed=503, scale=0.03), words),
             "ft_chat": (perturb(base, seed=504, extra_rows=2), [*words, "<|im_start|>", "<|im_end|>"]),
@@ -215,6 +215,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--graft-root", default=ROOT, help="the checkout whose graft runs (default: this one)")
     ap.add_argument("--only", default="", help="a substring of the configs to run")
+    ap.add_argument("--model-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the stand-ins' matrices (norms are float32): bf16 deltas repeat magnitudes, and at a "
+                    "magnitude threshold mergekit's unstable sort keeps any of the equal ones")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     from bench_engine import BENCH, ensure_mergekit  # (puts this checkout first on the path)
@@ -230,7 +233,7 @@ def main() -> int:
     rows = []
     try:
         models = os.path.join(tmp, "models")
-        make_models(models)
+        make_models(models, getattr(torch, args.model_dtype))
         base = load_dir(os.path.join(models, "base"))
         with contextlib.chdir(models):
             for path in sorted(glob.glob(os.path.join(CONFIGS, "*.yml"))):

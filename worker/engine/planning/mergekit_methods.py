@@ -265,7 +265,7 @@ def task_vector(method: str, base: str, scopes: Scopes) -> Parts:
              "normalize": normalize, "lambda": lam}
     diffs = [{"source_base": base, "source_finetuned": s.uri, "weight": w, "transform": t}
              for s, (w, t) in zip(sources, default, strict=True)]
-    parts = Parts(base, diffs, merge, [_rule(region, own, default) for region, own in rules], used)
+    parts = Parts(base, diffs, merge, [r for region, own in rules for r in _rules(region, own, default)], used)
     _shared_density(parts, densities)
     return parts
 
@@ -280,8 +280,8 @@ def _check_fold(entries: dict[Region, Entry | None], normalize: bool, vote: bool
                      "turn the TIES vote, which mergekit takes before lambda")
 
 
-def _rule(region: Region, own: list, default: list) -> dict:
-    """One region's rule: per diff, what differs from the diff's own weight and transform."""
+def _rules(region: Region, own: list, default: list) -> list[dict]:
+    """One region's rule(s): per diff, what differs from the diff's own weight and transform."""
     entries = []
     for (w, t), (dw, dt) in zip(own, default, strict=True):
         entry = {}
@@ -290,7 +290,7 @@ def _rule(region: Region, own: list, default: list) -> dict:
         if t != dt:
             entry["transform"] = t if t is not None else identity(dt)
         entries.append(entry or None)
-    return {"match": contains_all(region, "parameters"), "diffs": entries}
+    return [{"match": pattern, "diffs": entries} for pattern in contains_all(region, "parameters")]
 
 
 def _shared_density(parts: Parts, densities: list[Any]) -> None:
@@ -359,7 +359,7 @@ def linear(base: str | None, scopes: Scopes) -> Parts:
     diffs = [{"source_base": base, "source_finetuned": s.uri, "weight": w} for s, (w, _) in zip(others, default,
                                                                                                 strict=True)]
     return Parts(base, diffs, {"method": "sum", "normalize": False, "lambda": 1.0},
-                 [_rule(region, own, default) for region, own in rules])
+                 [r for region, own in rules for r in _rules(region, own, default)])
 
 
 def _knots(weights: list[Any]) -> list[float]:

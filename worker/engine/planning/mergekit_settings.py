@@ -189,14 +189,21 @@ def _layouts(order: tuple[str, ...]) -> set[tuple[str, ...]]:
     return out
 
 
-def contains_all(region: Region, key: str) -> str:
-    """An RE2 pattern found in exactly the names containing every filter of `region` (overlaps included)."""
+def contains_all(region: Region, key: str) -> list[str]:
+    """RE2 patterns that together are found in exactly the names containing every filter of `region` (overlaps
+    included): one alternation over the orders the filters can occur in, split where it would pass a
+    pattern's length limit (consecutive rules saying the same thing are one rule to first-match)."""
     needed = sorted(f for f in region if not any(f != g and f in g for g in region))
     layouts: set[tuple[str, ...]] = set()
     for order in permutations(needed):
         layouts |= _layouts(order)
-    pattern = "|".join(sorted(".*".join(_escape(run) for run in runs) for runs in layouts))
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        raise refuse(key, f"the filters {needed} together need a pattern of {len(pattern)} characters (at most "
-                     f"{MAX_PATTERN_LENGTH})")
-    return pattern
+    patterns: list[str] = []
+    for alternative in sorted(".*".join(_escape(run) for run in runs) for runs in layouts):
+        if len(alternative) > MAX_PATTERN_LENGTH:
+            raise refuse(key, f"the filters {needed} together need a pattern of {len(alternative)} characters "
+                         f"(at most {MAX_PATTERN_LENGTH})")
+        if patterns and len(patterns[-1]) + 1 + len(alternative) <= MAX_PATTERN_LENGTH:
+            patterns[-1] += "|" + alternative
+        else:
+            patterns.append(alternative)
+    return patterns
