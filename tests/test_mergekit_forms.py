@@ -345,3 +345,60 @@ def test_contains_all_is_exactly_containing_every_filter():
         for _ in range(40):
             name = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
             assert matches_any(patterns, name, "p") == all(f in name for f in region), (region, name, patterns)
+
+
+# --- methods mapped by name from the registry -----------------------------------------------------------------
+
+def _registered(monkeypatch, table: dict, name: str, **fields) -> None:
+    """A method the registry does not have yet, with mergekit's parameter names (the way new ones arrive)."""
+    from types import SimpleNamespace
+    from typing import Literal
+
+    from pydantic import create_model
+
+    params = create_model(f"{name}Params", method=(Literal[name], ...), **fields)
+    monkeypatch.setitem(table, name, SimpleNamespace(Params=params))
+
+
+def test_della_sce_and_rescale_map_by_name_once_the_registry_has_them(monkeypatch):
+    from worker.engine.methods import MERGES, TRANSFORMS
+    from worker.engine.planning.mergekit_methods import Scopes, Source, sce, task_vector
+
+    models = [Source("/f1", "models[0]", {"weight": 1.0, "density": [0.5, 0.6], "epsilon": 0.1}),
+              Source("/f2", "models[1]", {"weight": 0.5, "density": 0.4})]
+    if "della" not in TRANSFORMS:
+        with pytest.raises(GraftError, match="della: graft has no della transform"):
+            task_vector("della", "/b", Scopes(models))
+    _registered(monkeypatch, TRANSFORMS, "della", density=(float | list[float], ...), epsilon=(float, 0.15),
+                rescale=(bool, True))
+    parts = task_vector("della", "/b", Scopes(models))
+    assert parts.merge == {"method": "ties", "normalize": True, "lambda": 1.0}  # mergekit's della defaults
+    assert [d["transform"] for d in parts.diffs] == [
+        {"method": "della", "density": [0.5, 0.6], "epsilon": 0.1, "rescale": True},
+        {"method": "della", "density": 0.4, "epsilon": 0.15, "rescale": True}]
+    assert task_vector("della_linear", "/b", Scopes(models)).merge["method"] == "sum"
+    _registered(monkeypatch, TRANSFORMS, "dare", density=(float, ...), rescale=(bool, True))
+    parts = task_vector("dare_linear", "/b", Scopes(models[1:], top={"rescale": False}))
+    assert parts.diffs[0]["transform"] == {"method": "dare", "density": 0.4, "rescale": False}
+    _registered(monkeypatch, MERGES, "sce", select_topk=(float, 1.0))
+    parts = sce("/b", Scopes([Source("/f1", "models[0]", None), Source("/f2", "models[1]", None)],
+                             top={"select_topk": 0.3}))
+    assert parts.merge == {"method": "sce", "select_topk": 0.3} and [d["weight"] for d in parts.diffs] == [1.0, 1.0]
+
+
+def test_a_method_registered_as_a_merge_takes_its_parameters_by_name(monkeypatch):
+    from worker.engine.methods import MERGES, TRANSFORMS
+    from worker.engine.planning.mergekit_methods import Scopes, Source, task_vector
+
+    monkeypatch.delitem(TRANSFORMS, "della", raising=False)
+    from pydantic import Field
+
+    _registered(monkeypatch, MERGES, "della", density=(float, 1.0), epsilon=(float, 0.15), rescale=(bool, True),
+                normalize=(bool, True), lambda_=(float, Field(1.0, alias="lambda")))
+    shared = [Source(f"/f{i}", f"models[{i}]", {"weight": 1.0, "density": 0.5, "epsilon": 0.2}) for i in range(2)]
+    parts = task_vector("della", "/b", Scopes(shared))
+    assert parts.merge == {"method": "della", "density": 0.5, "epsilon": 0.2, "normalize": True, "rescale": True,
+                           "lambda": 1.0}
+    shared[1].params["density"] = 0.4
+    with pytest.raises(GraftError, match="della merge takes one density for every model"):
+        task_vector("della", "/b", Scopes(shared))

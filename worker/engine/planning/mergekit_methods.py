@@ -168,7 +168,7 @@ def transform(method: str, tv: TaskVector, values: dict, rescale: bool, key: str
     if name not in TRANSFORMS:
         raise refuse("merge_method", f"{method}: graft has no {name} transform (mergekit's {tv.sparsify} "
                      "sparsification) in its method registry")
-    fields = TRANSFORMS[name].Params.model_fields
+    fields = _names(TRANSFORMS[name].Params)
     out: dict = {"method": name}
     if "density" in fields:
         out["density"] = density
@@ -186,7 +186,12 @@ def transform(method: str, tv: TaskVector, values: dict, rescale: bool, key: str
     return out
 
 
-def _extra(name: str, param: str, value: Any, fields: dict, key: str) -> dict:
+def _names(params: type) -> set[str]:
+    """A parameter model's field names as recipes spell them (`lambda` for `lambda_`)."""
+    return {info.alias or name for name, info in params.model_fields.items()}
+
+
+def _extra(name: str, param: str, value: Any, fields: set[str], key: str) -> dict:
     if param not in fields:
         raise refuse(key, f"graft's {name} has no {param}")
     if param == "gamma":
@@ -247,6 +252,10 @@ def task_vector(method: str, base: str, scopes: Scopes) -> Parts:
     if fold:
         _check_fold(shared["lambda"], normalize, tv.vote)
     defaults = {"weight": None, "density": 1.0, **({tv.extra: EXTRA_DEFAULT[tv.extra]} if tv.extra else {})}
+    if tv.sparsify and GRAFT_TRANSFORM[tv.sparsify] not in TRANSFORMS and method in MERGES:
+        values = evaluate(chains, sources, ordered[0], tv.per_model, defaults, "")
+        return _registered_merge(method, base, sources, values, len(ordered) > 1 or fold,
+                                 {"normalize": normalize, "rescale": rescale, "lambda": lambdas[ordered[0]]})
     used: set[str] = set()
 
     def settings(region: Region) -> list[tuple[Any, dict | None]]:
@@ -268,6 +277,30 @@ def task_vector(method: str, base: str, scopes: Scopes) -> Parts:
     parts = Parts(base, diffs, merge, [r for region, own in rules for r in _rules(region, own, default)], used)
     _shared_density(parts, densities)
     return parts
+
+
+def _registered_merge(method: str, base: str, sources: list[Source], values: list[dict], varies: bool,
+                      shared: dict) -> Parts:
+    """A method the registry has as a merge of its own (no transform of that name): its parameters by
+    mergekit's names, one value for every model and tensor (the weights may be lists)."""
+    fields = _names(MERGES[method].Params)
+    if varies:
+        raise refuse("parameters", f"{method}: graft's {method} merge takes one value of each parameter for every "
+                     "tensor (no filters, no varying lambda)")
+    merge: dict = {"method": method}
+    for name in (p for p in values[0] if p != "weight"):
+        found = {repr(v[name]) for v in values}
+        if len(found) > 1 or isinstance(values[0][name], list):
+            raise refuse(f"{sources[0].key}.parameters.{name}", f"{method}: graft's {method} merge takes one "
+                         f"{name} for every model and layer")
+        merge[name] = values[0][name]
+    merge.update(shared)
+    missing = [n for n in merge if n not in fields and n != "method"]
+    if missing:
+        raise refuse(f"parameters.{missing[0]}", f"graft's {method} merge has no {missing[0]}")
+    diffs = [{"source_base": base, "source_finetuned": s.uri, "weight": v["weight"]}
+             for s, v in zip(sources, values, strict=True)]
+    return Parts(base, diffs, merge, used={method})
 
 
 def _check_fold(entries: dict[Region, Entry | None], normalize: bool, vote: bool) -> None:
@@ -321,7 +354,7 @@ def sce(base: str, scopes: Scopes) -> Parts:
     ordered, _, shared_chains = region_table(sources, scopes, (), ("select_topk",), {})
     topk = one_value({r: lookup(shared_chains["select_topk"], r) for r in ordered}, 1.0, "select_topk")
     merge: dict = {"method": "sce"}
-    if "select_topk" in MERGES["sce"].Params.model_fields:
+    if "select_topk" in _names(MERGES["sce"].Params):
         merge["select_topk"] = topk
     elif topk != 1.0:
         raise refuse("parameters.select_topk", "graft's sce has no select_topk")
