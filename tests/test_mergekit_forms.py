@@ -327,7 +327,7 @@ def test_first_matching_rule_is_mergekits_lookup_for_every_name(family):
                     for i in range(3)]
         filters = list(dict.fromkeys(e.filter for s in settings for e in s if e.filter))
         ordered = regions(filters, "p")
-        default, rules = decision_list(ordered, lambda r: [lookup(s, r).value for s in settings])
+        default, rules = decision_list(ordered, lambda r, chains=settings: [lookup(s, r).value for s in chains])
         patterns = [(p, v) for region, v in rules for p in contains_all(region, "p")]
         for name in names:
             want = [next(e.value for e in s if e.filter is None or e.filter in name) for s in settings]
