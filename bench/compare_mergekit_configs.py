@@ -131,12 +131,47 @@ def load_dir(directory: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare(graft: str, mk: str) -> dict:
+def ambiguous(manifest: dict, name: str, inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """Elements where a tie decides (None: none): an |delta| equal to a magnitude cut's value where that value
+    straddles the cut (mergekit's unstable sort keeps any of the equal ones, graft the first in element order),
+    or a TIES vote whose sum is zero within float32's rounding (where rounding picks the sign)."""
+    from worker.engine.methods import TRANSFORMS
+
+    merge = manifest["tensors"].get(name, {}).get("merge")
+    if merge is None:
+        return None
+    diffs = manifest["recipe"]["diffs"]
+    mask, votes = None, []
+    for use in merge["diffs"]:
+        d = diffs[use["diff"]]
+        base, ft = inputs[d["source_base"]][name], inputs[d["source_finetuned"]][name]
+        rows = min(base.shape[0], ft.shape[0])
+        delta = (ft[:rows].float() - base[:rows].float()).flatten()
+        votes.append(delta.double() * use["weight"])
+        t = use["transform"]
+        window = TRANSFORMS[t["method"]].window(TRANSFORMS[t["method"]].Params.model_validate(t), delta.numel()) \
+            if t and t["method"] in ("magnitude", "breadcrumbs") else None
+        if window is None:
+            continue
+        ordered = torch.sort(delta.abs(), descending=True).values
+        for cut in (window.low, window.high):
+            if 0 < cut < delta.numel() and ordered[cut - 1] == ordered[cut]:
+                hit = delta.abs() == ordered[cut]
+                mask = hit if mask is None else mask | hit
+    if merge["method"] in ("ties", "dare_ties") and votes:
+        stack = torch.stack(votes)
+        near = (stack.sum(0).abs() <= 2.0**-20 * stack.abs().sum(0)) & (stack != 0).any(0)
+        mask = near if mask is None else mask | near
+    return mask
+
+
+def compare(graft: str, mk: str, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
     from check_mergekit_agreement import ulps
 
     g, m = load_dir(graft), load_dir(mk)
+    manifest = _json(os.path.join(graft, "graft-manifest.json"))
     names = sorted(set(g) & set(m))
-    total = within = 0
+    total = within = clear_total = clear_within = 0
     worst = 0.0
     for name in names:
         if g[name].shape != m[name].shape or g[name].dtype != m[name].dtype:
@@ -147,9 +182,16 @@ def compare(graft: str, mk: str) -> dict:
         total += u.numel()
         within += int((u <= 1.0).sum())
         worst = max(worst, float(u.max()))
+        flat = u.reshape(-1)
+        decided = torch.zeros_like(flat, dtype=torch.bool)
+        tie = ambiguous(manifest, name, inputs)
+        if tie is not None:
+            decided[:tie.numel()] = tie  # the rows every input has come first
+        clear_total += int((~decided).sum())
+        clear_within += int(((flat <= 1.0) & ~decided).sum())
     vocab = [_json(os.path.join(d, "config.json")).get("vocab_size") for d in (graft, mk)]
     return {"share": within / total if total else 0.0, "max_ulps": worst, "only_one": sorted(set(g) ^ set(m)),
-            "vocab": vocab}
+            "vocab": vocab, "clear": clear_within / clear_total if clear_total else 0.0, "ties": total - clear_total}
 
 
 def _json(path: str) -> dict:
@@ -177,7 +219,7 @@ def method_of(docs: list[dict], stage: str | None) -> str:
     return str(doc.get("merge_method"))
 
 
-def one(path: str, exe: str, tmp: str, base: dict) -> dict:
+def one(path: str, exe: str, tmp: str, inputs: dict) -> dict:
     name = os.path.basename(path)[:-4]
     with open(path) as fh:
         docs, stage = documents(fh.read())
@@ -190,9 +232,10 @@ def one(path: str, exe: str, tmp: str, base: dict) -> dict:
     if row["mergekit"] is not None:
         return row
     if row["method"] in RANDOM:
+        base = inputs[os.path.abspath("base")]
         row["random"] = (*moved(out_g, base), *moved(out_m, base))
     else:
-        row.update(compare(out_g, out_m))
+        row.update(compare(out_g, out_m, inputs))
     return row
 
 
@@ -208,7 +251,8 @@ def line(row: dict) -> str:
                 f"mergekit {ms:.3f} of elements, merged delta L1 graft/mergekit {gl / ml if ml else 0:.3f}")
     extra = f"; only in one: {row['only_one']}" if row["only_one"] else ""
     extra += f"; vocab_size {row['vocab'][0]} vs {row['vocab'][1]}" if row["vocab"][0] != row["vocab"][1] else ""
-    return f"{head} accepted; within 1 ulp {row['share'] * 100:7.3f}%, max {row['max_ulps']:.1f} ulp{extra}"
+    ties = (f" (away from {row['ties']} tie-decided elements: {row['clear'] * 100:.3f}%)" if row["ties"] else "")
+    return f"{head} accepted; within 1 ulp {row['share'] * 100:7.3f}%, max {row['max_ulps']:.1f} ulp{ties}{extra}"
 
 
 def main() -> int:
@@ -234,11 +278,11 @@ def main() -> int:
     try:
         models = os.path.join(tmp, "models")
         make_models(models, getattr(torch, args.model_dtype))
-        base = load_dir(os.path.join(models, "base"))
+        inputs = {os.path.join(models, n): load_dir(os.path.join(models, n)) for n in MODELS}
         with contextlib.chdir(models):
             for path in sorted(glob.glob(os.path.join(CONFIGS, "*.yml"))):
                 if args.only in os.path.basename(path):
-                    rows.append(one(path, exe, os.path.join(tmp, "out"), base))
+                    rows.append(one(path, exe, os.path.join(tmp, "out"), inputs))
                     print(line(rows[-1]), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
