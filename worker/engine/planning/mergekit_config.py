@@ -169,11 +169,16 @@ def _stage(docs: list[dict], stage: str | None) -> dict:
 
 
 def _stage_references(doc: dict, names: set[str]) -> list[str]:
-    refs = [doc.get("base_model"), *((m.get("model") if isinstance(m, dict) else m) for m in doc.get("models") or []
-                                     if isinstance(doc.get("models"), list))]
-    for s in doc.get("slices") or [] if isinstance(doc.get("slices"), list) else []:
-        refs += [src.get("model") for src in (s.get("sources") or []) if isinstance(s, dict) and isinstance(src, dict)]
+    """The other stages' names this stage reads as models (anything malformed is the checks' to refuse)."""
+    entries = [doc.get("base_model"), *_listed(doc.get("models"))]
+    for item in _listed(doc.get("slices")):
+        entries += _listed(item.get("sources")) if isinstance(item, dict) else []
+    refs = [e.get("model") if isinstance(e, dict) else e for e in entries]
     return [r for r in refs if isinstance(r, str) and r in names]
+
+
+def _listed(value: Any) -> list:
+    return value if isinstance(value, list) else []
 
 
 def load_yaml_documents(text: str, where: str = "mergekit config") -> list[Any]:

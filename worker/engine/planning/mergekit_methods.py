@@ -229,8 +229,10 @@ def evaluate(chains: dict, sources: list[Source], region: Region, names: tuple[s
             entry = lookup(chains[(i, name)], region)
             if entry is None and defaults.get(name) is None:
                 where = f"whose names contain {sorted(region)}" if region else "that match none of its filters"
-                raise refuse(f"{source.key}.parameters.{name}", f"required, and no value applies to tensors "
-                             f"{where} (mergekit stops there: add a fallback `- value: ...`){describe}")
+                raise refuse(f"{source.key}.parameters.{name}", (
+                    f"required, and no value applies to tensors {where} (mergekit stops there: add a fallback "
+                    "`- value: ...`)" if chains[(i, name)] else "required (here, or in the slice's or the top-level "
+                    "parameters)") + describe)
             values[name] = entry.value if entry is not None else defaults[name]
         out.append(values)
     return out
