@@ -16,9 +16,11 @@ line `# bench-stage: NAME` picks a stage of a multi-stage file (graft's `stage`;
 Per config: accepted, or graft's refusal (conversion or planning); for accepted configs that mergekit also
 runs, deterministic methods are compared element by element (the share within 1 ulp of the stored dtype and
 the largest difference in ulps), random ones (dare, della) by statistics only: the share of elements the merge
-moved off the base, and the L1 norm of the merged delta, graft over mergekit. The summary line counts
-accepted configs and agreeing ones (deterministic, >= 99% of elements within 1 ulp). Exit status 1 when an
-accepted deterministic config disagrees.
+moved off the base, and the L1 norm of the merged delta, graft over mergekit. Elements a tie decides (an
+|delta| equal to a magnitude cut's value where it straddles the cut: mergekit's unstable sort keeps any of
+them, graft the first in element order; a TIES vote cancelling within float32's rounding) are counted apart,
+from graft's manifest. The summary line counts accepted configs and agreeing ones (deterministic, >= 99% of
+elements within 1 ulp). Exit status 1 when an accepted deterministic config disagrees.
 """
 
 from __future__ import annotations
@@ -293,9 +295,11 @@ def summary(rows: list[dict]) -> int:
     accepted = [r for r in rows if r["accepted"]]
     compared = [r for r in accepted if not r.get("mergekit") and "share" in r]
     agreeing = [r for r in compared if r["share"] >= 0.99 and not r["only_one"] and r["vocab"][0] == r["vocab"][1]]
+    clear = [r for r in compared if r["clear"] >= 0.99 and not r["only_one"] and r["vocab"][0] == r["vocab"][1]]
     random = [r for r in accepted if "random" in r]
     print(f"accepted {len(accepted)} of {len(rows)}, agreeing {len(agreeing)} of {len(compared)} deterministic "
-          f"(>= 99% of elements within 1 ulp), {len(random)} random compared by statistics")
+          f"(>= 99% of elements within 1 ulp; {len(clear)} away from tie-decided elements), {len(random)} random "
+          "compared by statistics")
     return 0 if len(agreeing) == len(compared) else 1
 
 
