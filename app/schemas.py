@@ -13,14 +13,15 @@ from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
 from worker.engine.errors import GraftError
 from worker.engine.planning.options import FLOAT32_MAX, check_alpha
 from worker.engine.planning.recipe import Diff, Merge, RecipeOptions, Rule
+from worker.engine.storage import schemes
 from worker.service.statuses import JobKind, JobStatus
 
 Status = JobStatus
 # A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
 # (pydantic) and the ECMA regexes of JSON Schema (U+0085, U+001C..U+001F).
 URI_PATTERN = r"^({})://[^\x00-\x20\x7f-\x9f]+$"
-URI_FIELD = {"min_length": 1, "max_length": 2048, "pattern": URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3|[Hh][Ff]"),
-             "description": "file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]"}
+URI_FIELD = {"min_length": 1, "max_length": 2048, "pattern": URI_PATTERN.format(schemes.pattern()),
+             "description": schemes.forms()}
 URI = Field(**URI_FIELD)
 # Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
@@ -96,9 +97,9 @@ class Models(BaseModel):
                                         "of the task-vector family, in place of the models, merge and rules "
                                         "(its base_model is the target and every diff's base)")
     output: str | None = Field(None, min_length=1, max_length=2048,
-                               pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
-                               description="file:// or s3:// prefix for what the job writes (a graft's checkpoint, "
-                                           "a preflight's report.json and chart); default "
+                               pattern=URI_PATTERN.format(schemes.pattern(writable=True)),
+                               description=f"{schemes.prefixes(writable=True)} prefix for what the job writes (a "
+                                           "graft's checkpoint, a preflight's report.json and chart); default "
                                            "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     options: Options = Field(default_factory=Options)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
