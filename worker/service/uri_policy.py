@@ -144,11 +144,12 @@ def _prefixes(locations: list[Location]) -> tuple[Prefix, ...]:
 
 
 def _containers(settings: Settings) -> tuple[tuple[str, str], ...]:
-    """Every BucketPrefixes scheme's allowed containers, from the Settings field its policy names."""
+    """Every BucketPrefixes scheme's allowed containers, from the Settings field its policy names (a field
+    Settings lacks is an error of the scheme's module, raised here rather than read as "any container")."""
     out = []
     for scheme in schemes.every():
         if isinstance(scheme.policy, BucketPrefixes) and scheme.policy.allowlist:
-            listed = str(getattr(settings, scheme.policy.allowlist, "") or "")
+            listed = str(getattr(settings, scheme.policy.allowlist) or "")
             out += [(scheme.name, c.strip()) for c in listed.split(",") if c.strip()]
     return tuple(out)
 
@@ -203,7 +204,7 @@ def _check_bucket(loc: Location, field: str, scope: Scope, output: bool) -> None
 
 
 def _check_repo(loc: Location, field: str, settings: Settings, policy: PublicRepos) -> None:
-    if not getattr(settings, policy.enabled_by, False):
+    if not getattr(settings, policy.enabled_by):
         raise PolicyError(field, f"{loc.scheme}:// models are disabled on this server")
 
 
@@ -233,7 +234,8 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
     scope = scope_for(tenant, settings)
     scheme = schemes.get(loc.scheme)
     policy = scheme.policy
-    if policy is None:  # the engine and the CLI take it; the service does not know how to confine it
+    if not isinstance(policy, LocalRoots | BucketPrefixes | PublicRepos):
+        # None (or a kind without logic here): the engine and the CLI take it; the service cannot confine it.
         raise PolicyError(field, f"{scheme.name}:// URIs are not served by this server")
     if output and not scheme.writable:
         raise PolicyError(field, f"outputs go to {schemes.prefixes(writable=True)}")
@@ -241,7 +243,7 @@ def check_uri(uri: str, field: str, settings: Settings, *, output: bool = False,
         _check_file(loc, parts.path, field, scope)
     elif isinstance(policy, BucketPrefixes):
         _check_bucket(loc, field, scope, output)
-    else:
+    elif isinstance(policy, PublicRepos):
         _check_repo(loc, field, settings, policy)
     return loc
 
