@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Query
@@ -199,7 +200,7 @@ def kind_routes() -> APIRouter:
     return kinds
 
 
-def _submitting(kind: Kind):
+def _submitting(kind: Kind) -> Callable[..., Response]:
     """The route's handler: FastAPI reads the body's model from its signature, so each kind has its own."""
     def handler(body, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
                 idempotency_key: str | None = Header(None, max_length=255)) -> Response:

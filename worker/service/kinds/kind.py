@@ -6,8 +6,10 @@ A kind's module holds
 - `ROUTE`: how the API offers it (`Route`);
 - `spec(body) -> dict | None`: what the worker needs of the body beyond the recipe (stored with the record,
   never shown; None: nothing);
-- `run(request, spec, settings, reporter) -> dict`: the runner, in the job's process; it imports the engine's
-  heavy parts (torch) inside itself, because the API imports the module for its body;
+- `run(request, spec, settings, reporter) -> dict`: the runner, in the job's process, publishing what it writes
+  through worker/engine/pipeline/publish.py `publishing`; it returns the record's result (uri, manifest_uri,
+  files and stats, as the API's Result states them, and keys of its own) and imports the engine's heavy parts
+  (torch) inside itself, because the API imports the module for its body;
 - optionally `check(body)`: what the schema cannot say, raised as `bodies.BodyError`;
 - optionally `shown(spec) -> dict | None`: the spec as a job shows it (default: as it is).
 """
