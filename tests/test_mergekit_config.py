@@ -264,7 +264,7 @@ dtype: float32
 out_dtype: bfloat16
 """
     out = str(tmp_path / "out")
-    result = run_graft(GraftRequest.from_recipe(recipe_from_mergekit(cfg), out), settings=Settings())
+    result = run_graft(GraftRequest(recipe_from_mergekit(cfg), out), settings=Settings())
     assert result.manifest["recipe"]["merge"]["method"] == "ties"
     got = load_dir(out)
     states = {n: load_dir(p) for n, p in paths.items()}
@@ -389,7 +389,7 @@ def _crumbs_config(method: str, paths: dict[str, str], params: list[tuple], weig
 
 
 def _run_config(text: str, out: str) -> dict[str, torch.Tensor]:
-    run_graft(GraftRequest.from_recipe(recipe_from_mergekit(text), out), settings=Settings())
+    run_graft(GraftRequest(recipe_from_mergekit(text), out), settings=Settings())
     return load_dir(out)
 
 
