@@ -367,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_cmd_serve)
-    worker = sub.add_parser("worker", help="run a queue worker")
+    from worker.service.kinds import KINDS
+
+    worker = sub.add_parser("worker", help=f"run a queue worker (it runs the job kinds {', '.join(KINDS)})")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_cmd_worker)
     args = parser.parse_args(argv)

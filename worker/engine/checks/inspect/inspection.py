@@ -83,11 +83,12 @@ def headers_verdict(request: GraftRequest, models: dict[str, ResolvedModel], pla
 
 
 def _s3_output(request: GraftRequest) -> bool:
-    """Whether the graft's output is S3 (its upload parts count in the estimate); none given: local."""
+    """Whether the graft's output holds upload parts in memory (S3's count in the estimate); none given: local."""
+    from worker.engine.storage import schemes
     from worker.engine.storage.uris import parse_uri
 
     try:
-        return bool(request.output) and parse_uri(request.output, field="output").scheme == "s3"
+        return bool(request.output) and schemes.get(parse_uri(request.output, field="output").scheme).upload_parts
     except GraftError:
         return False
 
