@@ -402,3 +402,17 @@ def test_a_method_registered_as_a_merge_takes_its_parameters_by_name(monkeypatch
     shared[1].params["density"] = 0.4
     with pytest.raises(GraftError, match="della merge takes one density for every model"):
         task_vector("della", "/b", Scopes(shared))
+
+
+def test_a_rule_keeping_the_diffs_own_values_shadows_the_rules_after_it(family, tmp_path):
+    """q_proj tensors (inside self_attn) take the first condition, which is the default: a rule of nulls must
+    stop them from reaching the self_attn rule."""
+    own = {"weight": [{"filter": "q_proj", "value": 1.0}, {"filter": "self_attn", "value": 0.2}, {"value": 1.0}]}
+    cfg = (f"merge_method: task_arithmetic\nbase_model: {family['base']}\nmodels:\n"
+           f"  - model: {family['ft1']}\n    parameters: {json.dumps(own)}\ndtype: float32\nout_dtype: bfloat16\n")
+    rules = recipe_from_mergekit(cfg).rules
+    assert [r.diffs for r in rules][0] == [None] and len(rules) == 2
+    got = _run(cfg, str(tmp_path / "out"))
+    base, ft1 = _states(family, "base", "ft1")
+    _assert_close(got, {n: base[n] + _param([own], "weight", n) * (ft1[n] - base[n]) for n in base},
+                  {n: _scale(base[n], [ft1[n]]) for n in base})

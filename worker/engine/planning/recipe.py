@@ -123,7 +123,9 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _says_something(self) -> Rule:
-        if self.weight is None and self.transform is None and not any(self.diffs or ()):
+        # `diffs` of nulls alone says something too: matching tensors keep the diffs' own, whatever later
+        # rules say (first match wins).
+        if self.weight is None and self.transform is None and self.diffs is None:
             raise ValueError("a rule sets a weight, a transform or both (for every diff, or per diff)")
         with _as_validation_error():
             check_patterns([self.match], "rules.match")
@@ -131,7 +133,7 @@ class Rule(BaseModel):
 
     def setting(self, index: int) -> tuple[float | list[float] | None, BaseModel | None]:
         """The weight and transform this rule gives diff `index` (None: the diff's own)."""
-        own = self.diffs[index] if self.diffs is not None else None
+        own = self.diffs[index] if self.diffs is not None and index < len(self.diffs) else None
         weight = own.weight if own is not None and own.weight is not None else self.weight
         transform = own.transform if own is not None and own.transform is not None else self.transform
         return weight, transform
@@ -224,9 +226,6 @@ class Recipe(BaseModel):
     def _engine_checks(self) -> Recipe:
         with _as_validation_error():
             self.options.engine_options()  # sizes and patterns, with the engine's messages
-        for j, rule in enumerate(self.rules):
-            if rule.diffs is not None and len(rule.diffs) != len(self.diffs):
-                raise ValueError(f"rules.{j}.diffs: one entry per diff ({len(self.diffs)}), got {len(rule.diffs)}")
         uris = {self.target_base} | {u for d in self.diffs for u in (d.source_base, d.source_finetuned)}
         if self.tokenizer is not None and self.tokenizer.source not in uris:
             raise ValueError("tokenizer.source: must be one of the recipe's models (the output's files come from "
@@ -279,7 +278,12 @@ class Recipe(BaseModel):
         """Every factor the arithmetic applies to a delta (a weight, a rule's weight, times lambda; the weights'
         sum that `normalize` divides by) within float32's range, where the arithmetic runs: past it every
         scaled delta is inf and the graft could only fail in the worker, after the job was accepted.
-        GraftError("invalid_recipe") naming the field."""
+        GraftError("invalid_recipe") naming the field. Also that every rule's per-diff list has one entry per
+        diff (checked here, where the API's own construction of a recipe is checked, rather than by pydantic)."""
+        for j, rule in enumerate(self.rules):
+            if rule.diffs is not None and len(rule.diffs) != len(self.diffs):
+                raise GraftError("invalid_recipe", f"rules.{j}.diffs: one entry per diff ({len(self.diffs)}), got "
+                                 f"{len(rule.diffs)}", {"field": f"rules.{j}.diffs"})
         lam = self.merge.lambda_
         named = [(f"diffs.{i}.weight", d.weight) for i, d in enumerate(self.diffs)]
         named += [(f"rules.{j}.weight", r.weight) for j, r in enumerate(self.rules) if r.weight is not None]
