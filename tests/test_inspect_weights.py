@@ -15,7 +15,7 @@ import pytest
 from graft_helpers import HEAD, effective, load_dir
 
 from worker.devtools.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
-from worker.engine import GraftCancelled, GraftError, GraftRequest
+from worker.engine import GraftCancelled, GraftError, GraftOptions, GraftRequest
 from worker.engine.checks.inspect import Level, inspect_graft
 from worker.engine.checks.inspect import weights as weights_module
 from worker.engine.config import EngineSettings
@@ -248,8 +248,8 @@ def test_far_and_opposed_targets_risky(family):
 
 
 def test_low_coverage_risky(family):
-    request = GraftRequest.single(family["base"], family["ft"], family["near"], "")
-    request.options.include = [r"layers\.0\.self_attn\.q_proj"]
+    request = GraftRequest.single(family["base"], family["ft"], family["near"], "",
+                                  GraftOptions(include=[r"layers\.0\.self_attn\.q_proj"]))
     report = inspect_graft(request, level=Level.WEIGHTS).report
     entry = report["weights"]["diffs"][0]
     q = SHAPE.hidden * SHAPE.hidden

@@ -56,7 +56,7 @@ class GraftRequest:
     @property
     def options(self) -> GraftOptions:
         """The engine options; alpha is the plain transfer's (weight times lambda), 1 for any other recipe (its
-        strengths are in the recipe)."""
+        strengths are in the recipe). Built from the recipe on each call: change the recipe, not this."""
         alpha = self.recipe.plain_alpha()
         return self.recipe.options.engine_options(1.0 if alpha is None else alpha)
 
