@@ -58,6 +58,7 @@ from worker.engine.planning.mergekit_methods import (
 )
 from worker.engine.planning.mergekit_settings import refuse as _refuse
 from worker.engine.planning.recipe import MAX_DIFFS, Recipe, load_recipe
+from worker.engine.storage.schemes import SCHEMES
 
 MAX_CONFIG_CHARS = 1 << 20  # a config is a page of YAML; a megabyte is not one
 # Collections inside collections. PyYAML's scanner and parser are iterative but its composer recurses (a few
@@ -70,7 +71,6 @@ MAX_STAGES = 64  # documents of a multi-stage file
 _OUR_DTYPES = ("bfloat16", "float16", "float32")
 _MERGEKIT_DTYPES = (*_OUR_DTYPES, "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_SCHEMES = ("s3://", "hf://", "file://")
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "name"}
 _MODEL_KEYS = {"model", "parameters"}
@@ -377,7 +377,7 @@ def _model_uri(ref: Any, key: str, resolve_local: bool) -> str:
     if not isinstance(ref, str) or not ref.strip() or len(ref) > 2048:
         raise _refuse(key, "give the model as a path or a hub repository id")
     ref = ref.strip()
-    if ref.startswith(_SCHEMES):
+    if ref.startswith(tuple(f"{name}://" for name in SCHEMES)):  # the storage table's: gs:// when it has one
         return ref
     if "+" in ref:
         raise _refuse(key, "LoRA adapters (model+lora) are not supported: merge the adapter first")
