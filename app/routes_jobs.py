@@ -84,6 +84,8 @@ def _recipe(body: Models) -> Recipe:
     with the first two; `options` with all (over a mergekit config's own). Alpha is one strength on the whole
     recipe, whichever way it came: its merged delta times alpha (Recipe.scaled)."""
     options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
+    if body.mergekit_stage is not None and body.mergekit_config is None:
+        raise field_error("mergekit_stage", "names a stage of a mergekit_config: give the config too")
     if body.mergekit_config is not None:
         recipe = _mergekit_recipe(body, options)
     else:
@@ -121,7 +123,7 @@ def _mergekit_recipe(body: Models, options: RecipeOptions) -> Recipe:
     from worker.engine.planning.mergekit_config import recipe_from_mergekit
 
     try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
-        recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
+        recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False, stage=body.mergekit_stage)
     except GraftError as err:
         raise field_error("mergekit_config", err.message, err.code) from err
     given = body.options.model_fields_set - {"alpha"}

@@ -416,3 +416,23 @@ def test_a_rule_keeping_the_diffs_own_values_shadows_the_rules_after_it(family, 
     base, ft1 = _states(family, "base", "ft1")
     _assert_close(got, {n: base[n] + _param([own], "weight", n) * (ft1[n] - base[n]) for n in base},
                   {n: _scale(base[n], [ft1[n]]) for n in base})
+
+
+def test_the_cli_picks_a_stage_by_name(family, tmp_path, capsys):
+    """`--mergekit-stage` reaches the converter; without a config it is refused, as is a stage graft cannot build."""
+    from worker.cli import main
+
+    first = (f"name: first\nmerge_method: task_arithmetic\nbase_model: {family['base']}\n"
+             f"models: [{{model: {family['ft1']}, parameters: {{weight: 0.5}}}}]\n")
+    second = (f"name: second\nmerge_method: ties\nbase_model: {family['base']}\n"
+              "models: [{model: first, parameters: {weight: 1}}]\n")
+    config = tmp_path / "stages.yml"
+    config.write_text(first + "---\n" + second)
+    assert main(["run", "--mergekit-config", str(config), "--mergekit-stage", "first", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--mergekit-config", str(config), "--mergekit-stage", "second", "--dry-run"]) == 2
+    assert "merges the output of stage 'first'" in capsys.readouterr().err
+    assert main(["run", "--mergekit-config", str(config), "--dry-run"]) == 2
+    assert "stages: 'first', 'second'" in capsys.readouterr().err
+    assert main(["run", "--mergekit-stage", "first", "--dry-run"]) == 2
+    assert "--mergekit-stage names a stage of a --mergekit-config" in capsys.readouterr().err

@@ -218,6 +218,20 @@ def test_each_route_answers_422_naming_mergekit_config(api, name):
             assert errors[0]["message"].startswith("mergekit config"), errors
 
 
+def test_a_stage_is_chosen_by_mergekit_stage(api):
+    """`mergekit_stage` picks a stage of a multi-stage file (the preview plans it); alone it names nothing."""
+    stage = ("name: {name}\nmerge_method: task_arithmetic\nbase_model: {root}/base\n"
+             "models: [{{model: {root}/ft, parameters: {{weight: 0.5}}}}]\n")
+    text = stage.format(name="one", root=api.root) + "---\n" + stage.format(name="two", root=api.root)
+    with api.client() as c:
+        for route in ROUTES:
+            resp = c.post(route, json={"mergekit_config": text, "mergekit_stage": "three"})
+            assert resp.status_code == 422, (route, resp.text[:300])
+            assert "no stage named 'three' (stages: 'one', 'two')" in resp.json()["errors"][0]["message"]
+            resp = c.post(route, json={"mergekit_stage": "one"})
+            assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "mergekit_stage", resp.text[:300]
+
+
 def test_no_job_was_queued_for_a_refused_config(api):
     with api.client() as c:
         for text in ISSUE_INPUTS.values():

@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "merge method, per-layer weights, rules (see README: recipes)")
     models.add_argument("--mergekit-config", metavar="FILE", help="a mergekit config of the task-vector family, "
                         "run as the equivalent recipe")
+    models.add_argument("--mergekit-stage", metavar="NAME", help="the `name:` of the stage to run in a "
+                        "multi-stage mergekit config")
     _add_option_flags(p.add_argument_group("options (override a recipe's)"))
 
 
@@ -97,6 +99,8 @@ def _request(args: argparse.Namespace):
     if len(documents) > 1 or (documents and (any(three) or alpha is not None)):
         raise GraftError("invalid_option", "give either --recipe, --mergekit-config or the three model URIs "
                          "(with --alpha)")
+    if args.mergekit_stage and not args.mergekit_config:
+        raise GraftError("invalid_option", "--mergekit-stage names a stage of a --mergekit-config: give the config")
     if args.recipe:
         data = _read_document(args.recipe)
         if isinstance(data.get("options"), dict | None):  # anything else is load_recipe's to refuse by name
@@ -107,7 +111,8 @@ def _request(args: argparse.Namespace):
 
         # The text, not a dict: the converter's own loader bounds nesting and refuses YAML's non-JSON types.
         recipe = recipe_from_mergekit(_read_text(args.mergekit_config, "--mergekit-config",
-                                                   code="invalid_recipe", missing="input_not_found"))
+                                                   code="invalid_recipe", missing="input_not_found"),
+                                      stage=args.mergekit_stage)
         recipe = load_recipe({**recipe.to_dict(), "options": {**recipe.options.model_dump(), **flags}},
                              where=args.mergekit_config)
     else:

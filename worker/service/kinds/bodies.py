@@ -102,6 +102,8 @@ class Models(BaseModel):
     mergekit_config: str | None = Field(None, min_length=1, max_length=64 << 10, description="a mergekit YAML "
                                         "of the task-vector family, in place of the models, merge and rules "
                                         "(its base_model is the target and every diff's base)")
+    mergekit_stage: str | None = Field(None, min_length=1, max_length=256, description="the `name:` of the "
+                                       "stage to run in a multi-stage mergekit_config")
     output: str | None = Field(None, min_length=1, max_length=2048,
                                pattern=URI_PATTERN.format(schemes.pattern(writable=True)),
                                description=f"{schemes.prefixes(writable=True)} prefix for what the job writes (a "
