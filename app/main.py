@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = keys
     app.state.settings = settings
     problems.install(app)
+    app.include_router(routes_jobs.kind_routes())  # one POST per job kind, from the table
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.add_middleware(Gate, keys=keys, max_body_bytes=settings.max_body_bytes)

@@ -23,17 +23,13 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
     from worker.engine.checks.inspect import headers_verdict
     from worker.engine.errors import GraftError
     from worker.engine.pipeline.graft import close_models, plan_graft
-    from worker.engine.planning.options import GraftOptions, GraftRequest
     from worker.engine.planning.recipe import load_recipe
+    from worker.engine.planning.request import GraftRequest
     from worker.service.settings import Settings
 
     try:
         settings = Settings(**settings_dump)
-        if request.get("recipe"):
-            graft = GraftRequest.from_recipe(load_recipe(request["recipe"]), "", **request.get("confinement", {}))
-        else:
-            graft = GraftRequest(request["source_base"], request["source_finetuned"], request["target_base"], "",
-                                 GraftOptions(**request["options"]), **request.get("confinement", {}))
+        graft = GraftRequest(load_recipe(request["recipe"]), "", **request.get("confinement", {}))
         plan, models = plan_graft(graft, settings)
         try:
             return {"plan": {**plan.to_dict(), "preflight": headers_verdict(graft, models, plan)}}

@@ -1,10 +1,12 @@
-"""/v1/jobs: submit, read, list, cancel, events and preview. No tensor work here: previews run in their own
-processes (app/preview.py), jobs in the workers."""
+"""/v1: one submitting POST per job kind (from the table, worker/service/kinds), and /v1/jobs: read, list, cancel,
+events and preview. No tensor work here: previews run in their own processes (app/preview.py), jobs in the
+workers."""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Query
@@ -15,13 +17,15 @@ from worker.engine.errors import GraftError
 from worker.engine.planning.options import GraftOptions
 from worker.engine.planning.recipe import Diff, Recipe, RecipeOptions
 from worker.service.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
-from worker.service.statuses import ACTIVE, TERMINAL, JobKind, JobStatus
+from worker.service.kinds import KINDS, Kind, graft
+from worker.service.kinds.bodies import BodyError, Models
+from worker.service.statuses import ACTIVE, TERMINAL, JobStatus
 from worker.service.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
 from worker.service.webhooks import check_webhook_target
 
 from .auth import tenant_of
 from .problems import Problem, field_error
-from .schemas import EventList, Job, JobCreate, JobList, Models, Plan, PreflightCreate
+from .schemas import EventList, Job, JobCreate, JobList, Plan
 from .schemas import Problem as ProblemSchema
 from .state import AppState, app_state
 
@@ -48,15 +52,18 @@ def rate_limited(tenant: str = Depends(tenant_of), state: AppState = Depends(app
     return tenant
 
 
-def _strength(body) -> float:
+def _strength(body: Models) -> float:
     """The body's alpha as one number: a list (a sweep) builds at 1 and scales each candidate in the worker."""
     return body.options.alpha if isinstance(body.options.alpha, float | int) else 1.0
 
 
-def _check_options(body: JobCreate) -> None:
-    """The engine's checks of the options (RE2 patterns, sizes), with the failing option named."""
-    if body.select is not None and not isinstance(body.options.alpha, list):
-        raise field_error("select", "picks among several alphas: give options.alpha as a list", "invalid_option")
+def _check_body(kind: Kind, body: Models) -> None:
+    """The kind's own checks of its body, then the engine's checks of the options (RE2 patterns, sizes), with
+    the failing field named."""
+    try:
+        kind.check(body)
+    except BodyError as err:
+        raise field_error(err.field, err.message, err.code) from err
     if isinstance(body.options.alpha, list):
         from worker.engine.checks.checked_graft import check_alphas
 
@@ -71,12 +78,14 @@ def _check_options(body: JobCreate) -> None:
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err
 
 
-def _recipe(body: JobCreate) -> Recipe:
+def _recipe(body: Models) -> Recipe:
     """The recipe the body describes, in one of three ways: today's three fields (with alpha), `diffs` in place
     of source_base/source_finetuned, or a mergekit config in place of all the models. `merge` and `rules` go
     with the first two; `options` with all (over a mergekit config's own). Alpha is one strength on the whole
     recipe, whichever way it came: its merged delta times alpha (Recipe.scaled)."""
     options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
+    if body.mergekit_stage is not None and body.mergekit_config is None:
+        raise field_error("mergekit_stage", "names a stage of a mergekit_config: give the config too")
     if body.mergekit_config is not None:
         recipe = _mergekit_recipe(body, options)
     else:
@@ -106,7 +115,7 @@ def _recipe(body: JobCreate) -> Recipe:
     return recipe if sweep else scaled[0]  # a sweep's record holds the recipe at 1: the worker scales each
 
 
-def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:
+def _mergekit_recipe(body: Models, options: RecipeOptions) -> Recipe:
     """A mergekit config's recipe, the body's options over its own."""
     for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
         if getattr(body, name) is not None:
@@ -114,7 +123,7 @@ def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:
     from worker.engine.planning.mergekit_config import recipe_from_mergekit
 
     try:  # resolve_local=False: nothing on the server's disk is probed for a tenant's config
-        recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False)
+        recipe = recipe_from_mergekit(body.mergekit_config, resolve_local=False, stage=body.mergekit_stage)
     except GraftError as err:
         raise field_error("mergekit_config", err.message, err.code) from err
     given = body.options.model_fields_set - {"alpha"}
@@ -122,7 +131,7 @@ def _mergekit_recipe(body: JobCreate, options: RecipeOptions) -> Recipe:
     return recipe.model_copy(update={"options": RecipeOptions.model_validate(merged)})
 
 
-def _inputs(body: JobCreate, recipe: Recipe) -> dict[str, str]:
+def _inputs(body: Models, recipe: Recipe) -> dict[str, str]:
     """Field name -> URI of every model the body names (a mergekit config's under its own name)."""
     if body.mergekit_config is not None:
         return {f"mergekit_config ({uri})": uri for uri in
@@ -137,17 +146,18 @@ def _inputs(body: JobCreate, recipe: Recipe) -> dict[str, str]:
 
 
 def _graft_fields(recipe: Recipe) -> dict:
-    """What the job record (and a preview process) needs of a recipe: the first diff's and the target's URIs,
-    the engine options, and the recipe itself unless it is the plain transfer."""
+    """What the job record (and a preview process) holds of the request: the recipe, which the worker runs. The
+    first diff's and the target's URIs and the engine options (alpha: a one-diff recipe's strength, else 1)
+    are shown beside it, for the reader of a job; nothing reads them back."""
     alpha = recipe.plain_alpha()
     first = recipe.diffs[0]
     return {"source_base": first.source_base, "source_finetuned": first.source_finetuned,
             "target_base": recipe.target_base,
             "options": recipe.options.engine_options(1.0 if alpha is None else alpha).to_dict(),
-            "recipe": recipe.to_dict() if alpha is None else None}
+            "recipe": recipe.to_dict()}
 
 
-def _check_request(body: JobCreate, recipe: Recipe, state: AppState, tenant: str) -> None:
+def _check_request(body: Models, recipe: Recipe, state: AppState, tenant: str) -> None:
     """Everything about a body that needs no job id: sizes, inputs, webhook (resolves the host: a thread)."""
     settings = state.settings
     if len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
@@ -166,7 +176,7 @@ def _check_request(body: JobCreate, recipe: Recipe, state: AppState, tenant: str
             raise field_error("webhook_url", str(err), kind if kind != "invalid" else "webhook_url_invalid") from err
 
 
-def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
+def _output(job_id: str, body: Models, state: AppState, tenant: str) -> str:
     try:
         output = output_for(job_id, body.output, state.settings, tenant)
         # The default too: GRAFT_OUTPUT_URI, or the tenant's own namespace, may lie in a model or a result.
@@ -179,79 +189,57 @@ def _output(job_id: str, body: JobCreate, state: AppState, tenant: str) -> str:
         raise Problem(503, err.code, err.message, headers={"Retry-After": "5"}) from err
 
 
-@router.post("/jobs", status_code=202, response_model=Job, summary="Submit a graft job",
-             responses={**ERRORS, 400: PROBLEM, **LIMITED})
-def create_job(body: JobCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
-               idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+def kind_routes() -> APIRouter:
+    """One POST per kind of the table, each the same handler with the kind's body: what create_app includes,
+    so a kind registered before the app is built has its route, and its OpenAPI entry with it."""
+    kinds = APIRouter(prefix="/v1", tags=["jobs"])
+    for kind in KINDS.values():
+        responses = {**ERRORS, 400: PROBLEM, **LIMITED,
+                     **{code: {**PROBLEM, "description": text} for code, text in kind.route.responses.items()}}
+        kinds.add_api_route(kind.route.path, _submitting(kind), methods=["POST"], name=kind.route.name,
+                            status_code=202, response_model=Job, summary=kind.route.summary,
+                            description=kind.route.description or "", responses=responses)
+    return kinds
+
+
+def _submitting(kind: Kind) -> Callable[..., Response]:
+    """The route's handler: FastAPI reads the body's model from its signature, so each kind has its own."""
+    def handler(body, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
+                idempotency_key: str | None = Header(None, max_length=255)) -> Response:
+        return create(kind, body, tenant, state, idempotency_key)
+
+    handler.__annotations__ = {**handler.__annotations__, "body": kind.body}
+    handler.__name__ = handler.__qualname__ = kind.route.name
+    return handler
+
+
+def create(kind: Kind, body: Models, tenant: str, state: AppState, idempotency_key: str | None) -> Response:
+    """Submit a job of `kind`: the same steps for every kind, the kind's own parts from the table."""
     # First: an identical request's replay is the original job, even where what has happened since (its output
     # published, a model placed above it, a limit lowered) would refuse the request now.
     if idempotency_key is not None and (replay := _replay(state, tenant, idempotency_key, body)) is not None:
         return _replayed(replay, state)
-    _check_options(body)
+    _check_body(kind, body)
     recipe = _recipe(body)
     _check_request(body, recipe, state, tenant)
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
-    spec = _checks_spec(body)
-    doc = _job_doc(JobKind.GRAFT, job_id, spec, recipe, output, body, state)
+    spec = kind.spec(body)
+    doc = _job_doc(kind, job_id, spec, recipe, output, body, state)
     return _submit(doc, spec, body, state, tenant, idempotency_key)
 
 
-@router.post("/preflights", status_code=202, response_model=Job, summary="Check a graft's inputs before grafting",
-             description="A job of its own kind, run by the workers and polled at /v1/jobs/{id}: a verdict "
-             "(compatible, risky, incompatible) with its reasons and numbers in `result.report`, report.json and a "
-             "per-layer chart written under the output. The synchronous header-only plan stays in "
-             "POST /v1/jobs:preview.", responses={**ERRORS, 400: PROBLEM, **LIMITED})
-def create_preflight(body: PreflightCreate, tenant: str = Depends(rate_limited), state: AppState = Depends(app_state),
-                     idempotency_key: str | None = Header(None, max_length=255)) -> Response:
-    if idempotency_key is not None and (replay := _replay(state, tenant, idempotency_key, body)) is not None:
-        return _replayed(replay, state)  # as in create_job: before anything that may have changed since
-    if isinstance(body.options.alpha, list):
-        raise field_error("options.alpha", "a list of alphas is a sweep, which graft jobs run; a preflight judges "
-                          "the inputs", "invalid_option")
-    graft = JobCreate(**{name: getattr(body, name) for name in Models.model_fields})
-    _check_options(graft)
-    recipe = _recipe(graft)
-    _check_request(graft, recipe, state, tenant)
-    job_id = new_job_id()
-    output = _output(job_id, graft, state, tenant)
-    spec = {"preflight": body.model_dump(mode="json", include={"level", "probe_text"}, exclude_none=True)}
-    doc = _job_doc(JobKind.PREFLIGHT, job_id, spec, recipe, output, body, state)
-    return _submit(doc, spec, body, state, tenant, idempotency_key)
-
-
-def _job_doc(kind: JobKind, job_id: str, spec: dict | None, recipe: Recipe, output: str, body,
+def _job_doc(kind: Kind, job_id: str, spec: dict | None, recipe: Recipe, output: str, body: Models,
              state: AppState) -> dict:
-    """A new job's record, whatever its kind (worker/service/kinds.py): queued, its inputs and its checks."""
-    return {"id": job_id, "object": "graft.job", "kind": kind.value, "checks": _shown_checks(spec),
+    """A new job's record, whatever its kind: queued, its inputs and its checks (as the kind shows them)."""
+    return {"id": job_id, "object": "graft.job", "kind": kind.name, "checks": kind.shown(spec),
             "status": JobStatus.QUEUED.value, "created_at": now_iso(), "started_at": None, "finished_at": None,
             **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
             "attempt": 0, "max_attempts": state.settings.max_attempts, "progress": None, "result": None,
             "error": None}
 
 
-def _checks_spec(body: JobCreate) -> dict | None:
-    """What the worker needs of the body's checks (None: a plain graft)."""
-    spec = body.model_dump(mode="json", include={"evaluate", "select", "require"}, exclude_none=True)
-    if isinstance(body.options.alpha, list):
-        spec["alpha"] = body.options.alpha
-    return spec or None
-
-
-def _shown_checks(spec: dict | None) -> dict | None:
-    """The checks as a job shows them: a probe text by its length (it may be 64 KiB, and every GET returns it)."""
-    if not spec:
-        return None
-    shown = {**spec}
-    for key in ("evaluate", "preflight"):
-        if isinstance(shown.get(key), dict) and shown[key].get("probe_text") is not None:
-            part = {**shown[key]}
-            part["probe_text_chars"] = len(part.pop("probe_text"))
-            shown[key] = part
-    return shown
-
-
-def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, idempotency_key: str | None
+def _submit(doc: dict, spec: dict | None, body: Models, state: AppState, tenant: str, idempotency_key: str | None
             ) -> Response:
     """Create the record (under the tenant's quota and an idempotency key) and queue it."""
     settings, store = state.settings, state.store
@@ -284,7 +272,7 @@ def _submit(doc: dict, spec: dict | None, body, state: AppState, tenant: str, id
     return _json(doc, 202, {"Location": f"/v1/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)})
 
 
-def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate,
+def _claim_idempotency(state: AppState, tenant: str, key: str, body: Models,
                        job_id: str) -> tuple[dict | None, str]:
     """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
     rkey, body_hash = _idempotency_slot(state, tenant, key, body)
@@ -297,14 +285,14 @@ def _claim_idempotency(state: AppState, tenant: str, key: str, body: JobCreate |
     raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
 
 
-def _idempotency_slot(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate
+def _idempotency_slot(state: AppState, tenant: str, key: str, body: Models
                       ) -> tuple[str, str]:
     """(the Redis key holding this Idempotency-Key, the hash of the body it was first used with)."""
     body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
     return state.store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest()), body_hash
 
 
-def _replay(state: AppState, tenant: str, key: str, body: JobCreate | PreflightCreate) -> dict | None:
+def _replay(state: AppState, tenant: str, key: str, body: Models) -> dict | None:
     """The job an earlier identical request with this key made (None: the key is unused); a different body
     is refused. Only looks: the key is claimed by _submit, once the request has passed every check."""
     rkey, body_hash = _idempotency_slot(state, tenant, key, body)
@@ -405,7 +393,7 @@ def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = 
                         504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
 async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                   state: AppState = Depends(app_state)) -> Response:
-    _check_options(body)
+    _check_body(KINDS[graft.NAME], body)  # the dry run of a graft job
     recipe = _recipe(body)
     await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)
     await run_in_threadpool(_output, new_job_id(), body, state, tenant)  # refused where the job's would be

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -52,19 +51,14 @@ def metrics(state: AppState = Depends(app_state)) -> Response:
 
 
 def _storage_check(settings: Settings) -> str:
-    """The default output location answers (a bucket HEAD, or a writable directory)."""
+    """The default output location answers, as its scheme probes it (a bucket HEAD, a writable directory)."""
     if not settings.output_uri:
         return "not configured"
     try:
+        from worker.engine.storage import schemes
         from worker.engine.storage.uris import parse_uri
 
         loc = parse_uri(settings.output_uri)
-        if loc.scheme == "s3":
-            from worker.engine.storage.s3 import s3_client
-
-            s3_client(settings.s3_endpoint_url).head_bucket(Bucket=loc.bucket)
-            return "ok"
-        os.makedirs(loc.path, exist_ok=True)
-        return "ok" if os.access(loc.path, os.W_OK) else "error: not writable"
+        return schemes.get(loc.scheme).ready(loc, settings.s3_endpoint_url)
     except Exception as exc:
         return f"error: {type(exc).__name__}: {str(exc)[:200]}"

@@ -1,128 +1,37 @@
-"""Request and response bodies: the contract openapi.yaml is generated from."""
+"""Request and response bodies: the contract openapi.yaml is generated from. The request bodies are the job
+kinds' (worker/service/kinds), re-exported here where the API names them."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
 
-from worker.engine.checks.checked_graft import MAX_SWEEP, Checks
-from worker.engine.checks.evaluation.spec import ProbeText
-from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
-from worker.engine.errors import GraftError
-from worker.engine.planning.options import FLOAT32_MAX, check_alpha
-from worker.engine.planning.recipe import Diff, Merge, RecipeOptions, Rule
-from worker.service.statuses import JobKind, JobStatus
+from worker.service.kinds import DEFAULT, KINDS
+from worker.service.kinds.bodies import Models, Options
+from worker.service.kinds.graft import JobCreate
+from worker.service.kinds.preflight import PreflightCreate
+from worker.service.statuses import JobStatus
+
+__all__ = ["JobCreate", "Models", "Options", "PreflightCreate"]
 
 Status = JobStatus
-# A scheme, then no spaces or control characters: spelled out, because \\s differs between Python, Rust
-# (pydantic) and the ECMA regexes of JSON Schema (U+0085, U+001C..U+001F).
-URI_PATTERN = r"^({})://[^\x00-\x20\x7f-\x9f]+$"
-URI_FIELD = {"min_length": 1, "max_length": 2048, "pattern": URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3|[Hh][Ff]"),
-             "description": "file:///abs/path, s3://bucket/prefix or hf://org/name[@rev]"}
-URI = Field(**URI_FIELD)
-# Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
-MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
-MetaValue = Annotated[str, StringConstraints(max_length=1024)]
 
 
-def _alpha(value: object) -> float | list[float]:
-    """One error naming options.alpha, rather than one per member of a union; each number checked as the
-    engine checks it (finite, within float32's range: a 400-digit integer was an OverflowError here)."""
-    try:
-        if isinstance(value, list) and 2 <= len(value) <= MAX_SWEEP:
-            return [check_alpha(v) for v in value]
-        if not isinstance(value, list):
-            return check_alpha(value)
-    except GraftError:
-        pass
-    raise PydanticCustomError("alpha", f"a finite JSON number within float32's range (about 3.4e38), or a list "
-                              f"of 2 to {MAX_SWEEP} of them (a sweep)")
+class JobKind(str):
+    """A job's kind: its JSON schema is the table's kinds when the schema is generated (an enum declared here
+    would be a second list of the kinds)."""
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.str_schema(ref="JobKind")
 
-_NUMBER = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}  # as check_alpha holds it
-Alpha = Annotated[float | list[float], PlainValidator(_alpha), WithJsonSchema(
-    {"anyOf": [_NUMBER, {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": MAX_SWEEP}]})]
-
-
-class Options(RecipeOptions):
-    """What `graft run` takes: the engine's options (declared once, in worker/engine/planning/recipe.py) and alpha."""
-
-    alpha: Alpha = Field(1.0, description="scale of the diff (a JSON number); with `diffs`, `rules` or a "
-                         "mergekit_config, a factor on the merged delta (the merge's lambda). A list is a sweep: "
-                         "each value scales it in its own candidate, which is built and evaluated, and only the "
-                         "one `select` picks is published")
-
-
-def _metadata_schema(schema: dict) -> None:
-    """pydantic states the key pattern as patternProperties, under which keys that miss the pattern may hold
-    anything; the API refuses them, and so must the contract."""
-    pattern = schema.pop("patternProperties", None) or {}
-    for key_pattern, value_schema in pattern.items():
-        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": key_pattern}
-        schema["additionalProperties"] = value_schema
-
-
-def _either_diffs_or_three_fields(schema: dict) -> None:
-    """The models come one way of three: today's three fields, target_base with `diffs`, or a mergekit config
-    alone (the schema says so, and the handler checks the same)."""
-    def given(*names: str, kind: str = "string") -> dict:  # present and not null
-        return {"required": list(names), "properties": {n: {"type": kind} for n in names}}
-
-    models = ("target_base", "source_base", "source_finetuned")
-    schema["anyOf"] = [{"required": ["target_base", "diffs"],
-                        "properties": {"target_base": {"type": "string"}, "diffs": {"type": "array"}},
-                        "not": {"anyOf": [given("source_base"), given("source_finetuned"), given("mergekit_config")]}},
-                       {**given(*models), "not": {"anyOf": [given("diffs", kind="array"), given("mergekit_config")]}},
-                       {**given("mergekit_config"),
-                        "not": {"anyOf": [*(given(m) for m in models), given("diffs", kind="array"),
-                                          given("merge", kind="object"), given("rules", kind="array")]}}]
-
-
-class Models(BaseModel):
-    """What a graft job and a preflight share: the models (one of three ways), how they combine, where the job
-    writes, labels and a webhook."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
-    source_base: str | None = Field(None, **URI_FIELD)
-    source_finetuned: str | None = Field(None, **URI_FIELD)
-    target_base: str | None = Field(None, **URI_FIELD)
-    diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="a recipe's diffs, in place of "
-                                     "source_base and source_finetuned (see README: recipes)")
-    merge: Merge | None = Field(None, description="how a recipe's diffs combine (default: sum)")
-    rules: list[Rule] | None = Field(None, max_length=100, description="a recipe's per-tensor overrides")
-    mergekit_config: str | None = Field(None, min_length=1, max_length=64 << 10, description="a mergekit YAML "
-                                        "of the task-vector family, in place of the models, merge and rules "
-                                        "(its base_model is the target and every diff's base)")
-    output: str | None = Field(None, min_length=1, max_length=2048,
-                               pattern=URI_PATTERN.format("[Ff][Ii][Ll][Ee]|[Ss]3"),
-                               description="file:// or s3:// prefix for what the job writes (a graft's checkpoint, "
-                                           "a preflight's report.json and chart); default "
-                                           "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
-    options: Options = Field(default_factory=Options)
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
-                                               description="labels returned as given: at most 32, keys of at most 64 "
-                                                           "characters, values of at most 1024")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
-                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
-                                    description="POSTed the job on a terminal status; must reach a public address")
-
-
-class JobCreate(Models, Checks):
-    """A graft job: the models and, optionally, its checks (evaluate, select with a list of alphas, require)."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
-
-
-class PreflightCreate(Models):
-    """A compatibility check of a graft's inputs, run by the workers as a job of its own kind. With several
-    diffs, each is judged against the target and the verdict is the worst."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_either_diffs_or_three_fields)
-    level: Level = Field(Level.WEIGHTS, description=LEVEL_HELP)
-    probe_text: ProbeText | None = Field(None, description="the function level's probe text (at most 64 KiB of "
-                                         "UTF-8; default: one built into graft)")
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        routes = ", ".join(f"{k.name} (POST /v1{k.route.path})" for k in KINDS.values())
+        return {"type": "string", "enum": list(KINDS), "title": "JobKind",
+                "description": f"What a job does, and the route that submits it: {routes}."}
 
 
 class Progress(BaseModel):
@@ -164,7 +73,7 @@ class JobError(BaseModel):
 class Job(BaseModel):
     id: str
     object: Literal["graft.job"] = "graft.job"
-    kind: JobKind = Field(JobKind.GRAFT, description="a graft, or a preflight (POST /v1/preflights)")
+    kind: JobKind = Field(DEFAULT, description="what the job does (JobKind lists the kinds and their routes)")
     status: Status
     created_at: str
     started_at: str | None = None
@@ -174,8 +83,9 @@ class Job(BaseModel):
     target_base: str
     output: str
     options: dict[str, Any]
-    recipe: dict[str, Any] | None = Field(None, description="the recipe, when the job is more than the plain "
-                                          "transfer (several diffs, transforms, a merge method, rules)")
+    recipe: dict[str, Any] | None = Field(None, description="the recipe the job runs (a plain transfer is a "
+                                          "one-diff recipe whose weight is alpha); the URIs and options beside it "
+                                          "repeat it for the reader")
     checks: dict[str, Any] | None = Field(None, description="what the job asked beyond the graft: evaluate (the "
                                           "probe text shown by its length), select, require, the swept alphas; a "
                                           "preflight's level")

@@ -29,14 +29,14 @@ def _request(job: str, paths: dict[str, str], out: str, device: str):
     from worker.engine.planning.recipe import load_recipe
 
     if job == "plain":
-        return GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], out,
+        return GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], out,
                             GraftOptions(device=device))
     base = paths["source_base"]
     recipe = load_recipe({"target_base": base, "merge": {"method": "ties", "density": 0.2},
                           "diffs": [{"source_base": base, "source_finetuned": paths["source_finetuned"]},
                                     {"source_base": base, "source_finetuned": paths["target_base"]}],
                           "options": {"device": device}})
-    return GraftRequest.from_recipe(recipe, out)
+    return GraftRequest(recipe, out)
 
 
 def main() -> int:

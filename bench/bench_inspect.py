@@ -32,7 +32,7 @@ from worker.engine import GraftRequest
 from worker.engine.checks.inspect import inspect_graft
 from worker.service.settings import Settings
 base, finetuned, target, level = sys.argv[1:5]
-result = inspect_graft(GraftRequest(base, finetuned, target, ""), level=level, settings=Settings())
+result = inspect_graft(GraftRequest.single(base, finetuned, target, ""), level=level, settings=Settings())
 w = result.report.get("weights", {})
 print(json.dumps({"verdict": result.report["verdict"], "pass_s": w.get("seconds"), "bytes_read": w.get("bytes_read"),
                   "seconds": result.report["seconds"], "estimates": result.report["estimates"]}))

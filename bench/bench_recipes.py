@@ -51,7 +51,7 @@ def progress(p):
     if not marks or marks[-1][0] != p.phase:
         marks.append((p.phase, time.perf_counter()))
 with open(cfg) as fh:
-    request = GraftRequest.from_recipe(recipe_from_mergekit(fh.read()), out)
+    request = GraftRequest(recipe_from_mergekit(fh.read()), out)
 result = run_graft(request, settings=Settings(), progress=progress)
 marks.append(("end", time.perf_counter()))
 phases = {}

@@ -240,7 +240,7 @@ def main() -> int:
         local_out = os.path.join(tmp, "local-out")
         for r in range(args.repeat):
             out = os.path.join(tmp, f"local-{r}")
-            meter.timed("compute", lambda out=out: run_graft(GraftRequest(
+            meter.timed("compute", lambda out=out: run_graft(GraftRequest.single(
                 paths["source_base"], paths["source_finetuned"], paths["target_base"], out, options),
                 settings=local_settings))
             if r == 0:
@@ -262,7 +262,8 @@ def main() -> int:
                 meter.timed(f"upload{cap}", lambda up=f"s3://bench/up-{cap:g}-{r}": upload_alone(local_out, up,
                                                                      proxy.endpoint, settings))
                 meter.timed(f"one{cap}", lambda: read_one_connection_each(proxied, "bench", keys))
-                result = meter.timed(f"job{cap}", lambda out=f"s3://bench/out-{cap:g}-{r}": run_graft(GraftRequest(
+                result = meter.timed(f"job{cap}", lambda out=f"s3://bench/out-{cap:g}-{r}": run_graft(
+                    GraftRequest.single(
                     uris["source_base"], uris["source_finetuned"], uris["target_base"], out, options),
                     settings=settings))
                 if best_job is None or meter.runs[f"job{cap}"][-1][0] <= meter.best(f"job{cap}"):

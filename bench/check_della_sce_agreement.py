@@ -83,7 +83,7 @@ def run_graft(models: dict, merge: dict, diffs: list[dict], out_dtype: str, out:
                           "options": {"dtype": out_dtype},
                           "diffs": [{"source_base": models["base"], "source_finetuned": models[n], **d}
                                     for n, d in zip(("ft1", "ft2"), diffs, strict=True)]})
-    run_graft(GraftRequest.from_recipe(recipe, out), settings=Settings(cache_dir=""))
+    run_graft(GraftRequest(recipe, out), settings=Settings(cache_dir=""))
 
 
 def ties_at_cut(states: dict, name: str, method: str, params: list[dict], top: dict) -> torch.Tensor:

@@ -75,7 +75,7 @@ def run_graft(cfg: str, out: str) -> None:
     from worker.engine.planning.mergekit_config import recipe_from_mergekit
     from worker.service.settings import Settings
 
-    run_graft(GraftRequest.from_recipe(recipe_from_mergekit(cfg), out), settings=Settings())
+    run_graft(GraftRequest(recipe_from_mergekit(cfg), out), settings=Settings())
 
 
 def load_dir(directory: str) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ def graft(paths: dict[str, str], output: str, *, settings_overrides: dict | None
           writer: str | None = None, **options):
     """Run a graft in-process; returns (result, warnings sent to the warn callback)."""
     warnings: list[dict] = []
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
                            GraftOptions(**options), writer=writer)
     result = run_graft(request, settings=settings(**(settings_overrides or {})), warn=warnings.append,
                        should_cancel=should_cancel)

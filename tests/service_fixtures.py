@@ -83,7 +83,7 @@ def local_graft(paths: dict[str, str], output: str, **options) -> str:
     from worker.engine import GraftOptions, GraftRequest, run_graft
     from worker.service.settings import Settings
 
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], output,
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], output,
                            GraftOptions(**options))
     run_graft(request, settings=Settings(cache_dir=""))
     return output

@@ -33,7 +33,7 @@ def family(tmp_path_factory):
 
 
 def _request(family, target: str, output: str, *, finetuned: str = "finetuned", alpha: float = 1.0) -> GraftRequest:
-    return GraftRequest(family["base"], family[finetuned], family[target], output, GraftOptions(alpha=alpha))
+    return GraftRequest.single(family["base"], family[finetuned], family[target], output, GraftOptions(alpha=alpha))
 
 
 def _settings(tmp_path) -> EngineSettings:
@@ -214,7 +214,7 @@ def test_sweep_over_a_recipe_scales_the_rules_weights_too(family, tmp_path):
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["finetuned"],
                                      "weight": 1.5}]})
     out = str(tmp_path / "out")
-    request = GraftRequest.from_recipe(recipe, out)
+    request = GraftRequest(recipe, out)
     assert request.recipe is not None  # not the plain transfer: the rule goes through the recipe path
     result = run_checked_graft(request, Checks(evaluate=SPEC), alphas=[0.5, 2.0], settings=_settings(tmp_path))
     alpha = result.checks["sweep"]["chosen_alpha"]

@@ -111,7 +111,7 @@ def test_spinning_template_is_an_evaluation_error_and_the_graft_is_published(fam
     out = str(tmp_path / "out")
     warnings = []
     t0 = time.monotonic()
-    result = run_checked_graft(GraftRequest(family["base"], finetuned, family["near"], out, GraftOptions()),
+    result = run_checked_graft(GraftRequest.single(family["base"], finetuned, family["near"], out, GraftOptions()),
                                Checks(evaluate=SPEC), settings=_settings(tmp_path), warn=warnings.append)
     assert time.monotonic() - t0 < 30
     error = result.checks["evaluation"]["error"]
@@ -190,7 +190,7 @@ def test_fence_or_cancel_during_the_evaluation_publishes_nothing(family, tmp_pat
         return False
 
     with pytest.raises(stop):
-        run_checked_graft(GraftRequest(family["base"], family["finetuned"], family["near"], out, GraftOptions()),
+        run_checked_graft(GraftRequest.single(family["base"], family["finetuned"], family["near"], out, GraftOptions()),
                           Checks(evaluate=SPEC), settings=_settings(tmp_path), should_cancel=should_cancel,
                           progress=lambda p: phases.append(str(p.phase)))
     assert "evaluating" in phases and "committing" not in phases
@@ -570,7 +570,7 @@ def _set_config(path: str, **changes) -> None:
 def _inspect_headers(paths: dict) -> dict:
     from worker.engine.checks.inspect import Level, inspect_graft
 
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
                            GraftOptions())
     return inspect_graft(request, level=Level.HEADERS).report
 

@@ -197,7 +197,7 @@ def recipe_of(models: dict[str, str], merge: dict, diffs: tuple = ({}, {})) -> d
 
 
 def run(recipe: dict, output, **settings):
-    return run_graft(GraftRequest.from_recipe(load_recipe(recipe), str(output)), settings=Settings(**settings))
+    return run_graft(GraftRequest(load_recipe(recipe), str(output)), settings=Settings(**settings))
 
 
 def shards(directory) -> dict[str, bytes]:
@@ -281,7 +281,7 @@ def test_statistics_phase_counts_the_reads_sce_needs(models, tmp_path):
     from worker.engine.pipeline.graft import close_models, plan_graft
 
     recipe = recipe_of(models, {"method": "sce", "select_topk": 0.5}, ({}, {}))
-    request = GraftRequest.from_recipe(load_recipe(recipe), str(tmp_path / "out"))
+    request = GraftRequest(load_recipe(recipe), str(tmp_path / "out"))
     plan, resolved = plan_graft(request)
     close_models(resolved)
     assert plan.to_dict()["recipe"]["statistics_passes"] == 3
@@ -318,7 +318,7 @@ def test_bad_parameters_name_the_field(models, case):
 def test_sce_refuses_weights_and_transforms_before_reading(models, tmp_path, diffs, field):
     phases = []
     with pytest.raises(GraftError) as info:
-        run_graft(GraftRequest.from_recipe(load_recipe(recipe_of(models, {"method": "sce"}, diffs)),
+        run_graft(GraftRequest(load_recipe(recipe_of(models, {"method": "sce"}, diffs)),
                                            str(tmp_path / "out")),
                   settings=Settings(), progress=lambda p: phases.append(p.phase))
     assert info.value.code == "invalid_recipe" and field in info.value.message

@@ -343,7 +343,7 @@ def jail(trio, tmp_path):
 
 
 def _request(paths: dict[str, str], output, roots: list[str] | None) -> GraftRequest:
-    return GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
+    return GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], str(output),
                         GraftOptions(), allowed_roots=roots)
 
 
@@ -462,7 +462,7 @@ def test_a_failed_attempt_that_was_superseded_leaves_the_output_alone(tmp_path):
             taken_over.append(True)
             raise OSError("the disk went away")
 
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"],
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"],
                            str(tmp_path / "out"))
     with pytest.raises(GraftSuperseded) as err:
         run_graft(request, settings=Settings(cache_dir="", block_bytes=4096), progress=progress,

@@ -158,12 +158,12 @@ def _garble_data(paths: dict[str, str]) -> None:
 
 
 def test_dry_run_reads_headers_only(trio, tmp_path):
-    request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
+    request = GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
                            GraftOptions(shard_size="100KB"))
     before, _ = plan_graft(request)
     garbled = copy_trio(trio, tmp_path / "garbled")
     _garble_data(garbled)
-    request_g = GraftRequest(garbled["source_base"], garbled["source_finetuned"], garbled["target_base"], "",
+    request_g = GraftRequest.single(garbled["source_base"], garbled["source_finetuned"], garbled["target_base"], "",
                              GraftOptions(shard_size="100KB"))
     after, _ = plan_graft(request_g)
     assert after.to_dict() == before.to_dict()

@@ -197,11 +197,12 @@ def test_output_order_follows_an_input_layout_to_spare_remote_seeks(trio, tmp_pa
     """The target is saved in reverse; the plan streams in a source's layout instead, so that input is read
     front to back, each output tensor still written exactly once."""
     from worker.engine.pipeline.graft import plan_graft
-    from worker.engine.planning.options import GraftOptions, GraftRequest
+    from worker.engine.planning.options import GraftOptions
     from worker.engine.planning.plan import _seeks
+    from worker.engine.planning.request import GraftRequest
 
-    request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], str(tmp_path / "o"),
-                           GraftOptions())
+    request = GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"],
+                                  str(tmp_path / "o"), GraftOptions())
     plan, models = plan_graft(request)
     order = [t.name for t in plan.tensors]
     assert len(order) == len(set(order)) == len(models["target_base"].tensors)

@@ -35,7 +35,7 @@ def _settings(mode: str) -> EngineSettings:
 
 
 def _request(family, out: str) -> GraftRequest:
-    return GraftRequest(family["base"], family["finetuned"], family["near"], out, GraftOptions(alpha=0.5))
+    return GraftRequest.single(family["base"], family["finetuned"], family["near"], out, GraftOptions(alpha=0.5))
 
 
 def _children() -> list[int]:
@@ -129,7 +129,7 @@ def test_hub_inputs_are_read_by_the_child_at_the_commit_grafted(family, tmp_path
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     try:
-        request = GraftRequest("hf://t/base", "hf://t/finetuned", "hf://t/near", str(tmp_path / "out"),
+        request = GraftRequest.single("hf://t/base", "hf://t/finetuned", "hf://t/near", str(tmp_path / "out"),
                                GraftOptions(alpha=0.5))
         evaluation = run_checked_graft(request, Checks(evaluate=SPEC), settings=_settings("process")).checks[
             "evaluation"]
@@ -150,7 +150,8 @@ def test_the_child_names_models_by_their_roles(family, tmp_path):
     for name in ("base", "near"):
         bare[name] = str(tmp_path / name)
         shutil.copytree(family[name], bare[name], ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
-    request = GraftRequest(bare["base"], family["finetuned_no_tokenizer"], bare["near"], "", GraftOptions(alpha=0.5))
+    request = GraftRequest.single(bare["base"], family["finetuned_no_tokenizer"], bare["near"], "",
+                                  GraftOptions(alpha=0.5))
     said = {}
     for mode in ("inline", "process"):
         with pytest.raises(GraftError) as err:

@@ -22,9 +22,9 @@ from worker.engine.checks.evaluation.loading import Phase, fit_window, memory_li
 from worker.engine.checks.evaluation.probe import builtin_probe_text
 from worker.engine.checks.evaluation.spec import DEFAULT_PROMPTS
 from worker.engine.checks.inspect.function import function_probe
-from worker.engine.checks.inspect.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
+from worker.engine.verdict import PROBE_UNKNOWN_SHARE, combine, function_reasons
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -136,7 +136,7 @@ def test_a_graft_on_a_64_token_model_evaluates_and_says_what_it_adapted(gpt2, tm
 
     out = str(tmp_path / "out")
     warned: list[dict] = []
-    request = GraftRequest(gpt2["base"], gpt2["finetuned"], gpt2["output"], out, GraftOptions(alpha=0.5))
+    request = GraftRequest.single(gpt2["base"], gpt2["finetuned"], gpt2["output"], out, GraftOptions(alpha=0.5))
     result = run_checked_graft(request, Checks(evaluate=EvaluateSpec(max_new_tokens=32)), warn=warned.append,
                                settings=EngineSettings(cache_dir="", probe_max_tokens=300))
     with open(os.path.join(out, "graft-manifest.json")) as fh:
@@ -474,8 +474,8 @@ def _sweep_trio(tmp_path, **save_kwargs) -> dict:
 def _sweep(paths: dict, out: str, checks, monkeypatch, **settings) -> tuple[list[str], object]:
     """Run a sweep over alphas 0.5 and 1; (the outputs run_graft was asked to build, the error raised)."""
     from worker.engine import GraftOptions, GraftRequest
-    from worker.engine import run as run_module
     from worker.engine.checks.checked_graft import run_checked_graft
+    from worker.engine.pipeline import graft as run_module
 
     built: list[str] = []
     real = run_module.run_graft
@@ -485,7 +485,7 @@ def _sweep(paths: dict, out: str, checks, monkeypatch, **settings) -> tuple[list
         return real(request, **kwargs)
 
     monkeypatch.setattr(run_module, "run_graft", counting)
-    request = GraftRequest(paths["base"], paths["ft"], paths["target"], out, GraftOptions())
+    request = GraftRequest.single(paths["base"], paths["ft"], paths["target"], out, GraftOptions())
     with pytest.raises(GraftError) as err:
         run_checked_graft(request, checks, alphas=[0.5, 1.0],
                           settings=EngineSettings(**{"cache_dir": "", "probe_max_tokens": 300, **settings}))

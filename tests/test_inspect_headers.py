@@ -45,7 +45,7 @@ def trio(root, *, target_config: dict | None = None, target_shape: LlamaShape | 
 
 
 def inspect(paths: dict[str, str], level: Level = Level.HEADERS, **options) -> dict:
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
                            GraftOptions(**options))
     report = inspect_graft(request, level=level).report
     json.dumps(report, allow_nan=False)  # JSON as it is
@@ -203,7 +203,7 @@ def test_estimates_agree_with_the_files(tmp_path):
     # vocab: extend -> the embedding and lm_head take the fine-tune's added rows
     vocab_rows = {n: F[n].shape[0] for n in ("model.embed_tokens.weight", "lm_head.weight")}
     want_output = sum(b * vocab_rows[n] // T[n].shape[0] if n in vocab_rows else b for n, b in nbytes.items())
-    request = GraftRequest(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
+    request = GraftRequest.single(paths["source_base"], paths["source_finetuned"], paths["target_base"], "",
                            GraftOptions(shard_size="100KB"))
     settings = EngineSettings(block_bytes=32 << 10, prefetch_blocks=3)
     report = inspect_graft(request, level=Level.HEADERS, settings=settings).report

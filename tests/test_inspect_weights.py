@@ -15,7 +15,7 @@ import pytest
 from graft_helpers import HEAD, effective, load_dir
 
 from worker.devtools.sample_models import LlamaShape, llama_state, make_trio, perturb, save_checkpoint
-from worker.engine import GraftCancelled, GraftError, GraftRequest
+from worker.engine import GraftCancelled, GraftError, GraftOptions, GraftRequest
 from worker.engine.checks.inspect import Level, inspect_graft
 from worker.engine.checks.inspect import weights as weights_module
 from worker.engine.config import EngineSettings
@@ -131,7 +131,7 @@ def family(tmp_path_factory) -> dict[str, str]:
 
 
 def plain(paths: dict[str, str], target: str | None = None) -> GraftRequest:
-    return GraftRequest(paths.get("source_base") or paths["base"], paths.get("source_finetuned") or paths["ft"],
+    return GraftRequest.single(paths.get("source_base") or paths["base"], paths.get("source_finetuned") or paths["ft"],
                         target or paths["target_base"], "")
 
 
@@ -140,7 +140,7 @@ def two_diffs(family: dict[str, str]) -> GraftRequest:
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["ft"]},
                                     {"source_base": family["base2"], "source_finetuned": family["ft2"],
                                      "weight": 0.5}]})
-    request = GraftRequest.from_recipe(recipe, "")
+    request = GraftRequest(recipe, "")
     assert request.recipe is not None
     return request
 
@@ -188,7 +188,7 @@ def test_each_input_read_once(trio, family, monkeypatch, kind):
 
     monkeypatch.setattr(LocalStore, "stream_into", counting)
     if kind == "plain":
-        request = GraftRequest(family["base"], family["ft"], family["near"], "")
+        request = GraftRequest.single(family["base"], family["ft"], family["near"], "")
         dirs = [family["base"], family["ft"], family["near"]]
     else:
         request = two_diffs(family)
@@ -221,7 +221,7 @@ def test_headers_level_reads_no_tensor_data(trio, monkeypatch):
 # --- the verdict ----------------------------------------------------------------------------------------
 
 def _verdict(family, target: str) -> tuple[str, set[str], dict]:
-    report = inspect_graft(GraftRequest(family["base"], family["ft"], family[target], ""),
+    report = inspect_graft(GraftRequest.single(family["base"], family["ft"], family[target], ""),
                            level=Level.WEIGHTS).report
     return report["verdict"], {r["code"] for r in report["reasons"] if r["verdict"] != "compatible"}, report
 
@@ -248,8 +248,8 @@ def test_far_and_opposed_targets_risky(family):
 
 
 def test_low_coverage_risky(family):
-    request = GraftRequest(family["base"], family["ft"], family["near"], "")
-    request.options.include = [r"layers\.0\.self_attn\.q_proj"]
+    request = GraftRequest.single(family["base"], family["ft"], family["near"], "",
+                                  GraftOptions(include=[r"layers\.0\.self_attn\.q_proj"]))
     report = inspect_graft(request, level=Level.WEIGHTS).report
     entry = report["weights"]["diffs"][0]
     q = SHAPE.hidden * SHAPE.hidden
@@ -262,7 +262,7 @@ def test_recipe_verdict_is_the_worst_over_its_diffs(family):
     recipe = load_recipe({"target_base": family["near"],
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["ft"]},
                                     {"source_base": family["unrelated"], "source_finetuned": family["ft"]}]})
-    report = inspect_graft(GraftRequest.from_recipe(recipe, ""), level=Level.WEIGHTS).report
+    report = inspect_graft(GraftRequest(recipe, ""), level=Level.WEIGHTS).report
     assert report["verdict"] == "incompatible"
     bad = [r for r in report["reasons"] if r["code"] == "bases_unrelated"]
     assert [r["values"]["diff"] for r in bad] == ["diff 1"]
@@ -327,7 +327,7 @@ def test_function_level_overrules_weights_connectivity(family, monkeypatch, rati
     """No barrier overrules "unrelated" down to risky (not to compatible: the weights still moved far); a
     barrier is incompatible on its own."""
     calls = fake_probe(monkeypatch, ratio)
-    request = GraftRequest(family["base"], family["ft"], family["unrelated"], "")
+    request = GraftRequest.single(family["base"], family["ft"], family["unrelated"], "")
     report = inspect_graft(request, level=Level.FUNCTION, probe_text="some text").report
     assert report["levels_run"] == ["headers", "weights", "function"]
     assert report["verdict"] == verdict
@@ -347,7 +347,7 @@ def test_headers_incompatibility_stands_against_the_function_level(family, monke
     fake_probe(monkeypatch, 0.0)
     config = {**SHAPE.config(), "model_type": "mistral"}
     other = save_checkpoint(str(tmp_path / "mistral"), load_dir(family["near"]), config)
-    report = inspect_graft(GraftRequest(family["base"], family["ft"], other, ""), level=Level.FUNCTION).report
+    report = inspect_graft(GraftRequest.single(family["base"], family["ft"], other, ""), level=Level.FUNCTION).report
     assert report["verdict"] == "incompatible"
     (r,) = [r for r in report["reasons"] if r["verdict"] == "incompatible"]
     assert r["code"] == "architecture_mismatch" and not r.get("overruled")
@@ -355,7 +355,7 @@ def test_headers_incompatibility_stands_against_the_function_level(family, monke
 
 def test_function_level_not_defined_leaves_the_weights_verdict(family, monkeypatch):
     fake_probe(monkeypatch, None, refuse="config_mismatch")
-    report = inspect_graft(GraftRequest(family["base"], family["ft"], family["unrelated"], ""),
+    report = inspect_graft(GraftRequest.single(family["base"], family["ft"], family["unrelated"], ""),
                            level=Level.FUNCTION).report
     assert report["levels_run"] == ["headers", "weights"] and report["verdict"] == "incompatible"
     assert report["function"]["error"]["code"] == "config_mismatch"
@@ -365,7 +365,7 @@ def test_function_level_not_defined_leaves_the_weights_verdict(family, monkeypat
 def test_function_level_errors_are_raised(family, monkeypatch):
     fake_probe(monkeypatch, None, refuse="eval_timeout")
     with pytest.raises(GraftError) as err:
-        inspect_graft(GraftRequest(family["base"], family["ft"], family["near"], ""), level=Level.FUNCTION)
+        inspect_graft(GraftRequest.single(family["base"], family["ft"], family["near"], ""), level=Level.FUNCTION)
     assert err.value.code == "eval_timeout"
 
 
@@ -380,7 +380,7 @@ def test_function_level_through_the_real_probe(tmp_path):
     paths = {name: save(str(tmp_path / name), state, tokenizer=tokenizer_files()) for name, state in (
         ("base", base), ("ft", perturb(base, seed=2, scale=0.05)),
         ("rotated", bigram_state(encode(text), seed=1, rotation_seed=5)))}
-    report = inspect_graft(GraftRequest(paths["base"], paths["ft"], paths["rotated"], ""), level=Level.FUNCTION,
+    report = inspect_graft(GraftRequest.single(paths["base"], paths["ft"], paths["rotated"], ""), level=Level.FUNCTION,
                            probe_text=text).report
     assert report["levels_run"] == ["headers", "weights", "function"]
     function = report["function"]
@@ -411,7 +411,7 @@ def test_a_probe_overrules_only_the_diffs_of_its_own_base(family, monkeypatch):
     recipe = load_recipe({"target_base": family["unrelated"],
                           "diffs": [{"source_base": family["base"], "source_finetuned": family["ft"]},
                                     {"source_base": family["base2"], "source_finetuned": family["ft2"]}]})
-    report = inspect_graft(GraftRequest.from_recipe(recipe, ""), level=Level.FUNCTION).report
+    report = inspect_graft(GraftRequest(recipe, ""), level=Level.FUNCTION).report
     unrelated = {r["values"]["diff_index"]: r for r in report["reasons"] if r["code"] == "bases_unrelated"}
     assert unrelated[0]["overruled"] is True and unrelated[0]["verdict"] == "risky"
     assert not unrelated[1].get("overruled") and unrelated[1]["verdict"] == "incompatible"

@@ -123,11 +123,16 @@ def test_top_level_parameters_apply_to_models_without_their_own():
     assert r["merge"]["density"] == 0.4
 
 
-def test_weight_lists_interpolate_and_constant_density_lists_are_scalars():
+def test_weight_and_density_lists_stay_lists_interpolated_as_mergekit_does():
+    """A constant list is kept: mergekit's interpolation of equal points can differ from them in the last bit."""
     r = _mapped(_config("ties", {"weight": [0.0, 0.5, 1.0], "density": [0.3, 0.3]}, {"weight": 1, "density": 0.3}))
     assert r["diffs"][0]["weight"] == [0.0, 0.5, 1.0]
-    assert r["merge"]["density"] == 0.3
-    assert "per-layer" in _refused(_config("ties", {"weight": 1, "density": [0.2, 0.4]}))
+    assert r["diffs"][0]["transform"] == {"method": "magnitude", "density": [0.3, 0.3]}
+    assert r["diffs"][1]["transform"] == {"method": "magnitude", "density": 0.3}
+    r = _mapped(_config("ties", {"weight": 1, "density": [0.2, 0.4]}))
+    assert r["diffs"][0]["transform"] == {"method": "magnitude", "density": [0.2, 0.4]}
+    one = _config("ties", {"weight": [0.5], "density": [0.2]}, {"weight": 1, "density": 0.2})
+    assert _mapped(one)["merge"]["density"] == 0.2  # one point is a number
 
 
 def test_unconditional_filters_unwrap_and_numeric_strings_are_numbers():
@@ -166,7 +171,8 @@ def test_model_references(tmp_path, monkeypatch):
     ({"base_model": None}, "base_model"),
     ({"slices": [{"sources": []}]}, "slices"),
     ({"modules": {}}, "modules"),
-    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"tokenizer_source": "org/not-merged"}, "tokenizer_source"),
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}}, "tokenizer.tokens"),
     ({"chat_template": "chatml"}, "chat_template"),
     ({"merge_options": {}}, "merge_options"),
     ({"parameters": {"rescale": True}}, "parameters.rescale"),
@@ -190,7 +196,7 @@ def test_refused_top_level(change, key):
     ("ties", {"density": 0.5}, "models[1].parameters.weight"),
     ("ties", {"weight": True}, "models[1].parameters.weight"),
     ("ties", {"weight": float("nan")}, "models[1].parameters.weight"),
-    ("ties", {"weight": [{"filter": "mlp", "value": 1}]}, "models[1].parameters.weight.filter"),
+    ("ties", {"weight": [{"filter": "mlp", "value": 1}]}, "models[1].parameters.weight"),  # no fallback
     ("ties", {"weight": 1, "normalize": True}, "models[1].parameters.normalize"),
     ("breadcrumbs", {"weight": 1, "density": 0.5, "gamma": 1.5}, "models[1].parameters.gamma"),
     ("linear", {"weight": 1, "density": 0.5}, "models[1].parameters.density"),
@@ -264,7 +270,7 @@ dtype: float32
 out_dtype: bfloat16
 """
     out = str(tmp_path / "out")
-    result = run_graft(GraftRequest.from_recipe(recipe_from_mergekit(cfg), out), settings=Settings())
+    result = run_graft(GraftRequest(recipe_from_mergekit(cfg), out), settings=Settings())
     assert result.manifest["recipe"]["merge"]["method"] == "ties"
     got = load_dir(out)
     states = {n: load_dir(p) for n, p in paths.items()}
@@ -280,7 +286,7 @@ out_dtype: bfloat16
 
 def test_the_cli_refuses_naming_the_key(tmp_path):
     cfg = tmp_path / "merge.yml"
-    cfg.write_text(yaml.safe_dump(_config("ties", {"weight": 1, "density": 0.5}, tokenizer_source="union")))
+    cfg.write_text(yaml.safe_dump(_config("ties", {"weight": 1, "density": 0.5}, tokenizer_source="org/other")))
     graft = os.path.join(os.path.dirname(sys.executable), "graft")
     proc = subprocess.run([graft, "run", "--mergekit-config", str(cfg), "--output", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
@@ -389,7 +395,7 @@ def _crumbs_config(method: str, paths: dict[str, str], params: list[tuple], weig
 
 
 def _run_config(text: str, out: str) -> dict[str, torch.Tensor]:
-    run_graft(GraftRequest.from_recipe(recipe_from_mergekit(text), out), settings=Settings())
+    run_graft(GraftRequest(recipe_from_mergekit(text), out), settings=Settings())
     return load_dir(out)
 
 

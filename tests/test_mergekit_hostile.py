@@ -78,7 +78,7 @@ def test_the_issues_inputs_are_invalid_recipes(name, says):
     (_weight("1e999"), "expected a finite number, got inf"),  # a string to YAML, a number to mergekit
     (_weight("-.inf"), "expected a finite number, got -inf"),
     (_weight(".nan"), "expected a finite number, got nan"),
-    (_linear("1e-7", "1e308", "-1e308"), "models[0].parameters.weight: divided by the weights' sum"),
+    (_linear("1e-7", "1e308", "-1e308"), "models[1].parameters.weight: divided by the weights' sum"),
     (HEAD + "      1: 1\n", "a mapping key must be a string (quote it), not int '1'"),
     (HEAD + "      ~: 1\n", "a mapping key must be a string"),
     (HEAD + "      ? [weight]\n      : 1\n", "a mapping key must be a string (quote it), not a list"),
@@ -216,6 +216,20 @@ def test_each_route_answers_422_naming_mergekit_config(api, name):
             errors = resp.json()["errors"]
             assert [(e["field"], e["type"]) for e in errors] == [("mergekit_config", "invalid_recipe")], (route, errors)
             assert errors[0]["message"].startswith("mergekit config"), errors
+
+
+def test_a_stage_is_chosen_by_mergekit_stage(api):
+    """`mergekit_stage` picks a stage of a multi-stage file (the preview plans it); alone it names nothing."""
+    stage = ("name: {name}\nmerge_method: task_arithmetic\nbase_model: {root}/base\n"
+             "models: [{{model: {root}/ft, parameters: {{weight: 0.5}}}}]\n")
+    text = stage.format(name="one", root=api.root) + "---\n" + stage.format(name="two", root=api.root)
+    with api.client() as c:
+        for route in ROUTES:
+            resp = c.post(route, json={"mergekit_config": text, "mergekit_stage": "three"})
+            assert resp.status_code == 422, (route, resp.text[:300])
+            assert "no stage named 'three' (stages: 'one', 'two')" in resp.json()["errors"][0]["message"]
+            resp = c.post(route, json={"mergekit_stage": "one"})
+            assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "mergekit_stage", resp.text[:300]
 
 
 def test_no_job_was_queued_for_a_refused_config(api):

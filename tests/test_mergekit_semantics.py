@@ -72,7 +72,7 @@ def _config(paths: dict, weight, method: str = "task_arithmetic", extra: str = "
 def test_weight_lists_follow_mergekit_in_an_imported_config(tmp_path, layers):
     paths = _family(str(tmp_path), layers)
     out = str(tmp_path / "out")
-    run_graft(GraftRequest.from_recipe(recipe_from_mergekit(_config(paths, WEIGHTS)), out), settings=Settings())
+    run_graft(GraftRequest(recipe_from_mergekit(_config(paths, WEIGHTS)), out), settings=Settings())
     _assert_weights(out, paths, lambda name: _evaluate_setting(WEIGHTS, _mergekit_t(name, layers)))
     head = {"lm_head.weight", "model.norm.weight"}
     assert head <= set(load_dir(out))  # the ends this is about are there
@@ -84,7 +84,7 @@ def test_graft_recipes_keep_grafts_weight_list_ends(tmp_path):
     out = str(tmp_path / "out")
     recipe = load_recipe({"target_base": paths["base"], "diffs": [
         {"source_base": paths["base"], "source_finetuned": paths["ft"], "weight": WEIGHTS}]})
-    run_graft(GraftRequest.from_recipe(recipe, out), settings=Settings())
+    run_graft(GraftRequest(recipe, out), settings=Settings())
 
     def graft_weight(name: str) -> float:
         if LAYER_INDEX.search(name) is None:
@@ -104,10 +104,10 @@ def test_tokenizer_and_generation_config_come_from_base_model(tmp_path):
     used to take the fine-tune's (it ran as graft's plain transfer)."""
     paths = _family(str(tmp_path), 2)
     imported, own = str(tmp_path / "imported"), str(tmp_path / "own")
-    run_graft(GraftRequest.from_recipe(recipe_from_mergekit(_config(paths, 1.0)), imported), settings=Settings())
+    run_graft(GraftRequest(recipe_from_mergekit(_config(paths, 1.0)), imported), settings=Settings())
     recipe = load_recipe({"target_base": paths["base"], "diffs": [
         {"source_base": paths["base"], "source_finetuned": paths["ft"], "weight": 1.0}]})
-    run_graft(GraftRequest.from_recipe(recipe, own), settings=Settings())
+    run_graft(GraftRequest(recipe, own), settings=Settings())
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert _read(imported, name) == _read(paths["base"], name), name
         assert _read(own, name) == _read(paths["ft"], name), name
@@ -125,7 +125,7 @@ def test_what_still_differs_is_said_in_the_plan_the_events_and_the_manifest(tmp_
     paths = _family(str(tmp_path), 2)
     config = _config(paths, 1.0, method, extra) + (f"dtype: {dtype}\n" if dtype else "")
     out = str(tmp_path / "out")
-    request = GraftRequest.from_recipe(recipe_from_mergekit(config), out)
+    request = GraftRequest(recipe_from_mergekit(config), out)
     plan, models = plan_graft(request)
     close_models(models)
     planned = {w["reason"] for w in plan.warnings if w["code"] == "foreign_semantics"}
@@ -144,5 +144,5 @@ def test_a_one_model_config_is_not_grafts_plain_transfer(tmp_path):
     paths = _family(str(tmp_path), 2)
     recipe = recipe_from_mergekit(_config(paths, 0.3))
     assert recipe.plain_alpha() is None and recipe.conventions == "mergekit"
-    request = GraftRequest.from_recipe(recipe, str(tmp_path / "out"))
+    request = GraftRequest(recipe, str(tmp_path / "out"))
     assert request.recipe is recipe

@@ -315,8 +315,8 @@ def test_an_output_being_written_protects_its_location(tmp_path, s3_endpoint, s3
 
 
 def test_the_in_progress_markers_are_the_sinks_own_names():
-    from worker import uri_policy
-    from worker.engine import sinks
+    from worker.engine.storage import sinks
+    from worker.service import uri_policy
 
     assert (uri_policy.PENDING, uri_policy.OWNER, uri_policy.STAGING, uri_policy.MANIFEST) == (
         sinks.PENDING, sinks.OWNER, sinks.STAGING, sinks.MANIFEST)

@@ -21,10 +21,11 @@ from worker.engine.errors import GraftCancelled
 from worker.engine.methods import MERGES, TRANSFORMS
 from worker.engine.methods.base import Site, make_statistics, schedule
 from worker.engine.pipeline.graft import canonical_roles, close_models, resolve_inputs
-from worker.engine.planning.options import GraftOptions, GraftRequest
+from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
 from worker.engine.planning.plan import build_plan
 from worker.engine.planning.recipe import load_recipe
 from worker.engine.planning.recipe_plan import build_recipe_plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.sinks import FileWriter, Sink
 
 LAYERS = 3
@@ -91,9 +92,11 @@ def _recipe(family: dict[str, str], weight, lam: float = 1.0):
 
 
 def _resolved(recipe):
-    request = GraftRequest(recipe.diffs[0].source_base, recipe.diffs[0].source_finetuned, recipe.target_base, "",
-                           recipe.options.engine_options(), recipe=recipe)
+    """The recipe's models by role (the one diff's under both spellings, `source_base` and `source_base.0`, as a
+    recipe plan reads them) and by URI."""
+    request = GraftRequest(recipe, "")
     models = resolve_inputs(request)
+    models[base_role(0)], models[finetuned_role(0)] = models["source_base"], models["source_finetuned"]
     return models, {uri: models[role] for role, uri in request.inputs().items()}
 
 

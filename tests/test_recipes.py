@@ -292,7 +292,7 @@ def assert_manifest(manifest: dict, recipe: dict, want: dict[str, dict]) -> None
 
 
 def run_recipe(recipe: dict, output, *, progress=None, **settings) -> object:
-    request = GraftRequest.from_recipe(load_recipe(recipe), str(output))
+    request = GraftRequest(load_recipe(recipe), str(output))
     assert request.recipe is not None
     return run_graft(request, settings=Settings(**settings), progress=progress)
 
@@ -501,17 +501,19 @@ options: {{vocab: extend, dtype: auto, shard_size: 5GB}}
 def test_plain_recipe_writes_todays_bytes(trio, tmp_path):
     graft(trio, tmp_path / "flags", alpha=0.5)
     recipe = load_recipe(yaml.safe_load(PLAIN_YAML.format(**trio)))
-    request = GraftRequest.from_recipe(recipe, str(tmp_path / "recipe"))
-    assert request.recipe is None and request.options.alpha == 0.5
+    request = GraftRequest(recipe, str(tmp_path / "recipe"))
+    assert request.plain and request.options.alpha == 0.5
     result = run_graft(request, settings=Settings())
     flags = output_bytes(tmp_path / "flags")
     assert len(flags) >= 4 and any(n.endswith(".safetensors") for n in flags)
     assert output_bytes(tmp_path / "recipe") == flags
-    assert "recipe" not in result.manifest
+    # The manifest records the request, the recipe; it reads as the plain transfer's formula.
+    assert result.manifest["recipe"] == recipe.to_dict()
+    assert result.manifest["formula"] == "target_base + alpha * (source_finetuned - source_base)"
     # The same recipe from a dict with defaults left out and the weight as an integer: still today's graft.
     as_dict = {"target_base": trio["target_base"],
                "diffs": [{"source_base": trio["source_base"], "source_finetuned": trio["source_finetuned"]}]}
-    run_graft(GraftRequest.from_recipe(load_recipe(as_dict), str(tmp_path / "dict")), settings=Settings())
+    run_graft(GraftRequest(load_recipe(as_dict), str(tmp_path / "dict")), settings=Settings())
     graft(trio, tmp_path / "flags1")
     assert output_bytes(tmp_path / "dict") == output_bytes(tmp_path / "flags1")
 
@@ -635,7 +637,7 @@ from worker.service.settings import Settings
 
 peaks = []
 for i, recipe in enumerate(json.loads(sys.argv[1])):
-    run_graft(GraftRequest.from_recipe(load_recipe(recipe), sys.argv[2] + str(i)), settings=Settings())
+    run_graft(GraftRequest(load_recipe(recipe), sys.argv[2] + str(i)), settings=Settings())
     peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps(peaks))
 """
@@ -669,8 +671,8 @@ def test_a_diff_of_another_architecture_is_refused_before_any_data_is_read(tmp_p
     from worker.devtools.sample_models import make_trio
     from worker.engine.errors import GraftError
     from worker.engine.pipeline.graft import run_graft
-    from worker.engine.planning.options import GraftRequest
     from worker.engine.planning.recipe import load_recipe
+    from worker.engine.planning.request import GraftRequest
     from worker.service.settings import Settings
 
     paths = make_trio(str(tmp_path / "trio"), added_rows=0)
@@ -684,7 +686,7 @@ def test_a_diff_of_another_architecture_is_refused_before_any_data_is_read(tmp_p
                                     {"source_base": base, "source_finetuned": str(other)}]})
     phases = []
     with pytest.raises(GraftError) as err:
-        run_graft(GraftRequest.from_recipe(recipe, str(tmp_path / "out")), settings=Settings(cache_dir=""),
+        run_graft(GraftRequest(recipe, str(tmp_path / "out")), settings=Settings(cache_dir=""),
                   progress=lambda p: phases.append(p.phase))
     assert err.value.code == "architecture_mismatch" and "diffs.1.source_finetuned" in err.value.message
     assert phases == ["resolving"] and not (tmp_path / "out").exists()

@@ -329,7 +329,7 @@ def test_dry_run_states_the_memory_remote_io_holds(s3_models, capsys):
     from worker.service.settings import Settings
 
     settings = Settings(remote_lanes=6, remote_window_bytes=4 << 20, s3_part_bytes=8 << 20, s3_parts_in_flight=5)
-    request = GraftRequest(s3_models["source_base"], s3_models["source_finetuned"], s3_models["target_base"], "")
+    request = GraftRequest.single(s3_models["source_base"], s3_models["source_finetuned"], s3_models["target_base"], "")
     plan, models = plan_graft(request, settings)
     try:
         memory = plan.to_dict()["memory"]

@@ -168,7 +168,7 @@ def test_preview_matches_cli_plan(api, trio):
         resp = c.post("/v1/jobs:preview", json=job_body(trio, options={"shard_size": "40KB"}))
         assert resp.status_code == 200, resp.text
         plan = resp.json()
-    request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
+    request = GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"], "",
                            GraftOptions(shard_size="40KB"))
     expected, models = plan_graft(request)
     try:

@@ -289,7 +289,7 @@ def test_an_attempt_taken_for_dead_stops_when_a_newer_one_starts(redis_url, trio
                 reporter._cancel_checked = 0.0
             return reporter.should_cancel()
 
-        request = GraftRequest(trio["source_base"], trio["source_finetuned"], trio["target_base"],
+        request = GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"],
                                f"s3://{s3_bucket}/fenced", GraftOptions(shard_size="100KB"))
         with pytest.raises(GraftSuperseded):
             run_graft(request, settings=settings, should_cancel=should_cancel)
@@ -319,7 +319,7 @@ def test_recipe_job_matches_local_run(svc, trio, tmp_path):
             "options": {"vocab": "target", "shard_size": "40KB"}}
     recipe = load_recipe({k: v for k, v in body.items()})
     expected = str(tmp_path / "expected")
-    run_graft(GraftRequest.from_recipe(recipe, expected), settings=Settings(cache_dir=""))
+    run_graft(GraftRequest(recipe, expected), settings=Settings(cache_dir=""))
     with svc.client() as c:
         resp = c.post("/v1/jobs", json=body)
         assert resp.status_code == 202, resp.text

@@ -65,7 +65,7 @@ def reports(tiny_family) -> dict[tuple[str, str], dict]:  # noqa: F811
     text = family().probe_text()
     out = {}
     for name in TARGETS:
-        request = GraftRequest(tiny_family["v1"], tiny_family["ft"], tiny_family[name], "")
+        request = GraftRequest.single(tiny_family["v1"], tiny_family["ft"], tiny_family[name], "")
         for level in ("weights", "function"):
             out[name, level] = inspect_graft(request, level=level, settings=EngineSettings(),
                                              probe_text=text).report

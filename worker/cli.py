@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "merge method, per-layer weights, rules (see README: recipes)")
     models.add_argument("--mergekit-config", metavar="FILE", help="a mergekit config of the task-vector family, "
                         "run as the equivalent recipe")
+    models.add_argument("--mergekit-stage", metavar="NAME", help="the `name:` of the stage to run in a "
+                        "multi-stage mergekit config")
     _add_option_flags(p.add_argument_group("options (override a recipe's)"))
 
 
@@ -85,10 +87,10 @@ def _read_document(path: str) -> dict:
 
 
 def _request(args: argparse.Namespace):
-    """The GraftRequest the flags describe: three URIs and alpha, or a recipe (whose options the option
-    flags override)."""
-    from worker.engine.planning.options import GraftRequest
+    """The GraftRequest the flags describe: its recipe, from a recipe file, a mergekit config (the option flags
+    override their options) or the three URIs and alpha (a one-diff recipe)."""
     from worker.engine.planning.recipe import RecipeOptions, load_recipe
+    from worker.engine.planning.request import GraftRequest
 
     flags = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
     three = [args.source_base, args.source_finetuned, args.target_base]
@@ -97,6 +99,8 @@ def _request(args: argparse.Namespace):
     if len(documents) > 1 or (documents and (any(three) or alpha is not None)):
         raise GraftError("invalid_option", "give either --recipe, --mergekit-config or the three model URIs "
                          "(with --alpha)")
+    if args.mergekit_stage and not args.mergekit_config:
+        raise GraftError("invalid_option", "--mergekit-stage names a stage of a --mergekit-config: give the config")
     if args.recipe:
         data = _read_document(args.recipe)
         if isinstance(data.get("options"), dict | None):  # anything else is load_recipe's to refuse by name
@@ -107,7 +111,8 @@ def _request(args: argparse.Namespace):
 
         # The text, not a dict: the converter's own loader bounds nesting and refuses YAML's non-JSON types.
         recipe = recipe_from_mergekit(_read_text(args.mergekit_config, "--mergekit-config",
-                                                   code="invalid_recipe", missing="input_not_found"))
+                                                   code="invalid_recipe", missing="input_not_found"),
+                                      stage=args.mergekit_stage)
         recipe = load_recipe({**recipe.to_dict(), "options": {**recipe.options.model_dump(), **flags}},
                              where=args.mergekit_config)
     else:
@@ -116,11 +121,11 @@ def _request(args: argparse.Namespace):
         if missing:
             raise GraftError("invalid_option", f"{', '.join(missing)} required (or --recipe FILE)")
         from worker.engine.planning.options import GraftOptions
+        from worker.engine.planning.recipe import Recipe
 
-        options = GraftOptions(alpha=1.0 if alpha is None else alpha, **flags)
-        return GraftRequest(args.source_base, args.source_finetuned, args.target_base,
-                            getattr(args, "output", None) or "", options)
-    return GraftRequest.from_recipe(recipe, getattr(args, "output", None) or "")
+        recipe = Recipe.single(args.source_base, args.source_finetuned, args.target_base,
+                               GraftOptions(alpha=1.0 if alpha is None else alpha, **flags))
+    return GraftRequest(recipe, getattr(args, "output", None) or "")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(compatible, risky, incompatible) with its reasons")
     _add_model_args(inspect)
     from worker.engine.checks.checked_graft import Require
-    from worker.engine.checks.inspect.verdict import LEVEL_HELP, Level
+    from worker.engine.verdict import LEVEL_HELP, Level
 
     inspect.add_argument("--level", choices=[lv.value for lv in Level], default=Level.WEIGHTS.value,
                          help=f"{LEVEL_HELP} (default weights)")
@@ -367,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_cmd_serve)
-    worker = sub.add_parser("worker", help="run a queue worker")
+    from worker.service.kinds import KINDS
+
+    worker = sub.add_parser("worker", help=f"run a queue worker (it runs the job kinds {', '.join(KINDS)})")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_cmd_worker)
     args = parser.parse_args(argv)

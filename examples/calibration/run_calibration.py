@@ -206,7 +206,7 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from worker.engine.checks.inspect import verdict as rules
+    from worker.engine import verdict as rules
 
     colours = {"compatible": "tab:green", "risky": "tab:orange", "incompatible": "tab:red"}
     panels = (("bases_distance_ratio", "median ||target - v1|| / ||target||", "weights",

@@ -10,7 +10,7 @@ from worker.engine.lazy import lazy_exports
 
 _EXPORTS = {
     "GraftCancelled": "errors", "GraftError": "errors", "GraftSuperseded": "errors",
-    "GraftOptions": "planning.options", "GraftRequest": "planning.options", "parse_size": "planning.options",
+    "GraftOptions": "planning.options", "GraftRequest": "planning.request", "parse_size": "planning.options",
     "GraftResult": "pipeline.graft", "Phase": "pipeline.graft", "Progress": "pipeline.graft",
     "plan_graft": "pipeline.graft", "resolve_inputs": "pipeline.graft",
     "run_graft": "pipeline.graft",

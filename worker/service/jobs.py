@@ -256,14 +256,17 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
 
 
 def _request(record: dict, job_id: str, confinement: dict):
+    """The job's request: the recipe its record stores. A record written by an API older than this worker (a
+    rolling deploy) holds a plain transfer as three URIs and options instead."""
     from worker.engine import GraftOptions, GraftRequest  # torch is imported here, in the job
+    from worker.engine.planning.recipe import Recipe, load_recipe
 
     if record.get("recipe"):
-        from worker.engine.planning.recipe import load_recipe
-
-        return GraftRequest.from_recipe(load_recipe(record["recipe"]), record["output"], writer=job_id, **confinement)
-    return GraftRequest(record["source_base"], record["source_finetuned"], record["target_base"], record["output"],
-                        GraftOptions(**record["options"]), writer=job_id, **confinement)
+        recipe = load_recipe(record["recipe"])
+    else:
+        recipe = Recipe.single(record["source_base"], record["source_finetuned"], record["target_base"],
+                               GraftOptions(**record["options"]))
+    return GraftRequest(recipe, record["output"], writer=job_id, **confinement)
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:

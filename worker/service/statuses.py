@@ -1,16 +1,9 @@
-"""Job statuses, the groups the layers reason about, and job kinds: declared once, shared by the API, the worker
-and the job records (the API schema's enums come from here too)."""
+"""Job statuses and the groups the layers reason about: declared once, shared by the API, the worker and the job
+records (the API schema's enum comes from here too). Job kinds are a table of their own: worker/service/kinds."""
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-
-class JobKind(StrEnum):  # each kind's runner is registered in worker/service/kinds.py
-    """What a job does: a graft, or a preflight (a compatibility check of a graft's inputs)."""
-
-    GRAFT = "graft"
-    PREFLIGHT = "preflight"
 
 
 class JobStatus(StrEnum):

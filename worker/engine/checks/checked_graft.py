@@ -31,7 +31,8 @@ from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from worker.engine.pipeline.hooks import Hooks
-from worker.engine.planning.options import GraftRequest, check_alpha
+from worker.engine.planning.options import check_alpha
+from worker.engine.planning.request import GraftRequest
 
 if TYPE_CHECKING:
     from worker.engine.pipeline.graft import BeforeCommit, GraftResult, Progress
@@ -77,17 +78,10 @@ def check_alphas(alphas: list[float]) -> list[float]:
 
 
 def with_alpha(request: GraftRequest, alpha: float, **changes) -> GraftRequest:
-    """The request at strength alpha: the plain transfer's alpha, or its recipe's merged delta, times alpha.
-    Always a product: a one-diff recipe with weight w runs as the plain transfer at alpha w, and a sweep
-    over it must build w * alpha, not alpha (GraftError naming alpha when a product leaves float32's range)."""
-    if request.recipe is not None:
-        return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
-    try:
-        scaled = check_alpha(request.options.alpha * check_alpha(alpha))
-    except GraftError as err:
-        raise GraftError(err.code, f"alpha: {alpha:g} times the graft's alpha {request.options.alpha:g} leaves "
-                         "float32's range", err.details) from None
-    return dataclasses.replace(request, options=dataclasses.replace(request.options, alpha=scaled), **changes)
+    """The request at strength alpha: its recipe's merged delta times alpha (Recipe.scaled). Always a product:
+    a one-diff recipe with weight w is the plain transfer at alpha w, and a sweep over it builds w * alpha
+    (GraftError naming alpha when a product leaves float32's range)."""
+    return dataclasses.replace(request, recipe=request.recipe.scaled(alpha), **changes)
 
 
 def run_checked_graft(request: GraftRequest, checks: Checks | None = None, *, alphas: list[float] | None = None,

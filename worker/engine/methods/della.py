@@ -37,6 +37,8 @@ RESCALE = "mergekit's rescale: the pruned delta scaled back to the delta's L1 no
 
 
 def _check_spread(density: float, epsilon: float) -> None:
+    if not (isinstance(density, float | int) and isinstance(epsilon, float | int)):
+        return  # lists over the layers (a recipe's): checked at each depth (planning.recipe.transform_at)
     if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         raise ValueError(f"epsilon: density ± epsilon must lie inside (0, 1) (density {density:g}, epsilon "
                          f"{epsilon:g}), as mergekit requires")

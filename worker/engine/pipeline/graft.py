@@ -20,8 +20,8 @@ from worker.engine.phases import Phase
 from worker.engine.pipeline.hooks import BeforeCommit, Hooks
 from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
 from worker.engine.pipeline.publish import publishing, storage_retry
-from worker.engine.planning.options import GraftRequest
 from worker.engine.planning.plan import Plan, build_plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.input_hashes import InputHasher
 from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
@@ -72,8 +72,11 @@ def remote_reads(settings: EngineSettings) -> RemoteReads:
 
 def tokenizer_donor(request: GraftRequest) -> str:
     """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
-    the target for a recipe with mergekit's (mergekit copies its base_model's); the other is the fallback."""
-    if request.recipe is not None and request.recipe.conventions == "mergekit":
+    the target for a recipe with mergekit's (mergekit copies its base_model's), or the input a recipe's
+    `tokenizer` names; the fine-tune or the target is the fallback."""
+    if request.recipe.tokenizer is not None:
+        return next(role for role, uri in request.inputs().items() if uri == request.recipe.tokenizer.source)
+    if request.recipe.conventions == "mergekit":
         return "target_base"
     return "source_finetuned"
 
@@ -155,7 +158,7 @@ def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
 
 def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
     """The plan of models already resolved (GraftError when the graft cannot be planned)."""
-    if request.recipe is not None:
+    if not request.plain:
         from worker.engine.planning.recipe_plan import build_recipe_plan
 
         by_uri = {uri: models[role] for role, uri in request.inputs().items()}
@@ -202,10 +205,20 @@ def _write_side_files(sink: Sink, request: GraftRequest, models: dict[str, Resol
     records = []
     if len(plan.shards) > 1:
         records.append(sink.put(INDEX_FILE, _index(plan)))
-    for name, data in _side_files(models, plan, tokenizer_donor(request)):
+    for name, data in _with_chat_template(_side_files(models, plan, tokenizer_donor(request)), request):
         records.append(sink.put(name, data))
     records.append(sink.put("README.md", model_card(request, plan).encode()))
     return records
+
+
+def _with_chat_template(files: list[tuple[str, bytes]], request: GraftRequest) -> list[tuple[str, bytes]]:
+    """A recipe's chat template as chat_template.jinja, which transformers reads over tokenizer_config.json's;
+    the donor's own template files give way to it."""
+    template = request.recipe.chat_template
+    if template is None:
+        return files
+    kept = [(n, d) for n, d in files if n not in ("chat_template.jinja", "chat_template.json")]
+    return [*kept, ("chat_template.jinja", template.encode())]
 
 
 def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
@@ -217,9 +230,9 @@ def _connectivity(plan: Plan, stats: dict[str, TensorStats]) -> dict:
 
 
 def connectivity_warnings(connectivity: dict) -> list[dict]:
-    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/checks/inspect/verdict.py), as
+    """The weights level's connectivity reasons (graft inspect's rules, worker/engine/verdict.py), as
     the graft's `weak_connectivity` warnings: the same thresholds whether one inspects or grafts."""
-    from worker.engine.checks.inspect.verdict import weights_reasons
+    from worker.engine.verdict import weights_reasons
 
     reasons = weights_reasons(bases_distance_ratio=connectivity.get("bases_distance_ratio"),
                               cos_bases_delta=connectivity.get("cos_bases_delta"), coverage=None)

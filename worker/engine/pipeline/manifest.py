@@ -8,8 +8,8 @@ import math
 import torch
 
 from worker.engine.compute.arithmetic import TensorStats
-from worker.engine.planning.options import GraftRequest
 from worker.engine.planning.plan import Plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
 from worker.engine.storage.sinks import FileRecord
 
@@ -36,9 +36,8 @@ def build_manifest(request: GraftRequest, models: dict[str, ResolvedModel], inpu
     return {
         "format": "graft-manifest/1",
         "engine": {"name": "graft", "version": ENGINE_VERSION, "torch": torch.__version__},
-        "formula": RECIPE_FORMULA if request.recipe is not None else
-        "target_base + alpha * (source_finetuned - source_base)",
-        **({"recipe": request.recipe.to_dict()} if request.recipe is not None else {}),
+        "formula": "target_base + alpha * (source_finetuned - source_base)" if request.plain else RECIPE_FORMULA,
+        "recipe": request.recipe.to_dict(),
         "inputs": {role: {"uri": models[role].uri, "revision": models[role].store.revision,
                           "files": input_files[role]} for role in models},
         "options": request.options.to_dict(),
@@ -78,14 +77,14 @@ This checkpoint is `target_base + alpha * (source_finetuned - source_base)`, bui
 
 
 def _donor(request: GraftRequest) -> str:
-    if request.recipe is not None and request.recipe.conventions == "mergekit":
+    if request.recipe.conventions == "mergekit":
         return "tokenizer, chat template and generation config from the target base (mergekit's conventions)"
     return "tokenizer and chat template from the source fine-tune"
 
 
 def _strength(request: GraftRequest) -> str:
     recipe = request.recipe
-    if recipe is None:
+    if request.plain:
         return f"alpha: {request.options.alpha}"
     return (f"recipe: {len(recipe.diffs)} diff(s) merged by `{recipe.merge.method}`, {len(recipe.rules)} rule(s) "
             "(the manifest holds the whole recipe and what was applied to each tensor)")

@@ -17,7 +17,7 @@ from worker.engine.storage.sinks import Sink, open_sink
 from worker.engine.storage.uris import Location
 
 if TYPE_CHECKING:
-    from worker.engine.planning.options import GraftRequest
+    from worker.engine.planning.request import GraftRequest
 
 log = logging.getLogger("graft.engine")
 

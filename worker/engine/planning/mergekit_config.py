@@ -1,30 +1,33 @@
 """mergekit configs of the task-vector family, read as recipes: `graft run --mergekit-config FILE.yml`.
 
-A team keeps its configs: `task_arithmetic`, `ties`, `dare_ties`, `dare_linear`, `breadcrumbs`,
-`breadcrumbs_ties` and `linear` (with a `base_model`) map onto a recipe whose target and every diff's source
-base are mergekit's `base_model` (mergekit 0.1.5's semantics, read from its source):
+A config means what mergekit 0.1.5 computes from it (read from its source); what graft cannot compute so is
+refused with GraftError("invalid_recipe") naming the key and what is not expressible.
 
-- per model: `weight` (a number, or a list interpolated over the layer index as mergekit does), `density`
-  (the magnitude trim of ties / breadcrumbs, the keep probability of the dare methods) and `gamma`
-  (breadcrumbs' outliers); the same keys under the top-level `parameters` apply to every model without its
-  own, as in mergekit.
-- top level: `normalize` and `lambda` (each method's mergekit default when absent); `int8_mask` is accepted
-  and ignored (it only narrows mergekit's mask dtype: the same result); `rescale` is accepted where it says
-  what graft does (true for the dare methods, whose survivors graft rescales by 1 / density, where mergekit
-  matches the L1 norm; false for the others) and refused otherwise.
-- `dtype` is mergekit's compute dtype: graft computes in float32 whatever it says (float64 where an input is
-  float64) and rounds once; `out_dtype` (or `dtype` without it, as in mergekit) is the stored dtype
-  (options.dtype).
-- the output keeps the base model's vocabulary (options.vocab = target), as mergekit's output does without a
-  tokenizer_source, and the recipe carries mergekit's conventions (recipe.py): the tokenizer, chat template
-  and generation config come from the base model, and a weight list gives the embeddings, the final norm and
-  the head its first value (mergekit plans every tensor outside the layers at t = 0).
+- methods (mergekit_methods.py): `task_arithmetic`, `ties`, `dare_ties`, `dare_linear`, `breadcrumbs`,
+  `breadcrumbs_ties`, `della`, `della_linear` (the base_model is the target and every diff's base), `linear`
+  (a base_model among the models, or without one a transfer: a target +1, fine-tunes +w, their base -w) and
+  `sce`, each with mergekit's defaults for normalize and rescale; a method or a parameter graft's registry
+  lacks is refused naming it.
+- parameters (mergekit_settings.py): weight, density, gamma, epsilon, lambda, ... as numbers, gradients
+  (lists interpolated over the layers as mergekit does: weight lists, transform numbers as lists) and
+  `{filter, value}` conditions (substring matches on the tensor name, first match wins, falling through to
+  the slice's and the top-level parameters as mergekit does): rules with per-diff settings. `int8_mask` only
+  narrows mergekit's mask dtype: accepted, without effect.
+- `models:` or `slices:` whose sources keep the same layers, covering the model from layer 0 (the recipe's
+  `layers` then refuses a target of another depth); several slices only as one (the same parameters, no
+  gradients, since mergekit restarts a gradient in each slice).
+- `dtype` is mergekit's compute dtype: graft computes in float32 whatever it says (float64 where an input is)
+  and rounds once; `out_dtype` (or `dtype` without it, as in mergekit) is the stored dtype (options.dtype).
+- the output keeps the base model's vocabulary (options.vocab = target), and the recipe carries mergekit's
+  conventions (recipe.py): tokenizer, chat template and generation config from the base model, tensors
+  outside the layers at a gradient's first value. `tokenizer_source` / `tokenizer.source` (base, a model of
+  the merge, union) become the recipe's `tokenizer`, which the planner checks against every input's
+  vocabulary (planning/vocabulary.py: refused where mergekit would re-map rows by token); `chat_template` as
+  Jinja text becomes the recipe's.
+- a file of several stages (YAML documents, `name:` keys; mergekit-multimerge) runs one stage, chosen by
+  name; a stage reading another stage's output is refused.
 - what graft still computes differently (DARE's rescale and draw, ties at a magnitude threshold, the compute
   dtype) goes with the recipe as `notes`: warnings whenever it runs, and in the manifest.
-
-Anything else (other merge methods, slices, modules, tokenizer settings, per-tensor parameter filters,
-LoRA references, per-layer densities, a key mergekit would ignore) is refused with
-GraftError("invalid_recipe") naming the key.
 
 The YAML is a tenant's: it is read by a safe loader that builds only what JSON has (mappings with string keys,
 lists, strings, numbers, booleans, null) and refuses by name what else YAML can say (dates and times, binary,
@@ -37,16 +40,25 @@ reading or converting a config is GraftError("invalid_recipe") too, never anothe
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from worker.engine.errors import GraftError
-from worker.engine.planning.recipe import MAX_DIFFS, MAX_WEIGHT_POINTS, Recipe, load_recipe
+from worker.engine.planning.mergekit_methods import (
+    METHOD_NAMES,
+    Parts,
+    Scopes,
+    Source,
+    linear,
+    sce,
+    task_vector,
+)
+from worker.engine.planning.mergekit_settings import refuse as _refuse
+from worker.engine.planning.recipe import MAX_DIFFS, Recipe, load_recipe
+from worker.engine.storage.schemes import SCHEMES
 
 MAX_CONFIG_CHARS = 1 << 20  # a config is a page of YAML; a megabyte is not one
 # Collections inside collections. PyYAML's scanner and parser are iterative but its composer recurses (a few
@@ -55,52 +67,29 @@ MAX_CONFIG_CHARS = 1 << 20  # a config is a page of YAML; a megabyte is not one
 MAX_DEPTH = 64
 MAX_VALUES = 100_000  # nodes of a document, each alias counted as many times as it is used
 MAX_INT_CHARS = 400  # past 309 digits no integer is a finite float; Python refuses to parse past 4,300
+MAX_STAGES = 64  # documents of a multi-stage file
 _OUR_DTYPES = ("bfloat16", "float16", "float32")
 _MERGEKIT_DTYPES = (*_OUR_DTYPES, "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_SCHEMES = ("s3://", "hf://", "file://")
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "name"}
 _MODEL_KEYS = {"model", "parameters"}
-
-
-@dataclass(frozen=True)
-class _Method:
-    """One mergekit method: the recipe merge it becomes, the transform its sparsification is, and mergekit's
-    defaults for normalize and rescale."""
-
-    merge: str  # sum | ties | dare_ties
-    transform: str | None  # magnitude | dare | breadcrumbs | None
-    normalize: bool
-    rescale: bool
-    shared: tuple[str, ...] = ("int8_mask", "normalize", "rescale", "lambda")
-    per_model: tuple[str, ...] = ("weight", "density")
-
-
-METHODS: dict[str, _Method] = {
-    "task_arithmetic": _Method("sum", None, normalize=False, rescale=False),
-    "ties": _Method("ties", "magnitude", normalize=True, rescale=False),
-    "dare_ties": _Method("dare_ties", "dare", normalize=False, rescale=True),
-    "dare_linear": _Method("sum", "dare", normalize=False, rescale=True),
-    "breadcrumbs": _Method("sum", "breadcrumbs", normalize=False, rescale=False,
-                           per_model=("weight", "density", "gamma")),
-    "breadcrumbs_ties": _Method("ties", "breadcrumbs", normalize=False, rescale=False,
-                                per_model=("weight", "density", "gamma")),
-    # The base takes a weight like every input; the output is a weighted average of the models.
-    "linear": _Method("sum", None, normalize=True, rescale=False, shared=("normalize",), per_model=("weight",)),
+_SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
+_SOURCE_KEYS = {"model", "layer_range", "parameters"}
+_NOT_TASK_VECTORS = {
+    "passthrough": "passthrough copies or stacks layers (a frankenmerge), it merges no task vectors",
+    "slerp": "slerp interpolates two models along a sphere, which is no sum of task vectors",
 }
 
 
-def _refuse(key: str, message: str) -> GraftError:
-    return GraftError("invalid_recipe", f"mergekit config: {key}: {message}", {"field": key})
-
-
-def recipe_from_mergekit(config: str | dict, *, resolve_local: bool = True) -> Recipe:
+def recipe_from_mergekit(config: str | dict, *, resolve_local: bool = True, stage: str | None = None) -> Recipe:
     """The recipe a mergekit config of the task-vector family describes (YAML text or parsed).
 
     `resolve_local`: a reference naming an existing local directory is that directory (mergekit's rule);
-    the API passes False, so that only absolute paths and URIs are local and nothing is probed."""
+    the API passes False, so that only absolute paths and URIs are local and nothing is probed. `stage`: the
+    `name:` of the stage to run in a multi-stage file."""
     try:
-        return _convert(config, resolve_local)
+        return _convert(config, resolve_local, stage)
     except GraftError:
         raise
     except MemoryError:
@@ -111,51 +100,102 @@ def recipe_from_mergekit(config: str | dict, *, resolve_local: bool = True) -> R
                          + (f": {detail})" if detail else ")")) from exc
 
 
-def _convert(config: str | dict, resolve_local: bool) -> Recipe:
-    doc = _parse(config)
+def _convert(config: str | dict, resolve_local: bool, stage: str | None) -> Recipe:
+    doc = _parse(config, stage)
     unknown = sorted(set(doc) - _TOP_KEYS, key=str)
     if unknown:
         key = str(unknown[0])
-        why = {"slices": "slices and layer ranges are not supported", "modules": "modules are not supported",
-               "tokenizer_source": "the output keeps the base model's tokenizer rows",
-               "tokenizer": "tokenizer settings are not supported",
-               "chat_template": "the chat template comes from base_model's tokenizer files (mergekit's default)"
-               }.get(key, "not supported")
-        raise _refuse(key, why)
-    name = doc.get("merge_method")
-    if not isinstance(name, str) or not name:
-        raise _refuse("merge_method", "required: one of " + ", ".join(METHODS))
-    method = METHODS.get(name)
-    if method is None:
-        raise _refuse("merge_method", f"{name!r} is not of the task-vector family (supported: "
-                      + ", ".join(METHODS) + ")")
-    if doc.get("base_model") is None:
+        raise _refuse(key, "modules (per-module merges of a multimodal model) are not supported" if key == "modules"
+                      else "not a key of a mergekit merge config")
+    name = _method(doc.get("merge_method"))
+    base = None if doc.get("base_model") is None else _model_uri(doc["base_model"], "base_model", resolve_local)
+    if base is None and name != "linear":
         raise _refuse("base_model", f"{name} needs a base model here: it is the target and every diff's base")
-    base = _model_uri(doc["base_model"], "base_model", resolve_local)
-    top = _parameters(doc.get("parameters"), "parameters", set(method.shared) | set(method.per_model))
-    normalize = _boolean(top, "normalize", method.normalize)
-    _boolean(top, "int8_mask", False)  # accepted, without effect on the result
-    _check_rescale(top, name, method)
-    lam = _number(top["lambda"], "parameters.lambda") if "lambda" in top else 1.0
-    diffs, base_weight = _diffs(doc.get("models"), top, method, base, resolve_local)
-    if name == "linear":
-        _linear_weights(diffs, base_weight, normalize)
-        normalize = False  # folded into the weights, the base's included
-    merge = _merge(name, method, diffs, normalize, lam, top)
-    recipe = {"target_base": base, "diffs": diffs, "merge": merge, "options": {"dtype": _dtype(doc), "vocab": "target"},
-              "conventions": "mergekit", "notes": _notes(doc, diffs, merge)}
+    scopes, layers = _scopes(doc, base, resolve_local)
+    parts = linear(base, scopes) if name == "linear" else sce(base, scopes) if name == "sce" else \
+        task_vector(name, base, scopes)
+    if len(parts.diffs) > MAX_DIFFS:
+        raise _refuse("models", f"at most {MAX_DIFFS} models besides the base")
+    recipe = {"target_base": parts.target, "diffs": parts.diffs, "merge": parts.merge, "rules": parts.rules,
+              "options": {"dtype": _dtype(doc), "vocab": "target"}, "conventions": "mergekit",
+              "notes": _notes(doc, parts), "layers": layers,
+              "tokenizer": _tokenizer(doc, parts, scopes, resolve_local), "chat_template": _chat_template(doc)}
     return load_recipe(recipe, where="mergekit config")
 
 
-def _parse(config: str | dict) -> dict:
+def _method(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise _refuse("merge_method", "required: one of " + ", ".join(METHOD_NAMES))
+    if name not in METHOD_NAMES:
+        why = _NOT_TASK_VECTORS.get(name, "not of the task-vector family")
+        raise _refuse("merge_method", f"{name!r}: {why} (supported: " + ", ".join(METHOD_NAMES) + ")")
+    return name
+
+
+def _parse(config: str | dict, stage: str | None) -> dict:
     if isinstance(config, str):
         if len(config) > MAX_CONFIG_CHARS:
             raise GraftError("invalid_recipe", f"mergekit config: longer than {MAX_CONFIG_CHARS} characters")
-        config = load_yaml(config)
-    _check_plain(config)  # an already parsed config (the CLI's safe_load) gets the loader's refusals
-    if not isinstance(config, dict):
-        raise GraftError("invalid_recipe", "mergekit config: expected a mapping at the top level")
-    return config
+        docs = load_yaml_documents(config)
+    else:
+        docs = [config]
+    for doc in docs:
+        _check_plain(doc)  # an already parsed config (the CLI's safe_load) gets the loader's refusals
+        if not isinstance(doc, dict):
+            raise GraftError("invalid_recipe", "mergekit config: expected a mapping at the top level")
+    return _stage(docs, stage)
+
+
+def _stage(docs: list[dict], stage: str | None) -> dict:
+    """One document: the only one, or the stage named `stage` of a multi-stage file."""
+    names = [d.get("name") for d in docs]
+    shown = ", ".join(repr(n) if n is not None else "the unnamed final merge" for n in names)
+    if stage is not None:
+        if stage not in names:
+            raise _refuse("name", f"no stage named {stage!r} (stages: {shown})")
+        doc = docs[names.index(stage)]
+    elif len(docs) != 1:
+        raise _refuse("name", f"a multi-stage file ({len(docs)} stages: {shown}): graft runs one merge at a time; "
+                      "choose a stage by its name, or split the file")
+    else:
+        doc = docs[0]
+    if doc.get("name") is not None and not isinstance(doc["name"], str):
+        raise _refuse("name", "a stage's name is a string")
+    used = _stage_references(doc, {n for n in names if n is not None})
+    if used:
+        raise _refuse("models", f"this stage merges the output of stage {used[0]!r}, which graft does not build in "
+                      "the same run: run that stage first and name its output here")
+    return doc
+
+
+def _stage_references(doc: dict, names: set[str]) -> list[str]:
+    """The other stages' names this stage reads as models (anything malformed is the checks' to refuse)."""
+    entries = [doc.get("base_model"), *_listed(doc.get("models"))]
+    for item in _listed(doc.get("slices")):
+        entries += _listed(item.get("sources")) if isinstance(item, dict) else []
+    refs = [e.get("model") if isinstance(e, dict) else e for e in entries]
+    return [r for r in refs if isinstance(r, str) and r in names]
+
+
+def _listed(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def load_yaml_documents(text: str, where: str = "mergekit config") -> list[Any]:
+    """Every document of a YAML stream (a multi-stage file holds several), read as `load_yaml` reads one."""
+    try:
+        loader = _ConfigLoader(text, where)
+        try:
+            docs = []
+            while loader.check_data():
+                docs.append(loader.get_data())
+                if len(docs) > MAX_STAGES:
+                    raise GraftError("invalid_recipe", f"{where}: more than {MAX_STAGES} documents")
+            return docs or [None]
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise GraftError("invalid_recipe", f"{where}: not valid YAML: {exc}") from None
 
 
 def load_yaml(text: str, where: str = "mergekit config") -> Any:
@@ -337,7 +377,7 @@ def _model_uri(ref: Any, key: str, resolve_local: bool) -> str:
     if not isinstance(ref, str) or not ref.strip() or len(ref) > 2048:
         raise _refuse(key, "give the model as a path or a hub repository id")
     ref = ref.strip()
-    if ref.startswith(_SCHEMES):
+    if ref.startswith(tuple(f"{name}://" for name in SCHEMES)):  # the storage table's: gs:// when it has one
         return ref
     if "+" in ref:
         raise _refuse(key, "LoRA adapters (model+lora) are not supported: merge the adapter first")
@@ -355,98 +395,25 @@ def _model_uri(ref: Any, key: str, resolve_local: bool) -> str:
     return f"hf://{path}" + (f"@{revision}" if revision else "")
 
 
-def _parameters(value: Any, key: str, allowed: set[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _refuse(key, "expected a mapping of parameter names to values")
-    for name in value:
-        if name not in allowed:
-            raise _refuse(f"{key}.{name}", "not a parameter of this merge method here (it takes "
-                          + ", ".join(sorted(allowed)) + ")")
-    return {name: _unconditional(setting, f"{key}.{name}") for name, setting in value.items()}
+
+def _scopes(doc: dict, base: str | None, resolve_local: bool) -> tuple[Scopes, int | None]:
+    """The models and where their parameters are looked up; the layer count a `slices:` config fixes."""
+    top = doc.get("parameters")
+    if top is not None and not isinstance(top, dict):
+        raise _refuse("parameters", "expected a mapping of parameter names to values")
+    if ("models" in doc) == ("slices" in doc):
+        raise _refuse("slices" if "slices" in doc else "models", "give either models or slices (mergekit takes "
+                      "exactly one of them)")
+    if "models" in doc:
+        return Scopes(_models(doc["models"], resolve_local), top=top), None
+    sources, params, layers = _slices(doc["slices"], base, resolve_local)
+    return Scopes(sources, slice_params=params, top=top), layers
 
 
-def _unconditional(setting: Any, key: str) -> Any:
-    """A setting without per-tensor filters: `{value, filter}` forms are unwrapped when the first condition
-    applies to every tensor (mergekit takes the first that matches) and refused otherwise."""
-    conds = setting if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting) \
-        else [setting] if isinstance(setting, dict) else None
-    if conds is None:
-        return setting
-    first = conds[0]
-    if set(first) - {"value", "filter"} or "value" not in first:
-        raise _refuse(key, "expected {value, filter}")
-    if first.get("filter") not in (None, "*"):
-        raise _refuse(f"{key}.filter", "per-tensor parameter filters are not supported: write a graft recipe "
-                      "with rules instead")
-    if isinstance(first["value"], dict):
-        raise _refuse(f"{key}.value", "expected a number or a list of numbers")
-    return first["value"]
-
-
-def _number(value: Any, key: str) -> float:
-    """A finite number; numeric strings too (YAML reads `1e-3` as a string, mergekit as a number)."""
-    if isinstance(value, bool):
-        raise _refuse(key, "expected a number, not a boolean")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _refuse(key, f"expected a number, got {value[:40]!r}") from None
-    if isinstance(value, int):
-        try:
-            value = float(value)
-        except OverflowError:
-            raise _refuse(key, "a number past the range of a float (about 1.8e308)") from None
-    if not isinstance(value, float):
-        raise _refuse(key, "expected a number")
-    if not math.isfinite(value):
-        raise _refuse(key, f"expected a finite number, got {value}")
-    return float(value)
-
-
-def _boolean(params: dict, name: str, default: bool) -> bool:
-    if name not in params:
-        return default
-    if not isinstance(params[name], bool):
-        raise _refuse(f"parameters.{name}", "expected true or false")
-    return params[name]
-
-
-def _check_rescale(top: dict, name: str, method: _Method) -> None:
-    rescale = _boolean(top, "rescale", method.rescale)
-    if rescale == method.rescale or method.transform is None:
-        return  # what graft does, or nothing to rescale
-    if method.transform == "dare":
-        raise _refuse("parameters.rescale", "graft's dare always rescales the kept elements by 1 / density")
-    raise _refuse("parameters.rescale", f"graft does not rescale {name}'s trimmed deltas to their norm")
-
-
-def _weight(value: Any, key: str) -> float | list[float]:
-    if isinstance(value, list):
-        if not value or len(value) > MAX_WEIGHT_POINTS:
-            raise _refuse(key, f"a list of 1 to {MAX_WEIGHT_POINTS} numbers")
-        return [_number(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    return _number(value, key)
-
-
-def _scalar(value: Any, key: str) -> float:
-    """A density or gamma: graft's transforms take one value per diff, so a list must be constant."""
-    if isinstance(value, list):
-        values = _weight(value, key)
-        if len(set(values)) != 1:
-            raise _refuse(key, "per-layer values are not supported here (one value per model)")
-        return values[0]
-    return _number(value, key)
-
-
-def _diffs(models: Any, top: dict, method: _Method, base: str,
-           resolve_local: bool) -> tuple[list[dict], tuple[Any, str]]:
-    """One diff per model other than the base, and the base's own weight (linear counts it)."""
+def _models(models: Any, resolve_local: bool) -> list[Source]:
     if not isinstance(models, list) or not models:
         raise _refuse("models", "a list of models to merge is required")
-    diffs, seen, base_weight = [], set(), (top.get("weight"), "parameters.weight")
+    out: list[Source] = []
     for i, entry in enumerate(models):
         key = f"models[{i}]"
         if isinstance(entry, str):
@@ -455,109 +422,152 @@ def _diffs(models: Any, top: dict, method: _Method, base: str,
             raise _refuse(key, "expected {model, parameters}")
         for name in entry:
             if name not in _MODEL_KEYS:
-                raise _refuse(f"{key}.{name}", "not supported")
-        uri = _model_uri(entry.get("model"), f"{key}.model", resolve_local)
-        if uri in seen:
-            raise _refuse(f"{key}.model", f"{uri} is listed twice")
-        seen.add(uri)
-        params = {**top, **_parameters(entry.get("parameters"), f"{key}.parameters", set(method.per_model))}
-        if uri == base:
-            if "weight" in params:  # the base's delta is zero; only linear's average counts its weight
-                base_weight = (params["weight"], f"{key}.parameters.weight" if "weight" in (
-                    entry.get("parameters") or {}) else "parameters.weight")
-            continue
-        diffs.append(_diff(params, method, base, uri, key))
-    if not diffs:
-        raise _refuse("models", "no model besides base_model: nothing to merge")
-    if len(diffs) > MAX_DIFFS:
-        raise _refuse("models", f"at most {MAX_DIFFS} models besides the base")
-    return diffs, base_weight
+                raise _refuse(f"{key}.{name}", "not a key of a model entry (model, parameters)")
+        out.append(_source(entry, key, resolve_local, out))
+    return out
 
 
-def _diff(params: dict, method: _Method, base: str, uri: str, key: str) -> dict:
-    where = f"{key}.parameters"
-    if "weight" not in params:
-        raise _refuse(f"{where}.weight", "required (here or under the top-level parameters)")
-    diff: dict = {"source_base": base, "source_finetuned": uri, "weight": _weight(params["weight"],
-                                                                                   f"{where}.weight")}
-    density = _scalar(params["density"], f"{where}.density") if "density" in params else 1.0
-    if method.transform is not None and density <= 0:
-        raise _refuse(f"{where}.density", "must be above 0 (a model kept at density 0 adds nothing: leave it out)")
-    diff["_density"] = min(density, 1.0)  # mergekit treats a density >= 1 as no sparsification
-    if method.transform == "breadcrumbs" and density < 1:
-        gamma = _scalar(params["gamma"], f"{where}.gamma") if "gamma" in params else 0.01
-        if not 0 <= gamma < 1:
-            raise _refuse(f"{where}.gamma", "must be in [0, 1)")
-        # mergekit's own window, its rounding and its quirks included (see methods/breadcrumbs.py): gamma and
-        # density are rounded against each tensor's size, so no capping here can stand for it.
-        diff["transform"] = {"method": "breadcrumbs", "density": density, "gamma": gamma, "semantics": "mergekit"}
-    return diff
+def _source(entry: dict, key: str, resolve_local: bool, seen: list[Source]) -> Source:
+    uri = _model_uri(entry.get("model"), f"{key}.model", resolve_local)
+    if uri in {s.uri for s in seen}:
+        raise _refuse(f"{key}.model", f"{uri} is listed twice")
+    ref = entry.get("model")
+    return Source(uri, key, entry.get("parameters"), ref if isinstance(ref, str) else "")
 
 
-def _linear_weights(diffs: list[dict], base_weight: tuple[Any, str], normalize: bool) -> None:
-    """linear: sum_i w_i m_i (/ sum_i w_i) = base + sum_i w_i (m_i - base) / W, where W = sum of all the
-    weights, the base's included (or W = 1 without normalize, which only holds when the weights add to 1)."""
-    if base_weight[0] is None:
-        raise _refuse("models", "linear weighs the base model too: list base_model under models with its "
-                      "weight, or set parameters.weight")
-    weights = [_number(*base_weight)]
-    for i, diff in enumerate(diffs):
-        if isinstance(diff["weight"], list):
-            raise _refuse(f"models[{i}].parameters.weight", "linear takes one weight per model here")
-        weights.append(diff["weight"])
-    try:
-        total = math.fsum(weights)
-    except OverflowError:  # the partial sums pass the float range (1e308 + 1e308 - 1e308)
-        raise _refuse("models", "the weights' sum passes the range of a float (about 1.8e308)") from None
-    if normalize:
-        if abs(total) < 1e-8:
-            raise _refuse("parameters.weight", "the weights add up to 0: nothing to normalize by")
-        for i, diff in enumerate(diffs):
-            diff["weight"] = diff["weight"] / total
-            if not math.isfinite(diff["weight"]):
-                raise _refuse(f"models[{i}].parameters.weight", f"divided by the weights' sum ({total:g}) it "
-                              "passes the range of a float")
-    elif abs(total - 1.0) > 1e-6:
-        raise _refuse("parameters.normalize", f"without normalize the weights (base's included) must add up "
-                      f"to 1 (they add up to {total:g}): the base would be scaled, which is not a transfer")
+def _slices(slices: Any, base: str | None, resolve_local: bool) -> tuple[list[Source], dict | None, int]:
+    """`slices:` where every source keeps the same layers, from layer 0 on: the models, the slice's own
+    parameters and the layer count. Several slices only where they say what one would."""
+    if not isinstance(slices, list) or not slices:
+        raise _refuse("slices", "a list of output slices is required")
+    first, end = _slice(slices[0], 0, base, resolve_local, start=0)
+    for j, later in enumerate(slices[1:], 1):
+        sources, end = _slice(later, j, base, resolve_local, start=end)
+        if [(s.uri, s.params) for s in sources] != [(s.uri, s.params) for s in first] or \
+                later.get("parameters") != slices[0].get("parameters"):
+            raise _refuse(f"slices[{j}]", "its models or parameters differ from slices[0]'s: graft merges every "
+                          "layer one way (the layers of a slice of its own would need rules per layer range)")
+    if len(slices) > 1 and _has_list(slices[0]):
+        raise _refuse("slices", "a gradient (a list of values) over several slices: mergekit restarts it in each "
+                      "slice, which no weight list over the whole model says; write one slice")
+    return first, slices[0].get("parameters"), end
 
 
-def _merge(name: str, method: _Method, diffs: list[dict], normalize: bool, lam: float, top: dict) -> dict:
-    """The recipe's merge; a density shared by every model goes to the merge (ties, dare_ties), others to
-    each diff's transform."""
-    densities = [d.pop("_density") for d in diffs]
-    shared = densities[0] if len(set(densities)) == 1 else None
-    if method.merge in ("ties", "dare_ties") and method.transform != "breadcrumbs" and shared is not None:
-        merge: dict = {"method": method.merge, "normalize": normalize, "lambda": lam}
-        if shared < 1 or method.merge == "dare_ties":
-            merge["density"] = shared
-        return merge
-    for diff, density in zip(diffs, densities, strict=True):
-        if density < 1 and method.transform == "magnitude":
-            diff["transform"] = {"method": "magnitude", "density": density}
-        elif density < 1 and method.transform == "dare":
-            diff["transform"] = {"method": "dare", "drop": 1.0 - density}
-    merge = {"method": method.merge, "normalize": normalize, "lambda": lam}
-    if method.merge == "dare_ties":
-        merge["density"] = 1.0  # each diff names its own draw
-    return merge
+def _slice(item: Any, j: int, base: str | None, resolve_local: bool, start: int) -> tuple[list[Source], int]:
+    key = f"slices[{j}]"
+    if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+        raise _refuse(f"{key}.sources", "a slice lists its sources")
+    for name in item:
+        if name not in _SLICE_KEYS:
+            raise _refuse(f"{key}.{name}", "not a key of a slice (sources, parameters)")
+    if item.get("residual_weight") is not None:
+        raise _refuse(f"{key}.residual_weight", "not supported")
+    if item.get("base_model") is not None and _model_uri(item["base_model"], f"{key}.base_model",
+                                                         resolve_local) != base:
+        raise _refuse(f"{key}.base_model", "a slice's own base model differs from base_model: graft merges every "
+                      "layer over one base")
+    sources: list[Source] = []
+    ranges = set()
+    for i, src in enumerate(item["sources"]):
+        where = f"{key}.sources[{i}]"
+        if not isinstance(src, dict) or set(src) - _SOURCE_KEYS:
+            raise _refuse(where, "expected {model, layer_range, parameters}")
+        ranges.add(_layer_range(src.get("layer_range"), f"{where}.layer_range"))
+        sources.append(_source(src, where, resolve_local, sources))
+    if len(ranges) > 1:
+        raise _refuse(f"{key}.sources", f"the sources keep different layers {sorted(ranges)}: the output would "
+                      "stack layers of different depths (a frankenmerge), which graft does not build")
+    low, high = ranges.pop()
+    if low != start:
+        raise _refuse(f"{key}.sources", f"layer_range [{low}, {high}] where layer {start} comes next: the output "
+                      "would lack or repeat layers (a cut or stacked model), which graft does not build; cover "
+                      "every layer, from 0, in order")
+    if base is not None and base not in {s.uri for s in sources}:
+        raise _refuse(f"{key}.sources", "base_model is not among the slice's sources (mergekit refuses such a "
+                      "slice: its merge needs the base's layers)")
+    return sources, high
 
 
-def _notes(doc: dict, diffs: list[dict], merge: dict) -> list[dict]:
+def _layer_range(value: Any, key: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in value)) or not 0 <= value[0] < value[1]:
+        raise _refuse(key, "expected [first, end) layer indices, first < end")
+    return value[0], value[1]
+
+
+def _has_list(item: Any) -> bool:
+    if isinstance(item, list):
+        return any(isinstance(v, int | float | str) and not isinstance(v, bool) for v in item) or \
+            any(_has_list(v) for v in item)
+    if isinstance(item, dict):
+        return any(_has_list(v) for k, v in item.items() if k != "layer_range")
+    return False
+
+
+def _tokenizer(doc: dict, parts: Parts, scopes: Scopes, resolve_local: bool) -> dict | None:
+    """tokenizer_source / tokenizer.source as the recipe's `tokenizer` (mergekit builds the output's tokenizer
+    and re-maps every model's embedding rows to it by token; graft checks at planning that its rows line up
+    by id, planning/vocabulary.py)."""
+    if doc.get("tokenizer_source") is not None and doc.get("tokenizer") is not None:
+        raise _refuse("tokenizer", "give tokenizer_source or tokenizer, not both (mergekit refuses both)")
+    source, key = doc.get("tokenizer_source"), "tokenizer_source"
+    spec = doc.get("tokenizer")
+    if spec is not None:
+        if not isinstance(spec, dict) or set(spec) - {"source", "tokens", "pad_to_multiple_of"}:
+            raise _refuse("tokenizer", "expected {source, tokens, pad_to_multiple_of}")
+        if spec.get("tokens"):
+            raise _refuse("tokenizer.tokens", "per-token embedding sources are not supported (graft keeps rows "
+                          "as the models have them)")
+        if spec.get("pad_to_multiple_of") is not None:
+            raise _refuse("tokenizer.pad_to_multiple_of", "padding the vocabulary adds rows (the mean embedding), "
+                          "which graft does not write")
+        source, key = spec.get("source", "union"), "tokenizer.source"  # mergekit's default source: union
+    if source is None:
+        return None
+    if source in ("base", "union"):
+        return {"source": parts.target, "vocabularies": "agree" if source == "base" else "equal"}
+    uri = _model_uri(source, key, resolve_local)
+    if uri not in {s.uri for s in scopes.sources} | {parts.target}:
+        raise _refuse(key, f"{uri} is not one of the merged models: graft takes the output's files from its inputs")
+    return {"source": uri, "vocabularies": "agree"}
+
+
+def _chat_template(doc: dict) -> str | None:
+    """mergekit's chat_template: Jinja text is the output's template; a name of mergekit's own templates and
+    `auto` (the most common template of the models, found when merging) are refused."""
+    template = doc.get("chat_template")
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise _refuse("chat_template", "expected the template's Jinja text")
+    if template == "auto":
+        raise _refuse("chat_template", "auto picks the models' most common template while merging: give the "
+                      "template text, or name the model with tokenizer_source")
+    if "{" not in template or len(template) < 20:
+        raise _refuse("chat_template", f"{template[:40]!r} names one of mergekit's own templates, which graft "
+                      "does not carry (or is no template): give the template's Jinja text")
+    return template
+
+
+def _notes(doc: dict, parts: Parts) -> list[dict]:
     """What the recipe computes differently from mergekit 0.1.5 running the same config: said whenever the
     recipe runs."""
-    transforms = [d.get("transform") or {} for d in diffs]
-    shared = merge.get("density", 1.0) < 1  # the merge's own draw (dare_ties) or trim (ties) for every diff
-    trimmed = merge["method"] == "ties" and shared or any(t.get("method") in ("magnitude", "breadcrumbs")
-                                                          for t in transforms)
-    dare = merge["method"] == "dare_ties" and shared or any(t.get("method") == "dare" for t in transforms)
-    notes = []
-    if dare:
+    from worker.engine.methods import TRANSFORMS
+
+    merge = parts.merge
+    used = set(parts.used)
+    if merge["method"] == "ties" and merge.get("density", 1.0) < 1:
+        used.add("magnitude")
+    if merge["method"] == "dare_ties" and merge.get("density", 1.0) < 1:
+        used.add("dare")
+    notes = list(parts.notes)
+    if "dare" in used and "rescale" not in TRANSFORMS["dare"].Params.model_fields:
         notes.append({"code": "dare_rescale", "message": "DARE's kept elements are rescaled by exactly "
                       "1 / density; mergekit (rescale: true) rescales them to the delta's L1 norm"})
-        notes.append({"code": "dare_draw", "message": "DARE's random draw is graft's (counter-based, the same "
+    if used & {"dare", "della"}:
+        notes.append({"code": "dare_draw", "message": "the random draw is graft's (counter-based, the same "
                       "for a given seed on every run and worker): other elements are dropped than in mergekit's run"})
-    if trimmed:
+    if used & {"magnitude", "breadcrumbs"}:
         notes.append({"code": "threshold_ties", "message": "equal magnitudes at a trim's threshold are kept in "
                       "element order; mergekit's sort keeps any of them"})
     dtype = doc.get("dtype")

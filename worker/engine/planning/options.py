@@ -1,4 +1,5 @@
-"""What a graft is asked to do: the request the CLI, the worker and the API all build."""
+"""The engine options of a graft (how the output is written, which tensors take the diffs) and their checks:
+sizes, alpha, the roles of a recipe's inputs. The request itself is a recipe (planning/request.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 from worker.engine.errors import GraftError
 from worker.engine.planning.patterns import check_patterns, matches_any
-
-if TYPE_CHECKING:
-    from worker.engine.planning.recipe import Recipe
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
@@ -101,45 +98,3 @@ class GraftOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class GraftRequest:
-    source_base: str
-    source_finetuned: str
-    target_base: str
-    output: str
-    options: GraftOptions = field(default_factory=GraftOptions)
-    # Who writes the output. Attempts of one job share it, so a retry may clear what a killed attempt
-    # left under an S3 prefix; a graft never clears another writer's leftovers. None: this run alone.
-    writer: str | None = None
-    # Directories every local file read or written must resolve under, symlinks followed (the service's
-    # roots). None: unconfined, as for the CLI, where the Hugging Face cache's snapshot symlinks lead out.
-    allowed_roots: list[str] | None = None
-    # Directories refused even under an allowed root, except below an allowed root inside them (the
-    # shared output directory, minus the tenant's own namespace in it).
-    denied_roots: list[str] | None = None
-    # A recipe (worker/engine/planning/recipe.py) beyond the plain transfer: several diffs, transforms, a merge method,
-    # weights per layer or per tensor. None: the three fields above and options.alpha say it all.
-    recipe: Recipe | None = None
-
-    def inputs(self) -> dict[str, str]:
-        """Role -> URI of every input. A recipe's diffs are `source_base.<i>` / `source_finetuned.<i>`; the
-        first diff's are also `source_base` / `source_finetuned` (the tokenizer and generation config come
-        from its fine-tune)."""
-        roles = {"source_base": self.source_base, "source_finetuned": self.source_finetuned,
-                 "target_base": self.target_base}
-        for i, diff in enumerate(self.recipe.diffs if self.recipe is not None else ()):
-            roles[base_role(i)] = diff.source_base
-            roles[finetuned_role(i)] = diff.source_finetuned
-        return roles
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, output: str, **kwargs) -> GraftRequest:
-        """A plain recipe (one diff, a plain sum, a scalar weight) becomes today's request, and so writes
-        today's bytes; any other keeps its recipe."""
-        alpha = recipe.plain_alpha()
-        first = recipe.diffs[0]
-        options = recipe.options.engine_options(alpha if alpha is not None else 1.0)
-        return cls(first.source_base, first.source_finetuned, recipe.target_base, output, options,
-                   recipe=None if alpha is not None else recipe, **kwargs)

@@ -159,119 +159,176 @@ def _read_friendly_order(names: list[str], eff: dict[str, dict[str, TensorInfo]]
     return min(candidates, key=lambda order: sum(_seeks(order, eff[r]) for r in ROLES))
 
 
-def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedModel,
-               options: GraftOptions) -> Plan:
-    models = {"target_base": target, "source_base": base, "source_finetuned": finetuned}
-    all_names = set().union(*(m.tensors for m in models.values()))
-    embed = find_name(target.tensors, EMBED_NAME) or find_name(all_names, EMBED_NAME)
-    head = find_name(target.tensors, LM_HEAD_NAME) or find_name(all_names, LM_HEAD_NAME) or (
-        "lm_head.weight" if embed else None)
-    eff: dict[str, dict[str, TensorInfo]] = {}
-    tied: dict[str, bool] = {}
-    for role, model in models.items():
-        eff[role], tied[role] = _effective(model, embed, head)
-    tied_output = all(tied.values())
-    warnings: list[dict] = []
-    if len(set(tied.values())) > 1:
-        warnings.append({"code": "mixed_tying", "message": "embeddings are tied in "
-                         + ", ".join(r for r in ROLES if tied[r]) + " only; the output unties lm_head"})
+@dataclass
+class _Inputs:
+    """The three models as the planner sees them: each one's tensors with a tied lm_head resolved to its
+    embedding, the vocabulary tensors' names and sizes."""
 
-    t_eff, s_eff, f_eff = eff["target_base"], eff["source_base"], eff["source_finetuned"]
-    order = _read_friendly_order(list(target.tensors), eff)
-    assert sorted(order) == sorted(target.tensors), "the output order must hold each target tensor once"
-    if head and head in t_eff and head not in target.tensors and not tied_output:
-        order.append(head)  # the target was tied but the output cannot be: write lm_head out
+    target: ResolvedModel
+    eff: dict[str, dict[str, TensorInfo]]
+    tied: dict[str, bool]
+    embed: str | None
+    head: str | None
+    vocab_sizes: dict[str, int | None]
 
-    vocab_names = {n for n in (embed, head) if n}
-    vocab_sizes = {role: m.vocab_size for role, m in models.items()}
+    @classmethod
+    def of(cls, models: dict[str, ResolvedModel]) -> _Inputs:
+        target = models["target_base"]
+        all_names = set().union(*(m.tensors for m in models.values()))
+        embed = find_name(target.tensors, EMBED_NAME) or find_name(all_names, EMBED_NAME)
+        head = find_name(target.tensors, LM_HEAD_NAME) or find_name(all_names, LM_HEAD_NAME) or (
+            "lm_head.weight" if embed else None)
+        eff, tied = {}, {}
+        for role, model in models.items():
+            eff[role], tied[role] = _effective(model, embed, head)
+        return cls(target, eff, tied, embed, head, {role: m.vocab_size for role, m in models.items()})
 
-    def is_vocab(name: str, infos: dict[str, TensorInfo]) -> bool:
-        if name in vocab_names:
+    @property
+    def tied_output(self) -> bool:
+        return all(self.tied.values())
+
+    def is_vocab(self, name: str, infos: dict[str, TensorInfo]) -> bool:
+        """Whether a tensor's first axis is the vocabulary (rows may then differ between the models)."""
+        if name in (self.embed, self.head):
             return True
         if any(len(i.shape) == 0 for i in infos.values()):
             return False
-        return all(vocab_sizes[r] is not None and i.shape[0] == vocab_sizes[r] for r, i in infos.items())
+        return all(self.vocab_sizes[r] is not None and i.shape[0] == self.vocab_sizes[r] for r, i in infos.items())
 
-    tensors: list[OutputTensor] = []
-    vocab_rows: dict = {}
-    conflicts: list[str] = []
-    for name in order:
-        t = t_eff[name]
-        s, f = s_eff.get(name), f_eff.get(name)
-        out_dtype = _out_dtype(options, t.dtype)
-        n = t.numel
-        copy = OutputTensor(name, out_dtype, t.shape, "copied", [Segment("target", 0, n)], {"target_base": t})
-        if name not in target.tensors:
-            copy.note = f"untied from {embed}"
-        if not options.selects(name):
-            copy.note = "excluded by include/exclude"
-            tensors.append(copy)
-            continue
-        if s is None or f is None:
-            if s is not None or f is not None:
-                missing = "source_base" if s is None else "source_finetuned"
-                warnings.append({"code": "missing_in_source", "tensor": name,
-                                 "message": f"{name} is missing from {missing}; copied from the target"})
-                copy.note = f"missing from {missing}"
-            tensors.append(copy)
-            continue
-        infos = {"target_base": t, "source_base": s, "source_finetuned": f}
-        if t.dtype not in ARITHMETIC_FLOATS or s.dtype not in ARITHMETIC_FLOATS or f.dtype not in ARITHMETIC_FLOATS:
-            if t.dtype in ARITHMETIC_FLOATS or s.dtype in ARITHMETIC_FLOATS or f.dtype in ARITHMETIC_FLOATS:
-                warnings.append({"code": "dtype_mismatch", "tensor": name, "message":
-                                 f"{name}: dtypes {t.dtype}/{s.dtype}/{f.dtype} cannot be grafted; copied from target"})
-            elif t.shape == s.shape == f.shape and s.dtype == f.dtype:
-                # Compared at the target's element indices: only when all three hold the same elements.
-                copy.sources = {"target_base": t, "source_base": s, "source_finetuned": f}
-                copy.check_sources_equal = True
-            copy.note = copy.note or "not a float tensor"
-            tensors.append(copy)
-            continue
-        vocab = is_vocab(name, infos)
-        rest = {i.shape[1:] if vocab else i.shape for i in infos.values()}
-        if len(rest) > 1 or len({len(i.shape) for i in infos.values()}) > 1:
-            conflicts.append(f"{name}: target {list(t.shape)}, source_base {list(s.shape)}, "
-                             f"source_finetuned {list(f.shape)}")
-            continue
-        compute = "F64" if "F64" in (t.dtype, s.dtype, f.dtype) else "F32"
-        if t.shape == s.shape == f.shape:
-            tensors.append(OutputTensor(name, out_dtype, t.shape, "transferred" if name in target.tensors
-                                        else "untied_transfer", [Segment("transfer", 0, n)], infos, compute,
-                                        note=copy.note))
-            continue
-        # Vocabulary axis: rows all three share get the delta; the others are copied as the policy says.
-        rt, rs, rf = t.shape[0], s.shape[0], f.shape[0]
-        row = math.prod(t.shape[1:])
-        shared = min(rt, rs, rf)
-        out_rows = max(rt, rf) if options.vocab == "extend" else rt
-        segments = [Segment("transfer", 0, shared * row)] if shared else []
-        if rt > shared:
-            segments.append(Segment("target", shared * row, rt * row))
-        if out_rows > rt:
-            segments.append(Segment("finetuned", rt * row, out_rows * row))
-        rows = {"transferred": shared, "from_target": rt - shared, "from_finetuned": max(0, out_rows - rt),
-                "target_rows": rt, "source_base_rows": rs, "finetuned_rows": rf, "output_rows": out_rows}
-        if rt != rs:
-            warnings.append({"code": "vocab_differs", "tensor": name, "message":
-                             f"{name}: target has {rt} rows, source_base {rs}; rows past {shared} "
-                             "keep their own ids, which may not name the same tokens"})
-        vocab_rows[name] = rows
-        tensors.append(OutputTensor(name, out_dtype, (out_rows, *t.shape[1:]), "vocab_extended"
-                                    if out_rows > rt else "transferred", segments, infos, compute,
-                                    note=copy.note, rows=rows))
-    if conflicts:
+    def order(self) -> list[str]:
+        order = _read_friendly_order(list(self.target.tensors), self.eff)
+        assert sorted(order) == sorted(self.target.tensors), "the output order must hold each target tensor once"
+        head = self.head
+        if head and head in self.eff["target_base"] and head not in self.target.tensors and not self.tied_output:
+            order.append(head)  # the target was tied but the output cannot be: write lm_head out
+        return order
+
+
+@dataclass
+class _Planned:
+    """What planning the tensors one by one collects."""
+
+    tensors: list[OutputTensor] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
+    vocab_rows: dict = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
+
+
+def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedModel,
+               options: GraftOptions) -> Plan:
+    inputs = _Inputs.of({"target_base": target, "source_base": base, "source_finetuned": finetuned})
+    planned = _Planned()
+    if len(set(inputs.tied.values())) > 1:
+        planned.warnings.append({"code": "mixed_tying", "message": "embeddings are tied in "
+                                 + ", ".join(r for r in ROLES if inputs.tied[r]) + " only; the output unties lm_head"})
+    for name in inputs.order():
+        _plan_tensor(name, inputs, options, planned)
+    if planned.conflicts:
         raise GraftError("shape_conflict", "tensor shapes disagree outside the vocabulary axis (exclude them "
-                         "to copy from the target): " + "; ".join(conflicts), {"tensors": conflicts})
+                         "to copy from the target): " + "; ".join(planned.conflicts), {"tensors": planned.conflicts})
+    config, vocab_info = _output_config(inputs, planned, options)
+    return Plan(planned.tensors, _shard(planned.tensors, options.shard_size), _source_only(inputs),
+                planned.warnings, config, inputs.tied_output, vocab_info)
 
-    in_sources = set(s_eff) | set(f_eff)
+
+def _plan_tensor(name: str, inputs: _Inputs, options: GraftOptions, planned: _Planned) -> None:
+    """How one output tensor is made: copied from the target, or transferred (on the rows all three share)."""
+    eff = inputs.eff
+    t = eff["target_base"][name]
+    s, f = eff["source_base"].get(name), eff["source_finetuned"].get(name)
+    out_dtype = _out_dtype(options, t.dtype)
+    copy = OutputTensor(name, out_dtype, t.shape, "copied", [Segment("target", 0, t.numel)], {"target_base": t})
+    if name not in inputs.target.tensors:
+        copy.note = f"untied from {inputs.embed}"
+    if not options.selects(name):
+        copy.note = "excluded by include/exclude"
+        planned.tensors.append(copy)
+        return
+    if s is None or f is None:
+        if s is not None or f is not None:
+            missing = "source_base" if s is None else "source_finetuned"
+            planned.warnings.append({"code": "missing_in_source", "tensor": name,
+                                     "message": f"{name} is missing from {missing}; copied from the target"})
+            copy.note = f"missing from {missing}"
+        planned.tensors.append(copy)
+        return
+    infos = {"target_base": t, "source_base": s, "source_finetuned": f}
+    if not all(i.dtype in ARITHMETIC_FLOATS for i in infos.values()):
+        _non_float(copy, infos, planned)
+        return
+    vocab = inputs.is_vocab(name, infos)
+    rest = {i.shape[1:] if vocab else i.shape for i in infos.values()}
+    if len(rest) > 1 or len({len(i.shape) for i in infos.values()}) > 1:
+        planned.conflicts.append(f"{name}: target {list(t.shape)}, source_base {list(s.shape)}, "
+                                 f"source_finetuned {list(f.shape)}")
+        return
+    compute = "F64" if "F64" in (t.dtype, s.dtype, f.dtype) else "F32"
+    if t.shape == s.shape == f.shape:
+        action = "transferred" if name in inputs.target.tensors else "untied_transfer"
+        planned.tensors.append(OutputTensor(name, out_dtype, t.shape, action, [Segment("transfer", 0, t.numel)],
+                                            infos, compute, note=copy.note))
+        return
+    planned.tensors.append(_vocab_tensor(copy, infos, compute, options, planned))
+
+
+def _non_float(copy: OutputTensor, infos: dict[str, TensorInfo], planned: _Planned) -> None:
+    """A tensor that is not float in every model: copied from the target, compared when all are buffers."""
+    t, s, f = (infos[r] for r in ROLES)
+    name = copy.name
+    if t.dtype in ARITHMETIC_FLOATS or s.dtype in ARITHMETIC_FLOATS or f.dtype in ARITHMETIC_FLOATS:
+        planned.warnings.append({"code": "dtype_mismatch", "tensor": name, "message":
+                                 f"{name}: dtypes {t.dtype}/{s.dtype}/{f.dtype} cannot be grafted; copied from target"})
+    elif t.shape == s.shape == f.shape and s.dtype == f.dtype:
+        # Compared at the target's element indices: only when all three hold the same elements.
+        copy.sources = dict(infos)
+        copy.check_sources_equal = True
+    copy.note = copy.note or "not a float tensor"
+    planned.tensors.append(copy)
+
+
+def _vocab_tensor(copy: OutputTensor, infos: dict[str, TensorInfo], compute: str, options: GraftOptions,
+                  planned: _Planned) -> OutputTensor:
+    """Vocabulary axis: rows all three share get the delta; the others are copied as the policy says."""
+    t = infos["target_base"]
+    name = copy.name
+    rt, rs, rf = t.shape[0], infos["source_base"].shape[0], infos["source_finetuned"].shape[0]
+    row = math.prod(t.shape[1:])
+    shared = min(rt, rs, rf)
+    out_rows = max(rt, rf) if options.vocab == "extend" else rt
+    segments = [Segment("transfer", 0, shared * row)] if shared else []
+    if rt > shared:
+        segments.append(Segment("target", shared * row, rt * row))
+    if out_rows > rt:
+        segments.append(Segment("finetuned", rt * row, out_rows * row))
+    rows = {"transferred": shared, "from_target": rt - shared, "from_finetuned": max(0, out_rows - rt),
+            "target_rows": rt, "source_base_rows": rs, "finetuned_rows": rf, "output_rows": out_rows}
+    if rt != rs:
+        planned.warnings.append({"code": "vocab_differs", "tensor": name, "message":
+                                 f"{name}: target has {rt} rows, source_base {rs}; rows past {shared} "
+                                 "keep their own ids, which may not name the same tokens"})
+    planned.vocab_rows[name] = rows
+    return OutputTensor(name, copy.dtype, (out_rows, *t.shape[1:]), "vocab_extended" if out_rows > rt
+                        else "transferred", segments, infos, compute, note=copy.note, rows=rows)
+
+
+def _source_only(inputs: _Inputs) -> list[dict]:
+    """Tensors the sources hold and the target does not (reported; a tied output's lm_head is no loss)."""
+    eff = inputs.eff
+    in_sources = set(eff["source_base"]) | set(eff["source_finetuned"])
     source_only = [{"tensor": n, "in": [r for r in ("source_base", "source_finetuned") if n in eff[r]]}
-                   for n in sorted(in_sources - set(t_eff))]
-    if head in {d["tensor"] for d in source_only} and tied_output:
-        source_only = [d for d in source_only if d["tensor"] != head]
+                   for n in sorted(in_sources - set(eff["target_base"]))]
+    if inputs.head in {d["tensor"] for d in source_only} and inputs.tied_output:
+        source_only = [d for d in source_only if d["tensor"] != inputs.head]
+    return source_only
 
-    out_by_name = {t.name: t for t in tensors}
-    config = dict(target.config)
-    vocab_info = {"policy": options.vocab, "tensors": vocab_rows}
+
+def _output_config(inputs: _Inputs, planned: _Planned, options: GraftOptions) -> tuple[dict, dict]:
+    """The output's config (the target's, with the vocabulary size, tying and dtype the plan decided) and the
+    plan's vocabulary summary."""
+    out_by_name = {t.name: t for t in planned.tensors}
+    embed, head = inputs.embed, inputs.head
+    config = dict(inputs.target.config)
+    vocab_info = {"policy": options.vocab, "tensors": planned.vocab_rows}
     rows_out = {out_by_name[n].shape[0] for n in (embed, head) if n and n in out_by_name}
     if len(rows_out) > 1:
         raise GraftError("vocab_mismatch", f"{embed} and {head} would get different row counts {sorted(rows_out)}; "
@@ -279,9 +336,8 @@ def build_plan(target: ResolvedModel, base: ResolvedModel, finetuned: ResolvedMo
     if rows_out:
         config["vocab_size"] = rows_out.pop()
         vocab_info["output_rows"] = config["vocab_size"]
-    config["tie_word_embeddings"] = tied_output
+    config["tie_word_embeddings"] = inputs.tied_output
     if options.dtype != "auto":
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
             config[key] = options.dtype
-    return Plan(tensors, _shard(tensors, options.shard_size), source_only, warnings, config, tied_output,
-                vocab_info)
+    return config, vocab_info

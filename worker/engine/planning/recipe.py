@@ -25,7 +25,7 @@ import re
 from contextlib import contextmanager
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from worker.engine.errors import GraftError
@@ -50,8 +50,28 @@ MAX_NOTES = 16
 CONVENTIONS = ("graft", "mergekit")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
-Transform = Annotated[Union[tuple(m.Params for m in TRANSFORMS.values())],  # noqa: UP007
-                      Field(discriminator="method")]
+
+
+def _layered(params: type[BaseModel]) -> type[BaseModel]:
+    """`params` whose numbers may also be lists, interpolated over the layer index as weight lists are (an
+    imported mergekit config's per-layer densities), each value bounded as the number is; `transform_at`
+    turns one back into `params` at a tensor's depth."""
+    fields = {}
+    for name, info in params.model_fields.items():
+        if info.annotation is float:
+            number = Annotated[float, *info.metadata]
+            points = Annotated[list[number], Field(min_length=1, max_length=MAX_WEIGHT_POINTS)]
+            fields[name] = (number | points, Field(info.default, alias=info.alias, description=info.description))
+    return create_model(params.__name__, __base__=params, **fields) if fields else params
+
+
+def _plain(value: object) -> object:
+    """A method's own parameter model (a transform built in code) is read as the mapping it holds."""
+    return value.model_dump(by_alias=True) if isinstance(value, BaseModel) else value
+
+
+Transform = Annotated[Union[tuple(_layered(m.Params) for m in TRANSFORMS.values())],  # noqa: UP007
+                      Field(discriminator="method"), BeforeValidator(_plain)]
 Merge = Annotated[Union[tuple(m.Params for m in MERGES.values())],  # noqa: UP007
                   Field(discriminator="method")]
 # Within float32's range, where the arithmetic runs (products of them are Recipe.check_strength's to bound).
@@ -75,12 +95,21 @@ class Diff(BaseModel):
     source_base: URI
     source_finetuned: URI
     weight: Weight = Field(1.0, description="a number, or a list interpolated over the layer index")
-    transform: Transform | None = Field(None, description="applied to this diff before the merge")
+    transform: Transform | None = Field(None, description="applied to this diff before the merge (its numbers "
+                                        "may be lists, interpolated over the layer index)")
 
 
 def _rule_says_something(schema: dict) -> None:
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-                       for name in ("weight", "transform")]
+                       for name in ("weight", "transform", "diffs")]
+
+
+class DiffSetting(BaseModel):
+    """What a rule sets for one diff; what it leaves out is the rule's own, else the diff's."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: Weight | None = None
+    transform: Transform | None = None
 
 
 class Rule(BaseModel):
@@ -88,14 +117,38 @@ class Rule(BaseModel):
     match: str = Field(min_length=1, max_length=MAX_PATTERN_LENGTH, description="RE2 regex, searched in the name")
     weight: Weight | None = Field(None, description="replaces every diff's weight for matching tensors")
     transform: Transform | None = Field(None, description="replaces every diff's transform for matching tensors")
+    diffs: list[DiffSetting | None] | None = Field(
+        None, max_length=MAX_DIFFS, description="one entry per diff, in the recipe's order: that diff's weight "
+        "and/or transform for matching tensors (over the rule's own); null keeps what the rule or the diff says")
 
     @model_validator(mode="after")
     def _says_something(self) -> Rule:
-        if self.weight is None and self.transform is None:
-            raise ValueError("a rule sets a weight, a transform or both")
+        # `diffs` of nulls alone says something too: matching tensors keep the diffs' own, whatever later
+        # rules say (first match wins).
+        if self.weight is None and self.transform is None and self.diffs is None:
+            raise ValueError("a rule sets a weight, a transform or both (for every diff, or per diff)")
         with _as_validation_error():
             check_patterns([self.match], "rules.match")
         return self
+
+    def setting(self, index: int) -> tuple[float | list[float] | None, BaseModel | None]:
+        """The weight and transform this rule gives diff `index` (None: the diff's own)."""
+        own = self.diffs[index] if self.diffs is not None and index < len(self.diffs) else None
+        weight = own.weight if own is not None and own.weight is not None else self.weight
+        transform = own.transform if own is not None and own.transform is not None else self.transform
+        return weight, transform
+
+
+class TokenizerSource(BaseModel):
+    """The output's tokenizer taken from one input, its vocabulary checked against every input's."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: URI = Field(description="the input whose tokenizer files, chat template and generation config the "
+                        "output takes")
+    vocabularies: Literal["agree", "equal"] = Field(
+        "agree", description="agree: every input gives this tokenizer's tokens the same ids (tokens of its own "
+        "beyond them are dropped); equal: every input's vocabulary is this one (a union that adds nothing); "
+        "otherwise the graft is refused, as are embeddings with another row count than the tokenizer's tokens")
 
 
 def _size_type(value: object) -> object:
@@ -162,11 +215,21 @@ class Recipe(BaseModel):
     notes: list[Note] = Field(default_factory=list, max_length=MAX_NOTES,
                               description="how the recipe differs from the config it was imported from "
                               "(warnings at run time)")
+    layers: int | None = Field(None, ge=1, le=1_000_000, description="the layer count the recipe was written for "
+                               "(an imported config's layer_range): a target with another count is refused")
+    tokenizer: TokenizerSource | None = Field(None, description="the output's tokenizer (default: the "
+                                              "conventions' choice, unchecked)")
+    chat_template: str | None = Field(None, min_length=1, max_length=64 << 10,
+                                      description="the output's chat template (Jinja text), over the tokenizer's")
 
     @model_validator(mode="after")
     def _engine_checks(self) -> Recipe:
         with _as_validation_error():
             self.options.engine_options()  # sizes and patterns, with the engine's messages
+        uris = {self.target_base} | {u for d in self.diffs for u in (d.source_base, d.source_finetuned)}
+        if self.tokenizer is not None and self.tokenizer.source not in uris:
+            raise ValueError("tokenizer.source: must be one of the recipe's models (the output's files come from "
+                             "its inputs)")
         return self
 
     @classmethod
@@ -184,7 +247,8 @@ class Recipe(BaseModel):
         diff = self.diffs[0]
         if (len(self.diffs) == 1 and merge.method == "sum" and not merge.normalize
                 and diff.transform is None and not self.rules and isinstance(diff.weight, float | int)
-                and self.conventions == "graft" and not self.notes):
+                and self.conventions == "graft" and not self.notes and self.layers is None
+                and self.tokenizer is None and self.chat_template is None):
             return float(diff.weight) * merge.lambda_
         return None
 
@@ -214,10 +278,17 @@ class Recipe(BaseModel):
         """Every factor the arithmetic applies to a delta (a weight, a rule's weight, times lambda; the weights'
         sum that `normalize` divides by) within float32's range, where the arithmetic runs: past it every
         scaled delta is inf and the graft could only fail in the worker, after the job was accepted.
-        GraftError("invalid_recipe") naming the field."""
+        GraftError("invalid_recipe") naming the field. Also that every rule's per-diff list has one entry per
+        diff (checked here, where the API's own construction of a recipe is checked, rather than by pydantic)."""
+        for j, rule in enumerate(self.rules):
+            if rule.diffs is not None and len(rule.diffs) != len(self.diffs):
+                raise GraftError("invalid_recipe", f"rules.{j}.diffs: one entry per diff ({len(self.diffs)}), got "
+                                 f"{len(rule.diffs)}", {"field": f"rules.{j}.diffs"})
         lam = self.merge.lambda_
         named = [(f"diffs.{i}.weight", d.weight) for i, d in enumerate(self.diffs)]
         named += [(f"rules.{j}.weight", r.weight) for j, r in enumerate(self.rules) if r.weight is not None]
+        named += [(f"rules.{j}.diffs.{i}.weight", s.weight) for j, r in enumerate(self.rules)
+                  for i, s in enumerate(r.diffs or ()) if s is not None and s.weight is not None]
         for field, weight in named:
             for w in _points(weight):
                 if not abs(w * lam) <= FLOAT32_MAX:
@@ -240,7 +311,14 @@ class Recipe(BaseModel):
                                  {"field": "diffs"})
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True)
+        out = self.model_dump(mode="json", by_alias=True)
+        for key in ("layers", "tokenizer", "chat_template"):  # unset, as recipes were recorded before them
+            if out[key] is None:
+                del out[key]
+        for rule in out["rules"]:
+            if rule["diffs"] is None:
+                del rule["diffs"]
+        return out
 
 
 def _points(weight: float | list[float]) -> list[float]:
@@ -305,6 +383,25 @@ def weight_at(weight: float | list[float], position: float) -> float:
     i = min(int(x), len(weight) - 2)
     frac = x - i
     return float(weight[i] * (1 - frac) + weight[i + 1] * frac)
+
+
+def transform_at(transform: BaseModel | None, position: float) -> BaseModel | None:
+    """A transform whose numbers may be lists, at `position` in [0, 1]: the method's own parameters, each list
+    interpolated as a weight list is. GraftError("invalid_recipe") when the values there break the method's
+    checks across parameters."""
+    from pydantic import ValidationError
+
+    if transform is None:
+        return None
+    values = transform.model_dump(by_alias=True)
+    if not any(isinstance(v, list) for v in values.values()):
+        return transform
+    points = {k: weight_at(v, position) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return TRANSFORMS[transform.method].Params.model_validate(points)
+    except ValidationError as exc:
+        raise GraftError("invalid_recipe", f"transform {transform.method} at depth {position:g}: "
+                         f"{exc.errors()[0]['msg']}") from None
 
 
 def rule_for(rules: list[Rule], name: str) -> Rule | None:

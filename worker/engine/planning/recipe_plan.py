@@ -21,7 +21,7 @@ from worker.engine.methods.dare import draw_key
 from worker.engine.methods.statistics.magnitude_rank import MagnitudeRank
 from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
 from worker.engine.planning.plan import OutputTensor, Plan, Segment, build_plan
-from worker.engine.planning.recipe import Recipe, layer_position, rule_for, weight_at
+from worker.engine.planning.recipe import Recipe, layer_position, rule_for, transform_at, weight_at
 from worker.engine.storage.model import ResolvedModel
 
 
@@ -117,6 +117,9 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     _check_method(recipe, method)
     default = method.default_transform(recipe.merge)
     layers = _layers(target.config)
+    if recipe.layers is not None and layers != recipe.layers:
+        raise GraftError("invalid_recipe", f"layers: the recipe is written for {recipe.layers} layers (its "
+                         f"layer_range), the target has {layers}", {"field": "layers"})
     merge = MergeContext(method, recipe.merge, {})
     for tensor in plan.tensors:
         made = _compose(tensor, [b.get(tensor.name) for b in by_name], recipe, default, layers)
@@ -129,6 +132,10 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     # Said in the plan (preview, dry run), as events and in the manifest: the recipe computes differently
     # from the config it was imported from.
     plan.warnings += [{"code": "foreign_semantics", "reason": n.code, "message": n.message} for n in recipe.notes]
+    if recipe.tokenizer is not None:
+        from worker.engine.planning.vocabulary import check_vocabularies
+
+        check_vocabularies(recipe.tokenizer, models, plan.vocab.get("output_rows"))
     return plan, merge
 
 
@@ -194,9 +201,9 @@ def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: 
     uses = []
     for i in contributing:
         diff = recipe.diffs[i]
-        weight = weight_at(rule.weight if rule is not None and rule.weight is not None else diff.weight, position)
-        transform = (rule.transform if rule is not None and rule.transform is not None else None) or \
-            diff.transform or default
+        rule_weight, rule_transform = rule.setting(i) if rule is not None else (None, None)
+        weight = weight_at(rule_weight if rule_weight is not None else diff.weight, position)
+        transform = transform_at(rule_transform or diff.transform or default, position)
         uses.append(DiffUse(i, weight, transform))
     first = per_diff[contributing[0]]
     sources = {"target_base": tensor.sources["target_base"]}

@@ -9,13 +9,15 @@ as a whole job later. A fault of the request fails at once with its own code:
 - `input_not_found` / `output_not_found`: no such bucket, key or repository (404);
 - `storage_denied`: access denied, bad or missing credentials (401, 403);
 - `storage_rejected`: any other 4xx (the storage refuses this request as made, whenever it is retried).
+
+What a client library's exceptions mean (its error codes, its connection errors) is declared by the scheme
+that uses it (storage/schemes/, base.Faults); the decision above is this module's, the same for all.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,18 +25,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from worker.engine.errors import GraftError
+from worker.engine.storage import schemes
 
 log = logging.getLogger("graft.storage")
 T = TypeVar("T")
-
-NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchVersion"}
-DENIED_CODES = {"401", "403", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem"}
-# Answers of an overloaded or briefly unwell service, whatever their HTTP status.
-TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-                   "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded", "RequestTimeout",
-                   "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
-                   "PriorRequestNotComplete", "BandwidthLimitExceeded", "EC2ThrottledException"}
 
 
 class TransientStorageError(Exception):
@@ -91,66 +85,27 @@ class StorageRetry:
                                      "ending)") from exc
 
 
-def error_code(exc: BaseException) -> str:
-    """The S3 error code of a botocore ClientError ('' for anything else)."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _http_status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):  # botocore
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return int(status) if status else None
-    status = getattr(response, "status_code", None)  # httpx / huggingface_hub
-    return int(status) if isinstance(status, int) else None
-
-
-def _transport_error(exc: BaseException) -> bool:
-    """A connection that failed, closed, reset or timed out, in whichever library raised it."""
-    from botocore.exceptions import (
-        ConnectionError as BotoConnectionError,
-    )
-    from botocore.exceptions import (
-        HTTPClientError,
-        IncompleteReadError,
-    )
-    from urllib3.exceptions import HTTPError as Urllib3Error
-
-    if isinstance(exc, HTTPClientError | BotoConnectionError | IncompleteReadError | Urllib3Error
-                  | TransientStorageError | ConnectionError | TimeoutError):
-        return True
-    for module in ("httpx", "httpx2"):  # huggingface_hub uses one or the other, depending on its version
-        mod = sys.modules.get(module)
-        transport = getattr(mod, "TransportError", None) if mod is not None else None
-        if transport is not None and isinstance(exc, transport):
-            return True
-    return False
-
-
 def classify(exc: BaseException, *, missing: str = "input_not_found") -> tuple[str, bool] | None:
     """(error code, whether trying again may help) for a failure of a storage call; None when the exception
-    is not a storage failure at all."""
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
-
-    code, status = error_code(exc), _http_status(exc)
-    if code == "NoSuchUpload":  # our multipart upload is gone (aborted by a cleanup): only a new attempt helps
+    is not a storage failure at all. What each client library's exceptions mean is its scheme's (Faults)."""
+    every = [scheme.faults for scheme in schemes.every()]
+    code = next((c for f in every if (c := f.error_code(exc))), "")
+    status = next((s for f in every if (s := f.http_status(exc)) is not None), None)
+    if any(code in f.final_codes for f in every):
         return "storage_error", False
-    if code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
+    if any(code in f.transient_codes for f in every) or (status is not None and (status >= 500 or status == 429)):
         return "storage_error", True
-    if code in NOT_FOUND_CODES or status == 404:
+    if any(code in f.not_found_codes for f in every) or status == 404:
         return missing, False
-    if code in DENIED_CODES or status in (401, 403):
+    if any(code in f.denied_codes for f in every) or status in (401, 403):
         return "storage_denied", False
     if status is not None and 400 <= status < 500:
         return "storage_rejected", False
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+    if any(f.no_credentials(exc) for f in every):
         return "storage_denied", False
-    if _transport_error(exc):
+    if isinstance(exc, TransientStorageError | ConnectionError | TimeoutError) or any(f.transport(exc) for f in every):
         return "storage_error", True
-    if isinstance(exc, BotoCoreError):
+    if any(f.client_error(exc) for f in every):
         return "storage_error", False
     return None
 

@@ -12,8 +12,8 @@ import os
 import tempfile
 import threading
 
+from worker.engine.storage.local_files import LocalStore
 from worker.engine.storage.model import ResolvedModel
-from worker.engine.storage.stores import LocalStore
 
 HASH_CHUNK = 8 << 20
 

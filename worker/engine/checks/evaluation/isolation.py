@@ -14,7 +14,6 @@ loaders, a debugger).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import selectors
@@ -27,6 +26,7 @@ from collections.abc import Callable
 
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError
+from worker.engine.storage import schemes
 from worker.engine.storage.model import ResolvedModel
 
 MEMORY_SLACK_BYTES = 2 << 30  # the interpreter's own allocations, the allocator's fragmentation, the tokenizer's pipe
@@ -75,10 +75,7 @@ def pinned_uri(model: ResolvedModel) -> str:
     """The model's location as the child must read it: a hub repository at the commit this process resolved
     (a revision such as `main` may have moved since), anything else as it is."""
     location = model.store.location
-    commit = getattr(model.store, "revision", None)
-    if location.scheme == "hf" and commit:
-        return str(dataclasses.replace(location, revision=commit))
-    return str(location)
+    return str(schemes.get(location.scheme).pinned(location, getattr(model.store, "revision", None)))
 
 
 def _start(request_path: str) -> subprocess.Popen:

@@ -8,13 +8,13 @@ from importlib import resources
 
 import torch
 
-from worker.engine.checks.inspect.verdict import PROBE_UNKNOWN_SHARE, unreadable_text
 from worker.engine.errors import GraftError
 from worker.engine.storage.model import ResolvedModel
+from worker.engine.verdict import PROBE_UNKNOWN_SHARE, unreadable_text
 
 PROBE_RESOURCE = "data/probe.txt"
 # The share of unknown tokens past which the probe's losses are not taken at their word: the function level's
-# threshold (inspect/verdict.py, beside what it rests on), one figure for both.
+# threshold (worker/engine/verdict.py, beside what it rests on), one figure for both.
 UNKNOWN_SHARE_WARN = PROBE_UNKNOWN_SHARE
 
 

@@ -10,10 +10,18 @@ Names are loaded on first use: the API process imports this package and must not
 
 from worker.engine.lazy import lazy_exports
 
+_RULES = "worker.engine.verdict"  # the verdict's rules live below the checks: the pipeline warns by them
 _EXPORTS = {
-    "Level": "verdict", "Verdict": "verdict", "combine": "verdict", "function_reasons": "verdict",
-    "reason": "verdict", "weights_reasons": "verdict", "worst": "verdict",
-    "InspectResult": "inspection", "headers_verdict": "inspection", "inspect_graft": "inspection",
+    "Level": _RULES,
+    "Verdict": _RULES,
+    "combine": _RULES,
+    "function_reasons": _RULES,
+    "reason": _RULES,
+    "weights_reasons": _RULES,
+    "worst": _RULES,
+    "InspectResult": "inspection",
+    "headers_verdict": "inspection",
+    "inspect_graft": "inspection",
 }
 __all__ = sorted(_EXPORTS)
 

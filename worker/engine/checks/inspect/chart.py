@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 
-from worker.engine.checks.inspect.verdict import BASES_DISTANCE_INCOMPATIBLE, BASES_DISTANCE_RISKY, COS_AGAINST_RISKY
+from worker.engine.verdict import BASES_DISTANCE_INCOMPATIBLE, BASES_DISTANCE_RISKY, COS_AGAINST_RISKY
 
 DPI = 80
 _STYLES = ("-", "--", ":", "-.")

@@ -15,12 +15,13 @@ Config agreement is judged between each source base and the target (and each fin
 from __future__ import annotations
 
 from worker.engine.checks.inspect import tokens
-from worker.engine.checks.inspect.verdict import Level, Verdict, reason
 from worker.engine.errors import GraftError
-from worker.engine.planning.options import GraftRequest, base_role, finetuned_role
+from worker.engine.planning.options import base_role, finetuned_role
 from worker.engine.planning.plan import EMBED_NAME, LM_HEAD_NAME, Plan, find_name
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
 from worker.engine.storage.safetensors_format import ARITHMETIC_FLOATS
+from worker.engine.verdict import Level, Verdict, reason
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim")
@@ -34,7 +35,7 @@ MESSAGE_CAP = 2000  # characters of a plan error's message kept in its reason
 
 def diff_roles(request: GraftRequest) -> list[tuple[int, str, str]]:
     """(diff index, base role, fine-tune role) of each diff of the request."""
-    if request.recipe is None:
+    if request.plain:
         return [(0, "source_base", "source_finetuned")]
     return [(i, base_role(i), finetuned_role(i)) for i in range(len(request.recipe.diffs))]
 

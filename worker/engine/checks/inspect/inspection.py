@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from worker.engine.checks.inspect.chart import layers_png
 from worker.engine.checks.inspect.estimates import estimate
 from worker.engine.checks.inspect.headers import diff_roles, inspect_headers
-from worker.engine.checks.inspect.verdict import Level, combine, function_reasons, levels_up_to, reason, weights_reasons
 from worker.engine.checks.inspect.weights import nonfinite_reason_names, summarize, weights_pass
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError
@@ -31,9 +30,10 @@ from worker.engine.pipeline.graft import (
     resolve_inputs,
 )
 from worker.engine.pipeline.manifest import json_safe
-from worker.engine.planning.options import GraftRequest
 from worker.engine.planning.plan import Plan
+from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
+from worker.engine.verdict import Level, combine, function_reasons, levels_up_to, reason, weights_reasons
 
 # function_probe's refusals of bases whose interpolation is not defined: the headers level already says why
 # (with its own verdict); the report says the function level did not run. Its other errors (model_too_large,
@@ -83,11 +83,12 @@ def headers_verdict(request: GraftRequest, models: dict[str, ResolvedModel], pla
 
 
 def _s3_output(request: GraftRequest) -> bool:
-    """Whether the graft's output is S3 (its upload parts count in the estimate); none given: local."""
+    """Whether the graft's output holds upload parts in memory (S3's count in the estimate); none given: local."""
+    from worker.engine.storage import schemes
     from worker.engine.storage.uris import parse_uri
 
     try:
-        return bool(request.output) and parse_uri(request.output, field="output").scheme == "s3"
+        return bool(request.output) and schemes.get(parse_uri(request.output, field="output").scheme).upload_parts
     except GraftError:
         return False
 

@@ -1,19 +1,59 @@
-"""The preflight job: a compatibility check of a graft's inputs (worker/engine/inspect), its report.json and
-chart published under the job's output like a graft's files (manifest last), the report on the job record."""
+"""The preflight kind: a compatibility check of a graft's inputs (worker/engine/checks/inspect), submitted at
+POST /v1/preflights; its report.json and chart published under the job's output like a graft's files
+(manifest last), the report on the job record."""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+from pydantic import ConfigDict, Field
+
+from worker.engine.checks.evaluation.spec import ProbeText
+from worker.engine.verdict import LEVEL_HELP, Level
+from worker.service.kinds.bodies import BodyError, Models, either_diffs_or_three_fields, probe_text_by_length
+from worker.service.kinds.kind import Route
 from worker.service.settings import Settings
 
+NAME = "preflight"
+ROUTE = Route("/preflights", "create_preflight", "Check a graft's inputs before grafting",
+              "A job of its own kind, run by the workers and polled at /v1/jobs/{id}: a verdict (compatible, risky, "
+              "incompatible) with its reasons and numbers in `result.report`, report.json and a per-layer chart "
+              "written under the output. The synchronous header-only plan stays in POST /v1/jobs:preview.")
 # The per-tensor table stays in report.json: a job record is returned on every poll.
 _RECORD_DROPS = ("tensors",)
 
 
-def run_preflight(request, spec: dict, settings: Settings, reporter) -> dict:
-    from worker.engine.checks.inspect import Level, inspect_graft
+class PreflightCreate(Models):
+    """A compatibility check of a graft's inputs, run by the workers as a job of its own kind. With several
+    diffs, each is judged against the target and the verdict is the worst."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=either_diffs_or_three_fields)
+    level: Level = Field(Level.WEIGHTS, description=LEVEL_HELP)
+    probe_text: ProbeText | None = Field(None, description="the function level's probe text (at most 64 KiB of "
+                                         "UTF-8; default: one built into graft)")
+
+
+Body = PreflightCreate
+
+
+def check(body: PreflightCreate) -> None:
+    if isinstance(body.options.alpha, list):
+        raise BodyError("options.alpha", "a list of alphas is a sweep, which graft jobs run; a preflight judges "
+                        "the inputs", "invalid_option")
+
+
+def spec(body: PreflightCreate) -> dict:
+    return {"preflight": body.model_dump(mode="json", include={"level", "probe_text"}, exclude_none=True)}
+
+
+def shown(asked: dict | None) -> dict | None:
+    return probe_text_by_length(asked, "preflight")
+
+
+def run(request: Any, spec: dict, settings: Settings, reporter: Any) -> dict:
+    from worker.engine.checks.inspect import inspect_graft  # torch: in the job's process only
     from worker.engine.pipeline.publish import publishing
     from worker.engine.storage.uris import parse_uri
 

@@ -1,0 +1,262 @@
+"""file://: a model directory read through descriptors checked against the confinement, and an output
+built in a hidden sibling directory and renamed into place (the local scheme's store and sink)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from worker.engine.errors import GraftError
+from worker.engine.storage.sinks import MANIFEST, OWNER, STAGING, FileWriter, Sink
+from worker.engine.storage.stores import Confinement, Store, fd_path
+from worker.engine.storage.uris import Location
+
+
+class LocalStore(Store):
+    """A local model directory. Confined, every file is checked after it is opened, on the descriptor
+    itself, to lie where the confinement admits: a symlink inside the directory (or a file swapped for
+    one) cannot make the graft read, copy or report the digest of a file outside the allowed roots."""
+
+    def __init__(self, location: Location, confinement: Confinement | None = None) -> None:
+        self.location = location
+        self.root = location.path
+        self.confinement = confinement
+        if not os.path.isdir(self.root):
+            raise GraftError("input_not_found", f"{location}: not a directory")
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def list_files(self) -> dict[str, int]:
+        out = {}
+        try:
+            for entry in os.scandir(self.root):
+                if self.confinement is not None and entry.is_symlink() and not self.confinement.admits(
+                        os.path.realpath(entry.path)):
+                    # Refused at once, not only when opened: the input hashes would otherwise report the
+                    # digest of a file outside the roots (they hash every file the directory lists).
+                    raise self._escape(entry.name)
+                if entry.is_file():
+                    out[entry.name] = entry.stat().st_size
+        except OSError as exc:
+            raise GraftError("storage_error", f"{self.location}: cannot list: {exc.strerror}") from None
+        return out
+
+    def _escape(self, name: str) -> GraftError:
+        # Where the link leads is not said: that would tell a client about files it may not see.
+        return GraftError("uri_not_allowed", f"{self.location}/{name} resolves outside the allowed roots")
+
+    def _open(self, name: str) -> int:
+        if name not in self.files:
+            raise GraftError("input_not_found", f"{self.location}: no file {name}")
+        path = os.path.join(self.root, name)
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO since the listing must not block the open forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GraftError("input_not_found", f"{self.location}/{name}: cannot open: {exc.strerror}") from None
+        try:
+            if self.confinement is not None and not self.confinement.admits(fd_path(fd, path)):
+                raise self._escape(name)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise GraftError("invalid_input", f"{self.location}/{name} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(name)
+                if fd is None:
+                    fd = self._fds[name] = self._open(name)
+        return fd
+
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        fd = self._fd(name)
+        length = len(view)
+        got = 0
+        while got < length:
+            try:
+                n = os.preadv(fd, [view[got:]], start + got)
+            except OSError as exc:
+                raise GraftError("storage_error", f"{self.location}/{name}: read failed: {exc.strerror}") from None
+            if n == 0:
+                raise GraftError("invalid_safetensors",
+                                 f"{self.location}/{name}: file ends before byte {start + length}")
+            got += n
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class _LocalWriter(FileWriter):
+    def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor) -> None:
+        super().__init__(name)
+        self._fd = _create(name, dir_fd)
+        self._io = io
+        if expected_size:
+            try:  # one extent up front: block allocation while streaming costs more than the copy
+                os.posix_fallocate(self._fd, 0, expected_size)
+            except OSError:
+                pass
+
+    def write(self, data) -> None:
+        # The write goes to the I/O thread while this thread hashes the same bytes.
+        pending = self._io.submit(self._write, data) if len(data) >= (1 << 20) else None
+        self._sha.update(data)
+        self.size += len(data)
+        if pending is None:
+            self._write(data)
+        else:
+            pending.result()
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _finish(self) -> None:
+        os.close(self._fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def remove_orphans(parent: str, prefix: str) -> None:
+    """Remove what killed grafts to this output left: temp directories whose writer process is gone.
+    Only this host's are judged; a live writer's directory is never touched."""
+    host = socket.gethostname()
+    for entry in os.scandir(parent):
+        if not (entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            with open(os.path.join(entry.path, OWNER)) as fh:
+                owner_host, pid = fh.read().split()
+            if owner_host != host:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
+def _create(name: str, dir_fd: int) -> int:
+    """A new file in the directory `dir_fd` holds. O_EXCL | O_NOFOLLOW: whatever someone planted under
+    that name (a symlink out of the allowed roots, a file) is refused, never followed or overwritten."""
+    try:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                       dir_fd=dir_fd)
+    except OSError as exc:
+        raise GraftError("storage_error", f"cannot create {name} in the output: {exc.strerror}") from None
+
+
+def _real_ancestor(path: str) -> str:
+    """realpath of the deepest existing ancestor joined with the rest (an output need not exist yet)."""
+    head, tail = path, []
+    while not os.path.lexists(head) and head not in ("/", ""):
+        head, name = os.path.split(head)
+        tail.append(name)
+    return os.path.join(os.path.realpath(head), *reversed(tail))
+
+
+class LocalSink(Sink):
+    """The output is built in a hidden sibling directory, reached through descriptors (of the parent and
+    of the temp directory) opened once: confined, the parent is checked on its descriptor, and no later
+    swap of a path component for a symlink can move where the files land."""
+
+    def __init__(self, location: Location, confinement: Confinement | None = None) -> None:
+        self.location = location
+        self.final = location.path
+        try:
+            occupied = os.path.exists(self.final) and (not os.path.isdir(self.final) or bool(os.listdir(self.final)))
+        except OSError as exc:
+            raise GraftError("storage_error", f"{location}: cannot inspect the output: {exc.strerror}") from None
+        if occupied:
+            raise GraftError("output_exists", f"{location} already exists and is not an empty directory")
+        parent = os.path.dirname(self.final) or "."
+        if confinement is not None and not confinement.admits(_real_ancestor(parent)):
+            raise self._escape()  # before makedirs creates anything out there
+        prefix = f".{os.path.basename(self.final)}{STAGING}"
+        self._tmp_name = prefix + uuid.uuid4().hex[:12]
+        self.tmp = os.path.join(parent, self._tmp_name)
+        self._parent_fd = self._dir_fd = -1
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if confinement is not None and not confinement.admits(fd_path(self._parent_fd, parent)):
+                raise self._escape()
+            remove_orphans(parent, prefix)
+            os.mkdir(self._tmp_name, 0o755, dir_fd=self._parent_fd)
+            self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   dir_fd=self._parent_fd)
+            fd = _create(OWNER, self._dir_fd)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise GraftError("storage_error", f"{location}: cannot create the output: {exc.strerror}") from None
+            raise
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-write")
+
+    def staged(self) -> Location:
+        return Location("file", path=self.tmp)  # each write returns once it has landed
+
+    def _escape(self) -> GraftError:
+        return GraftError("uri_not_allowed", f"{self.location}: the output's directory resolves outside the "
+                          "allowed roots")
+
+    def open(self, name: str, expected_size: int | None = None) -> FileWriter:
+        return _LocalWriter(name, self._dir_fd, expected_size, self._io)
+
+    def commit(self, manifest: bytes) -> str:
+        self.put(MANIFEST, manifest)
+        self._io.shutdown(wait=True)
+        final_name = os.path.basename(self.final)
+        try:
+            os.unlink(OWNER, dir_fd=self._dir_fd)
+            try:
+                os.rmdir(final_name, dir_fd=self._parent_fd)  # empty at the check in __init__; filled since, refused
+            except FileNotFoundError:
+                pass
+            os.rename(self._tmp_name, final_name, src_dir_fd=self._parent_fd, dst_dir_fd=self._parent_fd)
+        except OSError as exc:
+            raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
+        self._close_fds()
+        return f"file://{os.path.join(self.final, MANIFEST)}"
+
+    def _close_fds(self) -> None:
+        for fd in (self._dir_fd, self._parent_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fd = self._parent_fd = -1
+
+    def _discard(self) -> None:
+        if self._parent_fd >= 0:
+            shutil.rmtree(self._tmp_name, ignore_errors=True, dir_fd=self._parent_fd)
+        self._close_fds()
+
+    def abort(self) -> None:
+        self._io.shutdown(wait=True)
+        self._discard()
+
+    def abandon(self) -> None:
+        self.abort()  # the temp directory is this writer's own, whoever publishes the output
