@@ -61,8 +61,9 @@ def _l1(delta: np.ndarray, masked: np.ndarray) -> np.ndarray:
 
 
 def _della(delta: np.ndarray, shape: tuple, spec: dict, index: int, name: str) -> np.ndarray:
-    """della_magprune: within each row (a vector is one row), ascending |delta| rank r (ties: lower index
-    first) gives p = (density - eps) + r / (n - 1) * 2 * eps in float32; kept iff hash / 2**32 < p."""
+    """della (mergekit's della_magprune): within each row (a vector is one row), ascending |delta| rank r
+    (ties: lower index first) gives p = (density - eps) + r / (n - 1) * 2 * eps in float32; kept iff
+    hash / 2**32 < p."""
     density, eps = spec["density"], spec.get("epsilon", 0.15)
     if density >= 1:
         return delta
@@ -89,7 +90,7 @@ def _transform(delta: np.ndarray, shape: tuple, spec: dict | None, index: int, n
     if spec is None:
         return delta
     method, n = spec["method"], delta.size
-    if method == "della_magprune":
+    if method == "della":
         return _della(delta, shape, spec, index, name)
     if method == "magnitude":
         k = min(n, max(1, int(spec["density"] * n)))
@@ -98,8 +99,8 @@ def _transform(delta: np.ndarray, shape: tuple, spec: dict | None, index: int, n
     if method == "dare":
         keep = _hash(spec.get("seed", 0), index, name, n) >= int(spec["drop"] * 2**32)
         masked = np.where(keep, delta, 0.0)
-        rescale = spec.get("rescale", True)
-        return masked / (1 - spec["drop"]) if rescale is True else _l1(delta, masked) if rescale == "l1" else masked
+        rescale = spec.get("rescale", "inverse")
+        return masked / (1 - spec["drop"]) if rescale == "inverse" else _l1(delta, masked) if rescale else masked
     raise AssertionError(method)
 
 
@@ -167,7 +168,7 @@ def expected(recipe: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _default(merge: dict) -> dict | None:
     density = merge.get("density", 1.0)
     if merge["method"] in ("della", "della_linear") and density < 1:
-        return {"method": "della_magprune", "density": density, "epsilon": merge.get("epsilon", 0.15),
+        return {"method": "della", "density": density, "epsilon": merge.get("epsilon", 0.15),
                 "rescale": merge.get("rescale", True), "seed": merge.get("seed", 0)}
     if merge["method"] == "ties" and density < 1:
         return {"method": "magnitude", "density": density, "rescale": merge.get("rescale", False)}
@@ -215,14 +216,14 @@ CASES = {
     "della_linear": ({"method": "della_linear", "density": 0.6, "epsilon": 0.1}, ({"weight": 0.7}, {"weight": 0.3})),
     "della_linear_normalized": ({"method": "della_linear", "density": 0.3, "normalize": True},
                                 ({"weight": 0.5}, {"weight": 1.5})),
-    "della_magprune_own": ({"method": "sum"}, ({"transform": {"method": "della_magprune", "density": 0.7,
+    "della_own": ({"method": "sum"}, ({"transform": {"method": "della", "density": 0.7,
                                                              "epsilon": 0.05, "seed": 3}},)),
     "sce": ({"method": "sce", "select_topk": 0.3}, ({}, {})),
     "sce_all": ({"method": "sce"}, ({}, {})),
     "sce_lambda": ({"method": "sce", "select_topk": 0.7, "lambda": 0.5}, ({}, {})),
     "dare_no_rescale": ({"method": "sum"}, ({"transform": {"method": "dare", "drop": 0.6, "rescale": False}},
                                             {"weight": 0.5})),
-    "dare_l1": ({"method": "sum"}, ({"transform": {"method": "dare", "drop": 0.6, "seed": 2, "rescale": "l1"}},)),
+    "dare_l1": ({"method": "sum"}, ({"transform": {"method": "dare", "drop": 0.6, "seed": 2, "rescale": True}},)),
     "ties_rescale": ({"method": "ties", "density": 0.3, "rescale": True}, ({}, {"weight": 0.5})),
     "magnitude_rescale": ({"method": "sum"}, ({"transform": {"method": "magnitude", "density": 0.25,
                                                              "rescale": True}},)),
@@ -297,7 +298,7 @@ def test_statistics_phase_counts_the_reads_sce_needs(models, tmp_path):
 
 BAD = {
     "epsilon too wide": ({"method": "della", "density": 0.2, "epsilon": 0.2}, ({}, {}), "epsilon"),
-    "epsilon past one": ({"method": "sum"}, ({"transform": {"method": "della_magprune", "density": 0.9,
+    "epsilon past one": ({"method": "sum"}, ({"transform": {"method": "della", "density": 0.9,
                                                             "epsilon": 0.1}},), "epsilon"),
     "select_topk above one": ({"method": "sce", "select_topk": 1.5}, ({}, {}), "select_topk"),
     "dare rescale": ({"method": "sum"}, ({"transform": {"method": "dare", "drop": 0.5, "rescale": "l2"}},),
@@ -323,3 +324,32 @@ def test_sce_refuses_weights_and_transforms_before_reading(models, tmp_path, dif
                   settings=Settings(), progress=lambda p: phases.append(p.phase))
     assert info.value.code == "invalid_recipe" and field in info.value.message
     assert set(phases) == {"resolving"} and not (tmp_path / "out").exists()
+
+
+# --- what a mergekit config maps to, by mergekit's parameter names --------------------------------------------
+
+def _imported(method: str, params: list[dict], top: dict | None = None) -> dict:
+    from worker.engine.planning.mergekit_config import recipe_from_mergekit
+
+    cfg = {"merge_method": method, "base_model": "/m/base",
+           "models": [{"model": f"/m/ft{i}", "parameters": p} for i, p in enumerate(params)]}
+    if top:
+        cfg["parameters"] = top
+    return recipe_from_mergekit(cfg, resolve_local=False).to_dict()
+
+
+def test_mergekit_configs_reach_the_new_methods_by_name():
+    r = _imported("della", [{"weight": 1, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5, "density": [0.3, 0.6]}])
+    assert r["merge"]["method"] == "ties" and r["merge"]["normalize"] is True  # mergekit's della: the vote
+    assert [d["transform"] for d in r["diffs"]] == [
+        {"method": "della", "density": 0.5, "epsilon": 0.1, "rescale": True, "seed": 0},
+        {"method": "della", "density": [0.3, 0.6], "epsilon": 0.15, "rescale": True, "seed": 0}]
+    r = _imported("della_linear", [{"weight": 1, "density": 0.5}], {"rescale": False})
+    assert r["merge"]["method"] == "sum" and r["diffs"][0]["transform"]["rescale"] is False
+    r = _imported("sce", [{}, {}], {"select_topk": 0.4, "int8_mask": True})
+    assert {k: r["merge"][k] for k in ("method", "select_topk", "lambda")} == {"method": "sce", "select_topk": 0.4,
+                                                                              "lambda": 1.0}
+    r = _imported("dare_linear", [{"weight": 1, "density": 0.5}], {"rescale": False})
+    assert r["diffs"][0]["transform"]["rescale"] is False
+    r = _imported("ties", [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}], {"rescale": True})
+    assert r["merge"]["density"] == 0.5 and r["merge"]["rescale"] is True

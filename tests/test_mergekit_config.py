@@ -70,11 +70,13 @@ def test_ties_per_model_densities_become_magnitude_transforms():
 
 def test_dare_ties_keeps_mergekits_default_normalize_off():
     r = _mapped(_config("dare_ties", {"weight": 1, "density": 0.3}, {"weight": 1, "density": 0.3}))
-    assert r["merge"] == {"method": "dare_ties", "density": 0.3, "seed": 0, "normalize": False, "lambda": 1.0}
+    # mergekit's rescale (on by default for the dare methods) is its L1 rescale: dare's `rescale: true`.
+    assert r["merge"] == {"method": "dare_ties", "density": 0.3, "seed": 0, "normalize": False, "lambda": 1.0,
+                          "rescale": True}
     r = _mapped(_config("dare_ties", {"weight": 1, "density": 0.3}, {"weight": 1}))
     assert r["merge"]["density"] == 1.0
-    assert [d["transform"] for d in r["diffs"]] == [{"method": "dare", "drop": pytest.approx(0.7), "seed": 0},
-                                                    None]
+    assert [d["transform"] for d in r["diffs"]] == [{"method": "dare", "drop": pytest.approx(0.7), "seed": 0,
+                                                     "rescale": True}, None]
 
 
 def test_dare_linear_is_a_sum_of_dared_diffs():
@@ -166,7 +168,7 @@ def test_model_references(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, key", [
     ({"merge_method": "slerp"}, "merge_method"),
-    ({"merge_method": "della"}, "merge_method"),
+    ({"merge_method": "model_stock"}, "merge_method"),
     ({"merge_method": None}, "merge_method"),
     ({"base_model": None}, "base_model"),
     ({"slices": [{"sources": []}]}, "slices"),
@@ -175,7 +177,7 @@ def test_model_references(tmp_path, monkeypatch):
     ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}}, "tokenizer.tokens"),
     ({"chat_template": "chatml"}, "chat_template"),
     ({"merge_options": {}}, "merge_options"),
-    ({"parameters": {"rescale": True}}, "parameters.rescale"),
+    ({"parameters": {"rescale": "yes"}}, "parameters.rescale"),
     ({"parameters": {"normalize": "yes"}}, "parameters.normalize"),
     ({"parameters": {"lambda": [1, 2]}}, "parameters.lambda"),
     ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon"),
@@ -206,8 +208,6 @@ def test_refused_model_parameters(method, p1, key):
 
 
 def test_refused_models_and_semantics():
-    cfg = _config("dare_ties", {"weight": 1, "density": 0.5}, parameters={"rescale": False})
-    assert "parameters.rescale" in _refused(cfg)
     cfg = _config("ties")
     cfg["models"][1]["model"] = "org/model+org/lora"
     assert "models[1].model" in _refused(cfg) and "LoRA" in _refused(cfg)

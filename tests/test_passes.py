@@ -269,10 +269,10 @@ def _passes(method, params: dict, numel: int = 1000, diffs: int = 2, shape=(10, 
     ("magnitude", {"density": 0.3, "rescale": True}, 3),  # then the L1 norms of the trimmed delta
     ("magnitude", {"density": 1.0, "rescale": True}, 0),  # nothing trimmed: mergekit leaves it unscaled
     ("dare", {"drop": 0.5}, 0),  # a draw, no statistic
-    ("dare", {"drop": 0.5, "rescale": "l1"}, 1),
+    ("dare", {"drop": 0.5, "rescale": True}, 1),  # mergekit's: to the L1 norm
     ("dare", {"drop": 0.5, "rescale": False}, 0),
-    ("della_magprune", {"density": 0.5}, 1),  # whole rows (no read), then the L1 norms
-    ("della_magprune", {"density": 0.5, "rescale": False}, 0),
+    ("della", {"density": 0.5}, 1),  # whole rows (no read), then the L1 norms
+    ("della", {"density": 0.5, "rescale": False}, 0),
     ("breadcrumbs", {"density": 0.3, "rescale": True}, 3),
     ("sce", {"select_topk": 0.3}, 3),  # the variance's two reads, then the weights' squares
     ("sce", {"select_topk": 1.0}, 1),  # the squares alone

@@ -1,6 +1,6 @@
 """`dare`: drop each delta element with probability `drop`; `rescale` says what happens to the survivors:
-true (graft's default, the DARE paper's): times 1 / (1 - drop); "l1" (what mergekit's `rescale: true`
-computes): scaled so that the delta keeps its L1 norm (worker/engine/methods/statistics/l1.py); false
+`inverse` (graft's default, the DARE paper's): divided by 1 - drop; true (mergekit's `rescale: true`, as for
+every transform): scaled so that the delta keeps its L1 norm (worker/engine/methods/statistics/l1.py); false
 (mergekit's `rescale: false`): left as they are.
 
 The draw is a counter-based hash of (seed, tensor name, element index), not a stateful generator: the same
@@ -29,13 +29,13 @@ class DareParams(BaseModel):
     method: Literal["dare"]
     drop: float = Field(ge=0, lt=1, description="probability that an element of the delta is dropped")
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
-    rescale: Literal[True, False, "l1"] = later_field(
-        True, "the survivors: true, times 1 / (1 - drop) (the DARE paper's); l1, scaled to the delta's L1 norm "
-        "(mergekit's rescale: true); false, as they are (mergekit's rescale: false)")
+    rescale: Literal["inverse", True, False] = later_field(
+        "inverse", "the survivors: inverse, divided by 1 - drop (the DARE paper's); true, scaled to the delta's "
+        "L1 norm (mergekit's rescale: true); false, as they are (mergekit's rescale: false)")
 
 
-RESCALE_DARE = ("true: survivors times 1 / density (the DARE paper's); l1: scaled to the delta's L1 norm "
-                "(mergekit's rescale: true); false: as they are")
+RESCALE_DARE = ("inverse: survivors divided by the density (the DARE paper's); true: scaled to the delta's L1 "
+                "norm (mergekit's rescale: true); false: as they are")
 
 
 def draw_key(seed: int, tensor: str) -> int:
@@ -72,7 +72,7 @@ class Dare(TransformMethod):
     statistics = (L1Rescale,)
 
     def l1_rescale(self, params: DareParams) -> bool:
-        return params.rescale == "l1" and params.drop > 0
+        return params.rescale is True and params.drop > 0
 
     def apply(self, delta, params: DareParams, chunk):
         import torch
@@ -83,6 +83,6 @@ class Dare(TransformMethod):
         keep = torch.ge(uniform32(chunk.key, chunk.start, delta.numel(), delta.device), cut,
                         out=chunk.scratch("spare"))  # 1.0 / 0.0
         delta.mul_(keep)
-        if params.rescale is True:
+        if params.rescale == "inverse":
             delta.div_(1.0 - params.drop)
         return int(keep.sum())

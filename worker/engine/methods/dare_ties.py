@@ -1,5 +1,5 @@
-"""`dare_ties`: DARE on each delta (keep probability `density`; `rescale` as dare's: by default survivors times
-1 / density), then the TIES sign vote and disjoint mean."""
+"""`dare_ties`: DARE on each delta (keep probability `density`; `rescale` as dare's: by default survivors divided
+by the density), then the TIES sign vote and disjoint mean."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class DareTiesParams(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32, description="the draw's seed")
     normalize: bool = Field(True, description="divide by the sum of the agreeing weights")
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged delta")
-    rescale: Literal[True, False, "l1"] = later_field(True, RESCALE_DARE)
+    rescale: Literal["inverse", True, False] = later_field("inverse", RESCALE_DARE)
     int8_mask: bool = later_field(False, INT8_MASK)
 
 

@@ -1,10 +1,11 @@
 """DELLA (mergekit 0.1.5's della_magprune sparsification and its `della` / `della_linear` merges).
 
-`della_magprune` drops each element of a row (a matrix's last dimension; a vector is one row) at random, with
-a keep probability that grows with its magnitude rank in the row: ranks r = 0..n-1 ascending by |delta|,
-p = (density - epsilon) + r / (n - 1) * 2 * epsilon, formed in float32 as mergekit forms it (a one-element
-row, where mergekit divides 0 by 0, takes p = density). Survivors are not divided by p: `rescale` (on by
-default, as mergekit's della methods) scales the pruned delta back to the delta's L1 norm over the tensor.
+The `della` transform (mergekit's della_magprune) drops each element of a row (a matrix's last dimension; a
+vector is one row) at random, with a keep probability that grows with its magnitude rank in the row: ranks
+r = 0..n-1 ascending by |delta|, p = (density - epsilon) + r / (n - 1) * 2 * epsilon, formed in float32 as
+mergekit forms it (a one-element row, where mergekit divides 0 by 0, takes p = density). Survivors are not
+divided by p: `rescale` (on by default, as mergekit's della methods) scales the pruned delta back to the
+delta's L1 norm over the tensor.
 
 Where it differs from mergekit: the draw is graft's counter-based hash of (seed, diff, tensor, element)
 (worker/engine/methods/dare.py), kept iff hash / 2**32 < p, not torch.bernoulli, so the bytes do not depend on
@@ -12,8 +13,10 @@ the block size or the device but cannot agree with mergekit's element for elemen
 magnitude in a row are ranked in element order (a stable sort), where mergekit's argsort orders them as it
 happens to.
 
-`della` then elects signs and takes the disjoint mean as ties does (normalize on by default); `della_linear`
-sums the weighted deltas as task arithmetic does (normalize off by default); both times `lambda`.
+The `della` merge then elects signs and takes the disjoint mean as ties does (normalize on by default);
+`della_linear` sums the weighted deltas as task arithmetic does (normalize off by default); both times
+`lambda`. (An imported mergekit config says the same as a `ties` or `sum` merge over `della` transforms, which
+also take a density per diff and per layer.)
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _check_spread(density: float, epsilon: float) -> None:
 
 class DellaMagpruneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["della_magprune"]
+    method: Literal["della"]
     density: float = Field(gt=0, le=1, description="mean probability that an element of the delta is kept")
     epsilon: float = Field(0.15, ge=0, lt=1, description=EPSILON)
     rescale: bool = Field(True, description=RESCALE)
@@ -72,7 +75,7 @@ def keep_probabilities(mags: torch.Tensor, density: float, epsilon: float) -> to
 
 
 class DellaMagprune(TransformMethod):
-    name = "della_magprune"
+    name = "della"
     Params = DellaMagpruneParams
     statistics = (WholeRows, L1Rescale)
 
@@ -117,7 +120,7 @@ class DellaLinearParams(DellaParams):
 def _pruned(params: DellaParams) -> BaseModel | None:
     if params.density >= 1:
         return None
-    return DellaMagpruneParams(method="della_magprune", density=params.density, epsilon=params.epsilon,
+    return DellaMagpruneParams(method="della", density=params.density, epsilon=params.epsilon,
                                rescale=params.rescale, seed=params.seed)
 
 

@@ -177,7 +177,8 @@ def transform(method: str, tv: TaskVector, values: dict, rescale: bool, key: str
     if tv.extra:
         out.update(_extra(name, tv.extra, values[tv.extra], fields, f"{key}.{tv.extra}"))
     if "rescale" in fields:
-        out["rescale"] = rescale
+        if rescale != TRANSFORMS[name].Params.model_fields["rescale"].default:  # graft's default says it already
+            out["rescale"] = rescale
     elif rescale and name != "dare":
         raise refuse("parameters.rescale", f"graft's {name} has no rescale (mergekit's L1 rescale of the "
                      "sparsified deltas)")
@@ -337,9 +338,11 @@ def _shared_density(parts: Parts, densities: list[Any]) -> None:
     first = transforms[0]
     kind = "magnitude" if parts.merge["method"] == "ties" else "dare"
     shared = first is not None and first["method"] == kind and all(t == first for t in transforms) and \
-        not set(first) - {"method", "density", "drop"} and not isinstance(densities[0], list)
+        not set(first) - {"method", "density", "drop", "rescale"} and not isinstance(densities[0], list)
     if shared:
         parts.merge["density"] = densities[0]
+        if "rescale" in first:  # the merge's trim or draw rescales as the transform would
+            parts.merge["rescale"] = first["rescale"]
         for d in parts.diffs:
             d["transform"] = None
     elif parts.merge["method"] == "dare_ties":
