@@ -244,3 +244,15 @@ def test_a_killed_local_graft_leaves_nothing_behind_after_the_next_run(trio, tmp
     assert live.exists()
     assert not (tmp_path / "out" / ".graft-owner").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [live.name]
+
+
+def test_an_overlong_uri_in_the_three_fields_is_named(capsys, tmp_path):
+    """The three-field form becomes a recipe at the CLI: a URI past the recipe's cap is an invalid option
+    naming the field, not an internal error."""
+    from worker.cli import main
+
+    long = str(tmp_path / ("a" * 3000))
+    assert main(["run", "--source-base", long, "--source-finetuned", str(tmp_path), "--target-base",
+                 str(tmp_path), "--dry-run"]) == 2
+    assert "graft: error [invalid_option]: source_base: String should have at most 2048 characters" in \
+        capsys.readouterr().err

@@ -436,3 +436,10 @@ def test_the_cli_picks_a_stage_by_name(family, tmp_path, capsys):
     assert "stages: 'first', 'second'" in capsys.readouterr().err
     assert main(["run", "--mergekit-stage", "first", "--dry-run"]) == 2
     assert "--mergekit-stage names a stage of a --mergekit-config" in capsys.readouterr().err
+
+
+def test_a_model_reference_takes_its_scheme_in_any_case():
+    """`S3://` is an S3 URI, as the API's own URI fields read it, not a hub id or a local path."""
+    recipe = recipe_from_mergekit("merge_method: task_arithmetic\nbase_model: S3://bk/base\n"
+                                  "models: [{model: s3://bk/ft, parameters: {weight: 1}}]\n", resolve_local=False)
+    assert recipe.target_base == "S3://bk/base" and recipe.diffs[0].source_finetuned == "s3://bk/ft"

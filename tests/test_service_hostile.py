@@ -309,6 +309,23 @@ def test_symlinked_files_inside_a_model_cannot_lead_out(redis_url, trio, tmp_pat
         svc.stop()
 
 
+def test_a_plain_jobs_recipe_is_the_one_the_cli_builds(api, trio):
+    """The job record holds the request as a recipe: for the three fields and alpha, the one-diff recipe whose
+    weight is alpha, as `graft run` builds it (the record, the manifest and the docs agree whichever face)."""
+    from worker.engine.planning.options import GraftOptions
+    from worker.engine.planning.recipe import Recipe
+
+    uris = {role: f"file://{trio[role]}" for role in ("source_base", "source_finetuned", "target_base")}
+    with api.client() as c:
+        job = c.post("/v1/jobs", json={**uris, "options": {"alpha": 0.5}}).json()
+    cli = Recipe.single(uris["source_base"], uris["source_finetuned"], uris["target_base"],
+                        GraftOptions(alpha=0.5)).to_dict()
+    recorded = job["recipe"]
+    assert GraftOptions(**recorded.pop("options")) == GraftOptions(**cli.pop("options"))  # "5GB" is 5e9 bytes
+    assert recorded == cli and recorded["diffs"][0]["weight"] == 0.5
+    assert recorded["merge"]["lambda"] == 1.0 and job["options"]["alpha"] == 0.5
+
+
 def test_recipe_fields_are_validated_like_the_rest(api, trio):
     """A recipe's regexes, methods and URIs get named 422s (a regex RE2 refuses was a 500), and alpha beside
     diffs scales their merged delta (the merge's lambda), their weights as given."""

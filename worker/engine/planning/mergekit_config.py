@@ -377,7 +377,7 @@ def _model_uri(ref: Any, key: str, resolve_local: bool) -> str:
     if not isinstance(ref, str) or not ref.strip() or len(ref) > 2048:
         raise _refuse(key, "give the model as a path or a hub repository id")
     ref = ref.strip()
-    if ref.startswith(tuple(f"{name}://" for name in SCHEMES)):  # the storage table's: gs:// when it has one
+    if "://" in ref and ref.split("://", 1)[0].lower() in SCHEMES:  # the storage table's (gs:// when it has one)
         return ref
     if "+" in ref:
         raise _refuse(key, "LoRA adapters (model+lora) are not supported: merge the adapter first")

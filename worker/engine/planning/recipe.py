@@ -234,10 +234,18 @@ class Recipe(BaseModel):
 
     @classmethod
     def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions) -> Recipe:
-        """Today's three fields and alpha as a one-diff recipe."""
+        """Today's three fields and alpha as a one-diff recipe whose weight is alpha. GraftError naming the field
+        (as the three-field form calls it) when a URI is not one a recipe takes."""
+        from pydantic import ValidationError
+
         opts = {k: v for k, v in options.to_dict().items() if k != "alpha"}
-        return cls(target_base=target_base, diffs=[Diff(source_base=source_base, source_finetuned=source_finetuned,
-                                                        weight=options.alpha)], options=RecipeOptions(**opts))
+        try:
+            return cls(target_base=target_base, diffs=[Diff(source_base=source_base, source_finetuned=source_finetuned,
+                                                            weight=options.alpha)], options=RecipeOptions(**opts))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][-1]) if error["loc"] else "source_base"
+            raise GraftError("invalid_option", f"{field}: {error['msg']}", {"field": field}) from None
 
     def plain_alpha(self) -> float | None:
         """The alpha of a plain fine-tuning transfer (one diff, a plain sum, one number as weight, no
@@ -261,6 +269,8 @@ class Recipe(BaseModel):
         alpha = check_alpha(alpha)
         if alpha == 1.0:
             return self
+        if self.plain_alpha() is not None:
+            return self._plain_scaled(alpha)
         lam = self.merge.lambda_ * alpha
         if not abs(lam) <= FLOAT32_MAX:
             raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then lambda "
@@ -273,6 +283,17 @@ class Recipe(BaseModel):
             raise GraftError("invalid_option", f"alpha: {alpha:g} scales the merge's lambda, and then "
                              f"{err.message.split(': ', 1)[-1]}", {"field": "options.alpha"}) from None
         return scaled
+
+    def _plain_scaled(self, alpha: float) -> Recipe:
+        """The plain transfer says its strength as its weight, whichever face built it (the CLI's flags, the API's
+        three fields, a sweep's candidate): weight times alpha, the same product lambda times alpha would give."""
+        diff = self.diffs[0]
+        weight = diff.weight * alpha
+        if not abs(weight * self.merge.lambda_) <= FLOAT32_MAX:
+            raise GraftError("invalid_option", f"alpha: {alpha:g} times the graft's alpha {self.plain_alpha():g} "
+                             "leaves float32's range (about 3.4e38), in which the arithmetic runs",
+                             {"field": "options.alpha"})
+        return self.model_copy(update={"diffs": [diff.model_copy(update={"weight": weight})]})
 
     def check_strength(self) -> None:
         """Every factor the arithmetic applies to a delta (a weight, a rule's weight, times lambda; the weights'
