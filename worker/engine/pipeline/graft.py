@@ -20,7 +20,7 @@ from worker.engine.phases import Phase
 from worker.engine.pipeline.hooks import BeforeCommit, Hooks
 from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
 from worker.engine.pipeline.publish import publishing, storage_retry
-from worker.engine.planning.plan import Plan, build_plan
+from worker.engine.planning.plan import Plan
 from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.input_hashes import InputHasher
 from worker.engine.storage.lanes import RemoteReads
@@ -157,14 +157,12 @@ def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
 
 
 def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
-    """The plan of models already resolved (GraftError when the graft cannot be planned)."""
-    if not request.plain:
-        from worker.engine.planning.recipe_plan import build_recipe_plan
+    """The plan of models already resolved (GraftError when the graft cannot be planned). Every request is a
+    recipe and is planned as one; the compute step runs a tensor that is the plain transfer on the plain kernel."""
+    from worker.engine.planning.recipe_plan import build_recipe_plan
 
-        by_uri = {uri: models[role] for role, uri in request.inputs().items()}
-        plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
-    else:
-        plan = build_plan(models["target_base"], models["source_base"], models["source_finetuned"], request.options)
+    by_uri = {uri: models[role] for role, uri in request.inputs().items()}
+    plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
     plan.memory = memory_bound(models, settings)
     return plan
 

@@ -109,7 +109,10 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
     """`models` maps each URI of the recipe to its resolved model (one per distinct URI)."""
     options: GraftOptions = recipe.options.engine_options()
     target = models[recipe.target_base]
-    _check_architectures(recipe, models)
+    if recipe.plain_alpha() is None:
+        # The plain transfer keeps its own rule: a model_type change is the inspection's to judge (headers
+        # level), and the graft adds by name as it always has. A recipe's inputs must share the architecture.
+        _check_architectures(recipe, models)
     plans = [build_plan(target, models[d.source_base], models[d.source_finetuned], options) for d in recipe.diffs]
     plan = plans[0]
     by_name = [{t.name: t for t in p.tensors} for p in plans]

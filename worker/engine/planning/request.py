@@ -63,10 +63,10 @@ class GraftRequest:
     def inputs(self) -> dict[str, str]:
         """Role -> URI of every input. A recipe's diffs are `source_base.<i>` / `source_finetuned.<i>`; the
         first diff's are also `source_base` / `source_finetuned` (the tokenizer and generation config come
-        from its fine-tune). The plain transfer has only those three."""
+        from its fine-tune)."""
         roles = {"source_base": self.source_base, "source_finetuned": self.source_finetuned,
                  "target_base": self.target_base}
-        for i, diff in enumerate(() if self.plain else self.recipe.diffs):
+        for i, diff in enumerate(self.recipe.diffs):
             roles[base_role(i)] = diff.source_base
             roles[finetuned_role(i)] = diff.source_finetuned
         return roles
