@@ -98,8 +98,10 @@ def estimate(plan: Plan, settings: EngineSettings, canon: dict[str, str], *, s3_
                                 canon)
     weights_blocks = build_blocks([(None, weights_visits(plan))], settings.block_bytes, canon)
     diffs = 1 + max((u.index for uses in plan.merge.uses.values() for u in uses), default=0) if plan.merge else 1
-    # The transfer's three chunks; a recipe's merge: an accumulator, temporaries and a base and delta per diff.
-    graft_chunks = 3 if plan.merge is None else 4 + 2 * diffs
+    # The plain kernel's three chunks (every merged tensor the plain transfer: the compute step's choice); a
+    # recipe's merge kernel: an accumulator, temporaries and a base and delta per diff.
+    plain = plan.merge is None or all(plan.merge.plain_alpha(name) is not None for name in plan.merge.uses)
+    graft_chunks = 3 if plain else 4 + 2 * diffs
     spans = {t.name: sum(s.stop - s.start for s in t.segments if s.op in ("transfer", "merge")) for t in plan.tensors}
     transfer_elements = sum(spans.values())
     # The weights pass's sums run once per diff a tensor takes.
