@@ -22,7 +22,7 @@ def _plan_in_child(settings_dump: dict, request: dict) -> dict:
     constructors do not survive pickling, and a crash here must not become the API's 500)."""
     from worker.engine.checks.inspect import headers_verdict
     from worker.engine.errors import GraftError
-    from worker.engine.pipeline.graft import close_models, plan_graft
+    from worker.engine.pipeline.resolve import close_models, plan_graft
     from worker.engine.planning.recipe import load_recipe
     from worker.engine.planning.request import GraftRequest
     from worker.service.settings import Settings

@@ -198,7 +198,7 @@ def main() -> int:
 
     from worker.devtools.sample_models import LlamaShape, make_trio
     from worker.engine import GraftOptions, GraftRequest, run_graft
-    from worker.engine.pipeline.graft import remote_reads
+    from worker.engine.pipeline.resolve import remote_reads
     from worker.engine.storage.s3 import s3_client
     from worker.service.settings import Settings
 

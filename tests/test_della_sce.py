@@ -279,7 +279,7 @@ def test_della_keeps_about_density_and_more_of_the_large(models, tmp_path):
 
 def test_statistics_phase_counts_the_reads_sce_needs(models, tmp_path):
     """The variance's two reads, then the squares': three passes, said in the plan and in progress."""
-    from worker.engine.pipeline.graft import close_models, plan_graft
+    from worker.engine.pipeline.resolve import close_models, plan_graft
 
     recipe = recipe_of(models, {"method": "sce", "select_topk": 0.5}, ({}, {}))
     request = GraftRequest(load_recipe(recipe), str(tmp_path / "out"))

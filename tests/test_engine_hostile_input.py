@@ -313,7 +313,7 @@ def test_cli_bad_options_are_one_line(capsys, paths, tmp_path):
 
 
 def test_cli_unexpected_exception_is_one_line_unless_debugging(capsys, paths, tmp_path, monkeypatch):
-    import worker.engine.pipeline.graft as engine_run
+    import worker.engine.pipeline.resolve as engine_run
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug of ours")

@@ -196,7 +196,7 @@ def test_connectivity_proxies_and_weak_connectivity_warning(tmp_path):
 def test_output_order_follows_an_input_layout_to_spare_remote_seeks(trio, tmp_path):
     """The target is saved in reverse; the plan streams in a source's layout instead, so that input is read
     front to back, each output tensor still written exactly once."""
-    from worker.engine.pipeline.graft import plan_graft
+    from worker.engine.pipeline.resolve import plan_graft
     from worker.engine.planning.options import GraftOptions
     from worker.engine.planning.plan import _seeks
     from worker.engine.planning.request import GraftRequest

@@ -15,7 +15,7 @@ from graft_helpers import load_dir, ulp
 
 from worker.devtools.sample_models import LlamaShape, chat_tokenizer_files, llama_state, perturb, save_checkpoint
 from worker.engine import GraftRequest, run_graft
-from worker.engine.pipeline.graft import close_models, plan_graft
+from worker.engine.pipeline.resolve import close_models, plan_graft
 from worker.engine.planning.mergekit_config import recipe_from_mergekit
 from worker.engine.planning.recipe import LAYER_INDEX, load_recipe
 from worker.service.settings import Settings

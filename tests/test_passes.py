@@ -20,7 +20,7 @@ from worker.engine.compute.stream import stream_plan
 from worker.engine.errors import GraftCancelled
 from worker.engine.methods import MERGES, TRANSFORMS
 from worker.engine.methods.base import Site, make_statistics, schedule
-from worker.engine.pipeline.graft import canonical_roles, close_models, resolve_inputs
+from worker.engine.pipeline.resolve import canonical_roles, close_models, resolve_inputs
 from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
 from worker.engine.planning.plan import build_plan
 from worker.engine.planning.recipe import load_recipe

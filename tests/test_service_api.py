@@ -162,7 +162,7 @@ def test_cancel_queued_and_409_when_ended(api, trio):
 def test_preview_matches_cli_plan(api, trio):
     from worker.engine import GraftOptions, GraftRequest, plan_graft
     from worker.engine.checks.inspect import headers_verdict
-    from worker.engine.pipeline.graft import close_models
+    from worker.engine.pipeline.resolve import close_models
 
     with api.client() as c:
         resp = c.post("/v1/jobs:preview", json=job_body(trio, options={"shard_size": "40KB"}))

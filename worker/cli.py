@@ -134,7 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     request = _request(args)
     if args.dry_run:
         from worker.engine.checks.inspect import headers_verdict
-        from worker.engine.pipeline.graft import close_models, plan_graft
+        from worker.engine.pipeline.resolve import close_models, plan_graft
 
         plan, models = plan_graft(request)
         try:

@@ -135,7 +135,8 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: Hooks, *, requi
     too large for this worker, out of time) is recorded as such and the graft is published all the same,
     unless `required` (a sweep cannot pick without scores)."""
     from worker.engine.checks.evaluation import isolation
-    from worker.engine.pipeline.graft import pick_device, remote_reads, storage_retry
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.pipeline.resolve import pick_device, remote_reads
     from worker.engine.storage.model import resolve_model
 
     def evaluate(staged: Location, models: dict[str, ResolvedModel], shards: list[FileRecord]) -> dict:
@@ -238,7 +239,8 @@ def _check_scorable(request: GraftRequest, spec: EvaluateSpec, select: Select, h
     if spec.prompts is None and select != Select.KL_TO_FINETUNED:
         return  # the built-in prompts adapt, and the probe loss needs none of them
     from worker.engine.checks.evaluation.evaluate import check_prompts_fit
-    from worker.engine.pipeline.graft import remote_reads, storage_retry
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.pipeline.resolve import remote_reads
     from worker.engine.storage.model import resolve_model
     from worker.engine.storage.uris import parse_uri
 

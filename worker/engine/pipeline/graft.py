@@ -9,8 +9,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from worker.engine.compute.passes import Reading
 from worker.engine.compute.stream import StreamTotals, stream_plan
 from worker.engine.compute.tensor_stats import TensorStats, connectivity_medians
@@ -19,14 +17,20 @@ from worker.engine.errors import GraftCancelled, GraftError
 from worker.engine.phases import Phase
 from worker.engine.pipeline.hooks import BeforeCommit, Hooks
 from worker.engine.pipeline.manifest import build_manifest, dumps, model_card
-from worker.engine.pipeline.publish import publishing, storage_retry
+from worker.engine.pipeline.publish import publishing
+from worker.engine.pipeline.resolve import (
+    canonical_roles,
+    close_models,
+    pick_device,
+    plan_graft,
+    resolve_inputs,
+    tokenizer_donor,
+)
 from worker.engine.planning.plan import Plan
 from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.input_hashes import InputHasher
-from worker.engine.storage.lanes import RemoteReads
-from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, TOKENIZER_FILES, ResolvedModel, resolve_model
+from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, ResolvedModel
 from worker.engine.storage.sinks import MANIFEST, FileRecord, Sink
-from worker.engine.storage.stores import RemoteStore
 from worker.engine.storage.uris import parse_uri
 
 log = logging.getLogger("graft.engine")
@@ -62,119 +66,6 @@ class GraftResult:
     @property
     def stats(self) -> dict:
         return self.manifest["stats"]
-
-
-def remote_reads(settings: EngineSettings) -> RemoteReads:
-    return RemoteReads(lanes=settings.remote_lanes, window_bytes=settings.remote_window_bytes,
-                       windows=settings.remote_windows, span_windows=settings.remote_span_windows,
-                       stall_seconds=settings.remote_stall_seconds)
-
-
-def tokenizer_donor(request: GraftRequest) -> str:
-    """The role the output's tokenizer and generation config come from: the fine-tune (graft's convention), or
-    the target for a recipe with mergekit's (mergekit copies its base_model's), or the input a recipe's
-    `tokenizer` names; the fine-tune or the target is the fallback."""
-    if request.recipe.tokenizer is not None:
-        return next(role for role, uri in request.inputs().items() if uri == request.recipe.tokenizer.source)
-    if request.recipe.conventions == "mergekit":
-        return "target_base"
-    return "source_finetuned"
-
-
-def _side_files_of(uri: str, uris: dict[str, str], donor: str) -> tuple[str, ...]:
-    """The small files a graft copies from this input: the donor's tokenizer and generation config, the
-    other's generation config (used when the donor has none)."""
-    names: tuple[str, ...] = ()
-    if uri == uris[donor]:
-        names += (*TOKENIZER_FILES, GENERATION_CONFIG)
-    if uri in (uris["target_base"], uris["source_finetuned"]) and GENERATION_CONFIG not in names:
-        names += (GENERATION_CONFIG,)
-    return names
-
-
-def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None, *,
-                   side_files: bool = False) -> dict[str, ResolvedModel]:
-    """`side_files`: also fetch the small files the output copies (a graft, not a dry run), all at once."""
-    settings = settings or EngineSettings()
-    uris = request.inputs()
-    donor = tokenizer_donor(request)
-    # One model per distinct URI: a recipe's diffs often share their base (and the target may be it).
-    first_role: dict[str, str] = {}
-    for role, uri in uris.items():
-        first_role.setdefault(uri, role)
-    with ThreadPoolExecutor(max_workers=min(8, len(first_role))) as pool:
-        futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
-                                     endpoint_url=settings.s3_endpoint_url,
-                                     max_header_bytes=settings.max_header_bytes,
-                                     reads=remote_reads(settings),
-                                     allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                                     require_model_type=uri == uris["target_base"],
-                                     side_files=_side_files_of(uri, uris, donor) if side_files else (),
-                                     retry=storage_retry(settings)) for uri, role in first_role.items()}
-        resolved, errors = {}, []
-        for role, future in futures.items():
-            try:
-                resolved[uris[role]] = future.result()
-            except BaseException as exc:
-                errors.append(exc)
-    if errors:
-        close_models(resolved)
-        raise errors[0]
-    return {role: resolved[uri] for role, uri in uris.items()}
-
-
-def close_models(models: dict[str, ResolvedModel]) -> None:
-    for model in {id(m): m for m in models.values()}.values():  # a model shared by several roles, once
-        model.store.close()
-
-
-def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:
-    """Role -> the first role naming the same model: reads of one model are issued (and coalesced) once."""
-    first: dict[int, str] = {}
-    return {role: first.setdefault(id(m), role) for role, m in models.items()}
-
-
-def memory_bound(models: dict[str, ResolvedModel], settings: EngineSettings) -> dict:
-    """What remote I/O holds at most: per remote input, its windows (lanes x window bytes, plus the window
-    being read); for an S3 output, its parts in flight plus the one being filled."""
-    canon = canonical_roles(models)
-    remote = {role: m.store.reads.describe() for role, m in models.items()
-              if canon[role] == role and isinstance(m.store, RemoteStore)}
-    return {"remote_inputs": remote, "remote_input_bytes": sum(r["bytes"] for r in remote.values()),
-            "s3_output_bytes": settings.s3_part_bytes * (max(1, settings.s3_parts_in_flight) + 1)}
-
-
-def plan_graft(request: GraftRequest, settings: EngineSettings | None = None, *,
-               side_files: bool = False) -> tuple[Plan, dict[str, ResolvedModel]]:
-    """The --dry-run: everything decided from headers alone (`side_files`: see resolve_inputs)."""
-    settings = settings or EngineSettings()
-    models = resolve_inputs(request, settings, side_files=side_files)
-    try:
-        return plan_models(request, models, settings), models
-    except BaseException:
-        close_models(models)
-        raise
-
-
-def plan_models(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings) -> Plan:
-    """The plan of models already resolved (GraftError when the graft cannot be planned). Every request is a
-    recipe and is planned as one; the compute step runs a tensor that is the plain transfer on the plain kernel."""
-    from worker.engine.planning.recipe_plan import build_recipe_plan
-
-    by_uri = {uri: models[role] for role, uri in request.inputs().items()}
-    plan, plan.merge = build_recipe_plan(request.recipe, by_uri)
-    plan.memory = memory_bound(models, settings)
-    return plan
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if choice == "cuda":
-        raise GraftError("invalid_option", "device cuda was asked for but no GPU is visible")
-    return torch.device("cpu")
 
 
 def _side_files(models: dict[str, ResolvedModel], plan: Plan, donor: str) -> list[tuple[str, bytes]]:

@@ -27,7 +27,8 @@ def _limit(memory: int | None) -> None:
 
 
 def _models(req: dict, settings) -> dict:
-    from worker.engine.pipeline.graft import remote_reads, storage_retry
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.pipeline.resolve import remote_reads
     from worker.engine.storage.model import resolve_model
     from worker.engine.storage.uris import parse_uri
 

@@ -20,16 +20,9 @@ from worker.engine.checks.inspect.headers import diff_roles, inspect_headers
 from worker.engine.checks.inspect.weights import nonfinite_reason_names, summarize, weights_pass
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftCancelled, GraftError
-from worker.engine.pipeline.graft import (
-    Phase,
-    Progress,
-    canonical_roles,
-    close_models,
-    pick_device,
-    plan_models,
-    resolve_inputs,
-)
+from worker.engine.pipeline.graft import Phase, Progress
 from worker.engine.pipeline.manifest import json_safe
+from worker.engine.pipeline.resolve import canonical_roles, close_models, pick_device, plan_models, resolve_inputs
 from worker.engine.planning.plan import Plan
 from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.model import ResolvedModel
