@@ -373,9 +373,10 @@ def test_della_sce_and_rescale_map_by_name_once_the_registry_has_them(monkeypatc
                 rescale=(bool, True))
     parts = task_vector("della", "/b", Scopes(models))
     assert parts.merge == {"method": "ties", "normalize": True, "lambda": 1.0}  # mergekit's della defaults
+    # mergekit's rescale (true) is this transform's default: left out, as graft's own defaults are.
     assert [d["transform"] for d in parts.diffs] == [
-        {"method": "della", "density": [0.5, 0.6], "epsilon": 0.1, "rescale": True},
-        {"method": "della", "density": 0.4, "epsilon": 0.15, "rescale": True}]
+        {"method": "della", "density": [0.5, 0.6], "epsilon": 0.1},
+        {"method": "della", "density": 0.4, "epsilon": 0.15}]
     assert task_vector("della_linear", "/b", Scopes(models)).merge["method"] == "sum"
     _registered(monkeypatch, TRANSFORMS, "dare", density=(float, ...), rescale=(bool, True))
     parts = task_vector("dare_linear", "/b", Scopes(models[1:], top={"rescale": False}))

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from worker.engine.methods.base import INT8_MASK, MergeMethod, TransformMethod
 from worker.engine.methods.dare import uniform32
@@ -43,8 +44,9 @@ def _check_spread(density: float, epsilon: float) -> None:
     if not (isinstance(density, float | int) and isinstance(epsilon, float | int)):
         return  # lists over the layers (a recipe's): checked at each depth (planning.recipe.transform_at)
     if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
-        raise ValueError(f"epsilon: density ± epsilon must lie inside (0, 1) (density {density:g}, epsilon "
-                         f"{epsilon:g}), as mergekit requires")
+        # A refusal no schema states (a relation of two fields): typed as the recipe's, as the API reports them.
+        raise PydanticCustomError("invalid_recipe", "epsilon: density ± epsilon must lie inside (0, 1) (density "
+                                  f"{density:g}, epsilon {epsilon:g}), as mergekit requires")
 
 
 class DellaMagpruneParams(BaseModel):

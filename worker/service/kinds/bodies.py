@@ -80,8 +80,10 @@ def either_diffs_or_three_fields(schema: dict) -> None:
     models = ("target_base", "source_base", "source_finetuned")
     schema["anyOf"] = [{"required": ["target_base", "diffs"],
                         "properties": {"target_base": {"type": "string"}, "diffs": {"type": "array"}},
-                        "not": {"anyOf": [given("source_base"), given("source_finetuned"), given("mergekit_config")]}},
-                       {**given(*models), "not": {"anyOf": [given("diffs", kind="array"), given("mergekit_config")]}},
+                        "not": {"anyOf": [given("source_base"), given("source_finetuned"), given("mergekit_config"),
+                                          given("mergekit_stage")]}},
+                       {**given(*models), "not": {"anyOf": [given("diffs", kind="array"), given("mergekit_config"),
+                                                            given("mergekit_stage")]}},
                        {**given("mergekit_config"),
                         "not": {"anyOf": [*(given(m) for m in models), given("diffs", kind="array"),
                                           given("merge", kind="object"), given("rules", kind="array")]}}]
