@@ -278,7 +278,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="mk-configs-", dir=BENCH)
     rows = []
     try:
-        models = os.path.join(tmp, "models")
+        models = os.path.realpath(os.path.join(tmp, "models"))  # the keys as the tools will spell them
         make_models(models, getattr(torch, args.model_dtype))
         inputs = {os.path.join(models, n): load_dir(os.path.join(models, n)) for n in MODELS}
         with contextlib.chdir(models):
