@@ -149,11 +149,9 @@ def _graft_fields(recipe: Recipe) -> dict:
     """What the job record (and a preview process) holds of the request: the recipe, which the worker runs. The
     first diff's and the target's URIs and the engine options (alpha: a one-diff recipe's strength, else 1)
     are shown beside it, for the reader of a job; nothing reads them back."""
-    alpha = recipe.plain_alpha()
     first = recipe.diffs[0]
     return {"source_base": first.source_base, "source_finetuned": first.source_finetuned,
-            "target_base": recipe.target_base,
-            "options": recipe.options.engine_options(1.0 if alpha is None else alpha).to_dict(),
+            "target_base": recipe.target_base, "options": recipe.engine_options().to_dict(),
             "recipe": recipe.to_dict()}
 
 

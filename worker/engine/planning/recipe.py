@@ -247,6 +247,12 @@ class Recipe(BaseModel):
             field = str(error["loc"][-1]) if error["loc"] else "source_base"
             raise GraftError("invalid_option", f"{field}: {error['msg']}", {"field": field}) from None
 
+    def engine_options(self) -> GraftOptions:
+        """The engine options the recipe amounts to; alpha is the plain transfer's (weight times lambda), 1 for any
+        other recipe (its strengths are in the recipe itself)."""
+        alpha = self.plain_alpha()
+        return self.options.engine_options(1.0 if alpha is None else alpha)
+
     def plain_alpha(self) -> float | None:
         """The alpha of a plain fine-tuning transfer (one diff, a plain sum, one number as weight, no
         transform, no rules, graft's conventions): weight times lambda. Such a recipe runs on the single-diff

@@ -55,10 +55,9 @@ class GraftRequest:
 
     @property
     def options(self) -> GraftOptions:
-        """The engine options; alpha is the plain transfer's (weight times lambda), 1 for any other recipe (its
-        strengths are in the recipe). Built from the recipe on each call: change the recipe, not this."""
-        alpha = self.recipe.plain_alpha()
-        return self.recipe.options.engine_options(1.0 if alpha is None else alpha)
+        """The recipe's engine options (Recipe.engine_options). Built from the recipe on each call: change the
+        recipe, not this."""
+        return self.recipe.engine_options()
 
     def inputs(self) -> dict[str, str]:
         """Role -> URI of every input. A recipe's diffs are `source_base.<i>` / `source_finetuned.<i>`; the
