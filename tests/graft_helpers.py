@@ -3,12 +3,14 @@ reference, ulp arithmetic and surgery on safetensors files (for the corrupt-inpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import struct
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -202,3 +204,19 @@ def assert_matches_expected(out_state: dict[str, torch.Tensor], expected: dict[s
             continue
         err = ulp_error(got, want.double())
         assert float(err.max()) <= max_ulp, f"{name}: {float(err.max())} ulp"
+
+
+def documented_draw(seed: int, index: int, name: str, n: int) -> np.ndarray:
+    """graft's documented draw (DARE, DELLA), written here independently of the engine: key = the first 4 bytes
+    (little endian) of sha256(seed NUL diff NUL tensor); murmur3's fmix32 applied twice to key ^ element index;
+    one uint64 value in [0, 2**32) per element index in [0, n)."""
+    m32 = np.uint64(0xFFFFFFFF)
+    key = int.from_bytes(hashlib.sha256(f"{seed}\x00{index}\x00{name}".encode()).digest()[:4], "little")
+    x = np.arange(n, dtype=np.uint64) ^ np.uint64(key)
+    for _ in range(2):
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x85EBCA6B)) & m32
+        x ^= x >> np.uint64(13)
+        x = (x * np.uint64(0xC2B2AE35)) & m32
+        x ^= x >> np.uint64(16)
+    return x

@@ -6,13 +6,12 @@ Each is also streamed at a small block size and with small chunks: the same byte
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import pytest
 import torch
-from graft_helpers import load_dir
+from graft_helpers import documented_draw, load_dir
 
 from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 from worker.engine import GraftError, GraftRequest, run_graft
@@ -20,7 +19,6 @@ from worker.engine.compute import merge_kernel
 from worker.engine.planning.recipe import load_recipe
 from worker.service.settings import Settings
 
-M32 = 0xFFFFFFFF
 EPS32 = 2.0 ** -24
 
 
@@ -39,17 +37,8 @@ def models(tmp_path_factory) -> dict[str, str]:
 # --- the reference --------------------------------------------------------------------------------------
 
 def _hash(seed: int, index: int, name: str, n: int) -> np.ndarray:
-    """graft's documented draw: key = sha256(seed NUL diff NUL tensor)[:4] little endian; murmur3's fmix32
-    twice over key ^ element index; a value in [0, 2**32)."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}\x00{index}\x00{name}".encode()).digest()[:4], "little")
-    x = np.arange(n, dtype=np.uint64) ^ np.uint64(key)
-    for _ in range(2):
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x85EBCA6B)) & np.uint64(M32)
-        x ^= x >> np.uint64(13)
-        x = (x * np.uint64(0xC2B2AE35)) & np.uint64(M32)
-        x ^= x >> np.uint64(16)
-    return x.astype(np.float64)
+    """graft's documented draw (graft_helpers.documented_draw) as float64."""
+    return documented_draw(seed, index, name, n).astype(np.float64)
 
 
 def _l1(delta: np.ndarray, masked: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ documented hash, plain recipes writing today's bytes, and bad recipes refused be
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from graft_helpers import EMBED, HEAD, correctly_rounded, graft, load_dir, read_json, ulp, ulp_error
+from graft_helpers import EMBED, HEAD, correctly_rounded, documented_draw, graft, load_dir, read_json, ulp, ulp_error
 
 from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
 from worker.engine import GraftError, GraftRequest, run_graft
@@ -24,7 +23,6 @@ from worker.service.settings import Settings
 LAYERS = 3
 VOCAB = 256
 ADDED = 8  # rows both fine-tunes add to the vocabulary
-M32 = 0xFFFFFFFF
 
 
 # --- models ---------------------------------------------------------------------------------------------
@@ -94,17 +92,8 @@ def _rank_window(delta: np.ndarray, low: int, high: int) -> np.ndarray:
 
 
 def _dare_keep(seed: int, index: int, name: str, n: int, drop: float) -> np.ndarray:
-    """The documented draw: key = the first 4 bytes (little endian) of sha256(seed NUL diff NUL tensor);
-    murmur3's fmix32 applied twice to key ^ element index; kept iff the hash >= drop * 2**32."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}\x00{index}\x00{name}".encode()).digest()[:4], "little")
-    x = np.arange(n, dtype=np.uint64) ^ np.uint64(key)
-    for _ in range(2):
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x85EBCA6B)) & np.uint64(M32)
-        x ^= x >> np.uint64(13)
-        x = (x * np.uint64(0xC2B2AE35)) & np.uint64(M32)
-        x ^= x >> np.uint64(16)
-    return x >= np.uint64(int(drop * 2**32))
+    """Kept iff the documented draw (graft_helpers.documented_draw) is >= drop * 2**32."""
+    return documented_draw(seed, index, name, n) >= np.uint64(int(drop * 2**32))
 
 
 def _transform(delta: np.ndarray, spec: dict | None, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:
