@@ -137,12 +137,11 @@ class Della(MergeMethod):
         elect(out, deltas, weights, params.normalize, params.lambda_, chunk)
 
 
-class DellaLinear(MergeMethod):
+class DellaLinear(Della):
+    """della's pruning, then a weighted sum in place of the sign election."""
+
     name = "della_linear"
     Params = DellaLinearParams
-
-    def default_transform(self, params: DellaLinearParams) -> BaseModel | None:
-        return _pruned(params)
 
     def combine(self, out, deltas, weights, params: DellaLinearParams, chunk):
         weighted_sum(out, deltas, weights, params.normalize, params.lambda_)
