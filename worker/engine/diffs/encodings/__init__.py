@@ -1,0 +1,1 @@
+"""The registry of diff encodings: one module each, registered here (name -> Encoding)."""
