@@ -14,6 +14,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 
 from worker.service.job_store import JobStore
@@ -43,6 +44,14 @@ def _keys(settings: Settings) -> dict[str, str]:
     return parse_keys(f"{key}:dev")
 
 
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operationId: its name in camelCase (get_job -> getJob, a kind's create_job ->
+    createJob), so clients generated from openapi.yaml read naturally. FastAPI's default
+    (get_job_v1_jobs__job_id__get) spells out the path and the method, and changes with either."""
+    head, *rest = route.name.split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     keys = _keys(settings)
@@ -70,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.close()
             await state.aredis.aclose()
 
-    app = FastAPI(title="graft", version=API_VERSION, lifespan=lifespan,
+    app = FastAPI(title="graft", version=API_VERSION, lifespan=lifespan, generate_unique_id_function=operation_id,
                   description="Fine-tuning transfer as a service: target_base + alpha * (source_finetuned - "
                               "source_base), run by queue workers, streamed to object storage.")
     app.state.graft = state

@@ -381,7 +381,7 @@ def _drop_from_queue(state: AppState, job_id: str) -> None:
 
 @router.get("/jobs/{job_id}/events", response_model=EventList, responses=ERRORS,
             summary="Timestamped events of a job")
-def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
+def get_job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
     _owned(state, job_id, tenant)
     return _json({"object": "list", "data": state.store.events(job_id)})
 
@@ -389,7 +389,7 @@ def job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppState = 
 @router.post("/jobs:preview", response_model=Plan, summary="The dry-run plan, from safetensors headers alone",
              responses={**ERRORS, 400: PROBLEM, **LIMITED,
                         504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
-async def preview(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
+async def preview_job(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                   state: AppState = Depends(app_state)) -> Response:
     _check_body(KINDS[graft.NAME], body)  # the dry run of a graft job
     recipe = _recipe(body)

@@ -24,12 +24,12 @@ def _json(doc, status: int = 200) -> Response:
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")
-async def healthz() -> Response:
+async def get_liveness() -> Response:
     return _json({"status": "ok", "checks": {}})
 
 
 @router.get("/readyz", response_model=Health, responses={503: PROBLEM}, summary="Redis and storage are reachable")
-async def readyz(state: AppState = Depends(app_state)) -> Response:
+async def get_readiness(state: AppState = Depends(app_state)) -> Response:
     checks = {}
     try:
         await asyncio.wait_for(state.aredis.ping(), 2)
@@ -46,7 +46,7 @@ async def readyz(state: AppState = Depends(app_state)) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", responses={200: {"content": {"text/plain": {}}}})
-def metrics(state: AppState = Depends(app_state)) -> Response:
+def get_metrics(state: AppState = Depends(app_state)) -> Response:
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

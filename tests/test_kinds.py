@@ -53,13 +53,13 @@ def test_the_api_imports_the_table_without_torch():
 
 def test_registration_refuses_what_is_not_a_kind():
     with pytest.raises(TypeError, match="missing run"):
-        register(types.SimpleNamespace(NAME="half", Body=Models, ROUTE=Route("/halves", "create_half", "x"),
+        register(types.SimpleNamespace(NAME="half", Body=Models, ROUTE=Route("/halves", "half", "x"),
                                        spec=lambda body: None))
     with pytest.raises(TypeError, match="Body must extend"):
-        register(types.SimpleNamespace(NAME="odd", Body=dict, ROUTE=Route("/odds", "create_odd", "x"),
+        register(types.SimpleNamespace(NAME="odd", Body=dict, ROUTE=Route("/odds", "odd", "x"),
                                        spec=lambda body: None, run=lambda *a: {}))
     with pytest.raises(ValueError, match="collides with 'graft'"):
-        register(types.SimpleNamespace(NAME="other", Body=Models, ROUTE=Route("/jobs", "create_other", "x"),
+        register(types.SimpleNamespace(NAME="other", Body=Models, ROUTE=Route("/jobs", "other", "x"),
                                        spec=lambda body: None, run=lambda *a: {}))
     assert list(KINDS) == ["graft", "preflight"]
 
@@ -89,7 +89,7 @@ def _toy_run(request, spec, settings, reporter) -> dict:
 
 TOY = types.SimpleNamespace(
     NAME="toy", Body=ToyCreate, check=_toy_check, run=_toy_run,
-    ROUTE=Route("/toys", "create_toy", "Write a toy file", "A kind that exists only in this test.",
+    ROUTE=Route("/toys", "toy", "Write a toy file", "A kind that exists only in this test.",
                 {409: "a toy already sits at the output"}),
     spec=lambda body: {"toy": {"note": body.note}},
     shown=lambda spec: {"toy": {"note_chars": len(spec["toy"]["note"])}})
@@ -127,7 +127,7 @@ def toy_service(redis_url, trio, tmp_path, monkeypatch, toy_kind):
 def test_a_registered_kind_gets_a_route_an_openapi_entry_and_the_workers_dispatch(toy_service, trio, tmp_path):
     app, client = toy_service
     operation = app.openapi()["paths"]["/v1/toys"]["post"]
-    assert operation["operationId"] == "create_toy_v1_toys_post" and operation["summary"] == "Write a toy file"
+    assert operation["operationId"] == "createToy" and operation["summary"] == "Write a toy file"
     assert operation["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ToyCreate"}
     assert {"202", "400", "401", "409", "413", "422", "429", "503"} <= set(operation["responses"])

@@ -4,6 +4,7 @@ pagination, cancel of queued jobs, preview, health, and openapi.yaml agreeing wi
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
@@ -231,6 +232,23 @@ def test_openapi_file_matches_app():
     statuses = on_disk["components"]["schemas"]["JobStatus"]["enum"]
     assert statuses == ["queued", "validating", "running", "committing", "succeeded", "failed", "cancelling",
                         "cancelled"]
+
+
+def test_every_operation_has_a_unique_camel_case_id():
+    """Clients generated from openapi.yaml name their methods after the operationIds: each is camelCase (never
+    FastAPI's create_job_v1_jobs_post), unique, and a kind's is create<Noun>, from the kinds' table."""
+    from app.openapi_dump import spec
+    from worker.service.kinds import KINDS
+
+    paths = spec()["paths"]
+    ids = {(path, method): op.get("operationId") for path, item in paths.items() for method, op in item.items()}
+    assert all(re.fullmatch(r"[a-z]+([A-Z][a-z0-9]*)*", i or "") for i in ids.values()), ids
+    assert len(set(ids.values())) == len(ids), ids
+    for kind in KINDS.values():
+        noun = "".join(word.capitalize() for word in kind.route.noun.split("_"))
+        assert ids[(f"/v1{kind.route.path}", "post")] == f"create{noun}"
+    assert {"createJob", "createPreflight", "getJob", "listJobs", "cancelJob", "getJobEvents",
+            "previewJob"} <= set(ids.values())
 
 
 def test_compose_and_dockerfiles_are_well_formed():

@@ -13,7 +13,7 @@ from worker.service.kinds.kind import Route
 from worker.service.settings import Settings
 
 NAME = "graft"
-ROUTE = Route("/jobs", "create_job", "Submit a graft job")
+ROUTE = Route("/jobs", "job", "Submit a graft job")
 
 
 class JobCreate(Models, Checks):

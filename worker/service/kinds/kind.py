@@ -16,6 +16,7 @@ A kind's module holds
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,18 +26,32 @@ from worker.service.kinds.bodies import Models
 from worker.service.settings import Settings
 
 Runner = Callable[[Any, dict, Settings, Any], dict]  # (request, spec, settings, reporter) -> the record's result
+# snake_case words: the handler's name is create_<noun>, its operationId create<Noun> (app/main.py camelCases).
+NOUN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
 
 @dataclass(frozen=True)
 class Route:
-    """POST /v1{path} submits a job of the kind. `name` is the handler's, the stem of its OpenAPI operationId;
-    `responses`: status codes (with their descriptions) beyond those every submitting route answers."""
+    """POST /v1{path} submits a job of the kind. `noun` is what the route creates (`job`, `preflight`): the
+    handler is `create_<noun>` and its OpenAPI operationId `create<Noun>`, so a generated client reads
+    `create_job(...)`; `responses`: status codes (with their descriptions) beyond those every submitting route
+    answers."""
 
     path: str
-    name: str
+    noun: str
     summary: str
     description: str | None = None
     responses: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        # A handler's name given as the noun would make createCreateJob: refused where it is declared.
+        if not NOUN.fullmatch(self.noun) or self.noun.startswith("create"):
+            raise ValueError(f"Route {self.path}: noun {self.noun!r} must be snake_case words naming what the "
+                             "route creates (`job`, not `create_job`)")
+
+    @property
+    def name(self) -> str:
+        return f"create_{self.noun}"
 
 
 def _nothing(body: Models) -> None:

@@ -17,7 +17,7 @@ from worker.service.kinds.kind import Route
 from worker.service.settings import Settings
 
 NAME = "preflight"
-ROUTE = Route("/preflights", "create_preflight", "Check a graft's inputs before grafting",
+ROUTE = Route("/preflights", "preflight", "Check a graft's inputs before grafting",
               "A job of its own kind, run by the workers and polled at /v1/jobs/{id}: a verdict (compatible, risky, "
               "incompatible) with its reasons and numbers in `result.report`, report.json and a per-layer chart "
               "written under the output. The synchronous header-only plan stays in POST /v1/jobs:preview.")
