@@ -1,4 +1,5 @@
-"""`graft`: run a graft locally, serve the API, or run a queue worker."""
+"""`graft`: run a graft locally, serve the API, run a queue worker, or call a service (`graft jobs`, `graft diffs`:
+worker/client, which imports no torch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import traceback
 
+from worker import exit_codes
 from worker.engine.errors import GraftError
 
 
@@ -28,10 +30,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_graft_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
-    p.add_argument("--output", help="where the checkpoint goes: directory, file:// or s3:// (not with --dry-run)")
+    _add_job_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan from headers alone; read no data")
     p.add_argument("--json", action="store_true", help="print the plan or summary as JSON")
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """What a graft is made of, for `graft run` and `graft jobs submit` alike: the models, the output, the checks."""
+    _add_model_args(p)
+    p.add_argument("--output", help="where the checkpoint goes: directory, file:// or s3:// (not with --dry-run)")
     _add_check_flags(p.add_argument_group("checks (see README: know before grafting)"))
 
 
@@ -76,14 +83,38 @@ def _add_option_flags(group) -> None:
             group.add_argument(flag, dest=name, default=None, help=help_)
 
 
-def _read_document(path: str) -> dict:
+def _read_document(path: str, what: str = "--recipe", code: str = "invalid_recipe") -> dict:
     """A recipe file (YAML is a superset of JSON), read by the same bounded loader as a tenant's config."""
     from worker.engine.planning.mergekit_config import load_yaml
 
-    data = load_yaml(_read_text(path, "--recipe", code="invalid_recipe", missing="input_not_found"), where=path)
+    data = load_yaml(_read_text(path, what, code=code, missing="input_not_found"), where=path)
     if not isinstance(data, dict):
-        raise GraftError("invalid_recipe", f"{path}: expected a mapping at the top level")
+        raise GraftError(code, f"{path}: expected a mapping at the top level")
     return data
+
+
+def _job_body(args: argparse.Namespace) -> dict:
+    """The API body (worker/service/kinds: Models and graft's Checks) of graft run's flags, only the fields given:
+    a recipe's fields are the body's own (the API takes target_base, diffs, merge, rules and options of one), a
+    mergekit config goes as its text, the option flags and alpha as options, the checks as graft run reads them."""
+    from worker.engine.planning.recipe import RecipeOptions
+
+    body = _read_document(args.recipe) if args.recipe else {}
+    if args.mergekit_config:
+        body["mergekit_config"] = _read_text(args.mergekit_config, "--mergekit-config", code="invalid_recipe",
+                                             missing="input_not_found")
+    for name in ("source_base", "source_finetuned", "target_base", "mergekit_stage", "output", "select", "require"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    options = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    if options:
+        body["options"] = {**(body.get("options") or {}), **options}
+    evaluate = _evaluate_spec(args)
+    if evaluate is not None:
+        body["evaluate"] = evaluate.model_dump(mode="json", exclude_unset=True)
+    return body
 
 
 def _request(args: argparse.Namespace):
@@ -263,7 +294,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 fh.write(data)
     report = result.report
     print(json.dumps(report, indent=2) if args.json else _format_report(report, args.report))
-    return 3 if args.require and report["verdict"] != Verdict.COMPATIBLE else 0
+    return exit_codes.NOT_REQUIRED_VERDICT if args.require and report["verdict"] != Verdict.COMPATIBLE else 0
 
 
 def _number(value, spec: str) -> str:
@@ -347,6 +378,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_client_commands(sub) -> None:
+    """`graft jobs ...` and `graft diffs ...` (worker/client), lent graft run's flags and the kinds' routes."""
+    from functools import partial
+
+    from worker.client.commands import Lent
+    from worker.client.parsers import add_parsers
+    from worker.service.kinds import KINDS
+
+    add_parsers(sub, Lent(kinds={k.name: k.route.path for k in KINDS.values()}, add_graft_flags=_add_job_args,
+                          graft_body=_job_body, read_document=partial(_read_document, what="body",
+                                                                      code="invalid_body")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer: "
                                      "target_base + alpha * (source_finetuned - source_base)")
@@ -377,22 +421,23 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help=f"run a queue worker (it runs the job kinds {', '.join(KINDS)})")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_cmd_worker)
+    _add_client_commands(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except GraftError as err:
         print(f"graft: error [{err.code}]: {err.message}", file=sys.stderr)
-        return 2
+        return exit_codes.FAILED
     except KeyboardInterrupt:
         print("graft: interrupted; nothing was published", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     except Exception as exc:  # a bug of ours, not the user's input: one line unless asked for more
         if _debug():
             traceback.print_exc()
         message = " ".join(str(exc).split())[:500] or "no message"
         print(f"graft: error [internal_error]: {type(exc).__name__}: {message} (set GRAFT_DEBUG=1 for a traceback)",
               file=sys.stderr)
-        return 1
+        return exit_codes.INTERNAL_ERROR
 
 
 def _debug() -> bool:
