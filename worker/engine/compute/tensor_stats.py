@@ -24,6 +24,12 @@ def chunk_sums(target: torch.Tensor, delta: torch.Tensor, base_minus_target: tor
     return torch.dot(delta, delta), torch.dot(target, target), torch.dot(c, c), torch.dot(c, delta)
 
 
+def delta_sums(target: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """chunk_sums of a diff artifact's delta, whose base is not at hand: the bases' terms stay zero (the
+    artifact's sketch estimates them: graft inspect --diff)."""
+    return torch.dot(delta, delta), torch.dot(target, target), 0.0, 0.0
+
+
 @dataclass
 class TensorStats:
     delta_sq: float = 0.0  # ||f - s||^2
