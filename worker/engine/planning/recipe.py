@@ -297,15 +297,18 @@ class Recipe(BaseModel):
         return self
 
     @classmethod
-    def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions) -> Recipe:
-        """Today's three fields and alpha as a one-diff recipe whose weight is alpha. GraftError naming the field
-        (as the three-field form calls it) when a URI is not one a recipe takes."""
+    def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions, *,
+               diff: str | None = None) -> Recipe:
+        """Today's three fields and alpha as a one-diff recipe whose weight is alpha (`diff`: a diff artifact in
+        place of the pair). GraftError naming the field (as the three-field form calls it) when a URI is not one
+        a recipe takes."""
         from pydantic import ValidationError
 
         opts = {k: v for k, v in options.to_dict().items() if k != "alpha"}
+        pair = {"diff": diff} if diff else {"source_base": source_base, "source_finetuned": source_finetuned}
         try:
-            return cls(target_base=target_base, diffs=[Diff(source_base=source_base, source_finetuned=source_finetuned,
-                                                            weight=options.alpha)], options=RecipeOptions(**opts))
+            return cls(target_base=target_base, diffs=[Diff(**pair, weight=options.alpha)],
+                       options=RecipeOptions(**opts))
         except ValidationError as exc:
             error = exc.errors()[0]
             field = str(error["loc"][-1]) if error["loc"] else "source_base"
