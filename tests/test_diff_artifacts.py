@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from graft_helpers import load_dir, settings
+
 from worker.devtools.sample_models import make_trio
 from worker.engine import GraftOptions, GraftRequest, run_graft
 from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
