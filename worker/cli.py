@@ -105,7 +105,9 @@ def _job_body(args: argparse.Namespace) -> dict:
     if args.mergekit_config:
         body["mergekit_config"] = _read_text(args.mergekit_config, "--mergekit-config", code="invalid_recipe",
                                              missing="input_not_found")
-    for name in ("source_base", "source_finetuned", "target_base", "mergekit_stage", "output", "select", "require"):
+    # `diff` (an artifact's id or URI in place of the source pair) is the body's field of that name
+    for name in ("source_base", "source_finetuned", "target_base", "diff", "mergekit_stage", "output", "select",
+                 "require"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     options = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
@@ -472,10 +474,15 @@ def _add_client_commands(sub) -> None:
                                                                       code="invalid_body")))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer: "
                                      "target_base + alpha * (source_finetuned - source_base)")
     sub = parser.add_subparsers(dest="command", required=True)
+    if argv[:1] in (["jobs"], ["diffs"]):
+        # The service's client alone: the other commands' flags import what it never needs (the diff encodings
+        # behind `graft diff extract`'s flags import torch), and the client starts in a fraction of a second.
+        _add_client_commands(sub)
+        return parser
     run = sub.add_parser("run", help="graft three checkpoints into a new one")
     _add_graft_args(run)
     run.set_defaults(func=_cmd_run)
@@ -504,7 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_cmd_worker)
     _add_client_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except GraftError as err:

@@ -156,7 +156,10 @@ def cmd_submit(lent: Lent, args: argparse.Namespace) -> int:
 
 
 def cmd_extract(lent: Lent, args: argparse.Namespace) -> int:
-    flags = {n: getattr(args, n) for n in ("source_base", "source_finetuned", "output") if getattr(args, n)}
+    flags: dict[str, Any] = {n: getattr(args, n) for n in ("source_base", "source_finetuned", "output")
+                             if getattr(args, n)}
+    if args.encoding:
+        flags["encoding"] = {"encoding": args.encoding}
     return _create(DIFFS.path, _body(args, lent, flags), args)
 
 

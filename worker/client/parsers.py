@@ -89,6 +89,10 @@ def add_parsers(sub, lent: Lent) -> None:
     extract.add_argument("--source-base", help="URI of the base the fine-tune started from")
     extract.add_argument("--source-finetuned", help="URI of the fine-tune whose diff is extracted")
     extract.add_argument("--output", help="where the artifact goes (default: the tenant's namespace)")
+    # A name only: the encodings' parameter models import torch; their fields go by --set (encoding.density=0.1).
+    extract.add_argument("--encoding", metavar="NAME", help="how the delta is stored: an encoding's name "
+                         "(`graft diff extract --help` lists them; default exact), its parameters by --set "
+                         "(encoding.density=0.1)")
     _leaf(actions, "get", partial(commands.cmd_get, DIFFS), "a diff's record, as JSON", [common], "the diff's id")
     _listing(actions, DIFFS, [common])
     _leaf(actions, "delete", partial(commands.cmd_delete, DIFFS), "delete a diff artifact", [common],
