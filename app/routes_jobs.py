@@ -390,7 +390,7 @@ def get_job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppStat
              responses={**ERRORS, 400: PROBLEM, **LIMITED,
                         504: {**PROBLEM, "description": "the preview overran GRAFT_PREVIEW_TIMEOUT"}})
 async def preview_job(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
-                  state: AppState = Depends(app_state)) -> Response:
+                      state: AppState = Depends(app_state)) -> Response:
     _check_body(KINDS[graft.NAME], body)  # the dry run of a graft job
     recipe = _recipe(body)
     await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)

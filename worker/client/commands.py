@@ -140,7 +140,8 @@ def _create(path: str, body: dict, args: argparse.Namespace) -> int:
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     with _client(args) as client:
         reply = client.call("POST", path, body=body, headers=headers)
-        record_id = str(reply.doc.get("id"))
+        record = reply.doc if isinstance(reply.doc, dict) else {}
+        record_id = str(record.get("id"))
         if args.json and not args.wait:
             _print_json(reply.doc)
         elif not args.json:
