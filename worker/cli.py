@@ -372,9 +372,11 @@ def _format_plan(summary: dict) -> str:
     return "\n".join(lines)
 
 
+_DIFF_HELP = "the fine-tuning update as an artifact: extract it once, apply it to every new base (graft run --diff)"
+
+
 def _add_diff_commands(sub) -> None:
-    diff = sub.add_parser("diff", help="the fine-tuning update as an artifact: extract it once, apply it to "
-                          "every new base (graft run --diff)")
+    diff = sub.add_parser("diff", help=_DIFF_HELP)
     diff_sub = diff.add_subparsers(dest="diff_command", required=True)
     extract = diff_sub.add_parser("extract", help="extract source_finetuned - source_base into a diff artifact")
     from worker.engine.diffs.request import DiffExtract
@@ -500,7 +502,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     inspect.add_argument("--require", choices=[r.value for r in Require],
                          help="exit with status 3 unless the verdict is this")
     inspect.set_defaults(func=_cmd_inspect)
-    _add_diff_commands(sub)
+    if argv[:1] == ["diff"]:
+        _add_diff_commands(sub)
+    else:  # listed for --help; its flags (the encodings' parameters) import torch, built when it runs
+        sub.add_parser("diff", help=_DIFF_HELP)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
