@@ -17,6 +17,7 @@ ENGINE_LAYERS = [
     ("worker.engine.methods",),
     ("worker.engine.planning",),
     ("worker.engine.compute",),
+    ("worker.engine.diffs",),
     ("worker.engine.pipeline",),
     ("worker.engine.checks",),
 ]

@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     models.add_argument("--source-base", help="URI of the base the fine-tune started from")
     models.add_argument("--source-finetuned", help="URI of the fine-tune whose diff is transferred")
     models.add_argument("--target-base", help="URI of the newer base that receives the diff")
+    models.add_argument("--diff", metavar="URI", help="a diff artifact (graft diff extract) in place of "
+                        "--source-base and --source-finetuned")
     models.add_argument("--alpha", type=_alphas, default=None, help="scale of the diff (default 1.0); a "
                         "comma-separated list (0.5,0.75,1) is a sweep: each is built and evaluated, the best published")
     models.add_argument("--recipe", metavar="FILE", help="a recipe (YAML or JSON): several diffs, transforms, a "
@@ -94,11 +96,15 @@ def _request(args: argparse.Namespace):
 
     flags = {name: getattr(args, name) for name in RecipeOptions.model_fields if getattr(args, name) is not None}
     three = [args.source_base, args.source_finetuned, args.target_base]
+    if args.diff and (args.source_base or args.source_finetuned):
+        raise GraftError("invalid_option", "--diff replaces --source-base and --source-finetuned: not both")
+    if args.diff:
+        three[:2] = [args.diff, args.diff]
     documents = [f for f in (args.recipe, args.mergekit_config) if f]
     alpha = None if isinstance(args.alpha, list) else args.alpha  # a list is a sweep (see _sweep)
     if len(documents) > 1 or (documents and (any(three) or alpha is not None)):
         raise GraftError("invalid_option", "give either --recipe, --mergekit-config or the three model URIs "
-                         "(with --alpha)")
+                         "(or --diff and --target-base; with --alpha)")
     if args.mergekit_stage and not args.mergekit_config:
         raise GraftError("invalid_option", "--mergekit-stage names a stage of a --mergekit-config: give the config")
     if args.recipe:
@@ -124,7 +130,7 @@ def _request(args: argparse.Namespace):
         from worker.engine.planning.recipe import Recipe
 
         recipe = Recipe.single(args.source_base, args.source_finetuned, args.target_base,
-                               GraftOptions(alpha=1.0 if alpha is None else alpha, **flags))
+                               GraftOptions(alpha=1.0 if alpha is None else alpha, **flags), diff=args.diff)
     return GraftRequest(recipe, getattr(args, "output", None) or "")
 
 
@@ -333,6 +339,81 @@ def _format_plan(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _add_diff_commands(sub) -> None:
+    diff = sub.add_parser("diff", help="the fine-tuning update as an artifact: extract it once, apply it to "
+                          "every new base (graft run --diff)")
+    diff_sub = diff.add_subparsers(dest="diff_command", required=True)
+    extract = diff_sub.add_parser("extract", help="extract source_finetuned - source_base into a diff artifact")
+    from worker.engine.diffs.request import DiffExtract
+
+    fields = DiffExtract.model_fields
+    extract.add_argument("--source-base", required=True, help=fields["source_base"].description or
+                         "URI of the base the fine-tune started from")
+    extract.add_argument("--source-finetuned", required=True, help="URI of the fine-tune")
+    extract.add_argument("--output", required=True, help="where the artifact goes: directory, file:// or s3://")
+    from worker.engine.diffs.encodings import ENCODINGS
+
+    extract.add_argument("--encoding", choices=list(ENCODINGS), default="exact", help=fields["encoding"].description)
+    for name, flag_type in _encoding_flags().items():
+        extract.add_argument("--" + name.replace("_", "-"), dest=f"enc_{name}", type=flag_type, default=None,
+                             help=_encoding_flag_help(name))
+    extract.add_argument("--shard-size", type=int, default=None, help=fields["shard_size"].description)
+    extract.add_argument("--json", action="store_true", help="print the artifact's manifest summary as JSON")
+    extract.set_defaults(func=_cmd_diff_extract)
+
+
+def _encoding_flags() -> dict[str, type]:
+    """Every parameter of every encoding, once (--density, --rank, ...): the encodings' own Params declare them."""
+    from worker.engine.diffs.encodings import ENCODINGS
+
+    flags: dict[str, type] = {}
+    for encoding in ENCODINGS.values():
+        for name, field in encoding.Params.model_fields.items():
+            if name != "encoding":
+                flags.setdefault(name, float if field.annotation in (float, float | None) else int
+                                 if field.annotation in (int, int | None) else str)
+    return flags
+
+
+def _encoding_flag_help(name: str) -> str:
+    from worker.engine.diffs.encodings import ENCODINGS
+
+    owners = [(e.name, e.Params.model_fields[name]) for e in ENCODINGS.values() if name in e.Params.model_fields]
+    return "; ".join(f"({enc}) {f.description or name}" for enc, f in owners)
+
+
+def _cmd_diff_extract(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+    from worker.engine.pipeline.diff_extract import extract_diff
+    from worker.progress import TerminalProgress
+
+    encoding = {"encoding": args.encoding, **{name: getattr(args, f"enc_{name}") for name in _encoding_flags()
+                                              if getattr(args, f"enc_{name}") is not None}}
+    body = {"source_base": args.source_base, "source_finetuned": args.source_finetuned, "encoding": encoding}
+    if args.shard_size is not None:
+        body["shard_size"] = args.shard_size
+    try:
+        spec = DiffExtract.model_validate(body)
+    except ValidationError as exc:
+        raise GraftError("invalid_option", _validation_message(exc)) from None
+    bar = TerminalProgress()
+    try:
+        result = extract_diff(DiffExtractRequest(spec, args.output), progress=bar.update)
+    finally:
+        bar.close()
+    totals = result.manifest["totals"]
+    if args.json:
+        print(json.dumps({"output": result.output_uri, "manifest": result.manifest_uri, "totals": totals,
+                          "content_address": result.manifest["content_address"], "stats": result.manifest["stats"]}))
+    else:
+        print(f"extracted {totals['tensors']} tensors ({args.encoding}) into {result.output_uri}: "
+              f"{totals['encoded_bytes']:,} bytes, {totals['ratio_to_finetuned']}x smaller than the fine-tune, "
+              f"relative error {totals['rel_frobenius']:.3g} in {result.manifest['stats']['seconds_total']:.2f}s")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
@@ -368,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--require", choices=[r.value for r in Require],
                          help="exit with status 3 unless the verdict is this")
     inspect.set_defaults(func=_cmd_inspect)
+    _add_diff_commands(sub)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from worker.engine.compute.tensor_stats import TensorStats, chunk_sums
+from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, delta_sums
 
 # float16 overflows to Inf on rounding above this; float32 and bfloat16 share float32's range.
 _FINITE_LIMIT = {torch.float16: 65520.0}
@@ -72,6 +72,55 @@ class Arithmetic:
         stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
+    def apply_delta(self, out: torch.Tensor, t: torch.Tensor, d: torch.Tensor, alpha: float,
+                    compute: torch.dtype, stats: TensorStats) -> None:
+        """transfer() from a delta formed beforehand (a diff artifact's, in the compute dtype): the same
+        operations from the delta on, so an exact artifact writes the bytes the pair writes."""
+        if self.whole_pieces:
+            return self._apply_delta_device(out, t, d, alpha, compute, stats)
+        a_buf, b_buf, _c = self._buffers(compute)
+        n = out.numel()
+        sums = TensorStats()
+        finite, big = True, 0.0
+        limit = _FINITE_LIMIT.get(out.dtype)
+        for i in range(0, n, CHUNK):
+            j = min(n, i + CHUNK)
+            a, b = a_buf[:j - i], b_buf[:j - i]
+            a.copy_(d[i:j])
+            b.copy_(t[i:j])
+            sums.add_chunk(delta_sums(b, a))
+            if alpha != 1.0:
+                a.mul_(alpha)
+            a.add_(b)
+            if finite:
+                finite = _finite(a)
+            if limit is not None:
+                big = max(big, float(a.abs().max()))
+            out[i:j].copy_(a)
+        stats.add(sums)
+        stats.nonfinite |= not finite or (limit is not None and big >= limit)
+
+    def _apply_delta_device(self, out, t, d, alpha, compute, stats) -> None:
+        dev = self.device
+        td, dd = (self._staging(slot, x).copy_(x).to(dev, non_blocking=True) for slot, x in enumerate((t, d)))
+        tc, delta = td.to(compute), dd.to(compute)
+        dots = torch.stack([torch.dot(delta, delta), torch.dot(tc, tc)])
+        result = tc.add_(delta, alpha=alpha) if alpha != 1.0 else tc.add_(delta)
+        self._finish_device(out, result, dots, stats)
+
+    def _finish_device(self, out, result, dots, stats) -> None:
+        """The piece's rounding, copy back and checks, shared by the device kernels."""
+        limit = _FINITE_LIMIT.get(out.dtype)
+        big = result.abs().max() if limit is not None and result.numel() else None
+        host_out = self._staging(3, out)
+        host_out.copy_(result.to(out.dtype), non_blocking=True)
+        values = torch.cat([dots.double(), torch.dot(result, result).double().reshape(1)]).tolist()
+        *sums, o = values  # synchronises: host_out is complete after this
+        stats.add_chunk(sums if len(sums) == 4 else (*sums, 0.0, 0.0))
+        finite = math.isfinite(o) or bool(torch.isfinite(result).all())
+        stats.nonfinite |= not finite or (big is not None and float(big) >= limit)
+        out.copy_(host_out)
+
     def _staging(self, slot: int, like: torch.Tensor) -> torch.Tensor:
         """A reused host buffer shaped like `like`: page-locked on CUDA so copies run asynchronously."""
         nbytes = like.numel() * like.element_size()
@@ -94,17 +143,7 @@ class Arithmetic:
         delta = fd.to(compute) - sd.to(compute)
         sums = torch.stack(chunk_sums(tc, delta, sd.to(compute) - tc))
         result = tc.add_(delta, alpha=alpha) if alpha != 1.0 else tc.add_(delta)
-        rounded = result.to(out.dtype)
-        sums = torch.cat([sums.double(), torch.dot(result, result).double().reshape(1)])
-        limit = _FINITE_LIMIT.get(out.dtype)
-        big = result.abs().max() if limit is not None and result.numel() else None
-        host_out = self._staging(3, out)
-        host_out.copy_(rounded, non_blocking=True)
-        *four, o = sums.tolist()  # synchronises: host_out is complete after this
-        stats.add_chunk(four)
-        finite = math.isfinite(o) or bool(torch.isfinite(result).all())
-        stats.nonfinite |= not finite or (big is not None and float(big) >= limit)
-        out.copy_(host_out)
+        self._finish_device(out, result, sums, stats)
 
     def copy(self, out: torch.Tensor, src: torch.Tensor, check_finite: bool, stats: TensorStats) -> None:
         if not check_finite:

@@ -56,11 +56,18 @@ def graft_roles(tensor: OutputTensor, op: str) -> tuple[str, ...]:
     """What a graft's segment op reads."""
     if op == "target" and tensor.check_sources_equal:
         return ("target_base", "source_base", "source_finetuned")
-    if op == "merge":  # a recipe's segment: every input it names
-        return tuple(tensor.sources)
+    if op == "merge":  # a recipe's segment: every input it names (a diff artifact's stored rows are not one)
+        return tuple(r for r in tensor.sources if not _stored_rows(tensor.sources, r))
     if op.startswith("finetuned."):  # a recipe's extra vocabulary rows, from one diff's fine-tune
         return (finetuned_role(int(op.partition(".")[2])),)
     return _ROLES_FOR_OP[op]
+
+
+def _stored_rows(sources: dict, role: str) -> bool:
+    """Whether `role` is a diff artifact's stored fine-tune rows (read by a `finetuned.<i>` segment alone)."""
+    if not role.startswith("source_finetuned."):
+        return False
+    return "delta." + role.partition(".")[2] in sources
 
 
 def graft_groups(plan: Plan, rows: dict[str, int] | None = None) -> list[tuple[bytes | None, list[Visit]]]:

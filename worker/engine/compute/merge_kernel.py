@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.compute.arithmetic import _FINITE_LIMIT, CHUNK, _finite
-from worker.engine.compute.tensor_stats import TensorStats, chunk_sums
+from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, delta_sums
 from worker.engine.methods import TRANSFORMS
 from worker.engine.methods.base import Chunk
 from worker.engine.planning.recipe_plan import DiffUse, MergeContext
@@ -47,7 +47,7 @@ class MergePiece:
     name: str
     out: torch.Tensor
     target: torch.Tensor
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    pairs: list[tuple[torch.Tensor | None, torch.Tensor]]  # (None, delta): a diff artifact
     start: int
     compute: torch.dtype
     stats: TensorStats
@@ -80,13 +80,15 @@ class MergeKernel:
         bases: dict[int, torch.Tensor] = {}  # diffs of one base share its conversion
         deltas = []
         for k, ((s, f), use) in enumerate(zip(p.pairs, uses, strict=True)):
-            base = bases.get(s.data_ptr())
-            if base is None:
-                base = bases[s.data_ptr()] = lend(f"base{len(bases)}").copy_(s[i:j])
             delta = lend(f"delta{k}").copy_(f[i:j])
-            delta.sub_(base)
+            if s is not None:  # a pair; a diff artifact gives its delta (s is None)
+                base = bases.get(s.data_ptr())
+                if base is None:
+                    base = bases[s.data_ptr()] = lend(f"base{len(bases)}").copy_(s[i:j])
+                delta.sub_(base)
             if k == 0:  # the manifest's proxies, from the first diff
-                p.stats.add_chunk(chunk_sums(acc, delta, torch.sub(base, acc, out=lend("tmp"))))
+                p.stats.add_chunk(chunk_sums(acc, delta, torch.sub(base, acc, out=lend("tmp"))) if s is not None
+                                  else delta_sums(acc, delta))
             self._transform(delta, use, Chunk(p.start + i, lend, self.merge.rows.get(p.name, 1), use.key,
                                               use.stats))
             deltas.append(delta)

@@ -18,6 +18,7 @@ import torch
 
 from worker.engine.compute.blocks import Block, Piece
 from worker.engine.errors import GraftCancelled
+from worker.engine.planning.options import base_role, delta_role, finetuned_role
 from worker.engine.storage.buffers import BufferPool
 from worker.engine.storage.safetensors_format import DTYPES
 from worker.engine.storage.stores import Store
@@ -129,6 +130,21 @@ def one_compute_thread(device: torch.device) -> int:
 def view_of(buffers: list, ref: tuple[int, int], dtype: str, count: int) -> torch.Tensor:
     idx, offset = ref
     return torch.frombuffer(buffers[idx], dtype=DTYPES[dtype], count=count, offset=offset)
+
+
+def diff_roles(sources: dict, index: int) -> tuple[str, ...]:
+    """What diff `index` of a piece reads: its (base, fine-tune), or a diff artifact's decoded delta alone."""
+    role = delta_role(index)
+    return (role,) if role in sources else (base_role(index), finetuned_role(index))
+
+
+def pair_views(buffers: list, piece: Piece, index: int, count: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Diff `index`'s inputs in one piece: (base, fine-tune), or (None, delta) for a diff artifact, whose delta
+    is the float32 (float64) difference the pair's would be, formed at extraction."""
+    sources = piece.tensor.sources
+    roles = diff_roles(sources, index)
+    views = [view_of(buffers, piece.reads[r], sources[r].dtype, count) for r in roles]
+    return (None, views[0]) if len(views) == 1 else (views[0], views[1])
 
 
 def run_pass(blocks: list[Block], reading: Reading, visitor: Visitor, *, output: Output | None = None,

@@ -12,9 +12,8 @@ import torch
 
 from worker.engine.compute.blocks import Piece, Visit, build_blocks
 from worker.engine.compute.merge_kernel import Scratch, chunk_step
-from worker.engine.compute.passes import Reading, run_pass, view_of
+from worker.engine.compute.passes import Reading, diff_roles, pair_views, run_pass
 from worker.engine.methods.base import Statistic, schedule
-from worker.engine.planning.options import base_role, finetuned_role
 from worker.engine.planning.plan import Plan, Segment
 from worker.engine.planning.recipe_plan import MergeContext
 from worker.engine.storage.safetensors_format import DTYPES
@@ -46,8 +45,7 @@ class StatisticsVisitor:
         """Chunk by chunk in element order, the deltas of `diffs` to the statistics that read them."""
         tensor, uses = piece.tensor, self.merge.uses[piece.tensor.name]
         count = piece.stop - piece.start
-        pairs = {k: tuple(view_of(buffers, piece.reads[r], tensor.sources[r].dtype, count)
-                          for r in (base_role(uses[k].index), finetuned_role(uses[k].index))) for k in diffs}
+        pairs = {k: pair_views(buffers, piece, uses[k].index, count) for k in diffs}
         compute = DTYPES[tensor.compute_dtype]
         step = chunk_step(self.merge.rows.get(tensor.name, 0))
         for i in range(0, count, step):
@@ -56,7 +54,7 @@ class StatisticsVisitor:
             deltas = {}
             for k, (s, f) in pairs.items():
                 delta = lend(f"delta{k}").copy_(f[i:i + m])
-                deltas[k] = delta.sub_(lend("base").copy_(s[i:i + m]))
+                deltas[k] = delta if s is None else delta.sub_(lend("base").copy_(s[i:i + m]))
             for stat, read in members:
                 stat.add(read, deltas, piece.start + i, lend)
 
@@ -69,7 +67,7 @@ def _visits(plan: Plan, merge: MergeContext, active: dict[str, list[tuple[Statis
             continue
         uses = merge.uses[tensor.name]
         wanted = sorted({k for stat, _read in active[tensor.name] for k in stat.diffs})
-        roles = tuple(r for k in wanted for r in (base_role(uses[k].index), finetuned_role(uses[k].index)))
+        roles = tuple(r for k in wanted for r in diff_roles(tensor.sources, uses[k].index))
         segments = [Segment("stat", s.start, s.stop) for s in tensor.segments if s.op == "merge"]
         visits.append(Visit(tensor, segments, roles=roles, unit="F32", rows=merge.rows.get(tensor.name, 0)))
     return visits

@@ -18,10 +18,9 @@ import torch
 from worker.engine.compute.arithmetic import Arithmetic
 from worker.engine.compute.blocks import Piece, build_blocks, graft_groups, graft_roles
 from worker.engine.compute.merge_kernel import MergeKernel, MergePiece
-from worker.engine.compute.passes import PassTotals, Reading, run_pass, view_of
+from worker.engine.compute.passes import PassTotals, Reading, pair_views, run_pass, view_of
 from worker.engine.compute.tensor_stats import TensorStats
 from worker.engine.errors import GraftError
-from worker.engine.planning.options import base_role, finetuned_role
 from worker.engine.planning.plan import Plan, Shard
 from worker.engine.planning.recipe_plan import MergeContext
 from worker.engine.storage.buffers import BufferPool
@@ -107,12 +106,14 @@ class ComputeVisitor:
         tensor, count, merge = piece.tensor, piece.stop - piece.start, self.merge
         src, uses = tensor.sources, merge.uses[tensor.name]
         target = view_of(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
-        pairs = [tuple(view_of(buffers, piece.reads[r], src[r].dtype, count)
-                       for r in (base_role(u.index), finetuned_role(u.index))) for u in uses]
+        pairs = [pair_views(buffers, piece, u.index, count) for u in uses]
         alpha = merge.plain_alpha(tensor.name)
         if alpha is not None:  # the plain transfer: its kernel, its bytes
             (s, f), = pairs
-            self.arithmetic.transfer(out_t, target, s, f, alpha, compute, self.stats[tensor.name])
+            if s is None:  # a diff artifact's delta: the same arithmetic from the delta on
+                self.arithmetic.apply_delta(out_t, target, f, alpha, compute, self.stats[tensor.name])
+            else:
+                self.arithmetic.transfer(out_t, target, s, f, alpha, compute, self.stats[tensor.name])
             uses[0].seen += count
             uses[0].kept += count
             return

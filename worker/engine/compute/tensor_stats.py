@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,12 @@ def chunk_sums(target: torch.Tensor, delta: torch.Tensor, base_minus_target: tor
     return torch.dot(delta, delta), torch.dot(target, target), torch.dot(c, c), torch.dot(c, delta)
 
 
+def delta_sums(target: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """chunk_sums of a diff artifact's delta, whose base is not at hand: the bases' terms stay zero (the
+    artifact's sketch estimates them: graft inspect --diff)."""
+    return torch.dot(delta, delta), torch.dot(target, target), 0.0, 0.0
+
+
 @dataclass
 class TensorStats:
     delta_sq: float = 0.0  # ||f - s||^2
@@ -32,6 +38,8 @@ class TensorStats:
     cross: float = 0.0  # <t - s, f - s>
     nonfinite: bool = False  # NaN or Inf in the output (a graft's)
     elements: int = 0  # elements summed (the inspection counts them)
+    # A diff artifact's: the stated bounds of the sketched sums (None: not estimable); absent for a pair.
+    sketch: dict | None = field(default_factory=dict)
 
     def add_chunk(self, sums, elements: int = 0) -> None:
         """Add chunk_sums' four dots."""
@@ -49,6 +57,17 @@ class TensorStats:
         self.cross += other.cross
         self.elements += other.elements
         self.nonfinite |= other.nonfinite
+
+    def _bounds(self, t: float, d: float, b: float) -> dict:
+        """The sketched figures' stated intervals (worker/engine/diffs/sketch.py: four standard deviations)."""
+        lo_sq, hi_sq = _bound_ratio(self.bases_sq, self.sketch["bases_sq_bound"])
+        out = {"bases_norm": [math.sqrt(lo_sq), math.sqrt(hi_sq)]}
+        if t:
+            out["bases_distance_ratio"] = [math.sqrt(lo_sq) / t, math.sqrt(hi_sq) / t]
+        if d and b:
+            half = self.sketch["cross_bound"]
+            out["cross"] = [self.cross - half, self.cross + half]
+        return out
 
     @property
     def finite(self) -> bool:
@@ -71,10 +90,19 @@ class TensorStats:
             return {"elements": self.elements, "nonfinite": True, **dict.fromkeys(
                 ("target_norm", "delta_norm", "bases_norm", *RATIOS))}
         t, d, b = math.sqrt(self.target_sq), math.sqrt(self.delta_sq), math.sqrt(self.bases_sq)
-        return {"elements": self.elements, "target_norm": t, "delta_norm": d, "bases_norm": b,
+        if self.sketch is None:  # a diff artifact's tensor its sketch does not cover: no bases' figures
+            return {"elements": self.elements, "target_norm": t, "delta_norm": d, "estimated": None,
+                    **dict.fromkeys(("bases_norm", "bases_distance_ratio", "bases_to_delta_ratio",
+                                     "cos_bases_delta")), "delta_ratio": d / t if t else None}
+        estimated = {"estimated": self._bounds(t, d, b)} if self.sketch else {}
+        return {**estimated, "elements": self.elements, "target_norm": t, "delta_norm": d, "bases_norm": b,
                 "bases_distance_ratio": b / t if t else None, "delta_ratio": d / t if t else None,
                 "bases_to_delta_ratio": b / d if d else None,
                 "cos_bases_delta": self.cross / (b * d) if b and d else None}
+
+
+def _bound_ratio(value: float, half: float) -> list[float]:
+    return [max(0.0, value - half), value + half]
 
 
 def connectivity_medians(rows: list[tuple[tuple[int, ...], TensorStats]]) -> dict:

@@ -48,7 +48,22 @@ def build_manifest(request: GraftRequest, models: dict[str, ResolvedModel], inpu
         "source_only": plan.source_only,
         "warnings": warnings,
         "stats": run_stats,
+        **_artifacts(models),
     }
+
+
+def _artifacts(models: dict[str, ResolvedModel]) -> dict:
+    """The diff artifacts the graft read, each with what identifies it and the pair it was extracted from."""
+    seen: dict[str, dict] = {}
+    for model in models.values():
+        artifact = model.artifact
+        if artifact is None or artifact.uri in seen:
+            continue
+        m = artifact.manifest
+        seen[artifact.uri] = {"uri": artifact.uri, "content_address": m.content_address, "encoding": m.encoding,
+                              "sources": {side: {"uri": s.uri, "revision": s.revision}
+                                          for side, s in m.sources.items()}}
+    return {"diff_artifacts": list(seen.values())} if seen else {}
 
 
 def model_card(request: GraftRequest, plan: Plan) -> str:

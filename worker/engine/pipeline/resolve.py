@@ -12,6 +12,7 @@ from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
 from worker.engine.pipeline.publish import storage_retry
 from worker.engine.planning.plan import Plan
+from worker.engine.planning.recipe import ARTIFACT_SIDES, artifact_input, split_artifact_input
 from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.model import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedModel, resolve_model
@@ -59,7 +60,9 @@ def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None
     first_role: dict[str, str] = {}
     for role, uri in uris.items():
         first_role.setdefault(uri, role)
-    with ThreadPoolExecutor(max_workers=min(8, len(first_role))) as pool:
+    artifacts = {a[0]: role for uri, role in first_role.items() if (a := split_artifact_input(uri)) is not None}
+    models = {uri: role for uri, role in first_role.items() if split_artifact_input(uri) is None}
+    with ThreadPoolExecutor(max_workers=min(8, len(models) + len(artifacts))) as pool:
         futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
                                      endpoint_url=settings.s3_endpoint_url,
                                      max_header_bytes=settings.max_header_bytes,
@@ -67,22 +70,44 @@ def resolve_inputs(request: GraftRequest, settings: EngineSettings | None = None
                                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                                      require_model_type=uri == uris["target_base"],
                                      side_files=_side_files_of(uri, uris, donor) if side_files else (),
-                                     retry=storage_retry(settings)) for uri, role in first_role.items()}
+                                     retry=storage_retry(settings)) for uri, role in models.items()}
+        opened = {uri: pool.submit(_open_artifact, uri, role, request, settings) for uri, role in artifacts.items()}
         resolved, errors = {}, []
         for role, future in futures.items():
             try:
                 resolved[uris[role]] = future.result()
             except BaseException as exc:
                 errors.append(exc)
+        for uri, future in opened.items():
+            try:
+                artifact = future.result()
+            except BaseException as exc:
+                errors.append(exc)
+                continue
+            for side in ARTIFACT_SIDES:
+                resolved[artifact_input(uri, side)] = artifact.model(side)
     if errors:
         close_models(resolved)
         raise errors[0]
     return {role: resolved[uri] for role, uri in uris.items()}
 
 
+def _open_artifact(uri: str, role: str, request: GraftRequest, settings: EngineSettings):
+    """A diff artifact of the recipe, checked (worker/engine/diffs/artifact.py), its field named as the recipe's
+    diff (diffs.<i>.diff)."""
+    from worker.engine.diffs.artifact import open_artifact
+    from worker.engine.storage.input_hashes import DigestCache
+
+    index = role.rpartition(".")[2] if "." in role else "0"
+    return open_artifact(uri, parse_uri(uri, field=f"diffs.{index}.diff"), endpoint_url=settings.s3_endpoint_url,
+                         max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                         allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                         retry=storage_retry(settings), digest_cache=DigestCache(settings.cache_dir or None))
+
+
 def close_models(models: dict[str, ResolvedModel]) -> None:
-    for model in {id(m): m for m in models.values()}.values():  # a model shared by several roles, once
-        model.store.close()
+    for store in {id(m.store): m.store for m in models.values()}.values():  # shared by several roles: once
+        store.close()
 
 
 def canonical_roles(models: dict[str, ResolvedModel]) -> dict[str, str]:

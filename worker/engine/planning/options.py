@@ -70,6 +70,11 @@ def finetuned_role(i: int) -> str:
     return f"source_finetuned.{i}"
 
 
+def delta_role(i: int) -> str:
+    """The role of a diff artifact's decoded delta (the i-th diff of a recipe, when it is an artifact)."""
+    return f"delta.{i}"
+
+
 @dataclass
 class GraftOptions:
     alpha: float = 1.0

@@ -25,7 +25,16 @@ import re
 from contextlib import contextmanager
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from worker.engine.errors import GraftError
@@ -90,13 +99,68 @@ def _as_validation_error():
         raise PydanticCustomError(err.code, err.message) from None
 
 
+ARTIFACT_SIDES = ("source_base", "source_finetuned")
+
+
+def artifact_input(uri: str, side: str) -> str:
+    """The input key a diff artifact stands in for one side of its source pair (`diff:<side>:<uri>`): resolved
+    as that side's recorded headers, read through the artifact (worker/engine/diffs)."""
+    return f"diff:{side}:{uri}"
+
+
+def split_artifact_input(key: str) -> tuple[str, str] | None:
+    """(artifact URI, side) of an artifact's input key; None for a model's URI."""
+    if not key.startswith("diff:"):
+        return None
+    side, _, uri = key[5:].partition(":")
+    return (uri, side) if side in ARTIFACT_SIDES and uri else None
+
+
 class Diff(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source_base: URI
-    source_finetuned: URI
+    """One diff: a source pair (finetuned - base), or a diff artifact extracted from one (`diff`), which stands
+    in for both: its `source_base` / `source_finetuned` are then the artifact's input keys, never shown."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["source_base", "source_finetuned"]}, {"required": ["diff"]}]})
+    source_base: URI | None = None
+    source_finetuned: URI | None = None
+    diff: URI | None = Field(None, description="a diff artifact (`graft diff extract`) in place of source_base and "
+                             "source_finetuned")
     weight: Weight = Field(1.0, description="a number, or a list interpolated over the layer index")
     transform: Transform | None = Field(None, description="applied to this diff before the merge (its numbers "
                                         "may be lists, interpolated over the layer index)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        artifact = data.get("diff")
+        if artifact is None:
+            missing = [k for k in ARTIFACT_SIDES if data.get(k) is None]
+            if missing:
+                raise ValueError(f"a diff is source_base and source_finetuned, or a diff artifact (diff); "
+                                 f"{' and '.join(missing)} missing")
+            return data
+        if not isinstance(artifact, str):
+            return data  # the field's own type check says so
+        data = dict(data)
+        for side in ARTIFACT_SIDES:
+            if data.get(side) not in (None, artifact_input(artifact, side)):
+                raise ValueError("a diff artifact (diff) replaces source_base and source_finetuned: give one or "
+                                 "the other")
+            data[side] = artifact_input(artifact, side)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _shown(self, handler) -> dict:
+        out = handler(self)
+        if self.diff is None:
+            out.pop("diff", None)
+        else:
+            for side in ARTIFACT_SIDES:
+                out.pop(side, None)
+        return out
 
 
 def _rule_says_something(schema: dict) -> None:
@@ -233,15 +297,18 @@ class Recipe(BaseModel):
         return self
 
     @classmethod
-    def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions) -> Recipe:
-        """Today's three fields and alpha as a one-diff recipe whose weight is alpha. GraftError naming the field
-        (as the three-field form calls it) when a URI is not one a recipe takes."""
+    def single(cls, source_base: str, source_finetuned: str, target_base: str, options: GraftOptions, *,
+               diff: str | None = None) -> Recipe:
+        """Today's three fields and alpha as a one-diff recipe whose weight is alpha (`diff`: a diff artifact in
+        place of the pair). GraftError naming the field (as the three-field form calls it) when a URI is not one
+        a recipe takes."""
         from pydantic import ValidationError
 
         opts = {k: v for k, v in options.to_dict().items() if k != "alpha"}
+        pair = {"diff": diff} if diff else {"source_base": source_base, "source_finetuned": source_finetuned}
         try:
-            return cls(target_base=target_base, diffs=[Diff(source_base=source_base, source_finetuned=source_finetuned,
-                                                            weight=options.alpha)], options=RecipeOptions(**opts))
+            return cls(target_base=target_base, diffs=[Diff(**pair, weight=options.alpha)],
+                       options=RecipeOptions(**opts))
         except ValidationError as exc:
             error = exc.errors()[0]
             field = str(error["loc"][-1]) if error["loc"] else "source_base"

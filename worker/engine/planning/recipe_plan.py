@@ -19,7 +19,7 @@ from worker.engine.methods import MERGES, TRANSFORMS
 from worker.engine.methods.base import Site, Statistic, make_statistics, schedule
 from worker.engine.methods.dare import draw_key
 from worker.engine.methods.statistics.magnitude_rank import MagnitudeRank
-from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
+from worker.engine.planning.options import GraftOptions, base_role, delta_role, finetuned_role
 from worker.engine.planning.plan import OutputTensor, Plan, Segment, build_plan
 from worker.engine.planning.recipe import Recipe, layer_position, rule_for, transform_at, weight_at
 from worker.engine.storage.model import ResolvedModel
@@ -114,6 +114,9 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
         # level), and the graft adds by name as it always has. A recipe's inputs must share the architecture.
         _check_architectures(recipe, models)
     plans = [build_plan(target, models[d.source_base], models[d.source_finetuned], options) for d in recipe.diffs]
+    for diff_plan, d in zip(plans, recipe.diffs, strict=True):
+        if d.diff is not None:
+            _read_through_artifact(diff_plan, models[d.source_finetuned].artifact)
     plan = plans[0]
     by_name = [{t.name: t for t in p.tensors} for p in plans]
     method = MERGES[recipe.merge.method]
@@ -140,6 +143,37 @@ def build_recipe_plan(recipe: Recipe, models: dict[str, ResolvedModel]) -> tuple
 
         check_vocabularies(recipe.tokenizer, models, plan.vocab.get("output_rows"))
     return plan, merge
+
+
+def _read_through_artifact(plan: Plan, artifact) -> None:
+    """A diff artifact's plan, made from its recorded headers as the pair's would be, then pointed at what the
+    artifact holds: transferred rows read its decoded delta (role delta.<i>, set per diff by _compose), a
+    fine-tune's extra rows its stored rows. Rows it does not hold refuse the graft here, before anything is
+    read; the non-float buffers the fine-tune changed were found at extraction and are said as warnings now."""
+    for tensor in plan.tensors:
+        if tensor.check_sources_equal:
+            tensor.check_sources_equal = False
+            tensor.sources = {"target_base": tensor.sources["target_base"]}
+            if tensor.name in artifact.changed_buffers:
+                plan.warnings.append({"code": "buffer_changed_by_finetune", "tensor": tensor.name, "message":
+                                      f"{tensor.name} is not a float tensor and differs between the sources; "
+                                      "the target's value was kept"})
+        if tensor.action == "copied":
+            continue
+        sources = {"target_base": tensor.sources["target_base"], "delta": artifact.delta_info(tensor.name)}
+        extra = [s for s in tensor.segments if s.op == "finetuned"]
+        if extra:
+            rows = artifact.rows_info(tensor.name)
+            row = math.prod(tensor.shape[1:])
+            first_needed = extra[0].start // max(1, row)
+            if rows is None or rows[1] > first_needed:
+                have = "none" if rows is None else f"rows from {rows[1]}"
+                raise GraftError("vocab_mismatch", f"{tensor.name}: the output takes the fine-tune's rows from "
+                                 f"{first_needed} (the target has fewer rows than the source base), and the "
+                                 f"diff artifact {artifact.uri} holds {have} (its rows past the source base's); "
+                                 "use vocab: target, or the source pair itself", {"tensor": tensor.name})
+            sources["finetuned"] = rows[0]
+        tensor.sources = sources
 
 
 def _check_method(recipe: Recipe, method) -> None:
@@ -211,8 +245,13 @@ def _compose(tensor: OutputTensor, per_diff: list[OutputTensor | None], recipe: 
     first = per_diff[contributing[0]]
     sources = {"target_base": tensor.sources["target_base"]}
     for i in contributing:
-        sources[base_role(i)] = per_diff[i].sources["source_base"]
-        sources[finetuned_role(i)] = per_diff[i].sources["source_finetuned"]
+        own = per_diff[i].sources
+        if recipe.diffs[i].diff is None:
+            sources[base_role(i)], sources[finetuned_role(i)] = own["source_base"], own["source_finetuned"]
+        else:  # an artifact (_read_through_artifact): its delta, and its fine-tune's extra rows if read
+            sources[delta_role(i)] = own["delta"]
+            if "finetuned" in own:
+                sources[finetuned_role(i)] = own["finetuned"]
     tensor.sources = sources
     tensor.segments = [Segment("merge", s.start, s.stop) if s.op == "transfer" else
                        Segment(f"finetuned.{contributing[0]}" if s.op == "finetuned" else s.op, s.start, s.stop)

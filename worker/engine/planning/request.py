@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.engine.planning.options import GraftOptions, base_role, finetuned_role
+from worker.engine.planning.options import GraftOptions, base_role, delta_role, finetuned_role
 from worker.engine.planning.recipe import Recipe
 
 
@@ -68,4 +68,6 @@ class GraftRequest:
         for i, diff in enumerate(self.recipe.diffs):
             roles[base_role(i)] = diff.source_base
             roles[finetuned_role(i)] = diff.source_finetuned
+            if diff.diff is not None:  # the artifact's decoded delta, read through its fine-tune's stand-in
+                roles[delta_role(i)] = diff.source_finetuned
         return roles

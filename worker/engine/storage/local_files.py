@@ -182,8 +182,10 @@ class LocalSink(Sink):
     of the temp directory) opened once: confined, the parent is checked on its descriptor, and no later
     swap of a path component for a symlink can move where the files land."""
 
-    def __init__(self, location: Location, confinement: Confinement | None = None) -> None:
+    def __init__(self, location: Location, confinement: Confinement | None = None, *,
+                 manifest_name: str | None = None) -> None:
         self.location = location
+        self.manifest_name = manifest_name or MANIFEST
         self.final = location.path
         try:
             occupied = os.path.exists(self.final) and (not os.path.isdir(self.final) or bool(os.listdir(self.final)))
@@ -228,7 +230,7 @@ class LocalSink(Sink):
         return _LocalWriter(name, self._dir_fd, expected_size, self._io)
 
     def commit(self, manifest: bytes) -> str:
-        self.put(MANIFEST, manifest)
+        self.put(self.manifest_name, manifest)
         self._io.shutdown(wait=True)
         final_name = os.path.basename(self.final)
         try:
@@ -241,7 +243,7 @@ class LocalSink(Sink):
         except OSError as exc:
             raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
         self._close_fds()
-        return f"file://{os.path.join(self.final, MANIFEST)}"
+        return f"file://{os.path.join(self.final, self.manifest_name)}"
 
     def _close_fds(self) -> None:
         for fd in (self._dir_fd, self._parent_fd):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from worker.engine.errors import GraftError
 from worker.engine.storage.faults import StorageRetry
@@ -30,6 +31,20 @@ TOKENIZER_FILES = (
 )
 
 
+class StoredDiff(Protocol):
+    """What planning asks of a diff artifact (worker/engine/diffs/artifact.py implements it)."""
+
+    uri: str
+    changed_buffers: set[str]  # non-float tensors the fine-tune changed (the target's are kept, as ever)
+
+    def delta_info(self, name: str) -> TensorInfo | None:
+        """The decoded delta of a tensor (its rows the sources share), as a virtual tensor of the artifact."""
+
+    def rows_info(self, name: str) -> tuple[TensorInfo, int] | None:
+        """The fine-tune's rows past its base's (its added vocabulary) as a virtual tensor whose element indices
+        are the fine-tune's own, and the first row it holds; None when it holds none."""
+
+
 @dataclass
 class ResolvedModel:
     role: str
@@ -39,6 +54,9 @@ class ResolvedModel:
     weight_files: list[str]
     metadata: dict[str, dict] = field(default_factory=dict)
     side_files: dict[str, bytes] = field(default_factory=dict)  # fetched while resolving (see resolve_model)
+    # A side of a diff artifact's source pair: its recorded headers, and the artifact (worker/engine/diffs) that
+    # serves the decoded delta and the fine-tune's extra rows in place of the two models' tensors.
+    artifact: StoredDiff | None = None
 
     @property
     def uri(self) -> str:

@@ -119,8 +119,10 @@ class S3Sink(Sink):
     file, so abort() removes it even when a request's answer was lost."""
 
     def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
-                 parts_in_flight: int = 8, writer: str | None = None, retry: StorageRetry | None = None) -> None:
+                 parts_in_flight: int = 8, writer: str | None = None, retry: StorageRetry | None = None,
+                 manifest_name: str | None = None) -> None:
         self.location = location
+        self.manifest_name = manifest_name or MANIFEST
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.retry = retry or StorageRetry()
@@ -148,8 +150,9 @@ class S3Sink(Sink):
                                stop=self._stop if stoppable else None)
 
     def _claim(self) -> None:
-        if self._exists(MANIFEST):
-            raise GraftError("output_exists", f"{self.location} already holds a committed graft")
+        for name in dict.fromkeys((MANIFEST, self.manifest_name)):
+            if self._exists(name):
+                raise GraftError("output_exists", f"{self.location} already holds a committed output ({name})")
         if self._exists(PENDING):
             other = self._pending_writer()
             if other != self.writer:
@@ -293,7 +296,7 @@ class S3Sink(Sink):
 
     def commit(self, manifest: bytes) -> str:
         self._wait_deferred()
-        key = self.key(MANIFEST)
+        key = self.key(self.manifest_name)
         try:
             self._abort_strays()
             self._manifest = manifest
@@ -336,7 +339,8 @@ class S3Sink(Sink):
     def _manifest_is(self, manifest: bytes, retried: bool = False) -> bool:
         def attempt() -> bool:
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.key(MANIFEST))["Body"].read() == manifest
+                key = self.key(self.manifest_name)
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read() == manifest
             except ClientError as exc:
                 if error_code(exc) in ("404", "NoSuchKey"):
                     return False
@@ -360,7 +364,7 @@ class S3Sink(Sink):
         self._finisher.shutdown(wait=True, cancel_futures=True)
         if self._manifest is not None and self._manifest_is(self._manifest, retried=True):
             # Our manifest PUT landed though no answer said so: it goes first, or it would name deleted files.
-            self._delete_keys([self.key(MANIFEST)])
+            self._delete_keys([self.key(self.manifest_name)])
         with self._lock:
             uploads, keys = set(self._uploads.items()), set(self._keys)
         if keys:

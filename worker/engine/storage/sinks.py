@@ -90,11 +90,13 @@ class Sink(ABC):
 
 def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
               parts_in_flight: int = 8, writer: str | None = None, allowed_roots: list[str] | None = None,
-              denied_roots: list[str] | None = None, retry: StorageRetry | None = None) -> Sink:
+              denied_roots: list[str] | None = None, retry: StorageRetry | None = None,
+              manifest_name: str | None = None) -> Sink:
     """The sink of `location`'s scheme. `allowed_roots`/`denied_roots` confine a local output (see
     stores.Confinement); None: unconfined. `part_bytes`, `parts_in_flight`: an S3 output's multipart uploads."""
     access = Access(endpoint_url=endpoint_url, retry=retry, allowed_roots=allowed_roots, denied_roots=denied_roots,
-                    part_bytes=part_bytes, parts_in_flight=parts_in_flight, writer=writer)
+                    part_bytes=part_bytes, parts_in_flight=parts_in_flight, writer=writer,
+                    manifest_name=manifest_name)
     return schemes.get(location.scheme).open_sink(location, access)
 
 

@@ -20,7 +20,9 @@ from worker.engine.compute.arithmetic import CHUNK
 from worker.engine.compute.blocks import Piece, Visit, build_blocks
 from worker.engine.compute.passes import PassTotals, Reading, run_pass, view_of
 from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, connectivity_medians
-from worker.engine.planning.options import base_role, finetuned_role
+from worker.engine.diffs.artifact import read_sketch
+from worker.engine.diffs.sketch import Sketcher, estimates
+from worker.engine.planning.options import base_role, delta_role, finetuned_role
 from worker.engine.planning.plan import Plan, Segment
 from worker.engine.planning.recipe import LAYER_INDEX
 from worker.engine.storage.model import ResolvedModel
@@ -44,13 +46,14 @@ def diff_pairs(plan: Plan, name: str) -> list[tuple[int, str, str]]:
 
 def weights_visits(plan: Plan) -> list[Visit]:
     """The part of a graft's plan that takes a diff: every input each such segment names is read, nothing else
-    (copied tensors and a fine-tune's extra rows are skipped). Blocks count the output's dtype: they hold
-    what a graft's blocks hold."""
+    (copied tensors and a fine-tune's extra rows are skipped; a diff artifact's delta is not decoded: its
+    sketch and sums stand in). Blocks count the output's dtype: they hold what a graft's blocks hold."""
     visits = []
     for t in plan.tensors:
         segments = [Segment("stat", s.start, s.stop) for s in t.segments if s.op in ("transfer", "merge")]
         if segments and diff_pairs(plan, t.name):
-            visits.append(Visit(t, segments, roles=tuple(t.sources)))
+            roles = tuple(r for r in t.sources if not r.startswith("delta."))
+            visits.append(Visit(t, segments, roles=roles))
     return visits
 
 
@@ -86,18 +89,33 @@ class _Accumulator:
 class _WeightsVisitor:
     def __init__(self, plan: Plan, sums: dict[str, dict[int, TensorStats]]) -> None:
         self.plan, self.sums, self.acc = plan, sums, _Accumulator()
+        self.target_sketches: dict[str, Sketcher] = {}  # tensors a diff artifact takes: the target's sketch
 
     def visit(self, piece: Piece, buffers: list[memoryview], out: memoryview | None) -> None:
         tensor = piece.tensor
         count = piece.stop - piece.start
         src = tensor.sources
         t = view_of(buffers, piece.reads["target_base"], src["target_base"].dtype, count)
-        pairs, slots = [], []
+        pairs, slots, stored = [], [], []
         for index, b_role, f_role in diff_pairs(self.plan, tensor.name):
+            if delta_role(index) in src:
+                stored.append(self.sums[tensor.name][index])
+                continue
             pairs.append((view_of(buffers, piece.reads[b_role], src[b_role].dtype, count),
                           view_of(buffers, piece.reads[f_role], src[f_role].dtype, count)))
             slots.append(self.sums[tensor.name][index])
         self.acc.piece(t, pairs, DTYPES[tensor.compute_dtype], slots)
+        if stored:
+            tc = t.to(DTYPES[tensor.compute_dtype])
+            sketcher = self.target_sketches.get(tensor.name)
+            if sketcher is None:
+                numel = src[next(r for r in src if r.startswith("delta."))].numel
+                sketcher = self.target_sketches[tensor.name] = Sketcher(tensor.name, numel)
+            sketcher.add(piece.start, tc)
+            target_sq = float(torch.dot(tc, tc))
+            for slot in stored:
+                slot.target_sq += target_sq
+                slot.elements += count
 
 
 def weights_pass(plan: Plan, stores: dict[str, Store], canon: dict[str, str], *, block_bytes: int,
@@ -110,8 +128,32 @@ def weights_pass(plan: Plan, stores: dict[str, Store], canon: dict[str, str], *,
     totals = PassTotals(tensors_total=len(visits))
     sums = {v.tensor.name: {i: TensorStats() for i, _b, _f in diff_pairs(plan, v.tensor.name)} for v in visits}
     reading = Reading(stores, canon, torch.device("cpu"), block_bytes, prefetch, io_threads, should_cancel)
-    run_pass(blocks, reading, _WeightsVisitor(plan, sums), on_block=on_block, totals=totals)
+    visitor = _WeightsVisitor(plan, sums)
+    run_pass(blocks, reading, visitor, on_block=on_block, totals=totals)
+    _from_sketches(plan, stores, sums, visitor.target_sketches)
     return sums, totals
+
+
+def _from_sketches(plan: Plan, stores: dict[str, Store], sums: dict[str, dict[int, TensorStats]],
+                   targets: dict[str, Sketcher]) -> None:
+    """A diff artifact's sums: ||d||^2 as extracted, ||t - s||^2 and <t - s, d> estimated from the target's sketch
+    and the artifact's (worker/engine/diffs/sketch.py), each with the half-width of its stated bound. A tensor
+    whose transferred elements are not the sketched ones (a target with fewer vocabulary rows) has none."""
+    for name, per in sums.items():
+        tensor = next(t for t in plan.tensors if t.name == name) if name in targets else None
+        for index, stats in per.items():
+            role = delta_role(index)
+            if tensor is None or role not in tensor.sources:
+                continue
+            figures = read_sketch(stores[role], name)
+            span = sum(s.stop - s.start for s in tensor.segments if s.op == "merge")
+            if figures is None or span != tensor.sources[role].numel:
+                stats.sketch = None
+                continue
+            base, delta, delta_sq = figures
+            est = estimates(targets[name].sketch, base, delta, span, delta_sq)
+            stats.delta_sq, stats.bases_sq, stats.cross = delta_sq, max(0.0, est["bases_sq"]), est["cross"]
+            stats.sketch = {"bases_sq_bound": est["bases_sq_bound"], "cross_bound": est["cross_bound"]}
 
 
 # --- summaries ------------------------------------------------------------------------------------------

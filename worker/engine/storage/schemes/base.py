@@ -98,6 +98,7 @@ class Access:
     part_bytes: int = 16 << 20
     parts_in_flight: int = 8
     writer: str | None = None
+    manifest_name: str | None = None  # the file committed last (None: a graft's graft-manifest.json)
 
 
 @dataclass(frozen=True)

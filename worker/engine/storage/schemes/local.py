@@ -49,7 +49,8 @@ class LocalScheme(Scheme):
         from worker.engine.storage.local_files import LocalSink
         from worker.engine.storage.stores import Confinement
 
-        return LocalSink(location, Confinement.of(access.allowed_roots, access.denied_roots))
+        return LocalSink(location, Confinement.of(access.allowed_roots, access.denied_roots),
+                         manifest_name=access.manifest_name)
 
     def ready(self, location: Location, endpoint_url: str | None) -> str:
         os.makedirs(location.path, exist_ok=True)

@@ -125,7 +125,8 @@ class S3Scheme(Scheme):
         from worker.engine.storage.s3_sink import S3Sink
 
         return S3Sink(location, endpoint_url=access.endpoint_url, part_bytes=access.part_bytes,
-                      parts_in_flight=access.parts_in_flight, writer=access.writer, retry=access.retry)
+                      parts_in_flight=access.parts_in_flight, writer=access.writer, retry=access.retry,
+                      manifest_name=access.manifest_name)
 
     def ready(self, location: Location, endpoint_url: str | None) -> str:
         from worker.engine.storage.s3 import s3_client

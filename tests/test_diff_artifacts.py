@@ -1,0 +1,184 @@
+"""Diff artifacts end to end: extracted once from a source pair, applied to a target as a recipe's diff. `exact`
+writes byte for byte what the three-model graft writes (local and S3, both vocabulary policies, tied and
+untied); a lossy encoding's graft is the target plus its decoded delta, checked against a float64 reference of
+the encoding written here; a damaged or incomplete artifact is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from graft_helpers import load_dir, settings
+
+from worker.devtools.sample_models import make_trio
+from worker.engine import GraftOptions, GraftRequest, run_graft
+from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+from worker.engine.errors import GraftError
+from worker.engine.pipeline.diff_extract import extract_diff
+from worker.engine.planning.recipe import Recipe
+
+SIDE = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+        "special_tokens_map.json", "chat_template.jinja")
+
+
+def extract(trio: dict, out, encoding="exact", **overrides):
+    spec = DiffExtract(source_base=trio["source_base"], source_finetuned=trio["source_finetuned"], encoding=encoding)
+    return extract_diff(DiffExtractRequest(spec, str(out)), settings(**overrides))
+
+
+def apply(diff: str, target: str, out, *, alpha: float = 1.0, **options):
+    recipe = Recipe.single("", "", target, GraftOptions(alpha=alpha, **options), diff=diff)
+    warnings: list[dict] = []
+    result = run_graft(GraftRequest(recipe, str(out)), settings=settings(), warn=warnings.append)
+    return result, warnings
+
+
+def three_model(trio: dict, out, *, alpha: float = 1.0, **options):
+    request = GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"], str(out),
+                                  GraftOptions(alpha=alpha, **options))
+    warnings: list[dict] = []
+    return run_graft(request, settings=settings(), warn=warnings.append), warnings
+
+
+def same_files(a: str, b: str) -> list[str]:
+    """The checkpoint's files (shards, index, side files) that differ between two outputs."""
+    names = sorted(n for n in os.listdir(a) if n.endswith(".safetensors") or n.endswith(".index.json")
+                   or n in SIDE)
+    assert names == sorted(n for n in os.listdir(b) if n in names or n.endswith(".safetensors"))
+    differ = []
+    for name in names:
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            if fa.read() != fb.read():
+                differ.append(name)
+    return differ
+
+
+@pytest.fixture(scope="module")
+def tied_trio(tmp_path_factory):
+    return make_trio(str(tmp_path_factory.mktemp("tied")), tied=(True, True, True), shards=(2, 1, 2))
+
+
+@pytest.mark.parametrize("vocab", ["extend", "target"])
+@pytest.mark.parametrize("tying", ["untied", "tied"])
+def test_exact_artifact_writes_the_three_model_bytes(trio, tied_trio, tmp_path, vocab, tying, one_torch_thread):
+    models = trio if tying == "untied" else tied_trio
+    artifact = extract(models, tmp_path / "diff")
+    assert os.path.exists(tmp_path / "diff" / "diff-manifest.json")
+    applied, warned = apply(str(tmp_path / "diff"), models["target_base"], tmp_path / "applied", alpha=0.75,
+                            vocab=vocab)
+    reference, ref_warned = three_model(models, tmp_path / "ref", alpha=0.75, vocab=vocab)
+    assert same_files(str(tmp_path / "applied"), str(tmp_path / "ref")) == []
+    assert applied.manifest["plan"] == reference.manifest["plan"]
+    assert {(w["code"], w.get("tensor")) for w in warned} >= {(w["code"], w.get("tensor")) for w in ref_warned
+                                                               if w["code"] != "weak_connectivity"}
+    totals = artifact.manifest["totals"]
+    # Lossless, and no larger than the fine-tune's own weights (bf16 deltas in float32, shuffled and compressed).
+    assert totals["rel_frobenius"] == 0.0 and totals["max_abs"] == 0.0
+    assert totals["encoded_bytes"] <= totals["finetuned_bytes"]
+
+
+def test_exact_artifact_on_s3_writes_the_three_model_bytes(trio, tmp_path, s3_bucket, s3_endpoint, one_torch_thread,
+                                                          monkeypatch):
+    from conftest import upload_dir
+
+    monkeypatch.setenv("GRAFT_S3_ENDPOINT_URL", s3_endpoint)
+    remote = {role: upload_dir(s3_endpoint, path, s3_bucket, role) for role, path in trio.items()}
+    spec = DiffExtract(source_base=remote["source_base"], source_finetuned=remote["source_finetuned"])
+    extract_diff(DiffExtractRequest(spec, f"s3://{s3_bucket}/diff"), settings())
+    recipe = Recipe.single("", "", remote["target_base"], GraftOptions(alpha=1.0), diff=f"s3://{s3_bucket}/diff")
+    run_graft(GraftRequest(recipe, str(tmp_path / "applied")), settings=settings())
+    three_model(trio, tmp_path / "ref")
+    assert same_files(str(tmp_path / "applied"), str(tmp_path / "ref")) == []
+
+
+def _delta(trio: dict, name: str) -> np.ndarray:
+    base, ft = load_dir(trio["source_base"]), load_dir(trio["source_finetuned"])
+    rows = base[name].shape[0]
+    return (ft[name][:rows].double() - base[name].double()).numpy()
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).float().to(torch.bfloat16).double().numpy()
+
+
+def _int8(x: np.ndarray) -> np.ndarray:
+    m = x.reshape(x.shape[0], -1)
+    scale = np.abs(m).max(axis=1, keepdims=True) / 127.0
+    scale32 = scale.astype(np.float32).astype(np.float64)
+    q = np.clip(np.round(np.divide(m, scale32, out=np.zeros_like(m), where=scale32 > 0)), -127, 127)
+    return (q * scale32).reshape(x.shape)
+
+
+def _sparse(x: np.ndarray, density: float) -> np.ndarray:
+    flat = x.reshape(-1)
+    k = int(np.ceil(density * flat.size))
+    keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+    out = np.zeros_like(flat)
+    scale = np.abs(flat[keep]).mean() if k else 0.0
+    out[keep] = np.sign(flat[keep]) * scale
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("encoding,reference,tolerance", [
+    ("bf16", _bf16, 0.0), ("int8", _int8, 1e-6), ({"encoding": "sparse", "density": 0.25},
+                                                 lambda x: _sparse(x, 0.25), 1e-5)])
+def test_lossy_artifact_grafts_the_target_plus_its_decoded_delta(trio, tmp_path, encoding, reference, tolerance,
+                                                                  one_torch_thread):
+    extract(trio, tmp_path / "diff", encoding)
+    apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "out", vocab="target")
+    out, target = load_dir(str(tmp_path / "out")), load_dir(trio["target_base"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = target[name].double().numpy() + reference(_delta(trio, name))
+    got = out[name].double().numpy()
+    ulp = np.abs(expected) * 2.0 ** -7 + 1e-30  # one rounding to bf16, plus the decoded delta's own float32
+    assert np.all(np.abs(got - expected) <= ulp + tolerance * np.abs(expected).max())
+
+
+def test_a_damaged_or_incomplete_artifact_is_refused_before_anything_is_written(trio, tmp_path, one_torch_thread):
+    extract(trio, tmp_path / "diff")
+    shard = next(n for n in os.listdir(tmp_path / "diff") if n.startswith("diff-") and n.endswith(".safetensors"))
+    with open(tmp_path / "diff" / shard, "r+b") as fh:
+        fh.seek(-3, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-3, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(GraftError) as err:
+        apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "out")
+    assert err.value.code == "invalid_diff" and "sha256" in err.value.message
+    assert not os.path.exists(tmp_path / "out")
+    os.remove(tmp_path / "diff" / "diff-manifest.json")
+    with pytest.raises(GraftError) as err:
+        apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "out")
+    assert err.value.code == "invalid_diff" and "diff-manifest.json" in err.value.message
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_artifact_manifest_records_provenance_and_errors(trio, tmp_path, one_torch_thread):
+    result = extract(trio, tmp_path / "diff", {"encoding": "sparse", "density": 0.1})
+    with open(tmp_path / "diff" / "diff-manifest.json") as fh:
+        manifest = json.load(fh)
+    assert manifest == result.manifest
+    assert manifest["sources"]["source_base"]["uri"].endswith("source_base")
+    assert all("sha256" in f for f in manifest["sources"]["source_finetuned"]["files"].values())
+    name = "model.layers.0.mlp.down_proj.weight"
+    entry = manifest["tensors"][name]
+    d = _delta(trio, name)
+    expected = np.linalg.norm(d - _sparse(d, 0.1)) / np.linalg.norm(d)
+    assert entry["rel_frobenius"] == pytest.approx(expected, rel=1e-4)
+    assert entry["norms"]["delta_sq"] == pytest.approx(float((d * d).sum()), rel=1e-6)
+    assert manifest["content_address"].startswith("sha256:")
+    # The same pair, the same encoding: the same content address.
+    again = extract(trio, tmp_path / "again", {"encoding": "sparse", "density": 0.1})
+    assert again.manifest["content_address"] == manifest["content_address"]
+
+
+def test_an_encoding_parameter_out_of_range_is_refused():
+    from pydantic import ValidationError
+
+    for bad in ({"encoding": "sparse", "density": 0}, {"encoding": "sparse", "density": 1.5},
+                {"encoding": "lowrank", "rank": 0}, {"encoding": "bf16", "density": 0.1}, {"encoding": "zip"}):
+        with pytest.raises(ValidationError):
+            DiffExtract(source_base="/a", source_finetuned="/b", encoding=bad)

@@ -1,0 +1,296 @@
+"""Reading a diff artifact: its manifest checked, its shards checked against their sha256 before anything is
+planned, and the artifact presented to the planner as the two sides of the source pair it was extracted from
+(their recorded headers and configs), whose transferred tensors read the decoded delta and whose fine-tune's
+extra rows read the stored rows, through one store (ArtifactStore) that decodes on the reader's threads.
+
+The format is README's "Diff artifacts" section; `DiffManifest` is its schema."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.engine.diffs.artifact_writer import entry_name
+from worker.engine.diffs.encodings import ENCODINGS
+from worker.engine.errors import GraftError
+from worker.engine.storage.faults import StorageRetry
+from worker.engine.storage.lanes import RemoteReads
+from worker.engine.storage.local_files import LocalStore
+from worker.engine.storage.model import ResolvedModel, _read_header
+from worker.engine.storage.safetensors_format import DTYPES, TensorInfo, itemsize, load_json
+from worker.engine.storage.stores import Store, open_store
+from worker.engine.storage.uris import Location
+
+DIFF_MANIFEST = "diff-manifest.json"
+FORMAT = "graft-diff/1"
+DELTA_FILE = "delta/"  # virtual files of the ArtifactStore: "delta/<tensor>", "rows/<tensor>"
+ROWS_FILE = "rows/"
+HASH_CHUNK = 8 << 20
+
+Count = Annotated[int, Field(ge=0, le=1 << 62)]
+Shape = Annotated[list[Count], Field(max_length=64)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecordedTensor(_Strict):
+    """A source tensor's header entry, as resolved at extraction."""
+
+    dtype: Literal[tuple(DTYPES)]  # type: ignore[valid-type]
+    shape: Shape
+    file: str = Field(max_length=1024)
+    start: Count
+    end: Count
+
+
+class RecordedSource(_Strict):
+    uri: str
+    revision: str | None = None
+    config: dict
+    files: dict[str, dict]  # name -> {"size", "sha256"?, ...}: the InputHasher's record
+    weight_files: list[str]
+    tensors: dict[str, RecordedTensor]
+
+
+class StoredRows(_Strict):
+    """The fine-tune's rows past its base's: rows [first_row, first_row + rows) of the fine-tune."""
+
+    first_row: Count
+    rows: Count
+    dtype: Literal[tuple(DTYPES)]  # type: ignore[valid-type]
+
+
+class StoredTensor(_Strict):
+    shape: Shape  # of the delta: the rows base and fine-tune share
+    compute: Literal["F32", "F64"]
+    stored: str  # the encoding that holds it (the artifact's, or exact where that one does not apply)
+    meta: dict
+    parts: list[str]
+    shard: str
+    encoded_bytes: Count
+    rel_frobenius: float | None
+    max_abs: float | None
+    extra: dict = Field(default_factory=dict)
+    norms: dict[str, float]  # delta_sq, base_sq, base_delta: float64 sums over the delta's elements
+    sketch: bool = True
+    rows: StoredRows | None = None
+
+
+class ShardRecord(_Strict):
+    path: str = Field(max_length=255)
+    size: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DiffManifest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # reports (totals, stats, warnings) are the writer's to add to
+    format: Literal["graft-diff/1"]
+    encoding: dict
+    sources: dict[Literal["source_base", "source_finetuned"], RecordedSource]
+    tensors: dict[str, StoredTensor]
+    shards: list[ShardRecord]
+    changed_buffers: list[str] = Field(default_factory=list)
+    content_address: str
+
+
+def _invalid(uri: str, message: str) -> GraftError:
+    return GraftError("invalid_diff", f"{uri}: {message}", {"diff": uri})
+
+
+def read_manifest(store: Store, uri: str) -> DiffManifest:
+    if not store.exists(DIFF_MANIFEST):
+        raise _invalid(uri, f"no {DIFF_MANIFEST}: not a diff artifact, or one whose extraction did not finish")
+    raw = load_json(store.read_bytes(DIFF_MANIFEST), f"{uri}/{DIFF_MANIFEST}", "invalid_diff", unique_keys=True)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise _invalid(uri, f"{DIFF_MANIFEST} is not a {FORMAT} manifest (format {found!r})")
+    try:
+        return DiffManifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise _invalid(uri, f"{DIFF_MANIFEST}: {where}: {err['msg']}") from None
+
+
+def _digest(store: Store, name: str, size: int, cache) -> str:
+    if cache is not None and isinstance(store, LocalStore):
+        return cache.digest(store.path(name))
+    sha = hashlib.sha256()
+    for start in range(0, size, HASH_CHUNK):
+        sha.update(store.read_range(name, start, min(HASH_CHUNK, size - start)))
+    return sha.hexdigest()
+
+
+def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None) -> None:
+    """Every shard the manifest names is there with its size and sha256 (`cache`: a DigestCache for local
+    files, so applying one artifact to many bases hashes it once)."""
+    for shard in manifest.shards:
+        if "/" in shard.path or not store.exists(shard.path):
+            raise _invalid(uri, f"shard {shard.path!r} named by the manifest is missing")
+        if store.size(shard.path) != shard.size:
+            raise _invalid(uri, f"shard {shard.path}: {store.size(shard.path)} bytes, the manifest says {shard.size}")
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(manifest.shards)))) as pool:
+        digests = list(pool.map(lambda s: _digest(store, s.path, s.size, cache), manifest.shards))
+    if cache is not None:
+        cache.save()
+    for shard, digest in zip(manifest.shards, digests, strict=True):
+        if digest != shard.sha256:
+            raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since extraction)")
+
+
+class _EntryReader:
+    """PartReader (encodings/base.py) of one tensor: ranged reads of its parts' entries."""
+
+    def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str) -> None:
+        self.store, self.entries, self.tensor = store, entries, tensor
+
+    def _entry(self, name: str) -> TensorInfo:
+        info = self.entries.get(entry_name(self.tensor, name))
+        if info is None:
+            raise GraftError("invalid_diff", f"{self.tensor}: part {name} is not in its shard")
+        return info
+
+    def nbytes(self, name: str) -> int:
+        return self._entry(name).nbytes
+
+    def read(self, name: str, start: int, length: int) -> memoryview:
+        info = self._entry(name)
+        if start < 0 or start + length > info.nbytes:
+            raise GraftError("invalid_diff", f"{self.tensor}: part {name} is shorter than its encoding says")
+        return memoryview(self.store.read_range(info.file, info.start + start, length))
+
+
+class ArtifactStore(Store):
+    """The artifact's files as they are (its side files, shards and manifest), and its virtual ones: the decoded
+    delta of a tensor (`delta/<tensor>`, the compute dtype) and its stored rows (`rows/<tensor>`)."""
+
+    def __init__(self, inner: Store, manifest: DiffManifest, entries: dict[str, TensorInfo]) -> None:
+        self.inner, self.manifest, self.entries = inner, manifest, entries
+        self.location, self.revision = inner.location, inner.revision
+        self._closed = False
+
+    def list_files(self) -> dict[str, int]:
+        return dict(self.inner.files)
+
+    def fingerprint(self, name: str) -> dict:
+        return self.inner.fingerprint(name)
+
+    def path(self, name: str) -> str:
+        return self.inner.path(name)
+
+    def read_into(self, name: str, start: int, view: memoryview) -> None:
+        if name.startswith(DELTA_FILE):
+            return self._decode(name[len(DELTA_FILE):], start, view)
+        if name.startswith(ROWS_FILE):
+            tensor = name[len(ROWS_FILE):]
+            info = self.entries[entry_name(tensor, "rows")]
+            if start < 0 or start + len(view) > info.nbytes:
+                raise GraftError("invalid_diff", f"{tensor}: the stored rows are shorter than the manifest says")
+            return self.inner.read_into(info.file, info.start + start, view)
+        return self.inner.read_into(name, start, view)
+
+    def _decode(self, tensor: str, start: int, view: memoryview) -> None:
+        entry = self.manifest.tensors[tensor]
+        dtype = DTYPES[entry.compute]
+        size = dtype.itemsize
+        out = torch.frombuffer(view, dtype=dtype, count=len(view) // size) if len(view) else torch.empty(0, dtype=dtype)
+        ENCODINGS[entry.stored].decode_into(_EntryReader(self.inner, self.entries, tensor), entry.meta,
+                                            tuple(entry.shape), start // size, out)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.inner.close()
+
+
+class Artifact:
+    """A resolved diff artifact: StoredDiff (storage/model.py) for the planner, and the two stand-in models."""
+
+    def __init__(self, uri: str, store: ArtifactStore) -> None:
+        self.uri, self.store, self.manifest = uri, store, store.manifest
+        self.changed_buffers = set(self.manifest.changed_buffers)
+
+    def delta_info(self, name: str) -> TensorInfo | None:
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            return None
+        nbytes = math.prod(entry.shape) * itemsize(entry.compute)
+        return TensorInfo(name, DELTA_FILE + name, entry.compute, tuple(entry.shape), 0, nbytes)
+
+    def rows_info(self, name: str) -> tuple[TensorInfo, int] | None:
+        entry = self.manifest.tensors.get(name)
+        if entry is None or entry.rows is None:
+            return None
+        rows = entry.rows
+        row = math.prod(entry.shape[1:])
+        size = itemsize(rows.dtype)
+        start = -rows.first_row * row * size  # so that the fine-tune's element e is at byte e * size
+        shape = (rows.first_row + rows.rows, *entry.shape[1:])
+        return TensorInfo(name, ROWS_FILE + name, rows.dtype, shape, start, start + math.prod(shape) * size), \
+            rows.first_row
+
+    def model(self, side: str) -> ResolvedModel:
+        recorded = self.manifest.sources[side]
+        tensors = {n: TensorInfo(n, t.file, t.dtype, tuple(t.shape), t.start, t.end)
+                   for n, t in recorded.tensors.items()}
+        return ResolvedModel(side, self.store, dict(recorded.config), tensors, list(recorded.weight_files),
+                             artifact=self)
+
+
+def _check_entries(manifest: DiffManifest, entries: dict[str, TensorInfo], uri: str) -> None:
+    for name, entry in manifest.tensors.items():
+        if entry.stored not in ENCODINGS:
+            raise _invalid(uri, f"{name}: unknown encoding {entry.stored!r}")
+        wanted = [*entry.parts, *(["rows"] if entry.rows is not None else [])]
+        missing = [p for p in wanted if entry_name(name, p) not in entries]
+        if missing:
+            raise _invalid(uri, f"{name}: part(s) {', '.join(missing)} missing from its shard")
+        if entry.rows is not None:
+            need = entry.rows.rows * math.prod(entry.shape[1:]) * itemsize(entry.rows.dtype)
+            if entries[entry_name(name, "rows")].nbytes != need:
+                raise _invalid(uri, f"{name}: its stored rows are not the {entry.rows.rows} rows the manifest says")
+
+
+def open_artifact(uri: str, location: Location, *, endpoint_url: str | None = None, max_header_bytes: int = 100 << 20,
+                  reads: RemoteReads | None = None, allowed_roots: list[str] | None = None,
+                  denied_roots: list[str] | None = None, retry: StorageRetry | None = None,
+                  digest_cache=None) -> Artifact:
+    """The artifact at `location`, checked (manifest, shard sizes and sha256, every part present): GraftError
+    invalid_diff otherwise, before anything is planned or written."""
+    inner = open_store(location, endpoint_url, reads=reads, allowed_roots=allowed_roots, denied_roots=denied_roots,
+                       retry=retry)
+    try:
+        manifest = read_manifest(inner, uri)
+        verify_shards(inner, manifest, uri, digest_cache)
+        entries: dict[str, TensorInfo] = {}
+        for shard in manifest.shards:
+            found, _meta = _read_header(inner, shard.path, "diff", max_header_bytes)
+            entries.update(found)
+        _check_entries(manifest, entries, uri)
+        return Artifact(uri, ArtifactStore(inner, manifest, entries))
+    except BaseException:
+        inner.close()
+        raise
+
+
+def read_sketch(store: Store, tensor: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """A tensor's sketches of the source base and of the delta (float64) and ||d||^2, from the artifact behind
+    `store` (an ArtifactStore); None when it holds none."""
+    if not isinstance(store, ArtifactStore):
+        return None
+    entry = store.manifest.tensors.get(tensor)
+    if entry is None or not entry.sketch:
+        return None
+    reader = _EntryReader(store.inner, store.entries, tensor)
+    sketches = []
+    for part in ("sketch.base", "sketch.delta"):
+        data = reader.read(part, 0, reader.nbytes(part))
+        sketches.append(torch.frombuffer(bytearray(data), dtype=torch.float32).double())
+    return sketches[0], sketches[1], float(entry.norms.get("delta_sq", 0.0))
