@@ -426,3 +426,14 @@ def test_decode_into_float64_of_a_float32_encoding(name, spec):
     parts, info = encode(name, delta, spec)
     wide = decode(name, parts, info, delta.shape, dtype=torch.float64)
     assert torch.allclose(wide, decode(name, parts, info, delta.shape).double(), rtol=1e-6, atol=1e-12)
+
+
+def test_decoders_run_in_several_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    delta = bf16_delta((3 * EXACT_FRAME,), seed=21)
+    parts, info = encode("exact", delta)
+    ranges = [(s, 70_001) for s in range(0, 3 * EXACT_FRAME - 70_001, 50_000)] * 3
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda r: decode("exact", parts, info, delta.shape, *r), ranges))
+    assert all(torch.equal(g, delta[s:s + c]) for g, (s, c) in zip(got, ranges, strict=True))

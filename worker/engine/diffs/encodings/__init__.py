@@ -44,8 +44,4 @@ EncodingParams = Annotated[Union[tuple(e.Params for e in ENCODINGS.values())],  
                            Field(discriminator="encoding"), BeforeValidator(_named)]
 
 
-def encoding_of(params: BaseModel) -> Encoding:
-    return ENCODINGS[params.encoding]
-
-
-__all__ = ["ENCODINGS", "FALLBACK", "Encoding", "EncodingParams", "encoding_of"]
+__all__ = ["ENCODINGS", "FALLBACK", "Encoding", "EncodingParams"]
