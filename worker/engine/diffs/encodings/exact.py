@@ -58,7 +58,7 @@ class ExactEncoder:
 
     def __init__(self, shape: tuple[int, ...], compute: torch.dtype, out: PartWriter,
                  marker: dict | None = None) -> None:
-        self.dtype, self.numel = compute_name(compute), numel(shape)
+        self.dtype, self.numel, self.compute = compute_name(compute), numel(shape), compute
         self.marker = marker or {}  # meta of an encoding that handed this tensor to exact
         self._frames = out.part("frames", "U8")
         self._out = out
@@ -68,6 +68,8 @@ class ExactEncoder:
         self._cctx = zstandard.ZstdCompressor(level=LEVEL)
 
     def feed(self, pass_index: int, start: int, delta: torch.Tensor) -> None:
+        if delta.dtype != self.compute:  # the bytes are stored as they come: they must be what meta says
+            raise ValueError(f"exact was set up for {self.compute}, fed {delta.dtype}")
         delta = delta.reshape(-1)
         i, n = 0, delta.numel()
         if self._pending_n:
