@@ -144,3 +144,48 @@ def test_weights_level_never_calls_a_failed_graft_compatible(reports, outcomes):
 def test_function_level_never_calls_a_failed_graft_compatible(reports, outcomes):
     for name in _failed(outcomes):
         assert reports[name, "function"]["verdict"] != "compatible", (name, outcomes, reports[name, "function"])
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_family, tmp_path_factory) -> str:  # noqa: F811
+    """The fine-tune's diff, extracted once (exact): judged against each target without v1."""
+    from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+    from worker.engine.pipeline.diff_extract import extract_diff
+
+    out = str(tmp_path_factory.mktemp("artifact") / "diff")
+    extract_diff(DiffExtractRequest(DiffExtract(source_base=tiny_family["v1"], source_finetuned=tiny_family["ft"]),
+                                    out), EngineSettings())
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_artifacts_sketch_judges_as_the_three_model_inspection(reports, artifact, tiny_family, target):  # noqa: F811
+    """The weights level from the target and the artifact alone: every estimated figure within its stated
+    bound of the three-model inspection's exact one (a tensor small enough to be stored whole is exact), the
+    same verdict."""
+    from worker.engine.planning.options import GraftOptions
+    from worker.engine.planning.recipe import Recipe
+
+    recipe = Recipe.single("", "", tiny_family[target], GraftOptions(), diff=artifact)
+    report = inspect_graft(GraftRequest(recipe, ""), level="weights", settings=EngineSettings()).report
+    three = reports[target, "weights"]
+    assert report["verdict"] == three["verdict"]
+    assert {r["code"] for r in report["reasons"]} == {r["code"] for r in three["reasons"]}
+    exact = {t["name"]: t for t in three["weights"]["diffs"][0]["tensors"]}
+    from worker.engine.diffs.sketch import BUCKETS
+
+    for t in report["weights"]["diffs"][0]["tensors"]:
+        ref = exact[t["name"]]
+        assert t["delta_norm"] == pytest.approx(ref["delta_norm"], rel=1e-5)
+        assert t["target_norm"] == pytest.approx(ref["target_norm"], rel=1e-6)
+        # The three-model figures are float32 dots summed in float64 (tensor_stats.py): 1e-6 of slack for them.
+        lo, hi = t["estimated"]["bases_norm"]
+        assert lo * (1 - 1e-6) <= ref["bases_norm"] <= hi * (1 + 1e-6), t["name"]
+        if ref["cos_bases_delta"] is not None:
+            lo, hi = t["estimated"]["cross"]
+            cross = ref["cos_bases_delta"] * ref["bases_norm"] * ref["delta_norm"]
+            slack = 1e-6 * ref["bases_norm"] * ref["delta_norm"]
+            assert lo - slack <= cross <= hi + slack, t["name"]
+        if t["elements"] <= BUCKETS:  # stored whole: exact
+            assert t["bases_norm"] == pytest.approx(ref["bases_norm"], rel=1e-6, abs=1e-9)
+    assert any(t["elements"] > BUCKETS for t in report["weights"]["diffs"][0]["tensors"])

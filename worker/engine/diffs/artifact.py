@@ -292,5 +292,5 @@ def read_sketch(store: Store, tensor: str) -> tuple[torch.Tensor, torch.Tensor, 
     sketches = []
     for part in ("sketch.base", "sketch.delta"):
         data = reader.read(part, 0, reader.nbytes(part))
-        sketches.append(torch.frombuffer(bytearray(data), dtype=torch.float32).double())
+        sketches.append(torch.frombuffer(bytearray(data), dtype=torch.float64))
     return sketches[0], sketches[1], float(entry.norms.get("delta_sq", 0.0))

@@ -23,6 +23,7 @@ import torch
 BUCKETS = 1024
 _P = (1 << 31) - 1  # a Mersenne prime: a * i stays below 2**62 for i < P
 _Z = 4.0  # the stated bound: four standard deviations
+_ROUNDING = 1e-12  # float64 sums of a tensor's elements in another order: far below this relative error
 
 
 def _coefficients(name: str) -> tuple[int, int, int, int]:
@@ -63,14 +64,19 @@ def estimates(target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, num
     diff = target - base
     bases_sq = float(torch.dot(diff, diff))
     cross = float(torch.dot(diff, delta))
+    # The sketches' own float64 sums, added in other orders by the extraction and the inspection, differ by
+    # rounding: a floor of that size keeps the bound honest when the bases are equal (t - s = 0).
+    floor = _ROUNDING * float(torch.dot(base, base) + torch.dot(target, target))
+    cross_floor = _ROUNDING * math.sqrt(float(torch.dot(base, base) + torch.dot(target, target))
+                                        * float(torch.dot(delta, delta)))
     if numel <= BUCKETS:
-        return {"bases_sq": bases_sq, "cross": cross, "bases_sq_bound": 0.0, "cross_bound": 0.0}
+        return {"bases_sq": bases_sq, "cross": cross, "bases_sq_bound": floor, "cross_bound": cross_floor}
     sigma = math.sqrt(2.0 / BUCKETS)
     delta_norm = math.sqrt(max(0.0, delta_sq))
     # The bounds are stated in terms of the true ||t - s||, estimated here: solve |x - est| <= z sigma x.
-    bases_true_max = bases_sq / max(1e-12, 1.0 - _Z * sigma)
-    return {"bases_sq": bases_sq, "cross": cross, "bases_sq_bound": _Z * sigma * bases_true_max,
-            "cross_bound": _Z * sigma * math.sqrt(bases_true_max) * delta_norm}
+    bases_true_max = (bases_sq + floor) / max(1e-12, 1.0 - _Z * sigma)
+    return {"bases_sq": bases_sq, "cross": cross, "bases_sq_bound": _Z * sigma * bases_true_max + floor,
+            "cross_bound": _Z * sigma * math.sqrt(bases_true_max) * delta_norm + cross_floor}
 
 
 def relative_bound() -> float:

@@ -175,7 +175,7 @@ class _ExtractVisitor:
         info = job.encoder.finish()
         encoded = job.parts.nbytes
         for k, sketch in zip(("sketch.base", "sketch.delta"), job.sketches, strict=True):
-            job.parts.add_bytes(k, "F32", sketch.sketch.float().numpy().tobytes())
+            job.parts.add_bytes(k, "F64", sketch.sketch.numpy().tobytes())
         job.entry = {"shape": list(job.shape), "compute": job.tensor.compute_dtype, "stored": job.stored,
                      "meta": info.meta, "parts": [p for p in job.parts.parts if p not in ("sketch.base",
                                                                                          "sketch.delta")],
