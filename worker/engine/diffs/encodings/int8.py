@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
-from worker.engine.diffs.encodings.exact import EXACT, fallback_encoder, stored_exact
+from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
 
 
 class Int8Params(BaseModel):
@@ -75,7 +75,7 @@ class Int8:
         return len(shape) >= 2 and numel(shape) > 0
 
     def encoder(self, shape: tuple[int, ...], compute: torch.dtype, params: BaseModel,
-                out: PartWriter) -> Int8Encoder:
+                out: PartWriter) -> Int8Encoder | ExactEncoder:
         return Int8Encoder(shape, compute, out) if self.applies_to(shape) else fallback_encoder(shape, compute, out)
 
     def decode_into(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int,

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
-from worker.engine.diffs.encodings.exact import EXACT, fallback_encoder, stored_exact
+from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
 
 OVERSAMPLING = 8
 MAX_RANK = 4096
@@ -213,7 +213,8 @@ class LowRank:
         see: it hands the tensor to exact, with `stored: exact` in its meta)."""
         return len(shape) >= 2 and saving_rank(*matrix(shape)) > 0
 
-    def encoder(self, shape: tuple[int, ...], compute: torch.dtype, params: LowRankParams, out: PartWriter):
+    def encoder(self, shape: tuple[int, ...], compute: torch.dtype, params: LowRankParams,
+                out: PartWriter) -> LowRankEncoder | ExactEncoder:
         target = target_rank(shape, params)
         if target is None:
             return fallback_encoder(shape, compute, out)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import as_bytes, compute_name, f32, numel, read_tensor, relative
-from worker.engine.diffs.encodings.exact import EXACT, fallback_encoder, stored_exact
+from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
 
 _M32 = 0xFFFFFFFF
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -110,7 +110,7 @@ class Sign:
         return len(shape) >= 2 and numel(shape) > 0
 
     def encoder(self, shape: tuple[int, ...], compute: torch.dtype, params: BaseModel,
-                out: PartWriter) -> SignEncoder:
+                out: PartWriter) -> SignEncoder | ExactEncoder:
         return SignEncoder(shape, compute, out) if self.applies_to(shape) else fallback_encoder(shape, compute, out)
 
     def decode_into(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int,
