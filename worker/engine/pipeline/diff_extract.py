@@ -155,7 +155,9 @@ class _ExtractVisitor:
         if job.encoder is None:
             _start(job, self.writer)
         s = view_of(buffers, piece.reads["source_base"], src["source_base"].dtype, count).to(job.compute)
-        d = view_of(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype, count).to(job.compute)
+        # A copy: a float32 fine-tune's view is the read buffer itself, which a later pass reads again.
+        d = view_of(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype, count).to(
+            job.compute, copy=True)
         d.sub_(s)  # the pair's delta: its kernels form exactly this, f - s in the compute dtype
         if index == 0:
             job.sketches[0].add(piece.start, s)

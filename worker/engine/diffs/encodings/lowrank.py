@@ -1,0 +1,239 @@
+"""`lowrank`: a truncated SVD of the delta seen as a matrix A (m = shape[0] rows x n = the rest), by the
+randomized range finder of Halko, Martinsson and Tropp (2011, algorithms 4.4 and 5.1), streamed over the rows:
+
+  pass 0            Y = A Omega        (Omega n x l Gaussian from `seed`, l = r + 8 oversampling; ||A||^2 too)
+  2 per iteration   Z = A^T Q, Y = A Z (power iterations, re-orthonormalised each time: Q = qr(Y), qr(Z))
+  next              B = Q^T A          (l x n); B = U_b S V^T, U = Q U_b[:, :r] S[:r], V = V^T[:r]
+  last              max |A - U V| (and ||A - U V|| measured, not estimated) over row blocks rebuilt
+
+so 3 + 2 * power_iterations passes, holding Y/Q (m x l), Omega/Z and B (n x l each). The rows are cut into
+blocks of a fixed count (2**18 elements' worth) whatever the caller's chunks: the sums over blocks then add the
+same products in the same order, and any chunking gives the same bits.
+
+`rank` r, or `energy` e: the smallest r whose retained share sum_{i<=r} s_i^2 / ||A||^2 reaches e, s from B,
+||A||^2 from pass 0 (||A - U V||^2 = ||A||^2 - sum_{i<=r} s_i^2, Q being orthonormal). With `energy` the
+sketch is as wide as the largest rank that saves bytes (below), at most 4096: that is its memory; the share
+reported may fall short of e where that rank does not reach it. A zero matrix has rank 0.
+
+A rank r saves bytes when U and V (float32, r (m + n) elements) take less than the fine-tune's bf16 tensor
+(m n / 2 float32s' worth): otherwise, and for 1-D or empty tensors, the tensor is stored exact (meta and
+extra say `stored: exact`, and decode_into hands it to exact).
+
+Parts: `U` F32 [m, r] (singular values folded in), `V` F32 [r, n]. Meta: `rank`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
+from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
+from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
+
+OVERSAMPLING = 8
+MAX_RANK = 4096
+BLOCK = 1 << 18  # elements in a row block (at least one row)
+
+
+class LowRankParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    encoding: Literal["lowrank"]
+    rank: int | None = Field(None, ge=1, le=MAX_RANK, description="the rank kept (64 unless energy is given)")
+    energy: float | None = Field(None, gt=0, lt=1, description="instead of rank: the smallest rank keeping this "
+                                 "share of the delta's squared Frobenius norm")
+    power_iterations: int = Field(1, ge=0, le=4, description="power iterations of the randomized SVD (each reads "
+                                  "the tensor twice more)")
+    seed: int = Field(0, ge=0, lt=2**63, description="the random projection's seed")
+
+    @model_validator(mode="after")
+    def _rank_or_energy(self) -> LowRankParams:
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("lowrank takes rank or energy, not both")
+        if self.rank is None and self.energy is None:
+            self.rank = 64
+        return self
+
+
+def saving_rank(m: int, n: int) -> int:
+    """The largest r with r (m + n) < m n / 2 (0: none saves)."""
+    return (m * n - 1) // (2 * (m + n)) if m and n else 0
+
+
+def target_rank(shape: tuple[int, ...], params: LowRankParams) -> int | None:
+    """The rank (or, for `energy`, the most it may be) a tensor is encoded at; None: stored exact."""
+    if len(shape) < 2 or not numel(shape):
+        return None
+    cap = saving_rank(*matrix(shape))
+    if params.energy is not None:
+        return min(cap, MAX_RANK) or None
+    return params.rank if params.rank <= cap else None
+
+
+def orthonormal(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x).Q
+
+
+class RowBlocks:
+    """The flat elements fed, re-cut into blocks of a fixed number of whole rows (the last block may hold
+    fewer). A block is a view of one buffer: used before the next is asked for."""
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype) -> None:
+        self.n = n
+        self.buffer = torch.empty(min(max(1, BLOCK // n), m) * n, dtype=dtype)
+        self.fill = 0
+        self.row = 0
+
+    def feed(self, delta: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        i, size = 0, self.buffer.numel()
+        while i < delta.numel():
+            take = min(size - self.fill, delta.numel() - i)
+            self.buffer[self.fill:self.fill + take].copy_(delta[i:i + take])
+            self.fill, i = self.fill + take, i + take
+            if self.fill == size:
+                yield self._block()
+
+    def end(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The last, partial block of a pass; then the next pass starts at row 0."""
+        if self.fill:
+            yield self._block()
+        self.row = 0
+
+    def _block(self) -> tuple[int, torch.Tensor]:
+        rows = self.fill // self.n
+        block = (self.row, self.buffer[:rows * self.n].view(rows, self.n))
+        self.row, self.fill = self.row + rows, 0
+        return block
+
+
+class LowRankEncoder:
+    rows = 0  # any cut: the rows are re-blocked
+
+    def __init__(self, shape: tuple[int, ...], compute: torch.dtype, params: LowRankParams, target: int,
+                 out: PartWriter) -> None:
+        compute_name(compute)
+        self.m, self.n = matrix(shape)
+        self.dtype, self.energy, self.target = compute, params.energy, target
+        self.width = min(target + OVERSAMPLING, self.m, self.n)
+        self.iterations = params.power_iterations
+        self.passes = 3 + 2 * self.iterations
+        self._out, self.seed = out, params.seed
+        self._right: torch.Tensor | None = None  # Omega, then Z; made on the first pass (not for a probe)
+        self._basis: torch.Tensor | None = None  # Y, then Q
+        self._b: torch.Tensor | None = None
+        self._u = self._v = torch.empty(0)
+        self._blocks = RowBlocks(self.m, self.n, compute)
+        self._tally = ErrorTally()
+        self.norm2 = 0.0
+        self.rank, self.retained = 0, 1.0
+
+    def _stage(self, pass_index: int) -> str:
+        if pass_index <= 2 * self.iterations:
+            return "range" if pass_index % 2 == 0 else "adjoint"
+        return "project" if pass_index == 2 * self.iterations + 1 else "error"
+
+    def _sketch(self) -> None:
+        if self._basis is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._right = torch.randn(self.n, self.width, generator=generator, dtype=self.dtype)
+            self._basis = torch.empty(self.m, self.width, dtype=self.dtype)
+
+    def feed(self, pass_index: int, start: int, delta: torch.Tensor) -> None:
+        delta = delta.reshape(-1)
+        if pass_index == 0:
+            self._sketch()
+            x = delta.double()
+            self.norm2 += float(x.dot(x))
+        stage = self._stage(pass_index)
+        for row, block in self._blocks.feed(delta):
+            self._apply(stage, row, block)
+
+    def _apply(self, stage: str, row: int, block: torch.Tensor) -> None:
+        rows = slice(row, row + block.shape[0])
+        if stage == "range":  # Y = A Omega, or A Z
+            torch.mm(block, self._right, out=self._basis[rows])
+        elif stage == "adjoint":  # Z = A^T Q
+            self._right.addmm_(block.T, self._basis[rows])
+        elif stage == "project":  # B = Q^T A
+            self._b.addmm_(self._basis[rows].T, block)
+        else:  # as decode_into rebuilds it
+            self._tally.add(block, self._u[rows].to(self.dtype) @ self._v.to(self.dtype))
+
+    def end_pass(self, pass_index: int) -> None:
+        stage = self._stage(pass_index)
+        self._sketch()
+        for row, block in self._blocks.end():
+            self._apply(stage, row, block)
+        if stage == "range":
+            self._basis = orthonormal(self._basis)
+            if pass_index < 2 * self.iterations:
+                self._right = torch.zeros(self.n, self.width, dtype=self.dtype)
+            else:
+                self._right, self._b = None, torch.zeros(self.width, self.n, dtype=self.dtype)
+        elif stage == "adjoint":
+            self._right = orthonormal(self._right)
+        elif stage == "project":
+            self._decompose()
+
+    def _decompose(self) -> None:
+        u_b, s, vh = torch.linalg.svd(self._b, full_matrices=False)
+        kept = (s.double() ** 2).cumsum(0)
+        if self.energy is None:
+            self.rank = min(self.target, self.width)
+        elif self.norm2 > 0:
+            goal = torch.tensor([self.energy * self.norm2], dtype=torch.float64)
+            reach = int(torch.searchsorted(kept, goal)[0]) + 1  # the first r whose share reaches it
+            self.rank = min(reach, self.target, self.width)
+        if self.norm2 > 0:
+            self.retained = float(kept[self.rank - 1]) / self.norm2 if self.rank else 0.0
+        r = self.rank
+        self._u = (self._basis @ (u_b[:, :r] * s[:r])).float()
+        self._v = vh[:r].float().contiguous()
+        self._basis = self._b = None
+
+    def finish(self) -> EncodedInfo:
+        self._out.part("U", "F32").write(as_bytes(self._u))
+        self._out.part("V", "F32").write(as_bytes(self._v))
+        extra = {"rank": self.rank, "retained_energy": self.retained, "sketch": self.width,
+                 "power_iterations": self.iterations}
+        if self.energy is not None:
+            extra["energy"] = self.energy
+        return EncodedInfo(meta={"rank": self.rank}, rel_frobenius=self._tally.rel_frobenius,
+                           max_abs=self._tally.max_abs, extra=extra)
+
+
+class LowRank:
+    name = "lowrank"
+    Params = LowRankParams
+
+    def applies_to(self, shape: tuple[int, ...]) -> bool:
+        """Whether some rank saves bytes on this shape (whether the requested one does is the encoder's to
+        see: it hands the tensor to exact, with `stored: exact` in its meta)."""
+        return len(shape) >= 2 and saving_rank(*matrix(shape)) > 0
+
+    def encoder(self, shape: tuple[int, ...], compute: torch.dtype, params: LowRankParams,
+                out: PartWriter) -> LowRankEncoder | ExactEncoder:
+        target = target_rank(shape, params)
+        if target is None:
+            return fallback_encoder(shape, compute, out)
+        return LowRankEncoder(shape, compute, params, target, out)
+
+    def decode_into(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int,
+                    out: torch.Tensor) -> None:
+        """The rows covering the range, U[rows] @ V, sliced. V is read whole each call: decode in ranges of
+        many rows where V is large."""
+        if stored_exact(meta):
+            return EXACT.decode_into(parts, meta, shape, start, out)
+        count, r = out.numel(), meta["rank"]
+        if count == 0 or r == 0:
+            out.zero_()
+            return None
+        n = matrix(shape)[1]
+        first, last = start // n, (start + count - 1) // n
+        u = read_tensor(parts, "U", torch.float32, first * r, (last - first + 1) * r).view(-1, r)
+        v = read_tensor(parts, "V", torch.float32, 0, r * n).view(r, n)
+        rebuilt = (u.to(out.dtype) @ v.to(out.dtype)).view(-1)
+        out.copy_(rebuilt[start - first * n:start - first * n + count])
+        return None
