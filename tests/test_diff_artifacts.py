@@ -182,3 +182,26 @@ def test_an_encoding_parameter_out_of_range_is_refused():
                 {"encoding": "lowrank", "rank": 0}, {"encoding": "bf16", "density": 0.1}, {"encoding": "zip"}):
         with pytest.raises(ValidationError):
             DiffExtract(source_base="/a", source_finetuned="/b", encoding=bad)
+
+
+def test_a_graft_from_an_artifact_is_evaluated_against_the_fine_tune_it_came_from(tmp_path, one_torch_thread):
+    from checks_models import PROMPTS, checks_family
+
+    from worker.engine.checks.checked_graft import Checks, run_checked_graft
+    from worker.engine.checks.evaluation.spec import EvaluateSpec
+
+    family = checks_family(str(tmp_path / "family"))
+    pair = {"source_base": family["base"], "source_finetuned": family["finetuned"]}
+    extract(pair, tmp_path / "diff")
+    recipe = Recipe.single("", "", family["near"], GraftOptions(), diff=str(tmp_path / "diff"))
+    spec = EvaluateSpec(prompts=PROMPTS, max_new_tokens=2)
+    applied = run_checked_graft(GraftRequest(recipe, str(tmp_path / "applied")), Checks(evaluate=spec),
+                                settings=settings())
+    reference = run_checked_graft(GraftRequest.single(family["base"], family["finetuned"], family["near"],
+                                                      str(tmp_path / "ref")), Checks(evaluate=spec), settings=settings())
+    got, want = applied.checks["evaluation"], reference.checks["evaluation"]
+    assert "error" not in got, got
+    assert got["probe"]["source_finetuned"] == want["probe"]["source_finetuned"]
+    assert got["kl_to_finetuned"]["mean"] == pytest.approx(want["kl_to_finetuned"]["mean"], rel=1e-6, abs=1e-9)
+    with open(tmp_path / "applied" / "README.md") as fh:
+        assert f"`{tmp_path / 'diff'}`" in fh.read()
