@@ -205,3 +205,21 @@ def test_a_graft_from_an_artifact_is_evaluated_against_the_fine_tune_it_came_fro
     assert got["kl_to_finetuned"]["mean"] == pytest.approx(want["kl_to_finetuned"]["mean"], rel=1e-6, abs=1e-9)
     with open(tmp_path / "applied" / "README.md") as fh:
         assert f"`{tmp_path / 'diff'}`" in fh.read()
+
+
+def test_inspecting_against_an_artifact_reads_the_target_alone(trio, tmp_path, one_torch_thread):
+    """The weights level of a target and an artifact (the fine-tune with added rows): the target's bytes and the
+    artifact's sketches are read, nothing else; each estimate within its interval of the three-model figure."""
+    from worker.engine.checks.inspect import inspect_graft
+
+    extract(trio, tmp_path / "diff", {"encoding": "sparse", "density": 0.1})
+    recipe = Recipe.single("", "", trio["target_base"], GraftOptions(), diff=str(tmp_path / "diff"))
+    sketched = inspect_graft(GraftRequest(recipe, ""), level="weights", settings=settings()).report
+    three = inspect_graft(GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"],
+                                              ""), level="weights", settings=settings()).report
+    assert sketched["verdict"] == three["verdict"]
+    assert sketched["weights"]["bytes_read"] * 3 <= three["weights"]["bytes_read"] * 1.05
+    exact = {t["name"]: t for t in three["weights"]["diffs"][0]["tensors"]}
+    for t in sketched["weights"]["diffs"][0]["tensors"]:
+        lo, hi = t["estimated"]["bases_norm"]
+        assert lo * (1 - 1e-6) <= exact[t["name"]]["bases_norm"] <= hi * (1 + 1e-6), t["name"]
