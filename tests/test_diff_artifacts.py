@@ -197,8 +197,8 @@ def test_a_graft_from_an_artifact_is_evaluated_against_the_fine_tune_it_came_fro
     spec = EvaluateSpec(prompts=PROMPTS, max_new_tokens=2)
     applied = run_checked_graft(GraftRequest(recipe, str(tmp_path / "applied")), Checks(evaluate=spec),
                                 settings=settings())
-    reference = run_checked_graft(GraftRequest.single(family["base"], family["finetuned"], family["near"],
-                                                      str(tmp_path / "ref")), Checks(evaluate=spec), settings=settings())
+    three = GraftRequest.single(family["base"], family["finetuned"], family["near"], str(tmp_path / "ref"))
+    reference = run_checked_graft(three, Checks(evaluate=spec), settings=settings())
     got, want = applied.checks["evaluation"], reference.checks["evaluation"]
     assert "error" not in got, got
     assert got["probe"]["source_finetuned"] == want["probe"]["source_finetuned"]
