@@ -223,3 +223,22 @@ def test_inspecting_against_an_artifact_reads_the_target_alone(trio, tmp_path, o
     for t in sketched["weights"]["diffs"][0]["tensors"]:
         lo, hi = t["estimated"]["bases_norm"]
         assert lo * (1 - 1e-6) <= exact[t["name"]]["bases_norm"] <= hi * (1 + 1e-6), t["name"]
+
+
+def test_the_function_level_of_an_artifact_runs_the_source_base_it_records(tmp_path, one_torch_thread):
+    from checks_models import PROBE, checks_family
+
+    from worker.engine.checks.inspect import inspect_graft
+
+    family = checks_family(str(tmp_path / "family"))
+    extract({"source_base": family["base"], "source_finetuned": family["finetuned"]}, tmp_path / "diff")
+    recipe = Recipe.single("", "", family["near"], GraftOptions(), diff=str(tmp_path / "diff"))
+    sketched = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE)
+    three = inspect_graft(GraftRequest.single(family["base"], family["finetuned"], family["near"], ""),
+                          level="function", settings=settings(), probe_text=PROBE)
+    assert sketched.report["function"]["losses"] == three.report["function"]["losses"]
+    assert sketched.report["verdict"] == three.report["verdict"]
+    os.rename(family["base"], str(tmp_path / "moved"))  # the recorded base gone: that level is not run
+    gone = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE).report
+    assert "function_level_not_run" in {r["code"] for r in gone["reasons"]}
+    assert "weights" in gone["levels_run"] and "function" not in gone["levels_run"]

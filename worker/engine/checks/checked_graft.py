@@ -191,24 +191,15 @@ def recorded_finetuned_uri(key: str, request: GraftRequest, settings) -> str:
 
 
 def _real_finetuned(model: ResolvedModel, request: GraftRequest, settings) -> ResolvedModel | None:
-    """For a diff artifact's stand-in, the fine-tune it was extracted from, resolved (GraftError naming it when it
-    cannot be read: the evaluation is then recorded as not run); None for a real model."""
-    if model.artifact is None:
-        return None
+    """For a diff artifact's stand-in, the fine-tune it was extracted from (diffs/artifact.recorded_model)."""
+    from worker.engine.diffs.artifact import recorded_model
     from worker.engine.pipeline.publish import storage_retry
     from worker.engine.pipeline.resolve import remote_reads
-    from worker.engine.storage.model import resolve_model
-    from worker.engine.storage.uris import parse_uri
 
-    uri = model.artifact.manifest.sources["source_finetuned"].uri
-    try:
-        return resolve_model("source_finetuned", parse_uri(uri, field="source_finetuned"),
-                             endpoint_url=settings.s3_endpoint_url, max_header_bytes=settings.max_header_bytes,
-                             reads=remote_reads(settings), allowed_roots=request.allowed_roots,
-                             denied_roots=request.denied_roots, retry=storage_retry(settings))
-    except GraftError as err:
-        raise GraftError(err.code, f"the evaluation compares the output with the fine-tune the diff artifact was "
-                         f"extracted from ({uri}), which cannot be read: {err.message}") from None
+    return recorded_model(model, "source_finetuned", endpoint_url=settings.s3_endpoint_url,
+                          max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                          allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                          retry=storage_retry(settings))
 
 
 def evaluation_warnings(evaluation: dict) -> list[dict]:

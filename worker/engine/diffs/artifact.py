@@ -294,3 +294,26 @@ def read_sketch(store: Store, tensor: str) -> tuple[torch.Tensor, torch.Tensor, 
         data = reader.read(part, 0, reader.nbytes(part))
         sketches.append(torch.frombuffer(bytearray(data), dtype=torch.float64))
     return sketches[0], sketches[1], float(entry.norms.get("delta_sq", 0.0))
+
+
+def recorded_model(model: ResolvedModel, side: str, *, endpoint_url: str | None = None,
+                   max_header_bytes: int = 100 << 20, reads: RemoteReads | None = None,
+                   allowed_roots: list[str] | None = None, denied_roots: list[str] | None = None,
+                   retry: StorageRetry | None = None) -> ResolvedModel | None:
+    """For a diff artifact's stand-in, the model it was extracted from (`side`), resolved from the URI the artifact
+    records: what runs a model (an evaluation, the function-level probe) needs its weights, which the artifact
+    does not hold. None for a real model; GraftError naming the recorded URI when it cannot be read."""
+    if model.artifact is None:
+        return None
+    from worker.engine.storage.model import resolve_model
+    from worker.engine.storage.uris import parse_uri
+
+    uri = model.artifact.manifest.sources[side].uri
+    try:
+        return resolve_model(side, parse_uri(uri, field=side), endpoint_url=endpoint_url,
+                             max_header_bytes=max_header_bytes, reads=reads, allowed_roots=allowed_roots,
+                             denied_roots=denied_roots, retry=retry)
+    except GraftError as err:
+        raise GraftError(err.code, f"running the {side.replace('_', ' ')} needs its weights, which the diff "
+                         f"artifact does not hold, and the model it was extracted from ({uri}) cannot be read: "
+                         f"{err.message}") from None
