@@ -218,6 +218,9 @@ def test_inspecting_against_an_artifact_reads_the_target_alone(trio, tmp_path, o
     three = inspect_graft(GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"],
                                               ""), level="weights", settings=settings()).report
     assert sketched["verdict"] == three["verdict"]
+    # The headers level compares the source base's own tokenizer (the artifact keeps a copy) with the target's.
+    assert [(r["code"], r["message"]) for r in sketched["reasons"] if r["level"] == "headers"] == \
+        [(r["code"], r["message"]) for r in three["reasons"] if r["level"] == "headers"]
     assert sketched["weights"]["bytes_read"] * 3 <= three["weights"]["bytes_read"] * 1.05
     exact = {t["name"]: t for t in three["weights"]["diffs"][0]["tensors"]}
     for t in sketched["weights"]["diffs"][0]["tensors"]:
@@ -238,6 +241,8 @@ def test_the_function_level_of_an_artifact_runs_the_source_base_it_records(tmp_p
                           level="function", settings=settings(), probe_text=PROBE)
     assert sketched.report["function"]["losses"] == three.report["function"]["losses"]
     assert sketched.report["verdict"] == three.report["verdict"]
+    assert sketched.report["headers"]["tokenizer"] == three.report["headers"]["tokenizer"]
+    assert sketched.report["headers"]["tokenizer"]
     os.rename(family["base"], str(tmp_path / "moved"))  # the recorded base gone: that level is not run
     gone = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE).report
     assert "function_level_not_run" in {r["code"] for r in gone["reasons"]}

@@ -21,7 +21,7 @@ from worker.engine.errors import GraftError
 from worker.engine.storage.faults import StorageRetry
 from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.local_files import LocalStore
-from worker.engine.storage.model import ResolvedModel, _read_header
+from worker.engine.storage.model import TOKENIZER_FILES, ResolvedModel, _read_header
 from worker.engine.storage.safetensors_format import DTYPES, TensorInfo, itemsize, load_json
 from worker.engine.storage.stores import Store, open_store
 from worker.engine.storage.uris import Location
@@ -31,6 +31,7 @@ FORMAT = "graft-diff/1"
 DELTA_FILE = "delta/"  # virtual files of the ArtifactStore: "delta/<tensor>", "rows/<tensor>"
 ROWS_FILE = "rows/"
 HASH_CHUNK = 8 << 20
+BASE_PREFIX = "source_base."  # the source base's tokenizer files, beside the fine-tune's own
 
 Count = Annotated[int, Field(ge=0, le=1 << 62)]
 Shape = Annotated[list[Count], Field(max_length=64)]
@@ -240,8 +241,19 @@ class Artifact:
         recorded = self.manifest.sources[side]
         tensors = {n: TensorInfo(n, t.file, t.dtype, tuple(t.shape), t.start, t.end)
                    for n, t in recorded.tensors.items()}
-        return ResolvedModel(side, self.store, dict(recorded.config), tensors, list(recorded.weight_files),
-                             artifact=self)
+        kind = _RecordedBase if side == "source_base" else ResolvedModel
+        return kind(side, self.store, dict(recorded.config), tensors, list(recorded.weight_files), artifact=self)
+
+
+class _RecordedBase(ResolvedModel):
+    """The source base's stand-in: its tokenizer files are the artifact's BASE_PREFIX copies (the unprefixed ones
+    are the fine-tune's, which the output takes)."""
+
+    def tokenizer_files(self) -> list[str]:
+        return [name for name in TOKENIZER_FILES if self.store.exists(BASE_PREFIX + name)]
+
+    def side_file(self, name: str) -> bytes:
+        return self.store.read_bytes(BASE_PREFIX + name if name in TOKENIZER_FILES else name)
 
 
 def _check_entries(manifest: DiffManifest, entries: dict[str, TensorInfo], uri: str) -> None:
