@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
@@ -151,6 +152,7 @@ class _EntryReader:
 
     def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str) -> None:
         self.store, self.entries, self.tensor = store, entries, tensor
+        self.bytes_read = 0
 
     def _entry(self, name: str) -> TensorInfo:
         info = self.entries.get(entry_name(self.tensor, name))
@@ -165,6 +167,7 @@ class _EntryReader:
         info = self._entry(name)
         if start < 0 or start + length > info.nbytes:
             raise GraftError("invalid_diff", f"{self.tensor}: part {name} is shorter than its encoding says")
+        self.bytes_read += length
         return memoryview(self.store.read_range(info.file, info.start + start, length))
 
 
@@ -176,6 +179,19 @@ class ArtifactStore(Store):
         self.inner, self.manifest, self.entries = inner, manifest, entries
         self.location, self.revision = inner.location, inner.revision
         self._closed = False
+        self._lock = threading.Lock()
+        self.served = 0  # bytes of virtual files handed to the reader (decoded deltas, rows)
+        self.stored_read = 0  # bytes read of the artifact itself to serve them
+
+    def count(self, served: int, stored: int) -> None:
+        with self._lock:
+            self.served += served
+            self.stored_read += stored
+
+    def io_adjustment(self) -> int:
+        """What a pass's byte count, which counts the decoded bytes it was handed, must add to count what was
+        read of the artifact instead."""
+        return self.stored_read - self.served
 
     def list_files(self) -> dict[str, int]:
         return dict(self.inner.files)
@@ -194,6 +210,7 @@ class ArtifactStore(Store):
             info = self.entries[entry_name(tensor, "rows")]
             if start < 0 or start + len(view) > info.nbytes:
                 raise GraftError("invalid_diff", f"{tensor}: the stored rows are shorter than the manifest says")
+            self.count(len(view), len(view))
             return self.inner.read_into(info.file, info.start + start, view)
         return self.inner.read_into(name, start, view)
 
@@ -202,8 +219,9 @@ class ArtifactStore(Store):
         dtype = DTYPES[entry.compute]
         size = dtype.itemsize
         out = torch.frombuffer(view, dtype=dtype, count=len(view) // size) if len(view) else torch.empty(0, dtype=dtype)
-        ENCODINGS[entry.stored].decode_into(_EntryReader(self.inner, self.entries, tensor), entry.meta,
-                                            tuple(entry.shape), start // size, out)
+        reader = _EntryReader(self.inner, self.entries, tensor)
+        ENCODINGS[entry.stored].decode_into(reader, entry.meta, tuple(entry.shape), start // size, out)
+        self.count(len(view), reader.bytes_read)
 
     def close(self) -> None:
         if not self._closed:
