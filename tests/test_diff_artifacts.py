@@ -247,3 +247,23 @@ def test_the_function_level_of_an_artifact_runs_the_source_base_it_records(tmp_p
     gone = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE).report
     assert "function_level_not_run" in {r["code"] for r in gone["reasons"]}
     assert "weights" in gone["levels_run"] and "function" not in gone["levels_run"]
+
+
+def test_a_target_with_fewer_rows_than_the_source_base_is_refused_under_extend(trio, tmp_path, one_torch_thread):
+    """The artifact holds the fine-tune's rows past its base's; the rows between a smaller target's and the base's
+    it does not: refused before anything is read, and vocab: target does it."""
+    from worker.devtools.sample_models import LlamaShape, save_checkpoint
+
+    state = load_dir(trio["target_base"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = state[name][:250].clone()
+    state.pop("model.rotary_emb.inv_freq", None)
+    small = save_checkpoint(str(tmp_path / "small"), state, LlamaShape().config(vocab=250))
+    extract(trio, tmp_path / "diff")
+    with pytest.raises(GraftError) as err:
+        apply(str(tmp_path / "diff"), small, tmp_path / "out")
+    assert err.value.code == "vocab_mismatch" and "vocab: target" in err.value.message
+    assert not os.path.exists(tmp_path / "out")
+    apply(str(tmp_path / "diff"), small, tmp_path / "out", vocab="target")
+    three_model({**trio, "target_base": small}, tmp_path / "ref", vocab="target")
+    assert same_files(str(tmp_path / "out"), str(tmp_path / "ref")) == []

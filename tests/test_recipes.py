@@ -699,3 +699,20 @@ def test_an_exact_diff_artifact_in_place_of_a_pair_writes_the_same_bytes(bf16, t
     result = run_recipe(mixed, tmp_path / "mixed")
     assert output_bytes(tmp_path / "mixed") == output_bytes(tmp_path / "pairs")
     assert result.manifest["diff_artifacts"][0]["uri"] == str(tmp_path / "diff")
+
+
+def test_an_artifact_onto_a_target_that_does_not_fit_fails_as_the_pair_would(f32, tmp_path):
+    from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+    from worker.engine.pipeline.diff_extract import extract_diff
+
+    extract_diff(DiffExtractRequest(DiffExtract(source_base=f32["base"], source_finetuned=f32["ft_a"]),
+                                    str(tmp_path / "diff")), Settings())
+    for target in ("ft_wide",):  # another MLP width
+        pair = recipe_of({**f32, "target": f32[target]}, None, ({},))
+        artifact = {**pair, "diffs": [{"diff": str(tmp_path / "diff")}]}
+        codes = []
+        for recipe in (pair, artifact):
+            with pytest.raises(GraftError) as err:
+                run_recipe(recipe, tmp_path / f"out-{target}")
+            codes.append((err.value.code, err.value.message))
+        assert codes[0] == codes[1] and not os.path.exists(tmp_path / f"out-{target}")
