@@ -267,3 +267,29 @@ def test_a_target_with_fewer_rows_than_the_source_base_is_refused_under_extend(t
     apply(str(tmp_path / "diff"), small, tmp_path / "out", vocab="target")
     three_model({**trio, "target_base": small}, tmp_path / "ref", vocab="target")
     assert same_files(str(tmp_path / "out"), str(tmp_path / "ref")) == []
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_applying_a_formed_delta_rounds_as_the_pair_does(whole, dtype):
+    """The kernel from a delta (chunked on the CPU; whole pieces as on an accelerator) writes the pair kernel's
+    bytes, and both are the float64 reference rounded once."""
+    from worker.engine.compute.arithmetic import Arithmetic
+    from worker.engine.compute.tensor_stats import TensorStats
+
+    g = torch.Generator().manual_seed(7)
+    n = 300_001
+    t, s = (torch.randn(n, generator=g) * 0.02).to(dtype), (torch.randn(n, generator=g) * 0.02).to(dtype)
+    f = (s.float() + torch.randn(n, generator=g) * 1e-3).to(dtype)
+    kernel = Arithmetic(torch.device("cpu"), whole_pieces=whole)
+    pair, formed = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    kernel.transfer(pair, t, s, f, 0.7, torch.float32, TensorStats())
+    delta = f.float() - s.float()
+    stats = TensorStats()
+    kernel.apply_delta(formed, t, delta.clone(), 0.7, torch.float32, stats)
+    assert torch.equal(pair.view(torch.uint8 if dtype != torch.float32 else torch.int32),
+                       formed.view(torch.uint8 if dtype != torch.float32 else torch.int32))
+    if not whole:  # alpha (as float32) times d and t + that, each rounded to float32, then to the stored dtype
+        scaled = (float(torch.tensor(0.7, dtype=torch.float32)) * delta.double()).float()
+        assert torch.equal(formed, (t.double() + scaled.double()).float().to(dtype))
+    assert stats.delta_sq == pytest.approx(float((delta.double() ** 2).sum()), rel=1e-4)  # float32 dots
