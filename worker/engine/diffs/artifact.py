@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
@@ -32,6 +33,8 @@ FORMAT = "graft-diff/1"
 DELTA_FILE = "delta/"  # virtual files of the ArtifactStore: "delta/<tensor>", "rows/<tensor>"
 ROWS_FILE = "rows/"
 HASH_CHUNK = 8 << 20
+SMALL_PART = 4 << 20  # parts up to this size are read whole once per graft and kept (to CACHE_BYTES in all)
+CACHE_BYTES = 64 << 20
 BASE_PREFIX = "source_base."  # the source base's tokenizer files, beside the fine-tune's own
 
 Count = Annotated[int, Field(ge=0, le=1 << 62)]
@@ -147,11 +150,40 @@ def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None) ->
             raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since extraction)")
 
 
-class _EntryReader:
-    """PartReader (encodings/base.py) of one tensor: ranged reads of its parts' entries."""
+class _PartCache:
+    """A tensor's small parts (exact's frame offsets, sparse's counts, a low-rank factor's V, int8's scales),
+    read whole once and kept, least recently used first out, to a bounded total: each decode of a piece reads
+    them, and from S3 every read is a request."""
 
-    def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str) -> None:
-        self.store, self.entries, self.tensor = store, entries, tensor
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit, self.size = limit, 0
+        self._parts: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], load) -> bytes:
+        with self._lock:
+            data = self._parts.get(key)
+            if data is not None:
+                self._parts.move_to_end(key)
+                return data
+        data = load()
+        with self._lock:
+            if key not in self._parts:
+                self._parts[key] = data
+                self.size += len(data)
+            while self.size > self.limit and self._parts:
+                _key, old = self._parts.popitem(last=False)
+                self.size -= len(old)
+        return data
+
+
+class _EntryReader:
+    """PartReader (encodings/base.py) of one tensor: ranged reads of its parts' entries (small parts from the
+    store's cache)."""
+
+    def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str,
+                 cache: _PartCache | None = None) -> None:
+        self.store, self.entries, self.tensor, self.cache = store, entries, tensor, cache
         self.bytes_read = 0
 
     def _entry(self, name: str) -> TensorInfo:
@@ -167,6 +199,12 @@ class _EntryReader:
         info = self._entry(name)
         if start < 0 or start + length > info.nbytes:
             raise GraftError("invalid_diff", f"{self.tensor}: part {name} is shorter than its encoding says")
+        if self.cache is not None and info.nbytes <= SMALL_PART:
+            def load() -> bytes:
+                self.bytes_read += info.nbytes
+                return bytes(self.store.read_range(info.file, info.start, info.nbytes))
+
+            return memoryview(self.cache.get((self.tensor, name), load))[start:start + length]
         self.bytes_read += length
         return memoryview(self.store.read_range(info.file, info.start + start, length))
 
@@ -180,6 +218,7 @@ class ArtifactStore(Store):
         self.location, self.revision = inner.location, inner.revision
         self._closed = False
         self._lock = threading.Lock()
+        self.cache = _PartCache()
         self.served = 0  # bytes of virtual files handed to the reader (decoded deltas, rows)
         self.stored_read = 0  # bytes read of the artifact itself to serve them
 
@@ -219,7 +258,7 @@ class ArtifactStore(Store):
         dtype = DTYPES[entry.compute]
         size = dtype.itemsize
         out = torch.frombuffer(view, dtype=dtype, count=len(view) // size) if len(view) else torch.empty(0, dtype=dtype)
-        reader = _EntryReader(self.inner, self.entries, tensor)
+        reader = _EntryReader(self.inner, self.entries, tensor, self.cache)
         ENCODINGS[entry.stored].decode_into(reader, entry.meta, tuple(entry.shape), start // size, out)
         self.count(len(view), reader.bytes_read)
 
