@@ -59,8 +59,12 @@ S3RVER_JS = os.path.join(S3RVER_DIR, "node_modules", "s3rver", "bin", "s3rver.js
 # s3rver's built-in account: it checks every request's signature against it.
 ACCESS_KEY = SECRET_KEY = "S3RVER"
 PREFIX = "gs3"  # namespaces gs3-<owner pid>-<n>, links gs3h<tag>/gs3n<tag>
-BUCKETS = 256  # u32 hash buckets: every value of the port's low byte
-UNMATCHED = 0xFFF  # HTB class of what no bucket takes (ARP, ...): not capped
+BUCKETS = 256  # buckets of a u32 hash table (its most): every value of the port's low byte
+# HTB classes: one per value of the client port's low CLASS_BITS bits. Issue 17's rig had 8 (the low byte);
+# 10 makes two of 24 connections sharing a class (and so half their rate each) 4x rarer.
+CLASS_BITS = 10
+UNMATCHED = 0xFFFF  # HTB class of what no bucket takes (ARP, ...): not capped
+LINK = 0xFFFE  # HTB class above the connections' (the link's own cap, if any)
 MB = 1_000_000
 MiB = 1 << 20
 
@@ -155,28 +159,50 @@ def _set_pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def tc_script(dev: str, rate: float | None, *, client_port_is: str, replace: bool = False) -> str:
-    """`tc -batch` lines: HTB at the root of `dev`, one class per bucket at `rate` bytes/s (None: uncapped), the
-    u32 hash of the client port's low byte choosing it. `client_port_is`: 'src' on the client's side of the
-    pair (uploads), 'dst' on the server's (downloads). `replace`: only change the classes' rate."""
-    bits = f"{int(rate * 8)}bit" if rate else "100gbit"
+def tc_script(dev: str, rate: float | None, *, client_port_is: str, class_bits: int = CLASS_BITS,
+              link_rate: float | None = None, replace: bool = False) -> str:
+    """`tc -batch` lines: HTB at the root of `dev`, one class per value of the client port's low `class_bits` bits
+    at `rate` bytes/s (None: uncapped), chosen by u32 hash tables: the port's low byte first (256 buckets, the
+    most one u32 table has), then, above 8 bits, the next bits in a table per bucket. The classes are children
+    of one class at `link_rate` (None: uncapped), the link's own cap shared by all connections (a machine's NIC
+    in front of a store that caps each connection). `client_port_is`: 'src' on the client's side of the pair
+    (uploads), 'dst' on the server's (downloads). `replace`: only change the classes' rates."""
+    def bits(r: float | None) -> str:
+        return f"{max(8, int(r * 8))}bit" if r else "100gbit"
+
     burst = max(128 << 10, int(rate / 50)) if rate else 4 << 20  # above a 64 KB GSO frame; 20 ms of the rate
+    link_burst = max(128 << 10, int(link_rate / 50)) if link_rate else 4 << 20
     verb = "change" if replace else "add"
+    classes = 1 << class_bits
+    # Under a link cap, a connection's guaranteed rate is its share of the link, and it borrows up to its own cap:
+    # active connections then share the link evenly (equal quanta).
+    floor_rate = min(rate or link_rate or 0, link_rate / classes) if link_rate else rate
     lines = [] if replace else [f"qdisc add dev {dev} root handle 1: htb default {UNMATCHED:x}",
                                 f"class add dev {dev} parent 1: classid 1:{UNMATCHED:x} htb rate 100gbit"]
-    lines += [f"class {verb} dev {dev} parent 1: classid 1:{b + 1:x} htb rate {bits} ceil {bits} "
-              f"burst {burst} cburst {burst} quantum 60000" for b in range(BUCKETS)]
+    lines.append(f"class {verb} dev {dev} parent 1: classid 1:{LINK:x} htb rate {bits(link_rate)} "
+                 f"ceil {bits(link_rate)} burst {link_burst} cburst {link_burst}")
+    lines += [f"class {verb} dev {dev} parent 1:{LINK:x} classid 1:{c + 1:x} htb rate {bits(floor_rate)} "
+              f"ceil {bits(rate)} burst {burst} cburst {burst} quantum 60000" for c in range(classes)]
     if replace:
         return "\n".join(lines) + "\n"
     # The TCP ports are the 32-bit word 20 bytes into the IP header (Linux sends no IP options): the source
-    # port in its high half, the destination's in its low half; the mask picks the low byte of the client's.
-    mask = "0x00ff0000" if client_port_is == "src" else "0x000000ff"
-    lines += [f"filter add dev {dev} parent 1: prio 5 protocol ip u32",
-              f"filter add dev {dev} parent 1: prio 5 handle 2: protocol ip u32 divisor {BUCKETS}"]
-    lines += [f"filter add dev {dev} parent 1: prio 5 protocol ip u32 ht 2:{b:x}: match u32 0 0 flowid 1:{b + 1:x}"
-              for b in range(BUCKETS)]
-    lines.append(f"filter add dev {dev} parent 1: prio 5 protocol ip u32 ht 800:: match ip protocol 6 0xff "
-                 f"hashkey mask {mask} at 20 link 2:")
+    # port in its high half, the destination's in its low half. u32 shifts a masked key down by the mask's
+    # lowest set bit, so each mask yields the bits it picks as a bucket number.
+    shift = 16 if client_port_is == "src" else 0
+    low = 0xFF << shift
+    high = (((1 << (class_bits - 8)) - 1) << 8) << shift
+    f = f"filter add dev {dev} parent 1: prio 5 protocol ip"
+    lines += [f"{f} u32", f"filter add dev {dev} parent 1: prio 5 handle 2: protocol ip u32 divisor {BUCKETS}"]
+    if class_bits == 8:
+        lines += [f"{f} u32 ht 2:{b:x}: match u32 0 0 flowid 1:{b + 1:x}" for b in range(BUCKETS)]
+    else:
+        sub = 1 << (class_bits - 8)
+        for b in range(BUCKETS):
+            table = 0x100 + b
+            lines.append(f"filter add dev {dev} parent 1: prio 5 handle {table:x}: protocol ip u32 divisor {sub}")
+            lines += [f"{f} u32 ht {table:x}:{h:x}: match u32 0 0 flowid 1:{(h << 8 | b) + 1:x}" for h in range(sub)]
+            lines.append(f"{f} u32 ht 2:{b:x}: match u32 0 0 hashkey mask 0x{high:08x} at 20 link {table:x}:")
+    lines.append(f"{f} u32 ht 800:: match ip protocol 6 0xff hashkey mask 0x{low:08x} at 20 link 2:")
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +226,9 @@ class Floor:
     group_seconds: list[float] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     connections: int = 0  # most open connections to the server seen during it
-    sharing: int = 0  # of which shared a class with another (their client ports' low byte)
+    sharing: int = 0  # of which shared a class with another (their client ports' low bits)
+    cpu_client: float = 0.0  # CPU seconds of this process during it
+    cpu_server: float = 0.0  # and of s3rver
 
     @property
     def mb_per_s(self) -> float:
@@ -219,7 +247,7 @@ class _ConnWatch:
         while not self._stop.wait(0.5):
             ports = self.rig.client_ports()
             self.most = max(self.most, len(ports))
-            self.sharing = max(self.sharing, port_collisions(ports))
+            self.sharing = max(self.sharing, port_collisions(ports, self.rig.class_bits))
 
     def __enter__(self) -> _ConnWatch:
         self._thread.start()
@@ -230,11 +258,12 @@ class _ConnWatch:
         self._thread.join()
 
 
-def port_collisions(ports: list[int]) -> int:
-    """How many of these connections share their HTB class (the port's low byte) with another."""
+def port_collisions(ports: list[int], class_bits: int = CLASS_BITS) -> int:
+    """How many of these connections share their HTB class (the port's low `class_bits` bits) with another."""
     counts: dict[int, int] = {}
+    mask = (1 << class_bits) - 1
     for p in ports:
-        counts[p & 0xFF] = counts.get(p & 0xFF, 0) + 1
+        counts[p & mask] = counts.get(p & mask, 0) + 1
     return sum(c for c in counts.values() if c > 1)
 
 
@@ -243,7 +272,11 @@ class S3Rig:
 
     _count = 0
 
-    def __init__(self, *, data_dir: str | None = None, port: int = 4568, verbose: bool = False) -> None:
+    def __init__(self, *, data_dir: str | None = None, port: int = 4568, class_bits: int = CLASS_BITS,
+                 verbose: bool = False) -> None:
+        if not 8 <= class_bits <= 12:
+            raise ValueError("class_bits: 8 (the port's low byte) to 12")
+        self.class_bits = class_bits
         self.owner = os.getpid()
         S3Rig._count += 1
         self.n = S3Rig._count % 16
@@ -254,6 +287,7 @@ class S3Rig:
         self.data_dir: str | None = None
         self.host_ip = self.server_ip = ""
         self.rate: float | None = None
+        self.link_rate: float | None = None
         self.server: subprocess.Popen | None = None
         self.reaper: subprocess.Popen | None = None
         self._client = None
@@ -265,8 +299,9 @@ class S3Rig:
     def endpoint(self) -> str:
         return f"http://{self.server_ip}:{self.port}"
 
-    def start(self, rate_per_conn: float | None) -> str:
-        """Namespace, link, caps (bytes/s per connection and direction; None: none) and server: the endpoint."""
+    def start(self, rate_per_conn: float | None, link_rate: float | None = None) -> str:
+        """Namespace, link, caps (bytes/s per connection and direction, and of the whole link in each direction;
+        None: none) and server: the endpoint."""
         if self._started:
             raise RuntimeError("this rig is running already")
         support = kernel_support()
@@ -280,7 +315,7 @@ class S3Rig:
         try:
             self._make_link()
             self._start_reaper()
-            self._shape(rate_per_conn)
+            self._shape(rate_per_conn, link_rate, replace=False)
             self._start_server(js)
         except BaseException:
             self.stop()
@@ -312,28 +347,26 @@ class S3Rig:
         self.reaper = subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def _shape(self, rate: float | None) -> None:
-        run(["tc", "-batch", "-"], input_text=tc_script(self.host_link, rate, client_port_is="src"))
-        run(["tc", "-n", self.ns, "-batch", "-"], input_text=tc_script(self.ns_link, rate, client_port_is="dst"))
-        self.rate = rate
+    def _shape(self, rate: float | None, link_rate: float | None, *, replace: bool) -> None:
+        for dev, side, prefix in ((self.host_link, "src", []), (self.ns_link, "dst", ["-n", self.ns])):
+            run(["tc", *prefix, "-batch", "-"], input_text=tc_script(
+                dev, rate, client_port_is=side, class_bits=self.class_bits, link_rate=link_rate, replace=replace))
+        self.rate, self.link_rate = rate, link_rate
 
-    def set_rate(self, rate_per_conn: float | None) -> None:
-        """Every class's rate changed in place (bytes/s; None: uncapped); open connections keep their class."""
-        run(["tc", "-batch", "-"], input_text=tc_script(self.host_link, rate_per_conn, client_port_is="src",
-                                                        replace=True))
-        run(["tc", "-n", self.ns, "-batch", "-"], input_text=tc_script(self.ns_link, rate_per_conn,
-                                                                       client_port_is="dst", replace=True))
-        self.rate = rate_per_conn
+    def set_rate(self, rate_per_conn: float | None, link_rate: float | None = None) -> None:
+        """Every class's rate changed in place (bytes/s per connection and for the whole link, each direction;
+        None: uncapped); open connections keep their class."""
+        self._shape(rate_per_conn, link_rate, replace=True)
 
     @contextlib.contextmanager
     def uncapped(self) -> Iterator[None]:
         """Set-up traffic (uploading the inputs) at full speed, the caps back afterwards."""
-        rate = self.rate
+        rate, link = self.rate, self.link_rate
         self.set_rate(None)
         try:
             yield
         finally:
-            self.set_rate(rate)
+            self.set_rate(rate, link)
 
     def _start_server(self, js: str) -> None:
         assert self.data_dir is not None
@@ -456,6 +489,16 @@ class S3Rig:
                 ports.append(int(local.rsplit(":", 1)[1]))
         return ports
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of this process and of the server."""
+        usage = os.times()
+        server = 0.0
+        if self.server is not None:
+            with contextlib.suppress(OSError), open(f"/proc/{self.server.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+                server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return usage.user + usage.system, server
+
     def watch(self) -> _ConnWatch:
         """`with rig.watch() as w:` ... w.most, w.sharing: connections seen, and sharing a class."""
         return _ConnWatch(self)
@@ -470,7 +513,7 @@ class S3Rig:
                 words = line.split()
                 if words[:2] == ["class", "htb"]:
                     minor = int(words[2].split(":")[1], 16)
-                    current = minor - 1 if 1 <= minor <= BUCKETS else None
+                    current = minor - 1 if 1 <= minor <= 1 << self.class_bits else None
                 elif words[:1] == ["Sent"] and current is not None:
                     counts[current] = int(words[1])
             out[side] = counts
@@ -514,11 +557,13 @@ class S3Rig:
         for g, objects in enumerate(groups):
             todo = iter([(b, k, s, min(window, size - s)) for b, k, size in objects for s in range(0, size, window)])
             work += [lambda g=g, i=i, todo=todo: lane(g, i, todo) for i in range(lanes)]
+        cpu0 = self.cpu()
         with self.watch() as w:
             _in_threads(work)
         seconds = time.perf_counter() - t0
+        cpu = [b - a for a, b in zip(cpu0, self.cpu(), strict=True)]
         total = sum(size for objects in groups for _b, _k, size in objects)
-        return Floor(seconds, total, group_seconds, requests if trace else [], w.most, w.sharing)
+        return Floor(seconds, total, group_seconds, requests if trace else [], w.most, w.sharing, *cpu)
 
     def upload_floor(self, bucket: str, key: str, size: int, parts_in_flight: int, *, part_bytes: int = 16 * MiB,
                      trace: bool = False, keep: bool = False) -> Floor:
@@ -528,7 +573,7 @@ class S3Rig:
         payload = os.urandom(part_bytes)
         parts = [(i + 1, i * part_bytes, min(part_bytes, size - i * part_bytes))
                  for i in range(-(-size // part_bytes))]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), self.cpu()
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
         etags: dict[int, str] = {}
         requests: list[Request] = []
@@ -561,9 +606,10 @@ class S3Rig:
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             raise
         seconds = time.perf_counter() - t0
+        cpu = [b - a for a, b in zip(cpu0, self.cpu(), strict=True)]
         if not keep:
             client.delete_object(Bucket=bucket, Key=key)
-        return Floor(seconds, size, [seconds], requests if trace else [], w.most, w.sharing)
+        return Floor(seconds, size, [seconds], requests if trace else [], w.most, w.sharing, *cpu)
 
 
 def _in_threads(fns: list[Callable[[], None]]) -> None:
@@ -600,7 +646,7 @@ def write_trace(path: str, floors: dict[str, Floor]) -> None:
 
 # --- CLI ---
 
-def _terminate_on_signals() -> None:
+def terminate_on_signals() -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C, through every `finally` and the rig's stop()."""
     def raise_interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -611,8 +657,8 @@ def _terminate_on_signals() -> None:
 
 def _floors_cmd(args) -> int:
     size = parse_size(args.size)
-    with S3Rig(verbose=args.verbose) as rig:
-        endpoint = rig.start(args.rate * MB)
+    with S3Rig(class_bits=args.class_bits, verbose=args.verbose) as rig:
+        endpoint = rig.start(args.rate * MB, args.link_rate * MB or None)
         rig.create_bucket("rig")
         groups = []
         with rig.uncapped():
@@ -624,17 +670,20 @@ def _floors_cmd(args) -> int:
                             fh.write(blob[: min(len(blob), size - start)])
                     rig.upload_dir(tmp, "rig", f"in/{g}")
                 groups.append(rig.objects("rig", f"in/{g}"))
+        link = f", {args.link_rate:g} MB/s for the whole link" if args.link_rate else ""
         print(f"rig: s3rver {S3RVER_VERSION} at {endpoint} (namespace {rig.ns}), {args.rate:g} MB/s per connection "
-              f"and direction; {args.inputs} objects of {size / MB:.0f} MB")
+              f"and direction{link}; {args.inputs} objects of {size / MB:.0f} MB")
         floors = {}
         for r in range(args.repeat):
             a = rig.read_floor(groups, args.lanes, trace=bool(args.trace))
             b = rig.upload_floor("rig", "floor/upload", args.upload_size and parse_size(args.upload_size) or size,
                                  args.parts, trace=bool(args.trace))
             floors[f"read-{r}"], floors[f"upload-{r}"] = a, b
-            print(f"  round {r + 1}: (a) read, {args.lanes} lanes per object: {a.seconds:6.2f} s "
-                  f"{a.mb_per_s:6.1f} MB/s ({a.connections} connections, {a.sharing} sharing a class)   "
-                  f"(b) upload, {args.parts} parts in flight: {b.seconds:6.2f} s {b.mb_per_s:6.1f} MB/s")
+            for what, f in ((f"(a) read, {args.lanes} lanes per object", a),
+                            (f"(b) upload, {args.parts} parts in flight", b)):
+                print(f"  round {r + 1}: {what:32} {f.seconds:6.2f} s {f.mb_per_s:6.1f} MB/s   CPU-s: "
+                      f"{f.cpu_client:.1f} here, {f.cpu_server:.1f} s3rver   {f.connections} connections, "
+                      f"{f.sharing} sharing a class")
         if args.trace:
             write_trace(args.trace, floors)
     return 0
@@ -642,8 +691,8 @@ def _floors_cmd(args) -> int:
 
 def _check_cmd(args) -> int:
     """One connection, then `conns` at once, each reading 8 s worth of the rate: each must take ~8 s."""
-    with S3Rig(verbose=args.verbose) as rig:
-        rig.start(args.rate * MB)
+    with S3Rig(class_bits=args.class_bits, verbose=args.verbose) as rig:
+        rig.start(args.rate * MB, args.link_rate * MB or None)
         rig.create_bucket("rig")
         size = int(args.rate * MB * 8)
         with rig.uncapped():
@@ -664,8 +713,8 @@ def _check_cmd(args) -> int:
 
 
 def _serve_cmd(args) -> int:
-    with S3Rig(verbose=args.verbose) as rig:
-        endpoint = rig.start(args.rate * MB if args.rate else None)
+    with S3Rig(class_bits=args.class_bits, verbose=args.verbose) as rig:
+        endpoint = rig.start(args.rate * MB if args.rate else None, args.link_rate * MB or None)
         buckets = set()
         for local, uri in args.upload or []:
             bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -703,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--rate", type=float, default=5.0, help="MB/s per connection (0: uncapped)")
     sv.add_argument("--upload", nargs=2, action="append", metavar=("DIR", "S3_URI"))
     sv.add_argument("--bucket", action="append", help="a bucket to create")
+    for p in (fl, ch, sv):
+        p.add_argument("--link-rate", type=float, default=0.0,
+                       help="MB/s of the whole link in each direction, shared by the connections (0: none)")
+        p.add_argument("--class-bits", type=int, default=CLASS_BITS, help="2^bits HTB classes (8: the low byte)")
     sub.add_parser("cleanup", help="remove the rigs whose owner process is gone")
     sub.add_parser("kernel", help="what this kernel has of what the rig needs")
     args = ap.parse_args(argv)
@@ -712,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "kernel":
         print(json.dumps(kernel_support()))
         return 0
-    _terminate_on_signals()
+    terminate_on_signals()
     try:
         return {"floors": _floors_cmd, "check": _check_cmd, "serve": _serve_cmd}[args.cmd](args)
     except KeyboardInterrupt:
