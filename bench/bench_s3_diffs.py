@@ -156,7 +156,10 @@ def graft_job(rig: S3Rig, args: list[str], out_prefix: str, env_extra: dict | No
     env.update(GRAFT_CACHE_DIR="", **(env_extra or {}))
     with rig.watch() as w:
         r = launched(["run", *args, "--output", f"s3://{BUCKET}/{out_prefix}", "--json"], env)
-    r["stats"] = read_json(rig, f"{out_prefix}/graft-manifest.json")["stats"]
+    manifest = read_json(rig, f"{out_prefix}/graft-manifest.json")
+    r["stats"] = manifest["stats"]
+    r["weights_sha256"] = {f["path"]: f["sha256"] for f in manifest["output"]["files"]
+                           if f["path"].endswith(".safetensors")}
     r["connections"], r["sharing"] = w.most, w.sharing
     rig.delete_prefix(BUCKET, out_prefix)
     return r
@@ -285,9 +288,14 @@ def report(args, res: dict, sizes: dict, startup: list[float]) -> None:
         v = res[f"verify_{label}"]
         b = min(v, key=lambda r: r["wall_s"])
         share = b["wall_s"] / best(res[f"apply_{label}"])["wall_s"]
+        laned = min(f.seconds for f in res[f"floor_art_{label}"])
         print(f"  {label:<10} {span([r['wall_s'] for r in v])} s for {b['bytes'] / MB:.1f} MB in {b['shards']} "
               f"shard(s) ({b['bytes'] / b['wall_s'] / MB:.1f} MB/s: one connection per shard)  = {share:.0%} of the "
-              f"applied job's whole time")
+              f"applied job's whole time; the artifact alone through {args.lanes} lanes: {laned:.2f} s")
+    if "exact" in labels:
+        same = best(res["apply_exact"])["weights_sha256"] == best(res["three"])["weights_sha256"]
+        print(f"  exact applied: weights {'byte-identical to' if same else 'DIFFERENT from'} the three-model graft's "
+              "(sha256 of every output shard)")
 
     three = best(res["three"])["wall_s"]
     up = min(f.seconds for f in res["floor_up"])
@@ -327,6 +335,7 @@ def round_of(rig: S3Rig, args, r: int, res: dict, sizes: dict, objects: dict) ->
                                                                       ins["target_base"]], f"out/{x}-{r}",
                                                                 lanes_env)),
             (f"verify_{label}", lambda x=label: verify_artifact(rig, f"art/{x}")),
+            (f"floor_art_{label}", lambda x=label: rig.read_floor([objects[x]], args.lanes)),
         ]
         if args.budget_lanes and label != "exact":
             steps.append((f"apply_{label}_budget", lambda x=label, a=art: graft_job(
