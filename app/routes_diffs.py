@@ -18,7 +18,7 @@ from worker.service.uri_policy import PolicyError, check_uri, scope_for
 from .auth import tenant_of
 from .problems import Problem
 from .routes_jobs import ERRORS, PROBLEM, _json, rate_limited
-from .schemas import Diff, DiffList
+from .schemas import DiffArtifact, DiffList
 from .state import AppState, app_state
 
 DIFF_ERRORS = {**ERRORS, 404: {**PROBLEM, "description": "no such diff for this tenant"}}
@@ -42,7 +42,7 @@ def list_diffs(tenant: str = Depends(tenant_of), state: AppState = Depends(app_s
     return _json({"object": "list", "data": data, "has_more": has_more, "last_id": data[-1]["id"] if data else None})
 
 
-@router.get("/diffs/{diff_id}", response_model=Diff, responses=DIFF_ERRORS,
+@router.get("/diffs/{diff_id}", response_model=DiffArtifact, responses=DIFF_ERRORS,
             summary="Get a diff: provenance, encoding, sizes, reconstruction errors, status")
 def get_diff(diff_id: str, tenant: str = Depends(tenant_of), state: AppState = Depends(app_state)) -> Response:
     raw = diffs.owned_raw(state.store, diff_id, tenant)
@@ -51,7 +51,7 @@ def get_diff(diff_id: str, tenant: str = Depends(tenant_of), state: AppState = D
     return _json(diffs.view(raw))
 
 
-@router.delete("/diffs/{diff_id}", response_model=Diff, summary="Delete a diff and its artifact's files",
+@router.delete("/diffs/{diff_id}", response_model=DiffArtifact, summary="Delete a diff and its artifact's files",
                description="Marks the diff deleted first (jobs naming it, queued or submitted later, fail or are "
                            "refused `diff_deleted`), then removes its files, the manifest first. A storage failure "
                            "leaves it `deleting` (503): the same DELETE again finishes the removal.",

@@ -117,7 +117,7 @@ class JobList(BaseModel):
 DiffStatus = Literal[(*(s.value for s in JobStatus), "deleting", "deleted")]  # type: ignore[valid-type]
 
 
-class Diff(BaseModel):
+class DiffArtifact(BaseModel):
     """A diff: the artifact a diff_extract job published (its id is the job's), with its provenance, encoding,
     sizes and reconstruction errors; the per-tensor table is in the artifact's diff-manifest.json."""
 
@@ -151,7 +151,7 @@ class Diff(BaseModel):
 
 class DiffList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[Diff]
+    data: list[DiffArtifact]
     has_more: bool
     last_id: str | None
 
