@@ -43,15 +43,21 @@ class SparseParams(BaseModel):
                            "|delta| (k = ceil(density * numel))")
 
 
+def _rank_or_energy_schema(schema: dict) -> None:
+    both = {"required": ["rank", "energy"], "properties": {"rank": {"type": "integer"}, "energy": {"type": "number"}}}
+    schema["not"] = both  # as the validator below holds it
+
+
 class LowRankParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rank_or_energy_schema)
     encoding: Literal["lowrank"]
     rank: int | None = Field(None, ge=1, le=MAX_RANK, description="the rank kept (64 unless energy is given)")
     energy: float | None = Field(None, gt=0, lt=1, description="instead of rank: the smallest rank keeping this "
                                  "share of the delta's squared Frobenius norm")
     power_iterations: int = Field(1, ge=0, le=4, description="power iterations of the randomized SVD (each reads "
                                   "the tensor twice more)")
-    seed: int = Field(0, ge=0, lt=2**63, description="the random projection's seed")
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="the random projection's seed (an integer JSON numbers hold "
+                      "exactly: at most 2**53 - 1)")
 
     @model_validator(mode="after")
     def _rank_or_energy(self) -> LowRankParams:
