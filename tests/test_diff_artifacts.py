@@ -182,3 +182,114 @@ def test_an_encoding_parameter_out_of_range_is_refused():
                 {"encoding": "lowrank", "rank": 0}, {"encoding": "bf16", "density": 0.1}, {"encoding": "zip"}):
         with pytest.raises(ValidationError):
             DiffExtract(source_base="/a", source_finetuned="/b", encoding=bad)
+
+
+def test_a_graft_from_an_artifact_is_evaluated_against_the_fine_tune_it_came_from(tmp_path, one_torch_thread):
+    from checks_models import PROMPTS, checks_family
+
+    from worker.engine.checks.checked_graft import Checks, run_checked_graft
+    from worker.engine.checks.evaluation.spec import EvaluateSpec
+
+    family = checks_family(str(tmp_path / "family"))
+    pair = {"source_base": family["base"], "source_finetuned": family["finetuned"]}
+    extract(pair, tmp_path / "diff")
+    recipe = Recipe.single("", "", family["near"], GraftOptions(), diff=str(tmp_path / "diff"))
+    spec = EvaluateSpec(prompts=PROMPTS, max_new_tokens=2)
+    applied = run_checked_graft(GraftRequest(recipe, str(tmp_path / "applied")), Checks(evaluate=spec),
+                                settings=settings())
+    three = GraftRequest.single(family["base"], family["finetuned"], family["near"], str(tmp_path / "ref"))
+    reference = run_checked_graft(three, Checks(evaluate=spec), settings=settings())
+    got, want = applied.checks["evaluation"], reference.checks["evaluation"]
+    assert "error" not in got, got
+    assert got["probe"]["source_finetuned"] == want["probe"]["source_finetuned"]
+    assert got["kl_to_finetuned"]["mean"] == pytest.approx(want["kl_to_finetuned"]["mean"], rel=1e-6, abs=1e-9)
+    with open(tmp_path / "applied" / "README.md") as fh:
+        assert f"`{tmp_path / 'diff'}`" in fh.read()
+
+
+def test_inspecting_against_an_artifact_reads_the_target_alone(trio, tmp_path, one_torch_thread):
+    """The weights level of a target and an artifact (the fine-tune with added rows): the target's bytes and the
+    artifact's sketches are read, nothing else; each estimate within its interval of the three-model figure."""
+    from worker.engine.checks.inspect import inspect_graft
+
+    extract(trio, tmp_path / "diff", {"encoding": "sparse", "density": 0.1})
+    recipe = Recipe.single("", "", trio["target_base"], GraftOptions(), diff=str(tmp_path / "diff"))
+    sketched = inspect_graft(GraftRequest(recipe, ""), level="weights", settings=settings()).report
+    three = inspect_graft(GraftRequest.single(trio["source_base"], trio["source_finetuned"], trio["target_base"],
+                                              ""), level="weights", settings=settings()).report
+    assert sketched["verdict"] == three["verdict"]
+    # The headers level compares the source base's own tokenizer (the artifact keeps a copy) with the target's.
+    assert [(r["code"], r["message"]) for r in sketched["reasons"] if r["level"] == "headers"] == \
+        [(r["code"], r["message"]) for r in three["reasons"] if r["level"] == "headers"]
+    assert sketched["weights"]["bytes_read"] * 3 <= three["weights"]["bytes_read"] * 1.05
+    exact = {t["name"]: t for t in three["weights"]["diffs"][0]["tensors"]}
+    for t in sketched["weights"]["diffs"][0]["tensors"]:
+        lo, hi = t["estimated"]["bases_norm"]
+        assert lo * (1 - 1e-6) <= exact[t["name"]]["bases_norm"] <= hi * (1 + 1e-6), t["name"]
+
+
+def test_the_function_level_of_an_artifact_runs_the_source_base_it_records(tmp_path, one_torch_thread):
+    from checks_models import PROBE, checks_family
+
+    from worker.engine.checks.inspect import inspect_graft
+
+    family = checks_family(str(tmp_path / "family"))
+    extract({"source_base": family["base"], "source_finetuned": family["finetuned"]}, tmp_path / "diff")
+    recipe = Recipe.single("", "", family["near"], GraftOptions(), diff=str(tmp_path / "diff"))
+    sketched = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE)
+    three = inspect_graft(GraftRequest.single(family["base"], family["finetuned"], family["near"], ""),
+                          level="function", settings=settings(), probe_text=PROBE)
+    assert sketched.report["function"]["losses"] == three.report["function"]["losses"]
+    assert sketched.report["verdict"] == three.report["verdict"]
+    assert sketched.report["headers"]["tokenizer"] == three.report["headers"]["tokenizer"]
+    assert sketched.report["headers"]["tokenizer"]
+    os.rename(family["base"], str(tmp_path / "moved"))  # the recorded base gone: that level is not run
+    gone = inspect_graft(GraftRequest(recipe, ""), level="function", settings=settings(), probe_text=PROBE).report
+    assert "function_level_not_run" in {r["code"] for r in gone["reasons"]}
+    assert "weights" in gone["levels_run"] and "function" not in gone["levels_run"]
+
+
+def test_a_target_with_fewer_rows_than_the_source_base_is_refused_under_extend(trio, tmp_path, one_torch_thread):
+    """The artifact holds the fine-tune's rows past its base's; the rows between a smaller target's and the base's
+    it does not: refused before anything is read, and vocab: target does it."""
+    from worker.devtools.sample_models import LlamaShape, save_checkpoint
+
+    state = load_dir(trio["target_base"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = state[name][:250].clone()
+    state.pop("model.rotary_emb.inv_freq", None)
+    small = save_checkpoint(str(tmp_path / "small"), state, LlamaShape().config(vocab=250))
+    extract(trio, tmp_path / "diff")
+    with pytest.raises(GraftError) as err:
+        apply(str(tmp_path / "diff"), small, tmp_path / "out")
+    assert err.value.code == "vocab_mismatch" and "vocab: target" in err.value.message
+    assert not os.path.exists(tmp_path / "out")
+    apply(str(tmp_path / "diff"), small, tmp_path / "out", vocab="target")
+    three_model({**trio, "target_base": small}, tmp_path / "ref", vocab="target")
+    assert same_files(str(tmp_path / "out"), str(tmp_path / "ref")) == []
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_applying_a_formed_delta_rounds_as_the_pair_does(whole, dtype):
+    """The kernel from a delta (chunked on the CPU; whole pieces as on an accelerator) writes the pair kernel's
+    bytes, and both are the float64 reference rounded once."""
+    from worker.engine.compute.arithmetic import Arithmetic
+    from worker.engine.compute.tensor_stats import TensorStats
+
+    g = torch.Generator().manual_seed(7)
+    n = 300_001
+    t, s = (torch.randn(n, generator=g) * 0.02).to(dtype), (torch.randn(n, generator=g) * 0.02).to(dtype)
+    f = (s.float() + torch.randn(n, generator=g) * 1e-3).to(dtype)
+    kernel = Arithmetic(torch.device("cpu"), whole_pieces=whole)
+    pair, formed = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    kernel.transfer(pair, t, s, f, 0.7, torch.float32, TensorStats())
+    delta = f.float() - s.float()
+    stats = TensorStats()
+    kernel.apply_delta(formed, t, delta.clone(), 0.7, torch.float32, stats)
+    assert torch.equal(pair.view(torch.uint8 if dtype != torch.float32 else torch.int32),
+                       formed.view(torch.uint8 if dtype != torch.float32 else torch.int32))
+    if not whole:  # alpha (as float32) times d and t + that, each rounded to float32, then to the stored dtype
+        scaled = (float(torch.tensor(0.7, dtype=torch.float32)) * delta.double()).float()
+        assert torch.equal(formed, (t.double() + scaled.double()).float().to(dtype))
+    assert stats.delta_sq == pytest.approx(float((delta.double() ** 2).sum()), rel=1e-4)  # float32 dots

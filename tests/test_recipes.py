@@ -679,3 +679,40 @@ def test_a_diff_of_another_architecture_is_refused_before_any_data_is_read(tmp_p
                   progress=lambda p: phases.append(p.phase))
     assert err.value.code == "architecture_mismatch" and "diffs.1.source_finetuned" in err.value.message
     assert phases == ["resolving"] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "magnitude", "ties_unnormalized_own_transform"])
+def test_an_exact_diff_artifact_in_place_of_a_pair_writes_the_same_bytes(bf16, tmp_path, case):
+    """Recipes take artifacts wherever they take a pair, through every method: the statistics passes and the
+    transforms see the decoded delta, which is the pair's."""
+    from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+    from worker.engine.pipeline.diff_extract import extract_diff
+
+    merge, diffs, extra = CASES[case]
+    recipe = recipe_of(bf16, merge, diffs, **extra)
+    run_recipe(recipe, tmp_path / "pairs")
+    first = recipe["diffs"][0]
+    spec = DiffExtract(source_base=first["source_base"], source_finetuned=first["source_finetuned"])
+    extract_diff(DiffExtractRequest(spec, str(tmp_path / "diff")), Settings())
+    mixed = {**recipe, "diffs": [{k: v for k, v in first.items() if k not in ("source_base", "source_finetuned")}
+                                 | {"diff": str(tmp_path / "diff")}, *recipe["diffs"][1:]]}
+    result = run_recipe(mixed, tmp_path / "mixed")
+    assert output_bytes(tmp_path / "mixed") == output_bytes(tmp_path / "pairs")
+    assert result.manifest["diff_artifacts"][0]["uri"] == str(tmp_path / "diff")
+
+
+def test_an_artifact_onto_a_target_that_does_not_fit_fails_as_the_pair_would(f32, tmp_path):
+    from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+    from worker.engine.pipeline.diff_extract import extract_diff
+
+    extract_diff(DiffExtractRequest(DiffExtract(source_base=f32["base"], source_finetuned=f32["ft_a"]),
+                                    str(tmp_path / "diff")), Settings())
+    for target in ("ft_wide",):  # another MLP width
+        pair = recipe_of({**f32, "target": f32[target]}, None, ({},))
+        artifact = {**pair, "diffs": [{"diff": str(tmp_path / "diff")}]}
+        codes = []
+        for recipe in (pair, artifact):
+            with pytest.raises(GraftError) as err:
+                run_recipe(recipe, tmp_path / f"out-{target}")
+            codes.append((err.value.code, err.value.message))
+        assert codes[0] == codes[1] and not os.path.exists(tmp_path / f"out-{target}")

@@ -145,9 +145,11 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: Hooks, *, requi
                                max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
                                allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
                                retry=storage_retry(settings))
+        finetuned = None
         try:
-            evaluation = isolation.evaluate(output, models["target_base"], models["source_finetuned"], spec,
-                                            settings=settings, device=str(pick_device(request.options.device)),
+            finetuned = _real_finetuned(models["source_finetuned"], request, settings)
+            evaluation = isolation.evaluate(output, models["target_base"], finetuned or models["source_finetuned"],
+                                            spec, settings=settings, device=str(pick_device(request.options.device)),
                                             should_cancel=hooks.should_cancel,
                                             roots=(request.allowed_roots, request.denied_roots))
         except GraftError as err:
@@ -158,10 +160,46 @@ def _evaluator(spec: EvaluateSpec, request: GraftRequest, hooks: Hooks, *, requi
                                   f"[{err.code}] {err.message}"}]}
         finally:
             output.store.close()
+            if finetuned is not None:
+                finetuned.store.close()
         warnings = evaluation_warnings(evaluation)
         return {"evaluation": evaluation, **({"warnings": warnings} if warnings else {})}
 
     return evaluate
+
+
+def recorded_finetuned_uri(key: str, request: GraftRequest, settings) -> str:
+    """The fine-tune a diff artifact was extracted from (its manifest's record), for the input key a diff
+    artifact stands in for; a model's URI as it is. An evaluation compares the output with the fine-tune
+    itself, which the artifact does not hold."""
+    from worker.engine.planning.recipe import split_artifact_input
+
+    artifact = split_artifact_input(key)
+    if artifact is None:
+        return key
+    from worker.engine.diffs.artifact import read_manifest
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.storage.stores import open_store
+    from worker.engine.storage.uris import parse_uri
+
+    store = open_store(parse_uri(artifact[0], field="diff"), settings.s3_endpoint_url, retry=storage_retry(settings),
+                       allowed_roots=request.allowed_roots, denied_roots=request.denied_roots)
+    try:
+        return read_manifest(store, artifact[0]).sources["source_finetuned"].uri
+    finally:
+        store.close()
+
+
+def _real_finetuned(model: ResolvedModel, request: GraftRequest, settings) -> ResolvedModel | None:
+    """For a diff artifact's stand-in, the fine-tune it was extracted from (diffs/artifact.recorded_model)."""
+    from worker.engine.diffs.artifact import recorded_model
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.pipeline.resolve import remote_reads
+
+    return recorded_model(model, "source_finetuned", endpoint_url=settings.s3_endpoint_url,
+                          max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                          allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                          retry=storage_retry(settings))
 
 
 def evaluation_warnings(evaluation: dict) -> list[dict]:
@@ -247,7 +285,8 @@ def _check_scorable(request: GraftRequest, spec: EvaluateSpec, select: Select, h
     settings = hooks.settings
     models: list[ResolvedModel] = []
     try:
-        for role, uri in (("target_base", request.target_base), ("source_finetuned", request.source_finetuned)):
+        finetuned = recorded_finetuned_uri(request.source_finetuned, request, settings)
+        for role, uri in (("target_base", request.target_base), ("source_finetuned", finetuned)):
             models.append(resolve_model(role, parse_uri(uri, field=role), endpoint_url=settings.s3_endpoint_url,
                                         max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
                                         allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,

@@ -83,10 +83,10 @@ class Arithmetic:
         sums = TensorStats()
         finite, big = True, 0.0
         limit = _FINITE_LIMIT.get(out.dtype)
+        in_place = d.dtype == compute  # the decoded delta is this piece's own read buffer: worked on where it is
         for i in range(0, n, CHUNK):
             j = min(n, i + CHUNK)
-            a, b = a_buf[:j - i], b_buf[:j - i]
-            a.copy_(d[i:j])
+            a, b = (d[i:j] if in_place else a_buf[:j - i].copy_(d[i:j])), b_buf[:j - i]
             b.copy_(t[i:j])
             sums.add_chunk(delta_sums(b, a))
             if alpha != 1.0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
@@ -21,7 +23,7 @@ from worker.engine.errors import GraftError
 from worker.engine.storage.faults import StorageRetry
 from worker.engine.storage.lanes import RemoteReads
 from worker.engine.storage.local_files import LocalStore
-from worker.engine.storage.model import ResolvedModel, _read_header
+from worker.engine.storage.model import TOKENIZER_FILES, ResolvedModel, _read_header
 from worker.engine.storage.safetensors_format import DTYPES, TensorInfo, itemsize, load_json
 from worker.engine.storage.stores import Store, open_store
 from worker.engine.storage.uris import Location
@@ -31,6 +33,9 @@ FORMAT = "graft-diff/1"
 DELTA_FILE = "delta/"  # virtual files of the ArtifactStore: "delta/<tensor>", "rows/<tensor>"
 ROWS_FILE = "rows/"
 HASH_CHUNK = 8 << 20
+SMALL_PART = 4 << 20  # parts up to this size are read whole once per graft and kept (to CACHE_BYTES in all)
+CACHE_BYTES = 64 << 20
+BASE_PREFIX = "source_base."  # the source base's tokenizer files, beside the fine-tune's own
 
 Count = Annotated[int, Field(ge=0, le=1 << 62)]
 Shape = Annotated[list[Count], Field(max_length=64)]
@@ -145,11 +150,41 @@ def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None) ->
             raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since extraction)")
 
 
-class _EntryReader:
-    """PartReader (encodings/base.py) of one tensor: ranged reads of its parts' entries."""
+class _PartCache:
+    """A tensor's small parts (exact's frame offsets, sparse's counts, a low-rank factor's V, int8's scales),
+    read whole once and kept, least recently used first out, to a bounded total: each decode of a piece reads
+    them, and from S3 every read is a request."""
 
-    def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str) -> None:
-        self.store, self.entries, self.tensor = store, entries, tensor
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit, self.size = limit, 0
+        self._parts: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], load) -> bytes:
+        with self._lock:
+            data = self._parts.get(key)
+            if data is not None:
+                self._parts.move_to_end(key)
+                return data
+        data = load()
+        with self._lock:
+            if key not in self._parts:
+                self._parts[key] = data
+                self.size += len(data)
+            while self.size > self.limit and self._parts:
+                _key, old = self._parts.popitem(last=False)
+                self.size -= len(old)
+        return data
+
+
+class _EntryReader:
+    """PartReader (encodings/base.py) of one tensor: ranged reads of its parts' entries (small parts from the
+    store's cache)."""
+
+    def __init__(self, store: Store, entries: dict[str, TensorInfo], tensor: str,
+                 cache: _PartCache | None = None) -> None:
+        self.store, self.entries, self.tensor, self.cache = store, entries, tensor, cache
+        self.bytes_read = 0
 
     def _entry(self, name: str) -> TensorInfo:
         info = self.entries.get(entry_name(self.tensor, name))
@@ -164,6 +199,13 @@ class _EntryReader:
         info = self._entry(name)
         if start < 0 or start + length > info.nbytes:
             raise GraftError("invalid_diff", f"{self.tensor}: part {name} is shorter than its encoding says")
+        if self.cache is not None and info.nbytes <= SMALL_PART:
+            def load() -> bytes:
+                self.bytes_read += info.nbytes
+                return bytes(self.store.read_range(info.file, info.start, info.nbytes))
+
+            return memoryview(self.cache.get((self.tensor, name), load))[start:start + length]
+        self.bytes_read += length
         return memoryview(self.store.read_range(info.file, info.start + start, length))
 
 
@@ -175,6 +217,20 @@ class ArtifactStore(Store):
         self.inner, self.manifest, self.entries = inner, manifest, entries
         self.location, self.revision = inner.location, inner.revision
         self._closed = False
+        self._lock = threading.Lock()
+        self.cache = _PartCache()
+        self.served = 0  # bytes of virtual files handed to the reader (decoded deltas, rows)
+        self.stored_read = 0  # bytes read of the artifact itself to serve them
+
+    def count(self, served: int, stored: int) -> None:
+        with self._lock:
+            self.served += served
+            self.stored_read += stored
+
+    def io_adjustment(self) -> int:
+        """What a pass's byte count, which counts the decoded bytes it was handed, must add to count what was
+        read of the artifact instead."""
+        return self.stored_read - self.served
 
     def list_files(self) -> dict[str, int]:
         return dict(self.inner.files)
@@ -193,6 +249,7 @@ class ArtifactStore(Store):
             info = self.entries[entry_name(tensor, "rows")]
             if start < 0 or start + len(view) > info.nbytes:
                 raise GraftError("invalid_diff", f"{tensor}: the stored rows are shorter than the manifest says")
+            self.count(len(view), len(view))
             return self.inner.read_into(info.file, info.start + start, view)
         return self.inner.read_into(name, start, view)
 
@@ -201,8 +258,9 @@ class ArtifactStore(Store):
         dtype = DTYPES[entry.compute]
         size = dtype.itemsize
         out = torch.frombuffer(view, dtype=dtype, count=len(view) // size) if len(view) else torch.empty(0, dtype=dtype)
-        ENCODINGS[entry.stored].decode_into(_EntryReader(self.inner, self.entries, tensor), entry.meta,
-                                            tuple(entry.shape), start // size, out)
+        reader = _EntryReader(self.inner, self.entries, tensor, self.cache)
+        ENCODINGS[entry.stored].decode_into(reader, entry.meta, tuple(entry.shape), start // size, out)
+        self.count(len(view), reader.bytes_read)
 
     def close(self) -> None:
         if not self._closed:
@@ -240,8 +298,19 @@ class Artifact:
         recorded = self.manifest.sources[side]
         tensors = {n: TensorInfo(n, t.file, t.dtype, tuple(t.shape), t.start, t.end)
                    for n, t in recorded.tensors.items()}
-        return ResolvedModel(side, self.store, dict(recorded.config), tensors, list(recorded.weight_files),
-                             artifact=self)
+        kind = _RecordedBase if side == "source_base" else ResolvedModel
+        return kind(side, self.store, dict(recorded.config), tensors, list(recorded.weight_files), artifact=self)
+
+
+class _RecordedBase(ResolvedModel):
+    """The source base's stand-in: its tokenizer files are the artifact's BASE_PREFIX copies (the unprefixed ones
+    are the fine-tune's, which the output takes)."""
+
+    def tokenizer_files(self) -> list[str]:
+        return [name for name in TOKENIZER_FILES if self.store.exists(BASE_PREFIX + name)]
+
+    def side_file(self, name: str) -> bytes:
+        return self.store.read_bytes(BASE_PREFIX + name if name in TOKENIZER_FILES else name)
 
 
 def _check_entries(manifest: DiffManifest, entries: dict[str, TensorInfo], uri: str) -> None:
@@ -294,3 +363,26 @@ def read_sketch(store: Store, tensor: str) -> tuple[torch.Tensor, torch.Tensor, 
         data = reader.read(part, 0, reader.nbytes(part))
         sketches.append(torch.frombuffer(bytearray(data), dtype=torch.float64))
     return sketches[0], sketches[1], float(entry.norms.get("delta_sq", 0.0))
+
+
+def recorded_model(model: ResolvedModel, side: str, *, endpoint_url: str | None = None,
+                   max_header_bytes: int = 100 << 20, reads: RemoteReads | None = None,
+                   allowed_roots: list[str] | None = None, denied_roots: list[str] | None = None,
+                   retry: StorageRetry | None = None) -> ResolvedModel | None:
+    """For a diff artifact's stand-in, the model it was extracted from (`side`), resolved from the URI the artifact
+    records: what runs a model (an evaluation, the function-level probe) needs its weights, which the artifact
+    does not hold. None for a real model; GraftError naming the recorded URI when it cannot be read."""
+    if model.artifact is None:
+        return None
+    from worker.engine.storage.model import resolve_model
+    from worker.engine.storage.uris import parse_uri
+
+    uri = model.artifact.manifest.sources[side].uri
+    try:
+        return resolve_model(side, parse_uri(uri, field=side), endpoint_url=endpoint_url,
+                             max_header_bytes=max_header_bytes, reads=reads, allowed_roots=allowed_roots,
+                             denied_roots=denied_roots, retry=retry)
+    except GraftError as err:
+        raise GraftError(err.code, f"running the {side.replace('_', ' ')} needs its weights, which the diff "
+                         f"artifact does not hold, and the model it was extracted from ({uri}) cannot be read: "
+                         f"{err.message}") from None

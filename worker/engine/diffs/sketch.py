@@ -10,8 +10,8 @@ sqrt(2 / BUCKETS) times ||t - s||^2 and ||t - s|| ||d|| respectively (Charikar e
 2012 for the inner product). A tensor of at most BUCKETS elements is stored whole (the sketch is the
 identity): its figures are exact.
 
-The hashes are ((a i + b) mod P) with a, b drawn from the tensor's name, so a sketch is reproduced from the
-name and the element index alone, by any reader."""
+The hashes are ((a q + b) mod P)-style hashes of the element's block with a, b drawn from the tensor's name
+(README: the format), so a sketch is reproduced from the name and the element index alone, by any reader."""
 
 from __future__ import annotations
 
@@ -37,25 +37,59 @@ def width(numel: int) -> int:
 
 
 class Sketcher:
-    """Adds chunks of one tensor (flat, element order, any cut) into its sketch, in float64."""
+    """Adds chunks of one tensor (flat, element order, any cut) into its sketch, in float64.
+
+    Element i = q * BUCKETS + r (its block q, its place r in the block) goes to bucket (r + shift(q)) mod BUCKETS
+    with sign flip(q) * column(r): a block's elements never collide, elements of two blocks collide as two
+    random shifts do (1 / BUCKETS), their signs are independent; shift and flip are hashes of q, column a fixed
+    random sign per place. Hashing per block, not per element, keeps the sketch at a few operations an
+    element."""
 
     def __init__(self, name: str, numel: int) -> None:
         self.numel = numel
         self.sketch = torch.zeros(width(numel), dtype=torch.float64)
         self._a, self._b, self._c, self._e = _coefficients(name)
+        places = torch.arange(BUCKETS, dtype=torch.int64)
+        self._column = self._signs(places, self._c ^ 0x5BD1E995, self._e)
+        self._places = places
 
-    def _hash(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.arange(start, start + count, dtype=torch.int64).remainder_(_P)
-        bucket = (i * self._a + self._b).remainder_(_P).remainder_(BUCKETS)
-        sign = (i * self._c + self._e).remainder_(_P).bitwise_and_(1).mul_(2).sub_(1)
-        return bucket, sign
+    @staticmethod
+    def _signs(i: torch.Tensor, c: int, e: int) -> torch.Tensor:
+        return ((i % _P) * (c % _P) + e).remainder_(_P).bitwise_and_(1).mul_(2).sub_(1).double()
+
+    def _blocks(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.arange(first, first + count, dtype=torch.int64).remainder_(_P)
+        shift = (q * self._a + self._b).remainder_(_P).bitwise_and_(BUCKETS - 1)
+        return shift, self._signs(q, self._c, self._e)
 
     def add(self, start: int, chunk: torch.Tensor) -> None:
+        n = chunk.numel()
+        x = chunk.reshape(-1).double()
         if self.numel <= BUCKETS:
-            self.sketch[start:start + chunk.numel()] += chunk.double()
+            self.sketch[start:start + n] += x
             return
-        bucket, sign = self._hash(start, chunk.numel())
-        self.sketch.index_add_(0, bucket, chunk.double() * sign)
+        i = 0
+        while i < n:  # a partial first or last block element by element, whole blocks at once
+            offset = (start + i) % BUCKETS
+            take = n - i if offset == 0 and n - i >= BUCKETS else min(n - i, BUCKETS - offset)
+            if offset == 0 and take >= BUCKETS:
+                take -= take % BUCKETS
+            self._add_run(start + i, x[i:i + take])
+            i += take
+
+    def _add_run(self, start: int, x: torch.Tensor) -> None:
+        """Elements [start, start + len(x)): whole blocks, or a part of one block."""
+        q0, r0 = divmod(start, BUCKETS)
+        if r0 == 0 and x.numel() % BUCKETS == 0:
+            shift, flip = self._blocks(q0, x.numel() // BUCKETS)
+            grid = x.view(-1, BUCKETS) * flip[:, None] * self._column[None, :]
+            index = (self._places[None, :] + shift[:, None]).bitwise_and_(BUCKETS - 1)
+            self.sketch.index_add_(0, index.reshape(-1), grid.reshape(-1))
+            return
+        shift, flip = self._blocks(q0, 1)
+        places = self._places[r0:r0 + x.numel()]
+        index = (places + shift).bitwise_and_(BUCKETS - 1)
+        self.sketch.index_add_(0, index, x * flip * self._column[places])
 
 
 def estimates(target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, numel: int, delta_sq: float) -> dict:

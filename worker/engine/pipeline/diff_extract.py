@@ -20,7 +20,7 @@ import torch
 from worker.engine.compute.blocks import Piece, Visit, build_blocks
 from worker.engine.compute.passes import PassTotals, Reading, run_pass, view_of
 from worker.engine.config import EngineSettings
-from worker.engine.diffs.artifact import DIFF_MANIFEST, FORMAT
+from worker.engine.diffs.artifact import BASE_PREFIX, DIFF_MANIFEST, FORMAT
 from worker.engine.diffs.artifact_writer import ArtifactWriter, TensorParts
 from worker.engine.diffs.encodings import ENCODINGS, FALLBACK
 from worker.engine.diffs.request import DiffExtractRequest
@@ -225,7 +225,7 @@ def _visits(plan: Plan, jobs: list[_Job]) -> tuple[list[Visit], dict[int, tuple]
 
 
 def _resolve(request: DiffExtractRequest, settings: EngineSettings) -> dict[str, ResolvedModel]:
-    side = {"source_base": (), "source_finetuned": (*TOKENIZER_FILES, GENERATION_CONFIG)}
+    side = {"source_base": TOKENIZER_FILES, "source_finetuned": (*TOKENIZER_FILES, GENERATION_CONFIG)}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {role: pool.submit(resolve_model, role, parse_uri(uri, field=role),
                                      endpoint_url=settings.s3_endpoint_url, max_header_bytes=settings.max_header_bytes,
@@ -250,13 +250,17 @@ def plan_extraction(models: dict[str, ResolvedModel]) -> Plan:
     return build_plan(base, base, models["source_finetuned"], GraftOptions(vocab="extend"))
 
 
-def _side_files(sink, finetuned: ResolvedModel) -> list[FileRecord]:
+def _side_files(sink, models: dict[str, ResolvedModel]) -> list[FileRecord]:
     """What a graft takes from the fine-tune: its config (the stand-in's), tokenizer, chat template, generation
-    config, as they are."""
+    config, as they are; and the base's tokenizer files under BASE_PREFIX, which an inspection compares with
+    the target's."""
+    finetuned, base = models["source_finetuned"], models["source_base"]
     records = [sink.put("config.json", finetuned.side_file("config.json"))]
     for name in (*finetuned.tokenizer_files(), GENERATION_CONFIG):
         if finetuned.store.exists(name):
             records.append(sink.put(name, finetuned.side_file(name)))
+    for name in base.tokenizer_files():
+        records.append(sink.put(BASE_PREFIX + name, base.side_file(name)))
     return records
 
 
@@ -310,7 +314,7 @@ def _extract(request, models, output, settings, report, should_cancel) -> DiffRe
     with (publishing(output, request, settings, should_cancel, manifest_name=DIFF_MANIFEST) as sink,
           InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher,
           ArtifactWriter(sink, request.spec.shard_size, settings.scratch_dir) as writer):
-        side = _side_files(sink, models["source_finetuned"])
+        side = _side_files(sink, models)
         visitor = _ExtractVisitor(writer, roles)
         for job in jobs:
             if not job.numel:  # nothing to stream (no rows shared): its encoder sees every pass empty

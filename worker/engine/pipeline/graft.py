@@ -249,6 +249,9 @@ def _stream(request: GraftRequest, plan: Plan, models: dict[str, ResolvedModel],
     stats_read = _statistics_pass(plan, reading, hooks, total)
     out = stream_plan(plan, sink, reading, alpha=request.options.alpha, on_block=on_block)
     total.bytes_read += stats_read
+    # A diff artifact's decoded bytes were counted as read: count what was read of the artifact instead.
+    stores = {id(m.store): m.store for m in models.values()}.values()
+    total.bytes_read += sum(s.io_adjustment() for s in stores if hasattr(s, "io_adjustment"))
     return out.records, out.stats, out.changed_buffers, out.totals
 
 

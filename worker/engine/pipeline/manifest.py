@@ -81,14 +81,20 @@ This checkpoint is `target_base + alpha * (source_finetuned - source_base)`, bui
 | role | model |
 |---|---|
 | target base | `{request.target_base}` |
-| source base | `{request.source_base}` |
-| source fine-tune | `{request.source_finetuned}` |
+{_sources(request)}
 
 - {_strength(request)}; vocabulary policy: {request.options.vocab}; dtype: {request.options.dtype}
 - tensors: {counts}; tied embeddings: {plan.tied_output}
 - config from the target base; {_donor(request)}.
 - `graft-manifest.json` lists every tensor, how it was made, and the sha256 of every file.
 """
+
+
+def _sources(request: GraftRequest) -> str:
+    first = request.recipe.diffs[0]
+    if first.diff is not None:
+        return f"| diff artifact | `{first.diff}` |"
+    return f"| source base | `{first.source_base}` |\n| source fine-tune | `{first.source_finetuned}` |"
 
 
 def _donor(request: GraftRequest) -> str:

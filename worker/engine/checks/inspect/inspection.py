@@ -31,7 +31,8 @@ from worker.engine.verdict import Level, combine, function_reasons, levels_up_to
 # function_probe's refusals of bases whose interpolation is not defined: the headers level already says why
 # (with its own verdict); the report says the function level did not run. Its other errors (model_too_large,
 # eval_timeout, no_tokenizer) fail the inspection: that level was asked for and cannot be given.
-UNDEFINED_PROBE = frozenset({"architecture_mismatch", "shape_conflict", "config_mismatch"})
+# diff_source_unavailable: a diff artifact's recorded source base cannot be read (its delta alone cannot be run).
+UNDEFINED_PROBE = frozenset({"architecture_mismatch", "shape_conflict", "config_mismatch", "diff_source_unavailable"})
 # The phase the weights pass reports its bytes under (bytes_read against bytes_total; nothing is written).
 WEIGHTS_PHASE = Phase.INSPECTING
 
@@ -195,6 +196,22 @@ def _function_fits(request: GraftRequest, models: dict[str, ResolvedModel], sett
         check_fits([base, models["target_base"]], settings, device=device, what="function-level probe")
 
 
+def _recorded_base(base: ResolvedModel, request: GraftRequest, settings: EngineSettings) -> ResolvedModel | None:
+    """A diff artifact's source base, from the URI it records: the probe runs the base's weights (GraftError
+    diff_source_unavailable naming it when it cannot be read: the function level is not run for that diff)."""
+    from worker.engine.diffs.artifact import recorded_model
+    from worker.engine.pipeline.publish import storage_retry
+    from worker.engine.pipeline.resolve import remote_reads
+
+    try:
+        return recorded_model(base, "source_base", endpoint_url=settings.s3_endpoint_url,
+                              max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
+                              allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
+                              retry=storage_retry(settings))
+    except GraftError as err:
+        raise GraftError("diff_source_unavailable", err.message) from None
+
+
 def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings: EngineSettings,
               probe_text: str | None, should_cancel) -> tuple[dict, list[dict]]:
     from worker.engine.checks.evaluation import isolation
@@ -203,8 +220,10 @@ def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings:
     probes, reasons = [], []
     bases = _bases(request, models)
     for base, diffs in bases:
+        real = None
         try:
-            result = isolation.probe(base, models["target_base"], _tokenizer_from(models), text=probe_text,
+            real = _recorded_base(base, request, settings)
+            result = isolation.probe(real or base, models["target_base"], _tokenizer_from(models), text=probe_text,
                                      settings=settings, device=device, should_cancel=should_cancel,
                                      roots=(request.allowed_roots, request.denied_roots))
         except GraftError as err:
@@ -215,6 +234,9 @@ def _function(request: GraftRequest, models: dict[str, ResolvedModel], settings:
             reasons.append(reason("function_level_not_run", Level.FUNCTION, "compatible",
                                   f"the function level was not run: {err.message}", values={"diff_indices": diffs}))
             continue
+        finally:
+            if real is not None:
+                real.store.close()
         probes.append({"source_base": base.uri, "diffs": diffs, **result})
         for r in function_reasons(result):
             r["values"]["diff_indices"] = diffs  # the diffs whose weights reasons this probe may overrule

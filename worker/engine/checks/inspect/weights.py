@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.compute.arithmetic import CHUNK
-from worker.engine.compute.blocks import Piece, Visit, build_blocks
+from worker.engine.compute.blocks import Piece, Visit, build_blocks, graft_roles
 from worker.engine.compute.passes import PassTotals, Reading, run_pass, view_of
 from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, connectivity_medians
 from worker.engine.diffs.artifact import read_sketch
@@ -52,7 +52,7 @@ def weights_visits(plan: Plan) -> list[Visit]:
     for t in plan.tensors:
         segments = [Segment("stat", s.start, s.stop) for s in t.segments if s.op in ("transfer", "merge")]
         if segments and diff_pairs(plan, t.name):
-            roles = tuple(r for r in t.sources if not r.startswith("delta."))
+            roles = tuple(r for r in graft_roles(t, "merge") if not r.startswith("delta."))
             visits.append(Visit(t, segments, roles=roles))
     return visits
 
