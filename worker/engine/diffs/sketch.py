@@ -52,6 +52,8 @@ class Sketcher:
         places = torch.arange(BUCKETS, dtype=torch.int64)
         self._column = self._signs(places, self._c ^ 0x5BD1E995, self._e)
         self._places = places
+        # _unroll[s, j]: the place r that lands in bucket j under shift s, (j - s) mod BUCKETS.
+        self._unroll = (places[None, :] - places[:, None]).bitwise_and_(BUCKETS - 1) if numel > BUCKETS else None
 
     @staticmethod
     def _signs(i: torch.Tensor, c: int, e: int) -> torch.Tensor:
@@ -64,7 +66,7 @@ class Sketcher:
 
     def add(self, start: int, chunk: torch.Tensor) -> None:
         n = chunk.numel()
-        x = chunk.reshape(-1).double()
+        x = chunk.reshape(-1).to(torch.float64, copy=True)  # worked on in place below
         if self.numel <= BUCKETS:
             self.sketch[start:start + n] += x
             return
@@ -82,9 +84,10 @@ class Sketcher:
         q0, r0 = divmod(start, BUCKETS)
         if r0 == 0 and x.numel() % BUCKETS == 0:
             shift, flip = self._blocks(q0, x.numel() // BUCKETS)
-            grid = x.view(-1, BUCKETS) * flip[:, None] * self._column[None, :]
-            index = (self._places[None, :] + shift[:, None]).bitwise_and_(BUCKETS - 1)
-            self.sketch.index_add_(0, index.reshape(-1), grid.reshape(-1))
+            grid = x.view(-1, BUCKETS).mul_(self._column).mul_(flip[:, None])
+            # Blocks of one shift summed first (whole rows: fast), then each shift's row rolled into the buckets.
+            by_shift = torch.zeros(BUCKETS, BUCKETS, dtype=torch.float64).index_add_(0, shift, grid)
+            self.sketch += by_shift.gather(1, self._unroll).sum(0)
             return
         shift, flip = self._blocks(q0, 1)
         places = self._places[r0:r0 + x.numel()]
