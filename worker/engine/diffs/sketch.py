@@ -29,6 +29,7 @@ _ROUNDING = 1e-12  # float64 sums of a tensor's elements in another order: far b
 
 
 _scratch = threading.local()
+ROWS_AT = 256  # blocks in one call from which they are summed by shift first (a BUCKETS x BUCKETS table)
 
 
 @functools.cache
@@ -107,6 +108,10 @@ class Sketcher:
         if r0 == 0 and x.numel() % BUCKETS == 0:
             shift, flip = self._blocks(q0, x.numel() // BUCKETS)
             grid = x.view(-1, BUCKETS).mul_(self._column).mul_(flip[:, None])
+            if len(shift) < ROWS_AT:  # few blocks: element by element is cheaper than the shift table
+                index = (self._places[None, :] + shift[:, None]).bitwise_and_(BUCKETS - 1)
+                self.sketch.index_add_(0, index.reshape(-1), grid.reshape(-1))
+                return
             # Blocks of one shift summed first (whole rows: fast), then each shift's row rolled into the buckets.
             by_shift = _work("rows", BUCKETS * BUCKETS).view(BUCKETS, BUCKETS).zero_().index_add_(0, shift, grid)
             self.sketch += by_shift.gather(1, _unroll()).sum(0)
