@@ -165,3 +165,18 @@ def test_refusals(trio, tmp_path):
         export({**trio, "target_base": str(gpt2)}, tmp_path / "b")
     assert err.value.code == "unsupported_architecture"
     assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "lora-manifest.json").exists()
+
+
+def test_cli(trio, tmp_path, capsys):
+    from worker.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["lora", "--source-base", trio["source_base"], "--source-finetuned", trio["source_finetuned"],
+                 "--target-base", trio["target_base"], "--output", str(out), "--energy", "0.5", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rank"] in VLLM_RANKS and (out / "lora-manifest.json").exists()
+    with open(out / "lora-manifest.json") as fh:
+        modules = json.load(fh)["modules"]
+    assert all(m["retained_energy"] >= 0.5 for m in modules.values())  # each module's own smallest rank
+    assert main(["lora", "--diff", "x", "--source-base", "y", "--target-base", "t", "--output", "o"]) != 0
