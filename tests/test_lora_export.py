@@ -180,3 +180,14 @@ def test_cli(trio, tmp_path, capsys):
         modules = json.load(fh)["modules"]
     assert all(m["retained_energy"] >= 0.5 for m in modules.values())  # each module's own smallest rank
     assert main(["lora", "--diff", "x", "--source-base", "y", "--target-base", "t", "--output", "o"]) != 0
+
+
+def test_cancelled_publishes_nothing(trio, tmp_path):
+    from worker.engine.errors import GraftCancelled
+
+    spec = LoraExport(source_base=trio["source_base"], source_finetuned=trio["source_finetuned"],
+                      target_base=trio["target_base"], output=str(tmp_path / "c"), rank=8)
+    with pytest.raises(GraftCancelled):
+        export_lora(LoraExportRequest(spec), should_cancel=lambda: True)
+    assert not (tmp_path / "c" / "lora-manifest.json").exists()
+    assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
