@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean soak fuzz example
+.PHONY: venv run test lint bench bench-diffs clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ fuzz: venv
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py
+
+# Diff artifacts (issue 15): each encoding extracted and applied beside the three-model graft, then the quality
+# each keeps; models generated under .bench/ (about 3 GB), CPU-heavy (an hour on two busy cores).
+bench-diffs: venv
+	$(BIN)/python bench/bench_diffs.py $(BENCH_ARGS)
 
 # The verdict calibrated on a tiny model family trained here (CPU, a few minutes): examples/calibration/.
 example: venv
