@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean soak fuzz example
+.PHONY: venv run test lint bench bench-diffs bench-s3-diffs clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -36,6 +36,16 @@ fuzz: venv
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py
+
+# Diff artifacts (issue 15): each encoding extracted and applied beside the three-model graft, then the quality
+# each keeps; models generated under .bench/ (about 3 GB), CPU-heavy (an hour on two busy cores).
+bench-diffs: venv
+	$(BIN)/python bench/bench_diffs.py $(BENCH_ARGS)
+
+# The same S3 -> S3 on a real S3 server (s3rver, installed under .bench/) in its own network namespace, every
+# connection capped by the kernel (root, ip netns, tc htb/u32: bench/s3_rig.py); floors measured in the same run.
+bench-s3-diffs: venv
+	$(BIN)/python bench/bench_s3_diffs.py $(BENCH_ARGS)
 
 # The verdict calibrated on a tiny model family trained here (CPU, a few minutes): examples/calibration/.
 example: venv

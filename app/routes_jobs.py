@@ -15,10 +15,11 @@ from starlette.responses import Response
 
 from worker.engine.errors import GraftError
 from worker.engine.planning.options import GraftOptions
-from worker.engine.planning.recipe import Diff, Recipe, RecipeOptions
+from worker.engine.planning.recipe import ARTIFACT_SIDES, Diff, Recipe, RecipeOptions, artifact_input
+from worker.service import diffs
 from worker.service.job_store import CHECKS_SPEC, decode_job, new_job_id, now_iso
 from worker.service.kinds import KINDS, Kind, graft
-from worker.service.kinds.bodies import BodyError, Models
+from worker.service.kinds.bodies import BodyError, Models, Submission
 from worker.service.statuses import ACTIVE, TERMINAL, JobStatus
 from worker.service.uri_policy import PolicyError, check_output_placement, check_uri, output_for, scope_for
 from worker.service.webhooks import check_webhook_target
@@ -57,13 +58,15 @@ def _strength(body: Models) -> float:
     return body.options.alpha if isinstance(body.options.alpha, float | int) else 1.0
 
 
-def _check_body(kind: Kind, body: Models) -> None:
-    """The kind's own checks of its body, then the engine's checks of the options (RE2 patterns, sizes), with
-    the failing field named."""
+def _check_body(kind: Kind, body: Submission) -> None:
+    """The kind's own checks of its body, then (for a recipe's body) the engine's checks of the options (RE2
+    patterns, sizes), with the failing field named."""
     try:
         kind.check(body)
     except BodyError as err:
         raise field_error(err.field, err.message, err.code) from err
+    if not isinstance(body, Models):
+        return
     if isinstance(body.options.alpha, list):
         from worker.engine.checks.checked_graft import check_alphas
 
@@ -79,10 +82,11 @@ def _check_body(kind: Kind, body: Models) -> None:
 
 
 def _recipe(body: Models) -> Recipe:
-    """The recipe the body describes, in one of three ways: today's three fields (with alpha), `diffs` in place
-    of source_base/source_finetuned, or a mergekit config in place of all the models. `merge` and `rules` go
-    with the first two; `options` with all (over a mergekit config's own). Alpha is one strength on the whole
-    recipe, whichever way it came: its merged delta times alpha (Recipe.scaled)."""
+    """The recipe the body describes, in one of four ways: today's three fields (with alpha), a diff artifact
+    (`diff`: its id or URI) or `diffs` in place of source_base/source_finetuned, or a mergekit config in place of
+    all the models. `merge` and `rules` go with the first three; `options` with all (over a mergekit config's
+    own). Alpha is one strength on the whole recipe, whichever way it came: its merged delta times alpha
+    (Recipe.scaled). A diff's id stays as given here: _resolve_diffs puts its artifact's URI in its place."""
     options = RecipeOptions.model_validate(body.options.model_dump(exclude={"alpha"}))
     if body.mergekit_stage is not None and body.mergekit_config is None:
         raise field_error("mergekit_stage", "names a stage of a mergekit_config: give the config too")
@@ -92,14 +96,21 @@ def _recipe(body: Models) -> Recipe:
         if body.target_base is None:
             raise field_error("target_base", "required (or give a mergekit_config)", "missing")
         if body.diffs is not None:
+            for role in ("source_base", "source_finetuned", "diff"):
+                if getattr(body, role) is not None:
+                    raise field_error(role, "give either diffs or source_base and source_finetuned (or diff), "
+                                      "not both")
+            diffs = body.diffs
+        elif body.diff is not None:
             for role in ("source_base", "source_finetuned"):
                 if getattr(body, role) is not None:
-                    raise field_error(role, "give either diffs or source_base and source_finetuned, not both")
-            diffs = body.diffs
+                    raise field_error(role, "a diff artifact (diff) replaces source_base and source_finetuned: "
+                                      "give one or the other")
+            diffs = [Diff(diff=body.diff)]
         else:
             for role in ("source_base", "source_finetuned"):
                 if getattr(body, role) is None:
-                    raise field_error(role, "required (or give diffs)", "missing")
+                    raise field_error(role, "required (or give diff, or diffs)", "missing")
             diffs = [Diff(source_base=body.source_base, source_finetuned=body.source_finetuned)]
         recipe = Recipe(target_base=body.target_base, diffs=diffs, rules=body.rules or [], options=options,
                         **({"merge": body.merge} if body.merge is not None else {}))
@@ -117,7 +128,7 @@ def _recipe(body: Models) -> Recipe:
 
 def _mergekit_recipe(body: Models, options: RecipeOptions) -> Recipe:
     """A mergekit config's recipe, the body's options over its own."""
-    for name in ("target_base", "source_base", "source_finetuned", "diffs", "merge", "rules"):
+    for name in ("target_base", "source_base", "source_finetuned", "diff", "diffs", "merge", "rules"):
         if getattr(body, name) is not None:
             raise field_error(name, "a mergekit_config names the models and the method itself")
     from worker.engine.planning.mergekit_config import recipe_from_mergekit
@@ -131,36 +142,75 @@ def _mergekit_recipe(body: Models, options: RecipeOptions) -> Recipe:
     return recipe.model_copy(update={"options": RecipeOptions.model_validate(merged)})
 
 
+def _diff_field(body: Models, index: int) -> str:
+    """Where the body named a recipe's diff `index`: its own `diff`, or the recipe's diffs.<i>.diff."""
+    return "diff" if body.diffs is None else f"diffs.{index}.diff"
+
+
+def _resolve_diffs(body: Models, recipe: Recipe, state: AppState, tenant: str) -> Recipe:
+    """The recipe with each diff artifact named by its id in its artifact's URI's place (the tenant's own diffs,
+    extracted and not deleted), every artifact URI checked against the deleted diffs (`diff_deleted`): the
+    record stores the URIs the worker reads. Reads Redis: off the event loop."""
+    resolved = []
+    for i, diff in enumerate(recipe.diffs):
+        if diff.diff is None:
+            resolved.append(diff)
+            continue
+        try:
+            uri = diffs.resolve(state.store, diff.diff, tenant, _diff_field(body, i))
+        except diffs.DiffRefused as err:
+            raise field_error(err.field, err.message, err.code) from err
+        # The artifact's input keys follow its URI (recipe.artifact_input), as Diff's own validator sets them.
+        resolved.append(diff.model_copy(update={"diff": uri, **{side: artifact_input(uri, side)
+                                                                 for side in ARTIFACT_SIDES}}))
+    return recipe.model_copy(update={"diffs": resolved})
+
+
 def _inputs(body: Models, recipe: Recipe) -> dict[str, str]:
-    """Field name -> URI of every model the body names (a mergekit config's under its own name)."""
+    """Field name -> URI of every model and diff artifact the body names (a mergekit config's under its own
+    name), each under the field that named it."""
     if body.mergekit_config is not None:
         return {f"mergekit_config ({uri})": uri for uri in
                 {recipe.target_base, *(u for d in recipe.diffs for u in (d.source_base, d.source_finetuned))}}
     named = {"target_base": recipe.target_base}
-    if body.diffs is None:
-        named.update(source_base=body.source_base, source_finetuned=body.source_finetuned)
-    for i, diff in enumerate(body.diffs or ()):
-        named[f"diffs.{i}.source_base"] = diff.source_base
-        named[f"diffs.{i}.source_finetuned"] = diff.source_finetuned
+    for i, diff in enumerate(recipe.diffs):
+        if diff.diff is not None:
+            named[_diff_field(body, i)] = diff.diff
+        elif body.diffs is None:
+            named.update(source_base=diff.source_base, source_finetuned=diff.source_finetuned)
+        else:
+            named[f"diffs.{i}.source_base"] = diff.source_base
+            named[f"diffs.{i}.source_finetuned"] = diff.source_finetuned
     return named
 
 
 def _graft_fields(recipe: Recipe) -> dict:
     """What the job record (and a preview process) holds of the request: the recipe, which the worker runs. The
-    first diff's and the target's URIs and the engine options (alpha: a one-diff recipe's strength, else 1)
-    are shown beside it, for the reader of a job; nothing reads them back."""
+    first diff's (its pair, or its artifact as `diff`) and the target's URIs and the engine options (alpha: a
+    one-diff recipe's strength, else 1) are shown beside it, for the reader of a job; nothing reads them back."""
     first = recipe.diffs[0]
-    return {"source_base": first.source_base, "source_finetuned": first.source_finetuned,
+    pair = (None, None) if first.diff is not None else (first.source_base, first.source_finetuned)
+    return {"source_base": pair[0], "source_finetuned": pair[1], "diff": first.diff,
             "target_base": recipe.target_base, "options": recipe.engine_options().to_dict(),
             "recipe": recipe.to_dict()}
 
 
-def _check_request(body: Models, recipe: Recipe, state: AppState, tenant: str) -> None:
+def _described(kind: Kind, body: Submission, state: AppState, tenant: str) -> tuple[dict, dict[str, str]]:
+    """(the record's fields naming what the job reads, field -> URI of each input as the body named it): a
+    recipe's for a Models body (its diffs' ids resolved), the kind's own otherwise."""
+    if not kind.takes_recipe:
+        fields = kind.fields(body)
+        return fields, kind.inputs(fields)
+    recipe = _resolve_diffs(body, _recipe(body), state, tenant)
+    return _graft_fields(recipe), _inputs(body, recipe)
+
+
+def _check_request(body: Submission, inputs: dict[str, str], state: AppState, tenant: str) -> None:
     """Everything about a body that needs no job id: sizes, inputs, webhook (resolves the host: a thread)."""
     settings = state.settings
     if len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise field_error("metadata", f"larger than {settings.max_metadata_bytes} bytes", "too_large")
-    for name, uri in _inputs(body, recipe).items():
+    for name, uri in inputs.items():
         try:
             check_uri(uri, name, settings, tenant=tenant)
         except PolicyError as err:
@@ -174,7 +224,7 @@ def _check_request(body: Models, recipe: Recipe, state: AppState, tenant: str) -
             raise field_error("webhook_url", str(err), kind if kind != "invalid" else "webhook_url_invalid") from err
 
 
-def _output(job_id: str, body: Models, state: AppState, tenant: str) -> str:
+def _output(job_id: str, body: Submission, state: AppState, tenant: str) -> str:
     try:
         output = output_for(job_id, body.output, state.settings, tenant)
         # The default too: GRAFT_OUTPUT_URI, or the tenant's own namespace, may lie in a model or a result.
@@ -211,34 +261,34 @@ def _submitting(kind: Kind) -> Callable[..., Response]:
     return handler
 
 
-def create(kind: Kind, body: Models, tenant: str, state: AppState, idempotency_key: str | None) -> Response:
+def create(kind: Kind, body: Submission, tenant: str, state: AppState, idempotency_key: str | None) -> Response:
     """Submit a job of `kind`: the same steps for every kind, the kind's own parts from the table."""
     # First: an identical request's replay is the original job, even where what has happened since (its output
-    # published, a model placed above it, a limit lowered) would refuse the request now.
+    # published, a model placed above it, a limit lowered, a diff deleted) would refuse the request now.
     if idempotency_key is not None and (replay := _replay(state, tenant, idempotency_key, body)) is not None:
         return _replayed(replay, state)
     _check_body(kind, body)
-    recipe = _recipe(body)
-    _check_request(body, recipe, state, tenant)
+    fields, inputs = _described(kind, body, state, tenant)
+    _check_request(body, inputs, state, tenant)
     job_id = new_job_id()
     output = _output(job_id, body, state, tenant)
     spec = kind.spec(body)
-    doc = _job_doc(kind, job_id, spec, recipe, output, body, state)
+    doc = _job_doc(kind, job_id, spec, fields, output, body, state)
     return _submit(doc, spec, body, state, tenant, idempotency_key)
 
 
-def _job_doc(kind: Kind, job_id: str, spec: dict | None, recipe: Recipe, output: str, body: Models,
+def _job_doc(kind: Kind, job_id: str, spec: dict | None, fields: dict, output: str, body: Submission,
              state: AppState) -> dict:
     """A new job's record, whatever its kind: queued, its inputs and its checks (as the kind shows them)."""
     return {"id": job_id, "object": "graft.job", "kind": kind.name, "checks": kind.shown(spec),
             "status": JobStatus.QUEUED.value, "created_at": now_iso(), "started_at": None, "finished_at": None,
-            **_graft_fields(recipe), "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
+            **fields, "output": output, "metadata": body.metadata, "webhook_url": body.webhook_url,
             "attempt": 0, "max_attempts": state.settings.max_attempts, "progress": None, "result": None,
             "error": None}
 
 
-def _submit(doc: dict, spec: dict | None, body: Models, state: AppState, tenant: str, idempotency_key: str | None
-            ) -> Response:
+def _submit(doc: dict, spec: dict | None, body: Submission, state: AppState, tenant: str,
+            idempotency_key: str | None) -> Response:
     """Create the record (under the tenant's quota and an idempotency key) and queue it."""
     settings, store = state.settings, state.store
     job_id = doc["id"]
@@ -270,7 +320,7 @@ def _submit(doc: dict, spec: dict | None, body: Models, state: AppState, tenant:
     return _json(doc, 202, {"Location": f"/v1/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)})
 
 
-def _claim_idempotency(state: AppState, tenant: str, key: str, body: Models,
+def _claim_idempotency(state: AppState, tenant: str, key: str, body: Submission,
                        job_id: str) -> tuple[dict | None, str]:
     """(None, key) when this request owns the key; otherwise the job an earlier identical request made."""
     rkey, body_hash = _idempotency_slot(state, tenant, key, body)
@@ -283,14 +333,14 @@ def _claim_idempotency(state: AppState, tenant: str, key: str, body: Models,
     raise Problem(409, "idempotency_in_progress", "the first request with this key is still being processed")
 
 
-def _idempotency_slot(state: AppState, tenant: str, key: str, body: Models
+def _idempotency_slot(state: AppState, tenant: str, key: str, body: Submission
                       ) -> tuple[str, str]:
     """(the Redis key holding this Idempotency-Key, the hash of the body it was first used with)."""
     body_hash = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
     return state.store.idem_key(tenant, hashlib.sha256(key.encode()).hexdigest()), body_hash
 
 
-def _replay(state: AppState, tenant: str, key: str, body: Models) -> dict | None:
+def _replay(state: AppState, tenant: str, key: str, body: Submission) -> dict | None:
     """The job an earlier identical request with this key made (None: the key is unused); a different body
     is refused. Only looks: the key is claimed by _submit, once the request has passed every check."""
     rkey, body_hash = _idempotency_slot(state, tenant, key, body)
@@ -392,8 +442,9 @@ def get_job_events(job_id: str, tenant: str = Depends(tenant_of), state: AppStat
 async def preview_job(body: JobCreate = Body(...), tenant: str = Depends(rate_limited),
                       state: AppState = Depends(app_state)) -> Response:
     _check_body(KINDS[graft.NAME], body)  # the dry run of a graft job
-    recipe = _recipe(body)
-    await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), recipe, state, tenant)
+    recipe = await run_in_threadpool(_resolve_diffs, body, _recipe(body), state, tenant)
+    await run_in_threadpool(_check_request, body.model_copy(update={"webhook_url": None}), _inputs(body, recipe),
+                            state, tenant)
     await run_in_threadpool(_output, new_job_id(), body, state, tenant)  # refused where the job's would be
     allowed, denied = scope_for(tenant, state.settings).engine_roots()
     request = {**_graft_fields(recipe), "confinement": {"allowed_roots": allowed, "denied_roots": denied}}

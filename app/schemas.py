@@ -9,12 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJson
 from pydantic_core import core_schema
 
 from worker.service.kinds import DEFAULT, KINDS
-from worker.service.kinds.bodies import Models, Options
+from worker.service.kinds.bodies import Models, Options, Submission
+from worker.service.kinds.diff_extract import DiffCreate
 from worker.service.kinds.graft import JobCreate
 from worker.service.kinds.preflight import PreflightCreate
 from worker.service.statuses import JobStatus
 
-__all__ = ["JobCreate", "Models", "Options", "PreflightCreate"]
+__all__ = ["DiffCreate", "JobCreate", "Models", "Options", "PreflightCreate", "Submission"]
 
 Status = JobStatus
 
@@ -62,6 +63,9 @@ class Result(BaseModel):
     preflight: dict[str, Any] | None = Field(None, description="the verdict `require: compatible` checked")
     report: dict[str, Any] | None = Field(None, description="a preflight's report: verdict, reasons, the numbers")
     chart_uri: str | None = Field(None, description="a preflight's per-layer chart (PNG)")
+    diff: dict[str, Any] | None = Field(None, description="a diff extraction's manifest summary: format, encoding, "
+                                        "totals (sizes, reconstruction errors), content_address, sources "
+                                        "(provenance), engine")
 
 
 class JobError(BaseModel):
@@ -78,11 +82,14 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
-    source_base: str
-    source_finetuned: str
-    target_base: str
+    source_base: str | None = Field(None, description="the first diff's base (null where it is a diff artifact)")
+    source_finetuned: str | None = Field(None, description="the first diff's fine-tune (null where it is a diff "
+                                         "artifact)")
+    diff: str | None = Field(None, description="the first diff's artifact URI, where the job applies one (a diff's "
+                             "id is resolved to it at submission)")
+    target_base: str | None = Field(None, description="null for a diff extraction")
     output: str
-    options: dict[str, Any]
+    options: dict[str, Any] = Field(description="the engine options (a diff extraction's: encoding, shard_size)")
     recipe: dict[str, Any] | None = Field(None, description="the recipe the job runs (a plain transfer is a "
                                           "one-diff recipe whose weight is alpha); the URIs and options beside it "
                                           "repeat it for the reader")
@@ -96,11 +103,55 @@ class Job(BaseModel):
     progress: Progress | None = None
     result: Result | None = None
     error: JobError | None = None
+    deleted_at: str | None = Field(None, description="a diff extraction's: when its diff was deleted "
+                                   "(DELETE /v1/diffs/{id})")
 
 
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Job]
+    has_more: bool
+    last_id: str | None
+
+
+DiffStatus = Literal[(*(s.value for s in JobStatus), "deleting", "deleted")]  # type: ignore[valid-type]
+
+
+class DiffArtifact(BaseModel):
+    """A diff: the artifact a diff_extract job published (its id is the job's), with its provenance, encoding,
+    sizes and reconstruction errors; the per-tensor table is in the artifact's diff-manifest.json."""
+
+    id: str
+    object: Literal["graft.diff"] = "graft.diff"
+    status: DiffStatus = Field(description="the extraction's status; once deleted: deleting (its files being "
+                               "removed), then deleted")
+    job: str = Field(description="the extraction job (GET it for its progress and events)")
+    created_at: str
+    finished_at: str | None = None
+    deleted_at: str | None = None
+    source_base: str
+    source_finetuned: str
+    uri: str = Field(description="where the artifact is (or was)")
+    manifest_uri: str | None = None
+    encoding: dict[str, Any] = Field(description="the encoding and its parameters")
+    shard_size: int
+    content_address: str | None = Field(None, description="sha256 of the encoding and of every file's digest")
+    sources: dict[str, Any] | None = Field(None, description="provenance: per source, its URI, resolved revision "
+                                           "and file digests")
+    totals: dict[str, Any] | None = Field(None, description="tensors (and per encoding how many it stored), "
+                                          "encoded_bytes, finetuned_bytes, ratio_to_finetuned, rel_frobenius (the "
+                                          "delta-weighted reconstruction error), rel_frobenius_max, max_abs")
+    engine: dict[str, Any] | None = None
+    files: list[FileOut] | None = None
+    stats: dict[str, Any] | None = None
+    progress: Progress | None = None
+    error: JobError | None = None
+    metadata: dict[str, str]
+
+
+class DiffList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DiffArtifact]
     has_more: bool
     last_id: str | None
 

@@ -4,7 +4,7 @@ A schema says which requests are well formed, not which models exist or which pa
 Schemathesis' `positive_data_acceptance` therefore gives way to this stricter reading: a schema-valid request
 may be refused only with 422 for a reason no schema can state (the URI policy, a regular expression RE2
 cannot compile, a webhook address that is not public, a configured size limit, a model that is not there,
-a mergekit config that is no task-vector merge),
+a mergekit config that is no task-vector merge, a diff id that names none of the tenant's diffs),
 and the refusal must say which; any other refusal of schema-valid data is a contract violation.
 """
 
@@ -16,7 +16,7 @@ import schemathesis
 
 SEMANTIC = {"uri_not_allowed", "invalid_option", "webhook_url_not_allowed", "webhook_url_invalid", "too_large",
             "input_not_found", "invalid_input", "invalid_safetensors", "shape_conflict", "vocab_mismatch",
-            "invalid_recipe", "architecture_mismatch"}
+            "invalid_recipe", "architecture_mismatch", "diff_not_found", "diff_deleted", "diff_not_ready"}
 
 
 @schemathesis.check

@@ -141,3 +141,28 @@ def test_a_wait_rides_out_an_unavailable_server():
             wait_for(client, "/v1/jobs/job_1", interval=0)
     assert err.value.lines() == ["graft: error [not_found] (HTTP 404): no job job_1"] and not answers
     assert ApiError("http_502", "<html>bad gateway</html>", status=502).transient
+
+
+def test_diffs_extract_get_list_apply_delete(graft, trio):
+    pair = [f"--source-base=file://{trio['source_base']}", f"--source-finetuned=file://{trio['source_finetuned']}"]
+    status, out, err = graft("diffs", "extract", *pair, "--encoding", "sparse", "--set", "encoding.density=0.5",
+                             "--wait", "--no-progress", "--interval", "0.05", "--json")
+    assert status == 0, err
+    job = json.loads(out)
+    assert job["kind"] == "diff_extract" and job["options"]["encoding"] == {"encoding": "sparse", "density": 0.5}
+    status, out, _ = graft("diffs", "get", job["id"])
+    diff = json.loads(out)
+    assert status == 0 and diff["status"] == "succeeded" and diff["totals"] == job["result"]["diff"]["totals"]
+    status, out, _ = graft("diffs", "list", "--all")
+    assert status == 0 and job["id"] in [d["id"] for d in json.loads(out)["data"]]
+    status, out, err = graft("jobs", "submit", "--diff", job["id"], f"--target-base=file://{trio['target_base']}",
+                             "--wait", "--no-progress", "--interval", "0.05", "--json")
+    assert status == 0, err
+    assert json.loads(out)["diff"] == diff["uri"]
+    status, out, _ = graft("diffs", "delete", job["id"])
+    assert status == 0 and json.loads(out)["status"] == "deleted"
+    status, _, err = graft("jobs", "submit", "--diff", job["id"], f"--target-base=file://{trio['target_base']}")
+    assert status == 2 and err.startswith(f"graft: error [validation_error] (HTTP 422): diff: diff {job['id']} "
+                                          "was deleted")
+    status, _, err = graft("diffs", "extract", *pair, "--set", "encoding.density=2", "--encoding", "sparse")
+    assert status == 2 and "encoding.sparse.density" in err

@@ -293,3 +293,39 @@ def test_applying_a_formed_delta_rounds_as_the_pair_does(whole, dtype):
         scaled = (float(torch.tensor(0.7, dtype=torch.float32)) * delta.double()).float()
         assert torch.equal(formed, (t.double() + scaled.double()).float().to(dtype))
     assert stats.delta_sq == pytest.approx(float((delta.double() ** 2).sum()), rel=1e-4)  # float32 dots
+
+
+_EXTRACT_PEAK = """
+import json, resource, sys
+from worker.engine.config import EngineSettings
+from worker.engine.diffs.request import DiffExtract, DiffExtractRequest
+from worker.engine.pipeline.diff_extract import extract_diff
+base, ft, out, encoding = sys.argv[1:5]
+extract_diff(DiffExtractRequest(DiffExtract(source_base=base, source_finetuned=ft, encoding=json.loads(encoding)),
+                                out), EngineSettings(hash_inputs=False))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_extraction_memory_does_not_grow_with_the_number_of_tensors(tmp_path):
+    """A deep model of ~360 matrices of 4,096+ elements (each sketched, ranked and encoded in three passes):
+    what a tensor's extraction holds (its sketches, its encoder, its parts) must go with it, not stay to the
+    end (8 MB a sketch was 5 GB here)."""
+    encoding = {"encoding": "sparse", "density": 0.1}
+    import subprocess
+    import sys
+
+    from worker.devtools.sample_models import LlamaShape, llama_state, perturb, save_checkpoint
+
+    def peak(layers: int) -> int:
+        shape = LlamaShape(layers=layers, hidden=64, intermediate=64, heads=2, kv_heads=1)
+        base = llama_state(shape, seed=1)
+        root = tmp_path / str(layers)
+        paths = [save_checkpoint(str(root / n), st, shape.config()) for n, st in
+                 (("base", base), ("ft", perturb(base, seed=2)))]
+        done = subprocess.run([sys.executable, "-c", _EXTRACT_PEAK, *paths, str(root / "diff"), json.dumps(encoding)],
+                              capture_output=True, text=True, timeout=300, check=True)
+        return int(done.stdout.splitlines()[-1])
+
+    small, deep = peak(4), peak(40)
+    assert deep - small < 100 << 20, (small >> 20, deep >> 20)

@@ -1,7 +1,8 @@
 """Workers under faults, with real processes: a redis-server of our own (AOF on) killed and restarted under
 an idle worker and under a running job, and workers SIGKILLed (with their work horse) at random points.
 
-`make soak` runs more kill trials: GRAFT_SOAK_TRIALS (default 3 here) and GRAFT_SOAK_SEED.
+`make soak` runs more kill trials: GRAFT_SOAK_TRIALS (default 2 here: one with a local output, one with an
+S3 output) and GRAFT_SOAK_SEED.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def _seconds(start: str, end: str) -> float:
 
 
 def test_workers_killed_at_random_points(redis_url, s3_endpoint, s3_bucket, trio, tmp_path):
-    trials = int(os.environ.get("GRAFT_SOAK_TRIALS", "3"))
+    trials = int(os.environ.get("GRAFT_SOAK_TRIALS", "2"))
     rng = random.Random(int(os.environ.get("GRAFT_SOAK_SEED", "20240611")))
     expected = local_graft(trio, str(tmp_path / "expected"), shard_size=SHARD)
     svc = _env_service(redis_url, str(tmp_path), trio, s3_endpoint=s3_endpoint)
@@ -307,7 +308,7 @@ def test_workers_killed_at_random_points(redis_url, s3_endpoint, s3_bucket, trio
         assert warm["status"] == "succeeded"
         span = _seconds(warm["started_at"], warm["finished_at"]) + 0.5
         for trial in range(trials):
-            s3 = trial % 3 == 2
+            s3 = trial % 3 == 1  # a third of the trials; the second of all, so that `make test`'s two have one
             body = job_body(trio, options={"shard_size": SHARD})
             if s3:
                 body["output"] = f"s3://{s3_bucket}/trial-{trial}"

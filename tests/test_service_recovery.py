@@ -78,7 +78,7 @@ def test_worker_killed_mid_job_is_retried_byte_identical(slow, trio, s3_endpoint
         keys, _ = _objects(s3_endpoint, s3_bucket, "out/killed/")
         assert "out/killed/graft-manifest.json" not in keys
         t_killed = time.time()
-        slow.start_worker()
+        slow.start_worker(GRAFT_JOB_BLOCK_DELAY=0)  # only the kill had to land mid-stream: the retry runs at full speed
         done = wait_job(c, job["id"], timeout=60)
         recovered_in = time.time() - t_killed
         assert done["status"] == "succeeded", done

@@ -120,7 +120,9 @@ def _reference_medians(paths: dict[str, str], target: str) -> dict[str, float]:
 def test_weights_figures_on_trained_models_match_float64(reports, tiny_family, target):  # noqa: F811
     medians = reports[target, "weights"]["weights"]["diffs"][0]["medians"]
     for name, want in _reference_medians(tiny_family, target).items():
-        assert math.isclose(medians[name], want, rel_tol=1e-6, abs_tol=1e-9), (name, medians[name], want)
+        # The report's dots are float32 chunks summed in float64: their error is relative to ||t - s|| ||d||, i.e.
+        # absolute in a cosine (v2_far's median cosine is 0.0026: 1e-6 of it is below a float32 dot's rounding).
+        assert math.isclose(medians[name], want, rel_tol=1e-6, abs_tol=1e-7), (name, medians[name], want)
 
 
 @pytest.mark.parametrize("level", ["weights", "function"])

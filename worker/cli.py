@@ -449,6 +449,53 @@ def _cmd_diff_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+_LORA_HELP = "the transfer as a LoRA adapter (PEFT's layout) for the target: vLLM or PEFT serve it on that base"
+
+
+def _add_lora_command(sub) -> None:
+    lora = sub.add_parser("lora", help=_LORA_HELP)
+    lora.add_argument("--source-base", help="URI of the base the fine-tune started from (with --source-finetuned)")
+    lora.add_argument("--source-finetuned", help="URI of the fine-tune")
+    lora.add_argument("--diff", help="URI of a diff artifact (instead of the pair)")
+    lora.add_argument("--target-base", required=True, help="URI of the base the adapter is for (checked against)")
+    lora.add_argument("--output", required=True, help="where the adapter goes: directory, file:// or s3://")
+    rank = lora.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="the rank (default 64; vllm: rounded up to one vLLM accepts)")
+    rank.add_argument("--energy", type=float, help="instead of rank: per module, the smallest rank keeping this "
+                      "share of its delta's squared norm")
+    lora.add_argument("--profile", choices=["vllm", "peft"], default="vllm",
+                      help="vllm: linear modules only; peft: also norms, embeddings and biases (default vllm)")
+    lora.add_argument("--modules", help="regex searched in module names (default: the decoder layers' linear ones)")
+    lora.add_argument("--alpha", type=float, default=1.0, help="transfer strength, folded into lora_B (default 1)")
+    lora.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
+    lora.set_defaults(func=_cmd_lora)
+
+
+def _cmd_lora(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from worker.engine.pipeline.lora_export import LoraExport, LoraExportRequest, export_lora
+
+    body = {k: getattr(args, k) for k in ("source_base", "source_finetuned", "diff", "target_base", "output",
+                                          "rank", "energy", "profile", "modules", "alpha")
+            if getattr(args, k) is not None}
+    try:
+        spec = LoraExport.model_validate(body)
+    except ValidationError as exc:
+        raise GraftError("invalid_option", _validation_message(exc)) from None
+    result = export_lora(LoraExportRequest(spec))
+    m = result.manifest
+    if args.json:
+        print(json.dumps({"output": result.output_uri, "manifest": result.manifest_uri, "rank": m["rank"],
+                          "totals": m["totals"], "left_out": sorted(m["left_out"]), "stats": m["stats"]}))
+    else:
+        print(f"wrote a rank-{m['rank']} adapter ({spec.profile}) of {len(m['modules'])} modules into "
+              f"{result.output_uri}: relative error {m['totals']['rel_frobenius_lora']:.3g} on the factored "
+              f"modules, {m['totals']['left_out_share']:.3%} of ||delta||^2 left out ({len(m['left_out'])} tensors, "
+              f"listed in lora-manifest.json)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
@@ -506,6 +553,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         _add_diff_commands(sub)
     else:  # listed for --help; its flags (the encodings' parameters) import torch, built when it runs
         sub.add_parser("diff", help=_DIFF_HELP)
+    _add_lora_command(sub)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import orjson
@@ -32,8 +32,8 @@ from worker.service.statuses import ACTIVE, STATUSES, TERMINAL, UNFINISHED
 __all__ = ["ACTIVE", "STATUSES", "TERMINAL", "UNFINISHED", "JobStore", "decode_job", "new_job_id", "now_iso"]
 # Order of the public document's fields (GET /v1/jobs/{id}).
 PUBLIC_FIELDS = ("id", "object", "kind", "checks", "status", "created_at", "started_at", "finished_at",
-                 "source_base", "source_finetuned", "target_base", "output", "options", "recipe", "metadata",
-                 "webhook_url", "attempt", "max_attempts", "progress", "result", "error")
+                 "source_base", "source_finetuned", "diff", "target_base", "output", "options", "recipe", "metadata",
+                 "webhook_url", "attempt", "max_attempts", "progress", "result", "error", "deleted_at")
 # Kept in the record for the worker, not shown: a job's full checks (a probe text may be 64 KiB).
 CHECKS_SPEC = "checks_spec"
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -174,12 +174,14 @@ class JobStore:
         self.r.hset(self.job_key(job_id), mapping={k: _dumps(v) for k, v in fields.items()})
 
     def transition(self, job_id: str, allowed_from: Iterable[str], to: str, event: dict | None = None,
-                   **fields) -> str | None:
+                   also: Callable[[redis.client.Pipeline, str | None], None] | None = None, **fields) -> str | None:
         """Atomically move the job to `to` if its status is one of `allowed_from`.
 
         Returns the previous status on success and None when the job was elsewhere (another process won a
         race: a cancel against a finish, two workers after a retry). Terminal transitions also queue the
-        webhook delivery, in the same transaction, so a webhook is never lost nor sent twice.
+        webhook delivery, in the same transaction, so a webhook is never lost nor sent twice. `also(pipe,
+        tenant)` queues more writes of the same transaction (a kind's collection: a diff is listed exactly when
+        its extraction is succeeded).
         """
         key = self.job_key(job_id)
         allowed = set(allowed_from)
@@ -206,6 +208,8 @@ class JobStore:
                             pipe.zadd(self.tenant_status_key(tenant, to), {job_id: 0})
                     if event is not None:
                         pipe.rpush(self.events_key(job_id), _dumps({"at": now_iso(), **event}))
+                    if also is not None:
+                        also(pipe, raw[2].decode() if raw[2] is not None else None)
                     if to in TERMINAL:
                         pipe.delete(self.lease_key(job_id))
                         if raw[1] is not None and orjson.loads(raw[1]):

@@ -15,6 +15,7 @@ from rq import Callback, Queue, Retry
 
 from worker.engine.errors import GraftCancelled, GraftError, GraftSuperseded
 from worker.engine.phases import Phase
+from worker.service import diffs
 from worker.service.job_store import ACTIVE, JobStore, now_iso
 from worker.service.kinds import kind_of
 from worker.service.outage import OUTAGE, REDIS_DOWN, Backoff, Gate, durable
@@ -199,14 +200,14 @@ def run_job(job_id: str) -> dict:
 
 def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, reporter: _Reporter,
              t0: float) -> dict | Retry:
+    kind = None
     try:
+        kind = kind_of(record)
         # The policy is the submitting tenant's, checked again here (a read that waits out an outage).
         tenant = _wait(settings, "reading the job's tenant", store.tenant_of, job_id)
-        named = {role: record[role] for role in ("source_base", "source_finetuned", "target_base")}
-        for i, diff in enumerate((record.get("recipe") or {}).get("diffs", ())):
-            named.update({f"diffs.{i}.source_base": diff["source_base"],
-                          f"diffs.{i}.source_finetuned": diff["source_finetuned"]})
-        for role, uri in named.items():
+        # A diff deleted since submission: refused before anything is resolved or written.
+        _wait(settings, "checking the job's diffs", diffs.check_not_deleted, store, diffs.artifacts(record))
+        for role, uri in kind.inputs(record).items():
             check_uri(uri, role, settings, tenant=tenant)
         # Again here: a model, a result or another job's output being written above the output since
         # submission still protects its directory. The output's own contents and claim are the sink's to judge
@@ -215,9 +216,9 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
                                "output", settings, tenant=tenant, itself=False)
         confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
                                strict=True))
-        request = _request(record, job_id, confinement)
         spec = _wait(settings, "reading the job's checks", store.checks_spec, job_id)
-        out = kind_of(record).run(request, spec, settings, reporter)
+        request = kind.request(record, spec, job_id, confinement)
+        out = kind.run(request, spec, settings, reporter)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
         try:
@@ -230,6 +231,7 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
               event={"type": "finished", "status": "cancelled"}, finished_at=now_iso())
         return {"status": "cancelled"}
     except GraftError as err:
+        err = _deleted_meanwhile(store, settings, record, err)
         attempt = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1)
         if err.code in RETRYABLE and attempt < settings.max_attempts:
             return _retry_later(store, job_id, settings, attempt, err)
@@ -243,8 +245,10 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     progress = reporter.doc(reporter.last) if reporter.last is not None else None
     if progress:
         progress["phase"] = Phase.DONE.value
+    # A kind whose succeeded jobs form a collection (diffs) lists this one in the same transaction.
+    also = (lambda pipe, tenant: kind.collect(pipe, store, tenant, record)) if kind.collect is not None else None
     # cancelling is allowed here: the manifest is written, so the result exists and is reported as such.
-    _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "succeeded",
+    _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "succeeded", also=also,
           event={"type": "finished", "status": "succeeded"}, finished_at=now_iso(), result=out, progress=progress)
     try:  # not repeatable (counters), so not waited for: a metric lost to an outage is the lesser harm
         stats = out["stats"]
@@ -255,18 +259,17 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
     return {"status": "succeeded", "uri": out["uri"]}
 
 
-def _request(record: dict, job_id: str, confinement: dict):
-    """The job's request: the recipe its record stores. A record written by an API older than this worker (a
-    rolling deploy) holds a plain transfer as three URIs and options instead."""
-    from worker.engine import GraftOptions, GraftRequest  # torch is imported here, in the job
-    from worker.engine.planning.recipe import Recipe, load_recipe
-
-    if record.get("recipe"):
-        recipe = load_recipe(record["recipe"])
-    else:
-        recipe = Recipe.single(record["source_base"], record["source_finetuned"], record["target_base"],
-                               GraftOptions(**record["options"]))
-    return GraftRequest(recipe, record["output"], writer=job_id, **confinement)
+def _deleted_meanwhile(store: JobStore, settings: Settings, record: dict, err: GraftError) -> GraftError:
+    """A job that failed while a diff it reads was being deleted (its manifest or shards gone under it) fails
+    as one naming a deleted diff does, `diff_deleted`, with what it met; not retried: the diff is gone."""
+    named = diffs.artifacts(record)
+    if err.code == "diff_deleted" or not named:
+        return err
+    try:
+        _wait(settings, "checking the job's diffs", diffs.check_not_deleted, store, named)
+    except GraftError as deleted:
+        return GraftError("diff_deleted", f"{deleted.message} while the job ran ({err.code}: {err.message})")
+    return err
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:

@@ -25,6 +25,21 @@ def _finite(chunk: torch.Tensor) -> bool:
     return math.isfinite(float(torch.dot(chunk, chunk))) or bool(torch.isfinite(chunk).all())
 
 
+def _scaled_sum(out: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, alpha: float, finite: bool,
+                big: float, limit: float | None) -> tuple[bool, float]:
+    """out = target + alpha * delta for one chunk, in place in `delta`, rounded once into `out`; the running
+    finiteness and, for float16, the largest magnitude."""
+    if alpha != 1.0:
+        delta.mul_(alpha)
+    delta.add_(target)
+    if finite:
+        finite = _finite(delta)
+    if limit is not None:
+        big = max(big, float(delta.abs().max()))
+    out.copy_(delta)  # the one rounding to the stored dtype
+    return finite, big
+
+
 class Arithmetic:
     """Scratch buffers and the device the sums run on; one instance per graft, used by one thread."""
 
@@ -61,14 +76,7 @@ class Arithmetic:
             b.copy_(t[i:j])
             c.sub_(b)  # base - target: the bases' distance, negated
             sums.add_chunk(chunk_sums(b, a, c))
-            if alpha != 1.0:
-                a.mul_(alpha)
-            a.add_(b)
-            if finite:
-                finite = _finite(a)
-            if limit is not None:
-                big = max(big, float(a.abs().max()))
-            out[i:j].copy_(a)  # the one rounding to the stored dtype
+            finite, big = _scaled_sum(out[i:j], a, b, alpha, finite, big, limit)
         stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
@@ -89,14 +97,7 @@ class Arithmetic:
             a, b = (d[i:j] if in_place else a_buf[:j - i].copy_(d[i:j])), b_buf[:j - i]
             b.copy_(t[i:j])
             sums.add_chunk(delta_sums(b, a))
-            if alpha != 1.0:
-                a.mul_(alpha)
-            a.add_(b)
-            if finite:
-                finite = _finite(a)
-            if limit is not None:
-                big = max(big, float(a.abs().max()))
-            out[i:j].copy_(a)
+            finite, big = _scaled_sum(out[i:j], a, b, alpha, finite, big, limit)
         stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 

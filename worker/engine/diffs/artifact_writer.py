@@ -14,6 +14,8 @@ from worker.engine.storage.safetensors_format import build_header, itemsize
 from worker.engine.storage.sinks import FileRecord, Sink
 
 COPY_BYTES = 8 << 20
+SPILL_BYTES = 4 << 20  # a part past this goes to a scratch file
+HELD_BYTES = 64 << 20  # and all of a shard's waiting parts, once they hold this much
 PART_SEPARATOR = "::"  # a shard entry is "<tensor>::<part>"
 
 
@@ -22,19 +24,46 @@ def entry_name(tensor: str, part: str) -> str:
 
 
 class _Spool:
-    """One part being written: appended to its own scratch file."""
+    """One part being written: held in memory while small (most parts of most tensors: sketches, counts,
+    scales), appended to its own scratch file past SPILL_BYTES."""
 
     def __init__(self, path: str, dtype: str) -> None:
         self.path, self.dtype, self.nbytes = path, dtype, 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), on every path through TensorParts
+        self.held: bytearray | None = bytearray()
+        self._file = None
+
+    def spill(self) -> None:
+        """To its scratch file from now on (what it held goes first)."""
+        if self.held is not None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close(), on every path through TensorParts
+            self._file.write(self.held)
+            self.held = None
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        if self.held is not None and len(self.held) + len(data) > SPILL_BYTES:
+            self.spill()
+        if self.held is not None:
+            self.held += data
+        else:
+            self._file.write(data)
         self.nbytes += len(data)
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.held) if self.held is not None else 0
+
+    def copy_into(self, writer) -> None:
+        if self.held is not None:
+            writer.write(self.held)
+            return
+        with open(self.path, "rb") as f:
+            while chunk := f.read(COPY_BYTES):
+                writer.write(chunk)
+        os.unlink(self.path)
 
 
 @dataclass
@@ -43,6 +72,7 @@ class TensorParts:
 
     tensor: str
     directory: str
+    serial: int
     parts: dict[str, _Spool] = field(default_factory=dict)
 
     def part(self, name: str, dtype: str) -> _Spool:
@@ -50,8 +80,8 @@ class TensorParts:
             raise GraftError("internal_error", f"{self.tensor}: part {name} written twice")
         for spool in self.parts.values():
             spool.close()
-        spool = self.parts[name] = _Spool(os.path.join(self.directory, f"{len(os.listdir(self.directory))}.part"),
-                                          dtype)
+        path = os.path.join(self.directory, f"{self.serial}-{len(self.parts)}.part")
+        spool = self.parts[name] = _Spool(path, dtype)
         return spool
 
     def add_bytes(self, name: str, dtype: str, data: bytes | memoryview) -> None:
@@ -76,6 +106,9 @@ class ArtifactWriter:
         self._pending: list[TensorParts] = []
         self.records: list[FileRecord] = []
         self.placed: dict[str, str] = {}  # tensor -> its shard's file
+        self._made = 0
+        self._held = 0  # bytes the pending tensors' parts hold in memory
+        self._pending_bytes = 0
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -90,9 +123,8 @@ class ArtifactWriter:
         self._scratch.cleanup()
 
     def tensor(self, name: str) -> TensorParts:
-        directory = os.path.join(self._scratch.name, str(len(self.placed) + len(self._pending)))
-        os.makedirs(directory)
-        return TensorParts(name, directory)
+        self._made += 1
+        return TensorParts(name, self._scratch.name, self._made)
 
     def add(self, parts: TensorParts) -> None:
         """A tensor whose parts are complete: queued for the current shard, written when the shard fills."""
@@ -101,7 +133,15 @@ class ArtifactWriter:
             if spool.nbytes % itemsize(spool.dtype):
                 raise GraftError("internal_error", f"{parts.tensor}: a part's bytes are not whole {spool.dtype}")
         self._pending.append(parts)
-        if sum(p.nbytes for p in self._pending) >= self.shard_bytes:
+        self._pending_bytes += parts.nbytes
+        self._held += sum(s.held_bytes for s in parts.parts.values())
+        if self._held > HELD_BYTES:  # the shard's tensors waiting in memory: to scratch files, all of them
+            for waiting in self._pending:
+                for spool in waiting.parts.values():
+                    spool.spill()
+                    spool.close()
+            self._held = 0
+        if self._pending_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -117,17 +157,13 @@ class ArtifactWriter:
             writer.write(header)
             for p in self._pending:
                 for spool in p.parts.values():
-                    _copy_into(spool.path, writer)
-                    os.unlink(spool.path)
+                    spool.copy_into(writer)
+                p.parts.clear()
                 self.placed[p.tensor] = name
             self.records.append(writer.close())
         except BaseException:
             writer.abort()
             raise
         self._pending.clear()
+        self._pending_bytes = self._held = 0
 
-
-def _copy_into(path: str, writer) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_BYTES):
-            writer.write(chunk)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.engine.diffs.encodings import ENCODINGS, EncodingParams
+# The parameters' torch-free declarations: the API's body is this model (the encodings import torch).
+from worker.engine.diffs.encoding_params import EncodingParams, ExactParams
 from worker.engine.planning.recipe import URI
 
 DEFAULT_SHARD = 2 * 10**9
@@ -20,7 +21,7 @@ class DiffExtract(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source_base: URI
     source_finetuned: URI
-    encoding: EncodingParams = Field(default_factory=lambda: ENCODINGS["exact"].Params(encoding="exact"),
+    encoding: EncodingParams = Field(default_factory=ExactParams,
                                      description="how the delta is stored (exact: byte for byte what the "
                                      "pair gives; the others compress it, each with its measured error)")
     shard_size: int = Field(DEFAULT_SHARD, ge=1 << 20, le=5 * 10**12,

@@ -15,8 +15,10 @@ The hashes are ((a q + b) mod P)-style hashes of the element's block with a, b d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import threading
 
 import torch
 
@@ -24,6 +26,29 @@ BUCKETS = 1024
 _P = (1 << 31) - 1  # a Mersenne prime: a * i stays below 2**62 for i < P
 _Z = 4.0  # the stated bound: four standard deviations
 _ROUNDING = 1e-12  # float64 sums of a tensor's elements in another order: far below this relative error
+
+
+_scratch = threading.local()
+ROWS_AT = 256  # blocks in one call from which they are summed by shift first (a BUCKETS x BUCKETS table)
+
+
+@functools.cache
+def _unroll() -> torch.Tensor:
+    """[s, j]: the place r that lands in bucket j under shift s, (j - s) mod BUCKETS (8 MB, one for all)."""
+    places = torch.arange(BUCKETS, dtype=torch.int64)
+    return (places[None, :] - places[:, None]).bitwise_and_(BUCKETS - 1)
+
+
+def _work(name: str, n: int) -> torch.Tensor:
+    """A float64 buffer of this thread's, reused from call to call: fresh ones per piece (tens of megabytes)
+    leave the allocator's arenas holding their high-water mark."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < n:
+        buf = buffers[name] = torch.empty(n, dtype=torch.float64)
+    return buf[:n]
 
 
 def _coefficients(name: str) -> tuple[int, int, int, int]:
@@ -64,7 +89,7 @@ class Sketcher:
 
     def add(self, start: int, chunk: torch.Tensor) -> None:
         n = chunk.numel()
-        x = chunk.reshape(-1).double()
+        x = _work("x", n).copy_(chunk.reshape(-1))  # worked on in place below
         if self.numel <= BUCKETS:
             self.sketch[start:start + n] += x
             return
@@ -82,9 +107,14 @@ class Sketcher:
         q0, r0 = divmod(start, BUCKETS)
         if r0 == 0 and x.numel() % BUCKETS == 0:
             shift, flip = self._blocks(q0, x.numel() // BUCKETS)
-            grid = x.view(-1, BUCKETS) * flip[:, None] * self._column[None, :]
-            index = (self._places[None, :] + shift[:, None]).bitwise_and_(BUCKETS - 1)
-            self.sketch.index_add_(0, index.reshape(-1), grid.reshape(-1))
+            grid = x.view(-1, BUCKETS).mul_(self._column).mul_(flip[:, None])
+            if len(shift) < ROWS_AT:  # few blocks: element by element is cheaper than the shift table
+                index = (self._places[None, :] + shift[:, None]).bitwise_and_(BUCKETS - 1)
+                self.sketch.index_add_(0, index.reshape(-1), grid.reshape(-1))
+                return
+            # Blocks of one shift summed first (whole rows: fast), then each shift's row rolled into the buckets.
+            by_shift = _work("rows", BUCKETS * BUCKETS).view(BUCKETS, BUCKETS).zero_().index_add_(0, shift, grid)
+            self.sketch += by_shift.gather(1, _unroll()).sum(0)
             return
         shift, flip = self._blocks(q0, 1)
         places = self._places[r0:r0 + x.numel()]

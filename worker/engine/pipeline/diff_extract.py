@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.engine.compute.blocks import Piece, Visit, build_blocks
+from worker.engine.compute.merge_kernel import Scratch
 from worker.engine.compute.passes import PassTotals, Reading, run_pass, view_of
 from worker.engine.config import EngineSettings
 from worker.engine.diffs.artifact import BASE_PREFIX, DIFF_MANIFEST, FORMAT
@@ -126,6 +127,7 @@ class _ExtractVisitor:
 
     def __init__(self, writer: ArtifactWriter, roles: dict[int, tuple[_Job | OutputTensor, object]]) -> None:
         self.writer, self.roles = writer, roles
+        self.scratch = Scratch()
         self.changed: list[str] = []
         self.done = 0
 
@@ -154,10 +156,11 @@ class _ExtractVisitor:
         src = piece.tensor.sources
         if job.encoder is None:
             _start(job, self.writer)
-        s = view_of(buffers, piece.reads["source_base"], src["source_base"].dtype, count).to(job.compute)
-        # A copy: a float32 fine-tune's view is the read buffer itself, which a later pass reads again.
-        d = view_of(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype, count).to(
-            job.compute, copy=True)
+        lend = self.scratch.lender(count, job.compute, torch.device("cpu"))
+        s = lend("base").copy_(view_of(buffers, piece.reads["source_base"], src["source_base"].dtype, count))
+        # Copies, reused: a float32 input's view is the read buffer itself, which a later pass may read again.
+        d = lend("delta").copy_(view_of(buffers, piece.reads["source_finetuned"], src["source_finetuned"].dtype,
+                                        count))
         d.sub_(s)  # the pair's delta: its kernels form exactly this, f - s in the compute dtype
         if index == 0:
             job.sketches[0].add(piece.start, s)
@@ -183,7 +186,7 @@ class _ExtractVisitor:
                      "max_abs": _finite(info.max_abs), "extra": info.extra,
                      "norms": dict(zip(("delta_sq", "base_sq", "base_delta"), job.norms, strict=True)),
                      "sketch": True}
-        job.encoder = None  # its state (a low-rank factor's sketch, a histogram) goes now
+        job.encoder = job.sketches = None  # their state (a low-rank factor's sketch, a histogram) goes now
         if job.extra is None:
             self._close(job)
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Annotated, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -35,6 +36,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from worker.engine.errors import GraftError
@@ -86,7 +88,8 @@ Merge = Annotated[Union[tuple(m.Params for m in MERGES.values())],  # noqa: UP00
 # Within float32's range, where the arithmetic runs (products of them are Recipe.check_strength's to bound).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 Weight = Number | Annotated[list[Number], Field(min_length=1, max_length=MAX_WEIGHT_POINTS)]
-URI = Annotated[str, Field(min_length=1, max_length=2048)]
+MAX_URI = 2048
+URI = Annotated[str, Field(min_length=1, max_length=MAX_URI)]
 
 
 @contextmanager
@@ -116,14 +119,38 @@ def split_artifact_input(key: str) -> tuple[str, str] | None:
     return (uri, side) if side in ARTIFACT_SIDES and uri else None
 
 
+def _input_key(value: str) -> str:
+    """A model's URI, or a diff artifact's input key (`diff:<side>:<uri>`): the URI in it is what is bounded."""
+    artifact = split_artifact_input(value)
+    if len(artifact[0] if artifact else value) > MAX_URI:
+        raise PydanticCustomError("string_too_long", "String should have at most {max_length} characters",
+                                  {"max_length": MAX_URI})
+    return value
+
+
+def _given(name: str) -> dict:
+    return {"required": [name], "properties": {name: {"type": "string"}}}  # present and not null
+
+
+def _pair_or_artifact(schema: dict) -> None:
+    """The pair, or the artifact alone (as Diff's validator holds it: a side beside `diff` is refused)."""
+    pair = {"required": list(ARTIFACT_SIDES), "properties": {side: {"type": "string"} for side in ARTIFACT_SIDES}}
+    schema["anyOf"] = [{**pair, "not": _given("diff")},
+                       {**_given("diff"), "not": {"anyOf": [_given(side) for side in ARTIFACT_SIDES]}}]
+
+
+# A side of a diff's pair: as URI states it, though an artifact's input key is longer than the artifact's URI.
+InputURI = Annotated[str, Field(min_length=1), AfterValidator(_input_key),
+                     WithJsonSchema({"type": "string", "maxLength": MAX_URI, "minLength": 1})]
+
+
 class Diff(BaseModel):
     """One diff: a source pair (finetuned - base), or a diff artifact extracted from one (`diff`), which stands
     in for both: its `source_base` / `source_finetuned` are then the artifact's input keys, never shown."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
-        {"required": ["source_base", "source_finetuned"]}, {"required": ["diff"]}]})
-    source_base: URI | None = None
-    source_finetuned: URI | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_pair_or_artifact)
+    source_base: InputURI | None = None
+    source_finetuned: InputURI | None = None
     diff: URI | None = Field(None, description="a diff artifact (`graft diff extract`) in place of source_base and "
                              "source_finetuned")
     weight: Weight = Field(1.0, description="a number, or a list interpolated over the layer index")
@@ -142,8 +169,8 @@ class Diff(BaseModel):
                 raise ValueError(f"a diff is source_base and source_finetuned, or a diff artifact (diff); "
                                  f"{' and '.join(missing)} missing")
             return data
-        if not isinstance(artifact, str):
-            return data  # the field's own type check says so
+        if not isinstance(artifact, str) or len(artifact) > MAX_URI:
+            return data  # the field's own check says so
         data = dict(data)
         for side in ARTIFACT_SIDES:
             if data.get(side) not in (None, artifact_input(artifact, side)):

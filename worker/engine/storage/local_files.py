@@ -158,6 +158,40 @@ def remove_orphans(parent: str, prefix: str) -> None:
             continue
 
 
+def remove_files(location: Location, names: list[str], confinement: Confinement | None = None) -> None:
+    """Remove the files `names` directly in the output directory `location`, in that order, then the directory
+    once empty (never anything else in it). Through the directory's descriptor, checked against the
+    confinement: no symlink swapped into the path since it was checked moves what is removed. Names already
+    gone are no error."""
+    path = location.path
+    if any(not n or "/" in n or n in (".", "..") for n in names):
+        raise GraftError("invalid_input", f"{location}: only files directly in the output are removed")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # removed already
+    except OSError as exc:
+        raise GraftError("storage_error", f"{location}: cannot open the output to remove it: {exc.strerror}") from None
+    try:
+        if confinement is not None and not confinement.admits(fd_path(fd, path)):
+            raise GraftError("uri_not_allowed", f"{location}: resolves outside the allowed roots")
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise GraftError("storage_error", f"{location}: cannot remove {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # something else is in it (not ours to remove) or it is in use: the directory stays
+
+
 def _create(name: str, dir_fd: int) -> int:
     """A new file in the directory `dir_fd` holds. O_EXCL | O_NOFOLLOW: whatever someone planted under
     that name (a symlink out of the allowed roots, a file) is refused, never followed or overwritten."""

@@ -227,17 +227,7 @@ class S3Sink(Sink):
         self.call(f"aborting the upload of {key}", attempt, stoppable=False)
 
     def _delete_keys(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):  # S3's most per request
-            batch = [{"Key": k} for k in keys[i:i + 1000]]
-
-            def attempt(batch: list[dict] = batch) -> None:
-                resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-                errors = resp.get("Errors") or []
-                if errors:
-                    raise TransientStorageError(f"{len(errors)} of {len(batch)} deletions failed, the first "
-                                                f"{errors[0].get('Key')}: {errors[0].get('Code')}")
-
-            self.call(f"deleting {len(batch)} object(s)", attempt, stoppable=False)
+        delete_keys(self.client, self.bucket, keys, self.retry, str(self.location))
 
     def _clear_leftovers(self) -> None:
         """A retried job finds what a killed attempt left (it left PENDING too): stale uploads and objects.
@@ -376,6 +366,22 @@ class S3Sink(Sink):
         self._delete_keys(sorted(keys))
         # The claim goes last: while anything of ours may remain, it tells a retry that it may clear it.
         self._delete_keys([self.key(PENDING)])
+
+
+def delete_keys(client, bucket: str, keys: list[str], retry: StorageRetry, where: str) -> None:
+    """Delete `keys` of `bucket`, at most 1000 a request (S3's most), each request retried within `retry`'s
+    budget (deleting is idempotent: a key already gone is no error)."""
+    for i in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[i:i + 1000]]
+
+        def attempt(batch: list[dict] = batch) -> None:
+            resp = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            errors = resp.get("Errors") or []
+            if errors:
+                raise TransientStorageError(f"{len(errors)} of {len(batch)} deletions failed, the first "
+                                            f"{errors[0].get('Key')}: {errors[0].get('Code')}")
+
+        retry.call(f"{where}: deleting {len(batch)} object(s)", attempt, missing="output_not_found")
 
 
 def object_exists(client, bucket: str, key: str) -> bool:

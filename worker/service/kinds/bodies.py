@@ -1,5 +1,6 @@
-"""What the bodies of every job kind share: the models (one of three ways), how they combine, the output, the
-options with alpha, labels and a webhook. A kind's body is `Models` plus its own fields (worker/service/kinds)."""
+"""What the bodies of the job kinds share. Every kind's body is a `Submission` (where the job writes, labels, a
+webhook); a graft's and a preflight's are `Models` too: the models (one of four ways), how they combine and the
+options with alpha. A kind's body is one of them plus its own fields (worker/service/kinds)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ URI_PATTERN = r"^({})://[^\x00-\x20\x7f-\x9f]+$"
 URI_FIELD = {"min_length": 1, "max_length": 2048, "pattern": URI_PATTERN.format(schemes.pattern()),
              "description": schemes.forms()}
 URI = Field(**URI_FIELD)
+# A diff's id (POST /v1/diffs answers it: its extraction job's) or a diff artifact's URI.
+DIFF_ID_PATTERN = r"^job_[0-9a-f]{24}$"
+DIFF_REF_FIELD = {"min_length": 1, "max_length": 2048,
+                  "pattern": f"^({DIFF_ID_PATTERN[1:-1]}|{URI_PATTERN.format(schemes.pattern())[1:-1]})$",
+                  "description": "a diff artifact in place of source_base and source_finetuned: a diff's id (POST "
+                                 f"/v1/diffs) or its URI ({schemes.forms()})"}
 # Hard caps of the schema; GRAFT_MAX_METADATA_BYTES bounds the whole map below them.
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 MetaValue = Annotated[str, StringConstraints(max_length=1024)]
@@ -71,34 +78,56 @@ def _metadata_schema(schema: dict) -> None:
 
 
 def either_diffs_or_three_fields(schema: dict) -> None:
-    """The models come one way of three: today's three fields, target_base with `diffs`, or a mergekit config
-    alone (the schema says so, and the API's handler checks the same). Every kind's body states it: give it
-    as `json_schema_extra` in the body's own model_config."""
+    """The models come one way of four: today's three fields, target_base with a diff artifact (`diff`),
+    target_base with `diffs`, or a mergekit config alone (the schema says so, and the API's handler checks the
+    same). Every kind's body that takes the models states it: give it as `json_schema_extra` in the body's own
+    model_config."""
     def given(*names: str, kind: str = "string") -> dict:  # present and not null
         return {"required": list(names), "properties": {n: {"type": kind} for n in names}}
 
     models = ("target_base", "source_base", "source_finetuned")
+    pair = (given("source_base"), given("source_finetuned"))
+    mergekit = (given("mergekit_config"), given("mergekit_stage"))
     schema["anyOf"] = [{"required": ["target_base", "diffs"],
                         "properties": {"target_base": {"type": "string"}, "diffs": {"type": "array"}},
-                        "not": {"anyOf": [given("source_base"), given("source_finetuned"), given("mergekit_config"),
-                                          given("mergekit_stage")]}},
-                       {**given(*models), "not": {"anyOf": [given("diffs", kind="array"), given("mergekit_config"),
-                                                            given("mergekit_stage")]}},
+                        "not": {"anyOf": [*pair, given("diff"), *mergekit]}},
+                       {**given("target_base", "diff"),
+                        "not": {"anyOf": [*pair, given("diffs", kind="array"), *mergekit]}},
+                       {**given(*models), "not": {"anyOf": [given("diff"), given("diffs", kind="array"), *mergekit]}},
                        {**given("mergekit_config"),
-                        "not": {"anyOf": [*(given(m) for m in models), given("diffs", kind="array"),
+                        "not": {"anyOf": [*(given(m) for m in models), given("diff"), given("diffs", kind="array"),
                                           given("merge", kind="object"), given("rules", kind="array")]}}]
 
 
-class Models(BaseModel):
-    """What the bodies of every kind share: the models (one of three ways), how they combine, where the job
-    writes, labels and a webhook."""
+class Submission(BaseModel):
+    """What every kind's body holds besides what the job does: where it writes, labels and a webhook."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str | None = Field(None, min_length=1, max_length=2048,
+                               pattern=URI_PATTERN.format(schemes.pattern(writable=True)),
+                               description=f"{schemes.prefixes(writable=True)} prefix for what the job writes (a "
+                                           "graft's checkpoint, a preflight's report.json and chart, a diff "
+                                           "artifact); default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
+                                               description="labels returned as given: at most 32, keys of at most 64 "
+                                                           "characters, values of at most 1024")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
+                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
+                                    description="POSTed the job on a terminal status; must reach a public address")
+
+
+class Models(Submission):
+    """The bodies of the kinds that run a recipe (a graft, a preflight): the models (one of four ways), how they
+    combine, the options with alpha, and what every submission holds."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=either_diffs_or_three_fields)
     source_base: str | None = Field(None, **URI_FIELD)
     source_finetuned: str | None = Field(None, **URI_FIELD)
+    diff: str | None = Field(None, **DIFF_REF_FIELD)
     target_base: str | None = Field(None, **URI_FIELD)
     diffs: list[Diff] | None = Field(None, min_length=1, max_length=16, description="a recipe's diffs, in place of "
-                                     "source_base and source_finetuned (see README: recipes)")
+                                     "source_base and source_finetuned (see README: recipes); a diff's `diff` "
+                                     "may be a diff's id too")
     merge: Merge | None = Field(None, description="how a recipe's diffs combine (default: sum)")
     rules: list[Rule] | None = Field(None, max_length=100, description="a recipe's per-tensor overrides")
     mergekit_config: str | None = Field(None, min_length=1, max_length=64 << 10, description="a mergekit YAML "
@@ -106,18 +135,7 @@ class Models(BaseModel):
                                         "(its base_model is the target and every diff's base)")
     mergekit_stage: str | None = Field(None, min_length=1, max_length=256, description="the `name:` of the "
                                        "stage to run in a multi-stage mergekit_config")
-    output: str | None = Field(None, min_length=1, max_length=2048,
-                               pattern=URI_PATTERN.format(schemes.pattern(writable=True)),
-                               description=f"{schemes.prefixes(writable=True)} prefix for what the job writes (a "
-                                           "graft's checkpoint, a preflight's report.json and chart); default "
-                                           "GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     options: Options = Field(default_factory=Options)
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
-                                               description="labels returned as given: at most 32, keys of at most 64 "
-                                                           "characters, values of at most 1024")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
-                                    pattern=URI_PATTERN.format("[Hh][Tt][Tt][Pp][Ss]?"),
-                                    description="POSTed the job on a terminal status; must reach a public address")
 
 
 def probe_text_by_length(spec: dict | None, section: str) -> dict | None:

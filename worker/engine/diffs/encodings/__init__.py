@@ -8,14 +8,12 @@ encoder handed a shape its encoding does not apply to does the same, so asking f
 
 `EncodingParams` is what requests and the command line take: one of the encodings' parameter models, by
 its `encoding` field; a mapping without one, or nothing, is exact; a bare name (`"sparse"`) is that
-encoding at its defaults."""
+encoding at its defaults. It and the parameter models are declared without torch in ../encoding_params.py
+(the API's bodies take them), and re-exported here."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
-from pydantic import BaseModel, BeforeValidator, Field
-
+from worker.engine.diffs.encoding_params import FALLBACK, PARAMS, EncodingParams
 from worker.engine.diffs.encodings.base import Encoding
 from worker.engine.diffs.encodings.bf16 import BF16
 from worker.engine.diffs.encodings.exact import EXACT
@@ -25,23 +23,9 @@ from worker.engine.diffs.encodings.sign import Sign
 from worker.engine.diffs.encodings.sparse import Sparse
 
 ENCODINGS: dict[str, Encoding] = {e.name: e for e in (EXACT, BF16, Int8(), Sign(), Sparse(), LowRank())}
-FALLBACK = "exact"
-
-
-def _named(value: object) -> object:
-    if value is None:
-        return {"encoding": FALLBACK}
-    if isinstance(value, str):
-        return {"encoding": value}
-    if isinstance(value, BaseModel):
-        return value.model_dump()
-    if isinstance(value, dict) and "encoding" not in value:
-        return {**value, "encoding": FALLBACK}
-    return value
-
-
-EncodingParams = Annotated[Union[tuple(e.Params for e in ENCODINGS.values())],  # noqa: UP007
-                           Field(discriminator="encoding"), BeforeValidator(_named)]
+# The requests' union (EncodingParams) is declared torch-free beside the encodings: it must be theirs exactly.
+if {name: e.Params for name, e in ENCODINGS.items()} != PARAMS:
+    raise RuntimeError("the encodings' Params and worker/engine/diffs/encoding_params.PARAMS disagree")
 
 
 __all__ = ["ENCODINGS", "FALLBACK", "Encoding", "EncodingParams"]

@@ -4,18 +4,12 @@ single rounding's result). Part: `values` BF16 (the flat delta). Meta: none."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from worker.engine.diffs.encoding_params import Bf16Params
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, read_tensor
-
-
-class Bf16Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["bf16"]
 
 
 def to_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,13 @@ hundredth of the speed; and level 1 is the fastest of those that compress well (
 from __future__ import annotations
 
 import threading
-from typing import Literal
 
 import numpy as np
 import torch
 import zstandard
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from worker.engine.diffs.encoding_params import ExactParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import STORED_EXACT, as_bytes, compute_name, numel, read_tensor
 
@@ -26,11 +26,6 @@ FRAME = 1 << 18
 LEVEL = 1
 NUMPY = {"F32": np.float32, "F64": np.float64}
 _local = threading.local()  # one decompression context per thread: decoders run in several at once
-
-
-class ExactParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["exact"] = "exact"
 
 
 def shuffle(values: torch.Tensor) -> memoryview:

@@ -7,19 +7,13 @@ Parts: `q` I8 (the flat codes, written as the rows come), `scale` F32 (one a row
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from worker.engine.diffs.encoding_params import Int8Params
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
 from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
-
-
-class Int8Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["int8"]
 
 
 def quantise(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,37 +24,16 @@ Parts: `U` F32 [m, r] (singular values folded in), `V` F32 [r, n]. Meta: `rank`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from worker.engine.diffs.encoding_params import MAX_RANK, LowRankParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
 from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
 
 OVERSAMPLING = 8
-MAX_RANK = 4096
 BLOCK = 1 << 18  # elements in a row block (at least one row)
-
-
-class LowRankParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["lowrank"]
-    rank: int | None = Field(None, ge=1, le=MAX_RANK, description="the rank kept (64 unless energy is given)")
-    energy: float | None = Field(None, gt=0, lt=1, description="instead of rank: the smallest rank keeping this "
-                                 "share of the delta's squared Frobenius norm")
-    power_iterations: int = Field(1, ge=0, le=4, description="power iterations of the randomized SVD (each reads "
-                                  "the tensor twice more)")
-    seed: int = Field(0, ge=0, lt=2**63, description="the random projection's seed")
-
-    @model_validator(mode="after")
-    def _rank_or_energy(self) -> LowRankParams:
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("lowrank takes rank or energy, not both")
-        if self.rank is None and self.energy is None:
-            self.rank = 64
-        return self
 
 
 def saving_rank(m: int, n: int) -> int:

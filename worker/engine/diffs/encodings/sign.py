@@ -15,22 +15,17 @@ Parts: `bits` U8 (bit i % 8 of byte i // 8 is element i; 1: +c, 0: -c). Meta: `s
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from worker.engine.diffs.encoding_params import SignParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import as_bytes, compute_name, f32, numel, read_tensor, relative
 from worker.engine.diffs.encodings.exact import EXACT, ExactEncoder, fallback_encoder, stored_exact
 
 _M32 = 0xFFFFFFFF
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-class SignParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["sign"]
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

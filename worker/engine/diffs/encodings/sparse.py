@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from worker.engine.diffs.encoding_params import SparseParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import as_bytes, compute_name, f32, numel, read_tensor, relative
 from worker.engine.methods.base import RankWindow, magnitude_bits
 from worker.engine.methods.statistics.rank_select import RankSelect
 
 FRAME = 1 << 15  # offsets take 15 bits, the sign the 16th
-
-
-class SparseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoding: Literal["sparse"]
-    density: float = Field(0.1, gt=0, le=1, description="fraction of each tensor's elements kept, the largest "
-                           "|delta| (k = ceil(density * numel))")
 
 
 def kept_count(density: float, n: int) -> int:

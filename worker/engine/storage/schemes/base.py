@@ -172,3 +172,11 @@ class Scheme:
     def listing(self, endpoint_url: str | None, timeout: float) -> Listing:
         """A BucketPrefixes scheme's listing, for the output placement check."""
         raise NotImplementedError
+
+    def remove(self, location: Location, names: list[str], access: Access) -> None:
+        """Remove the files `names` (plain names, directly under `location`) of a published output, one after
+        the other in the order given (the caller puts the manifest first: from then on no reader takes what is
+        left for a whole result), then the output's directory where the scheme has them and it is empty. A name
+        already gone is no error, so an interrupted removal is finished by calling it again; nothing else under
+        `location` is touched. GraftError (storage_error and the like) when the storage refuses."""
+        raise GraftError("invalid_uri", f"{location}: {self.name}:// outputs cannot be removed")

@@ -52,6 +52,12 @@ class LocalScheme(Scheme):
         return LocalSink(location, Confinement.of(access.allowed_roots, access.denied_roots),
                          manifest_name=access.manifest_name)
 
+    def remove(self, location: Location, names: list[str], access: Access) -> None:
+        from worker.engine.storage.local_files import remove_files
+        from worker.engine.storage.stores import Confinement
+
+        remove_files(location, names, Confinement.of(access.allowed_roots, access.denied_roots))
+
     def ready(self, location: Location, endpoint_url: str | None) -> str:
         os.makedirs(location.path, exist_ok=True)
         return "ok" if os.access(location.path, os.W_OK) else "error: not writable"

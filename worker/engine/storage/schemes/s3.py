@@ -128,6 +128,19 @@ class S3Scheme(Scheme):
                       parts_in_flight=access.parts_in_flight, writer=access.writer, retry=access.retry,
                       manifest_name=access.manifest_name)
 
+    def remove(self, location: Location, names: list[str], access: Access) -> None:
+        from worker.engine.storage.faults import StorageRetry
+        from worker.engine.storage.s3 import s3_client
+        from worker.engine.storage.s3_sink import delete_keys
+
+        retry = access.retry or StorageRetry()
+        keys = [self.child(location, name).prefix for name in names]
+        # One request per key, in order: a batched DeleteObjects removes its keys in no stated order, and the
+        # manifest must go first. An artifact holds few files (shards of gigabytes and its side files).
+        client = s3_client(access.endpoint_url, retry.timeout)
+        for key in keys:
+            delete_keys(client, location.bucket, [key], retry, str(location))
+
     def ready(self, location: Location, endpoint_url: str | None) -> str:
         from worker.engine.storage.s3 import s3_client
 
