@@ -474,7 +474,8 @@ def _add_lora_command(sub) -> None:
 def _cmd_lora(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from worker.engine.pipeline.lora_export import LoraExport, LoraExportRequest, export_lora
+    from worker.engine.pipeline.lora_export import export_lora
+    from worker.engine.pipeline.lora_request import LoraExport, LoraExportRequest
 
     body = {k: getattr(args, k) for k in ("source_base", "source_finetuned", "diff", "target_base", "output",
                                           "rank", "energy", "profile", "modules", "alpha")

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save
 
 from worker.engine.config import EngineSettings
@@ -36,60 +33,25 @@ from worker.engine.diffs.encoding_params import MAX_RANK, LowRankParams
 from worker.engine.diffs.encodings.lowrank import LowRankEncoder
 from worker.engine.diffs.encodings.memory_parts import MemoryParts
 from worker.engine.errors import GraftCancelled, GraftError
+from worker.engine.pipeline.lora_request import (  # noqa: F401 (re-exported)
+    DEFAULT_MODULES,
+    VLLM_RANKS,
+    LoraExport,
+    LoraExportRequest,
+    vllm_rank,
+)
 from worker.engine.pipeline.manifest import ENGINE_VERSION, dumps
 from worker.engine.pipeline.publish import publishing, storage_retry
 from worker.engine.pipeline.resolve import remote_reads
+from worker.engine.planning.patterns import compile_pattern
 from worker.engine.storage.input_hashes import InputHasher
 from worker.engine.storage.model import ResolvedModel, resolve_model
 from worker.engine.storage.safetensors_format import DTYPES
 from worker.engine.storage.uris import parse_uri
 
 LORA_MANIFEST = "lora-manifest.json"
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 LINEAR_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # nn.Linear weights, [out, in]
-DEFAULT_MODULES = r"(^|\.)layers\.\d+\."  # every 2-D weight of the decoder layers
 CHUNK = 1 << 20  # elements read at a time
-
-
-class LoraExport(BaseModel):
-    """What the adapter is made from and how."""
-
-    model_config = ConfigDict(extra="forbid")
-    source_base: str | None = None
-    source_finetuned: str | None = None
-    diff: str | None = None
-    target_base: str
-    output: str
-    rank: int | None = Field(None, ge=1, le=MAX_RANK)
-    energy: float | None = Field(None, gt=0, lt=1)
-    profile: Literal["vllm", "peft"] = "vllm"
-    modules: str = Field(DEFAULT_MODULES, max_length=1000, description="regex searched in a module's name")
-    alpha: float = 1.0
-    power_iterations: int = Field(1, ge=0, le=4)
-    seed: int = Field(0, ge=0, le=2**53 - 1)
-
-    @model_validator(mode="after")
-    def _inputs(self) -> LoraExport:
-        pair = self.source_base is not None and self.source_finetuned is not None
-        if pair == (self.diff is not None) or (not pair and (self.source_base or self.source_finetuned)):
-            raise ValueError("give --source-base and --source-finetuned, or --diff, not both")
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("give rank or energy, not both")
-        if self.rank is None and self.energy is None:
-            self.rank = 64
-        try:
-            re.compile(self.modules)
-        except re.error as exc:
-            raise ValueError(f"modules: not a regular expression: {exc}") from None
-        return self
-
-
-@dataclass
-class LoraExportRequest:
-    spec: LoraExport
-    writer: str | None = None
-    allowed_roots: list[str] | None = None
-    denied_roots: list[str] | None = None
 
 
 @dataclass
@@ -97,14 +59,6 @@ class LoraResult:
     output_uri: str
     manifest_uri: str
     manifest: dict
-
-
-def vllm_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts at or above `rank`."""
-    for allowed in VLLM_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise GraftError("invalid_rank", f"rank {rank} is above vLLM's largest ({VLLM_RANKS[-1]})")
 
 
 class DeltaSource:
@@ -160,7 +114,7 @@ class _Module:
 def _select(spec: LoraExport, source: DeltaSource, target: ResolvedModel) -> tuple[list[_Module], list[str]]:
     """The LoRA modules (2-D `.weight` tensors whose module name the regex finds) and every other delta tensor.
     A LoRA module whose delta does not have the target's shape is refused: the adapter would not load."""
-    pattern, modules, rest = re.compile(spec.modules), [], []
+    pattern, modules, rest = compile_pattern(spec.modules, "modules"), [], []
     names = source.artifact.manifest.tensors if source.artifact is not None else source.models["source_base"].tensors
     for name in names:
         shape = source.shape(name)

@@ -1,0 +1,80 @@
+"""What a LoRA export is asked to do, declared once and importable without torch: the CLI's flags, the API's
+body (the `lora_export` job kind) and the job record come from `LoraExport`; `LoraExportRequest` adds who may read
+what (as GraftRequest does for a graft). The export itself is pipeline/lora_export.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from worker.engine.diffs.encoding_params import MAX_RANK
+from worker.engine.errors import GraftError
+from worker.engine.planning.patterns import compile_pattern
+from worker.engine.planning.recipe import URI
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+DEFAULT_MODULES = r"(^|\.)layers\.\d+\."  # every 2-D weight of the decoder layers
+DEFAULT_RANK = 64
+
+
+class LoraExport(BaseModel):
+    """What the adapter is made from and how."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_base: URI | None = Field(None, description="the base the fine-tune started from (with "
+                                    "source_finetuned; or give diff)")
+    source_finetuned: URI | None = Field(None, description="the fine-tune whose update becomes the adapter")
+    diff: URI | None = Field(None, description="a diff artifact in place of the source pair")
+    target_base: URI = Field(description="the base the adapter is for: its shapes are checked and what the "
+                             "adapter cannot carry is computed on it")
+    output: URI
+    rank: int | None = Field(None, ge=1, le=MAX_RANK, description=f"the adapter's rank (default {DEFAULT_RANK}; "
+                             "vllm rounds it up to one vLLM allows)")
+    energy: float | None = Field(None, gt=0, lt=1, description="in place of rank: the smallest rank per module "
+                                 "keeping this share of ||delta||^2")
+    profile: Literal["vllm", "peft"] = Field("vllm", description="vllm: LoRA on linear modules only, what vLLM "
+                                             "loads; peft: also norms, embeddings and biases PEFT can carry")
+    modules: str = Field(DEFAULT_MODULES, max_length=1000,
+                         description="RE2 pattern searched in a module's name: the modules that get LoRA")
+    alpha: float = Field(1.0, ge=-1e6, le=1e6, allow_inf_nan=False, description="the transfer's strength")
+    power_iterations: int = Field(1, ge=0, le=4)
+    seed: int = Field(0, ge=0, le=2**53 - 1)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> LoraExport:
+        pair = self.source_base is not None and self.source_finetuned is not None
+        if pair == (self.diff is not None) or (not pair and (self.source_base or self.source_finetuned)):
+            raise ValueError("give source_base and source_finetuned, or diff, not both")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give rank or energy, not both")
+        if self.rank is None and self.energy is None:
+            self.rank = DEFAULT_RANK
+        try:
+            compile_pattern(self.modules, "modules")
+        except GraftError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
+@dataclass
+class LoraExportRequest:
+    spec: LoraExport
+    writer: str | None = None
+    allowed_roots: list[str] | None = None
+    denied_roots: list[str] | None = None
+
+    def inputs(self) -> dict[str, str]:
+        if self.spec.diff is not None:
+            return {"diff": self.spec.diff, "target_base": self.spec.target_base}
+        return {"source_base": self.spec.source_base, "source_finetuned": self.spec.source_finetuned,
+                "target_base": self.spec.target_base}
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts at or above `rank`."""
+    for allowed in VLLM_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise GraftError("invalid_rank", f"rank {rank} is above vLLM's largest ({VLLM_RANKS[-1]})")
