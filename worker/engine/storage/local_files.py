@@ -3,6 +3,7 @@ built in a hidden sibling directory and renamed into place (the local scheme's s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import socket
@@ -102,11 +103,52 @@ class LocalStore(Store):
             self._fds.clear()
 
 
+# Writeback started every WRITEBACK_BYTES, waited for once a range is DIRTY_BYTES behind the writer: the
+# kernel otherwise lets dirty pages pile up and then throttles the writer in bursts (a 1.9 GB output cost 2.5 s
+# more on disk than on tmpfs), and the final fdatasync, which the manifest waits for, has little left to do.
+WRITEBACK_BYTES = 8 << 20
+DIRTY_BYTES = 256 << 20  # at 32 MiB the waits cost throughput on this VM's disk
+_SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None where there is none: then only the final fdatasync runs."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+SYNC_FILE_RANGE = _sync_file_range()
+
+
+class _Writeback:
+    """Steady writeback of one file as it grows (see WRITEBACK_BYTES); failures only cost the steadiness."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.written, self.started, self.waited = fd, 0, 0, 0
+
+    def wrote(self, n: int) -> None:
+        self.written += n
+        if SYNC_FILE_RANGE is None or self.written - self.started < WRITEBACK_BYTES:
+            return
+        SYNC_FILE_RANGE(self.fd, self.started, self.written - self.started, _SYNC_WRITE)
+        self.started = self.written
+        if self.started - self.waited > DIRTY_BYTES:
+            end = self.started - DIRTY_BYTES
+            SYNC_FILE_RANGE(self.fd, self.waited, end - self.waited, _SYNC_WAIT)
+            self.waited = end
+
+
 class _LocalWriter(FileWriter):
     def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor) -> None:
         super().__init__(name)
         self._fd = _create(name, dir_fd)
         self._io = io
+        self._writeback = _Writeback(self._fd)
         if expected_size:
             try:  # one extent up front: block allocation while streaming costs more than the copy
                 os.posix_fallocate(self._fd, 0, expected_size)
@@ -128,9 +170,17 @@ class _LocalWriter(FileWriter):
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+            self._writeback.wrote(n)
 
     def _finish(self) -> None:
-        os.close(self._fd)
+        # On disk before the manifest that names it can be: a crash after the commit never leaves a published
+        # output whose shards are holes.
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise GraftError("storage_error", f"cannot write {self.name} to the output: {exc.strerror}") from None
+        finally:
+            os.close(self._fd)
 
     def abort(self) -> None:
         try:
@@ -273,7 +323,9 @@ class LocalSink(Sink):
                 os.rmdir(final_name, dir_fd=self._parent_fd)  # empty at the check in __init__; filled since, refused
             except FileNotFoundError:
                 pass
+            os.fsync(self._dir_fd)  # the entries of the files just written
             os.rename(self._tmp_name, final_name, src_dir_fd=self._parent_fd, dst_dir_fd=self._parent_fd)
+            os.fsync(self._parent_fd)  # the rename itself: the publication
         except OSError as exc:
             raise GraftError("output_exists", f"{self.location}: cannot publish the output: {exc}") from exc
         self._close_fds()
