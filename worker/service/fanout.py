@@ -202,14 +202,12 @@ def run_task(job_id: str, task: str) -> dict:
     store.renew_lease(rq_id, settings.lease_seconds)  # first: the monitor judges a started task by its lease
     held = _wait(settings, "a task's start", records.load, job_id)
     if held is None:
-        store.r.delete(store.lease_key(rq_id))
         return {"skipped": "no split"}
     records.started(job_id, task, held["tenant"])
     pump(store.r, settings)
     record = _wait(settings, "a task's start", store.get, job_id)
     if record is None or record["status"] not in ACTIVE or record["status"] == "cancelling":
-        store.r.delete(store.lease_key(rq_id))
-        _end(store, job_id, task, held["tenant"], settings)
+        _end(store, job_id, task if rq_id == task_id(job_id, task) else None, held["tenant"], settings)
         return {"skipped": "the job is not running"}
     store.add_event(job_id, "task_started", task=task, task_id=rq_id,
                     retries_left=current.retries_left if current is not None else None)
@@ -222,10 +220,11 @@ def run_task(job_id: str, task: str) -> dict:
         retried = True  # still the job's task: RQ's retry runs it again, or on_task_failure ends it
         raise
     finally:
+        # The lease is left to expire: RQ marks the task finished only after this returns, and a monitor
+        # finding a started task without a lease in between would take it for dead.
         lease.stop.set()
-        store.r.delete(store.lease_key(rq_id))
         if not retried:
-            _end(store, job_id, task, held["tenant"], settings)
+            _end(store, job_id, task if rq_id == task_id(job_id, task) else None, held["tenant"], settings)
 
 
 def _run(store: JobStore, job_id: str, task: str, record: dict, held: dict, settings: Settings) -> dict:
@@ -242,6 +241,9 @@ def _run(store: JobStore, job_id: str, task: str, record: dict, held: dict, sett
         from worker.engine.pipeline.shards import run_shard
 
         index = int(task.removeprefix(TASK_SHARD))
+        if records_for(store).is_done(job_id, index):  # a duplicate, or a retry whose shard another copy wrote
+            store.add_event(job_id, "task_skipped", task=task, reason="shard already written")
+            return {"status": "skipped"}
         hooks = Hooks(settings, reporter.progress, reporter.should_cancel, lambda w: None)
         result = run_shard(request, split, index, settings, hooks)
     except GraftCancelled:
@@ -250,6 +252,10 @@ def _run(store: JobStore, job_id: str, task: str, record: dict, held: dict, sett
     except GraftError as err:
         if err.code == "storage_error":
             raise  # RQ's retry of this task (on_task_failure), as a lost worker's
+        if task != FINAL and records_for(store).is_done(job_id, int(task.removeprefix(TASK_SHARD))):
+            # Another copy of this task wrote the shard (and finalize may have published the job since).
+            store.add_event(job_id, "task_skipped", task=task, reason=f"shard already written ({err.code})")
+            return {"status": "skipped"}
         if store.status(job_id) in ACTIVE:
             store.request_cancel(job_id)  # the other tasks stop; the last one out removes what was written
             fail(store, job_id, settings, err)
@@ -288,9 +294,11 @@ def _finalize(store: JobStore, job_id: str, record: dict, kind, request, spec: d
     return succeed(store, job_id, record, kind, out, settings, progress, time.monotonic() - t0)
 
 
-def _end(store: JobStore, job_id: str, task: str, tenant: str, settings: Settings) -> None:
+def _end(store: JobStore, job_id: str, task: str | None, tenant: str, settings: Settings) -> None:
+    """A task is over (None: a copy of a task queued outside the records, which counts nothing)."""
     try:
-        records_for(store).ended(job_id, task, tenant)
+        if task is not None:
+            records_for(store).ended(job_id, task, tenant)
         pump(store.r, settings)
         settle(store, job_id, settings)
     except REDIS_DOWN:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 
 import redis
 from rq import Queue
@@ -146,10 +147,16 @@ class Monitor(threading.Thread):
             if not judge or self.store.lease_alive(rq_id):
                 continue
             try:
-                status = Job.fetch(rq_id, connection=self.conn).get_status()
+                rq_job = Job.fetch(rq_id, connection=self.conn)
+                status = rq_job.get_status()
             except NoSuchJobError:
-                status = None
+                continue
             if status == JobStatus.STARTED:
+                # RQ says started as it forks the work horse, before the task could take its lease: judged only
+                # once the lease had time to be taken.
+                since = rq_job.started_at.replace(tzinfo=UTC) if rq_job.started_at is not None else None
+                if since is None or (datetime.now(UTC) - since).total_seconds() < self.settings.lease_seconds:
+                    continue
                 if not self.conn.set(f"{self.settings.key_prefix}recover:{rq_id}", b"1", nx=True,
                                      px=int(self.settings.lease_seconds * 1000)):
                     continue

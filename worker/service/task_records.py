@@ -11,7 +11,7 @@ Layout (every key starts with `settings.key_prefix`):
 - `job:<id>:tasks:active`   set of tasks queued on RQ or running (what `parallelism` counts)
 - `job:<id>:tasks:done`     set of shard indexes written; `job:<id>:tasks:results` hash index -> what it wrote
 - `job:<id>:tasks:progress` hash task -> its progress (summed into the job's)
-- `job:<id>.<task>:lease`   the running task's lease (JobStore.renew_lease with the task's RQ id)
+- `job:<id>-<task>:lease`   the running task's lease (JobStore.renew_lease with the task's RQ id)
 - `splits`                  set of the jobs split and not yet settled (what the monitor looks after)
 - `split:tenants`           list of tenants with tasks to queue: the round-robin ring
 - `split:tenant:<t>:jobs`   list of that tenant's jobs with tasks to queue, oldest first
@@ -33,7 +33,7 @@ def shard_task(index: int) -> str:
 
 def task_id(job_id: str, task: str) -> str:
     """The task's RQ job id (its lease key follows from it)."""
-    return f"{job_id}.{task}"
+    return f"{job_id}-{task}"
 
 
 class TaskRecords:
@@ -130,6 +130,9 @@ class TaskRecords:
 
     def results(self, job_id: str) -> list[dict]:
         return [orjson.loads(v) for v in self.r.hvals(self.key(job_id, "tasks:results"))]
+
+    def is_done(self, job_id: str, index: int) -> bool:
+        return bool(self.r.sismember(self.key(job_id, "tasks:done"), index))
 
     def done_count(self, job_id: str) -> int:
         return int(self.r.scard(self.key(job_id, "tasks:done")))

@@ -156,7 +156,9 @@ def run_shard(request: GraftRequest, split: dict, index: int, settings: EngineSe
                                                    settings, hooks, total)
             sink.staged()  # an S3 shard's completion runs on the sink's threads: done before it is reported
             sink.detach()
+        merge = {t.name: plan.merge.tensor_report(t.name) for t in sub.tensors} if plan.merge is not None else {}
         return {"index": index, "file": records[0].to_dict(), "stats": {n: asdict(s) for n, s in stats.items()},
+                "merge": merge,
                 "warnings": late, "bytes_read": total.bytes_read, "bytes_written": total.bytes_written,
                 "seconds": round(time.perf_counter() - t0, 3), "compute_s": round(totals.compute_s, 3)}
     finally:
@@ -179,6 +181,8 @@ def finalize_split(request: GraftRequest, split: dict, shards: list[dict], setti
         if [r.path for r in records] != [s.file for s in plan.shards]:
             raise GraftError("plan_changed", "the shards written are not the plan's")
         stats = {n: TensorStats(**st) for s in done for n, st in s["stats"].items()}
+        if plan.merge is not None:
+            plan.merge = _Reported(plan.merge, {n: r for s in done for n, r in s["merge"].items()})
         return _finalize(request, plan, models, output, records, stats, done, settings, hooks, started)
     finally:
         close_models(models)
@@ -225,3 +229,17 @@ class _Totals:
 
     def __init__(self, compute_s: float) -> None:
         self.compute_s, self.wait_read_s, self.wait_write_s = compute_s, 0.0, 0.0
+
+
+class _Reported:
+    """The recipe's merge context with each tensor's report as its shard task made it (what the compute pass
+    counted there: kept fractions, sign agreement), for the manifest."""
+
+    def __init__(self, merge, reports: dict[str, dict | None]) -> None:
+        self._merge, self._reports = merge, reports
+
+    def __getattr__(self, name: str):
+        return getattr(self._merge, name)
+
+    def tensor_report(self, name: str) -> dict | None:
+        return self._reports.get(name)
