@@ -75,7 +75,7 @@ def _check_body(kind: Kind, body: Submission) -> None:
         except GraftError as err:
             raise field_error("options.alpha", err.message, err.code) from err
     try:
-        GraftOptions(**{**body.options.model_dump(), "alpha": _strength(body)})
+        GraftOptions(**{**body.options.model_dump(exclude={"parallelism"}), "alpha": _strength(body)})
     except GraftError as err:
         name = next((f for f in OPTION_FIELDS if err.message.startswith(f)), "")
         raise field_error(f"options.{name}" if name else "options", err.message, err.code) from err

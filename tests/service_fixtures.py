@@ -176,6 +176,8 @@ class Service:
         for key in r.scan_iter(match=f"{self.prefix}tenant:*"):
             ids.update(i.decode() for i in r.zrange(key, 0, -1))
         keys = list(r.scan_iter(match=f"{self.prefix}*")) + [f"rq:job:{i}" for i in ids]
+        for i in ids:  # a split job's tasks (worker/service/task_records.py task_id)
+            keys += list(r.scan_iter(match=f"rq:job:{i}-*"))
         keys += list(r.scan_iter(match=f"rq:*:{self.queue}"))
         for i in range(0, len(keys), 500):
             r.delete(*keys[i:i + 500])

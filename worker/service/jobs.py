@@ -198,26 +198,36 @@ def run_job(job_id: str) -> dict:
         lease.stop.set()
 
 
+def prepare(store: JobStore, job_id: str, record: dict, settings: Settings) -> tuple:
+    """(kind, engine request, checks spec) of a job, its inputs and output checked against the tenant's policy
+    again in the worker; what it raises (GraftError) fails the job."""
+    kind = kind_of(record)
+    # The policy is the submitting tenant's, checked again here (a read that waits out an outage).
+    tenant = _wait(settings, "reading the job's tenant", store.tenant_of, job_id)
+    # A diff deleted since submission: refused before anything is resolved or written.
+    _wait(settings, "checking the job's diffs", diffs.check_not_deleted, store, diffs.artifacts(record))
+    for role, uri in kind.inputs(record).items():
+        check_uri(uri, role, settings, tenant=tenant)
+    # Again here: a model, a result or another job's output being written above the output since
+    # submission still protects its directory. The output's own contents and claim are the sink's to judge
+    # (a retry finds its own files there).
+    check_output_placement(check_uri(record["output"], "output", settings, output=True, tenant=tenant),
+                           "output", settings, tenant=tenant, itself=False)
+    confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
+                           strict=True))
+    spec = _wait(settings, "reading the job's checks", store.checks_spec, job_id)
+    return kind, kind.request(record, spec, job_id, confinement), spec
+
+
 def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, reporter: _Reporter,
              t0: float) -> dict | Retry:
-    kind = None
+    from worker.service import fanout
+
     try:
-        kind = kind_of(record)
-        # The policy is the submitting tenant's, checked again here (a read that waits out an outage).
-        tenant = _wait(settings, "reading the job's tenant", store.tenant_of, job_id)
-        # A diff deleted since submission: refused before anything is resolved or written.
-        _wait(settings, "checking the job's diffs", diffs.check_not_deleted, store, diffs.artifacts(record))
-        for role, uri in kind.inputs(record).items():
-            check_uri(uri, role, settings, tenant=tenant)
-        # Again here: a model, a result or another job's output being written above the output since
-        # submission still protects its directory. The output's own contents and claim are the sink's to judge
-        # (a retry finds its own files there).
-        check_output_placement(check_uri(record["output"], "output", settings, output=True, tenant=tenant),
-                               "output", settings, tenant=tenant, itself=False)
-        confinement = dict(zip(("allowed_roots", "denied_roots"), scope_for(tenant, settings).engine_roots(),
-                               strict=True))
-        spec = _wait(settings, "reading the job's checks", store.checks_spec, job_id)
-        request = kind.request(record, spec, job_id, confinement)
+        kind, request, spec = prepare(store, job_id, record, settings)
+        # A large graft of several output shards runs as one task per shard (worker/service/fanout.py).
+        if fanout.split_job(store, job_id, record, kind, request, spec, settings, reporter):
+            return {"status": "split"}
         out = kind.run(request, spec, settings, reporter)
     except GraftSuperseded as err:
         # The record and the output belong to the newer attempt now: leave both alone.
@@ -231,18 +241,33 @@ def _execute(store: JobStore, job_id: str, record: dict, settings: Settings, rep
               event={"type": "finished", "status": "cancelled"}, finished_at=now_iso())
         return {"status": "cancelled"}
     except GraftError as err:
-        err = _deleted_meanwhile(store, settings, record, err)
-        attempt = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1)
-        if err.code in RETRYABLE and attempt < settings.max_attempts:
-            return _retry_later(store, job_id, settings, attempt, err)
-        error = {"code": err.code, "message": err.message}
-        if err.code == "incompatible_bases":  # the verdict and its reasons: why nothing was built
-            error["details"] = err.details
-        _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "failed",
-              event={"type": "finished", "status": "failed", "error": error}, finished_at=now_iso(), error=error)
-        return {"status": "failed", "error": error}
-    seconds = time.monotonic() - t0
+        return fail_or_retry(store, job_id, record, settings, err)
     progress = reporter.doc(reporter.last) if reporter.last is not None else None
+    return succeed(store, job_id, record, kind, out, settings, progress, time.monotonic() - t0)
+
+
+def fail_or_retry(store: JobStore, job_id: str, record: dict, settings: Settings, err: GraftError) -> dict | Retry:
+    """A job's attempt ended with `err`: another attempt later if it is a storage error with attempts left,
+    else the job fails with it."""
+    err = _deleted_meanwhile(store, settings, record, err)
+    attempt = int(_wait(settings, "a job's end", store.get, job_id).get("attempt") or 1)
+    if err.code in RETRYABLE and attempt < settings.max_attempts:
+        return _retry_later(store, job_id, settings, attempt, err)
+    return fail(store, job_id, settings, err)
+
+
+def fail(store: JobStore, job_id: str, settings: Settings, err: GraftError) -> dict:
+    error = {"code": err.code, "message": err.message}
+    if err.code == "incompatible_bases":  # the verdict and its reasons: why nothing was built
+        error["details"] = err.details
+    _wait(settings, "a job's end", store.transition, job_id, ACTIVE, "failed",
+          event={"type": "finished", "status": "failed", "error": error}, finished_at=now_iso(), error=error)
+    return {"status": "failed", "error": error}
+
+
+def succeed(store: JobStore, job_id: str, record: dict, kind, out: dict, settings: Settings,
+            progress: dict | None, seconds: float) -> dict:
+    """The job's result is published: the record says succeeded (webhook queued in the same transaction)."""
     if progress:
         progress["phase"] = Phase.DONE.value
     # A kind whose succeeded jobs form a collection (diffs) lists this one in the same transaction.

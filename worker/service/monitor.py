@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 
 import redis
 from rq import Queue
@@ -25,9 +26,11 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
+from worker.service import fanout
 from worker.service.job_store import JobStore, now_iso
 from worker.service.outage import OUTAGE, REDIS_DOWN, Backoff
 from worker.service.settings import Settings
+from worker.service.task_records import TaskRecords, task_id
 
 log = logging.getLogger("graft.monitor")
 
@@ -38,6 +41,7 @@ class Monitor(threading.Thread):
         self.conn = conn
         self.settings = settings
         self.store = JobStore(conn, settings.key_prefix)
+        self.tasks = TaskRecords(conn, settings.key_prefix)
         self.queue = Queue(settings.queue_name, connection=conn)
         self.stop = threading.Event()
         self._cancelling_since: dict[str, float] = {}
@@ -70,12 +74,19 @@ class Monitor(threading.Thread):
     def tick(self) -> None:
         self.conn.ping()  # an outage shows here, before anything is judged
         judge = self.judges_leases()
+        split = set(self.tasks.split_ids())
+        for job_id in split:
+            self._look_after_split(job_id, judge)
+        if split:
+            fanout.pump(self.conn, self.settings)
         for status in ("validating", "running", "committing", "cancelling"):
             ids = self.store.ids_with_status(status)
             if status == "cancelling":  # forget jobs that left cancelling before their grace ran out
                 for gone in set(self._cancelling_since) - set(ids):
                     self._cancelling_since.pop(gone, None)
             for job_id in ids:
+                if job_id in split:  # its tasks hold leases of their own (above)
+                    continue
                 if status == "cancelling":
                     self._escalate_cancel(job_id)
                 if judge and not self.store.lease_alive(job_id):
@@ -111,15 +122,58 @@ class Monitor(threading.Thread):
         if self.store.status(job_id) == "cancelling":
             self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),
                                   event={"type": "finished", "status": "cancelled", "worker_lost": True})
-        # The failure callback runs in this (non-main) thread: SIGALRM timeouts only work in the main one.
-        registry = StartedJobRegistry(self.queue.name, connection=self.conn, death_penalty_class=TimerDeathPenalty)
+        registry = StartedJobRegistry(self.queue.name, connection=self.conn)
         members = [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{job_id}:")]
         if not members:
             return
         log.warning("job %s: its process died; expiring its RQ execution now", job_id)
         self.store.add_event(job_id, "worker_lost")
+        self._expire(members)
+
+    def _expire(self, members: list[bytes]) -> None:
+        """RQ's own clean-up of these executions now: AbandonedJobError through the failure callback, which
+        consumes one Retry (the job or task is queued again) or fails it."""
+        # The failure callback runs in this (non-main) thread: SIGALRM timeouts only work in the main one.
+        registry = StartedJobRegistry(self.queue.name, connection=self.conn, death_penalty_class=TimerDeathPenalty)
         self.conn.zadd(registry.key, {m: 1 for m in members}, xx=True)
         registry.cleanup(timestamp=2)  # only entries scored below 2: exactly the ones expired above
+
+    def _look_after_split(self, job_id: str, judge: bool) -> None:
+        """A split job (fanout.py): a running task whose lease lapsed is expired (RQ's retry queues it again:
+        one shard's work is lost, not the job's); a task RQ ended without our callback fails the job; a job
+        cancelling or ended is settled once no task runs."""
+        for task in self.tasks.active(job_id):
+            rq_id = task_id(job_id, task)
+            if not judge or self.store.lease_alive(rq_id):
+                continue
+            try:
+                rq_job = Job.fetch(rq_id, connection=self.conn)
+                status = rq_job.get_status()
+            except NoSuchJobError:
+                continue
+            if status == JobStatus.STARTED:
+                # RQ says started as it forks the work horse, before the task could take its lease: judged only
+                # once the lease had time to be taken.
+                since = rq_job.started_at.replace(tzinfo=UTC) if rq_job.started_at is not None else None
+                if since is None or (datetime.now(UTC) - since).total_seconds() < self.settings.lease_seconds:
+                    continue
+                if not self.conn.set(f"{self.settings.key_prefix}recover:{rq_id}", b"1", nx=True,
+                                     px=int(self.settings.lease_seconds * 1000)):
+                    continue
+                registry = StartedJobRegistry(self.queue.name, connection=self.conn)
+                members = [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{rq_id}:")]
+                if members and not self.store.lease_alive(rq_id):
+                    log.warning("job %s: task %s's process died; expiring its RQ execution now", job_id, task)
+                    self.store.add_event(job_id, "worker_lost", task=task)
+                    self._expire(members)
+            elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                error = {"code": "worker_lost", "message": f"task {task}: its process died"}
+                self.store.request_cancel(job_id)
+                self.store.transition(job_id, ("validating", "running", "committing"), "failed",
+                                      finished_at=now_iso(), error=error,
+                                      event={"type": "finished", "status": "failed", "error": error})
+                self.tasks.ended(job_id, task, (self.tasks.load(job_id) or {}).get("tenant", ""))
+        fanout.settle(self.store, job_id, self.settings)
 
     def _escalate_cancel(self, job_id: str) -> None:
         first = self._cancelling_since.setdefault(job_id, time.monotonic())

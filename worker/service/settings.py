@@ -82,6 +82,13 @@ class Settings(EngineSettings):
     retry_backoff: float = Field(5.0, description="seconds before a job that failed with storage_error is tried "
                                  "again; doubled for each further attempt (capped at 10 minutes)")
 
+    # One graft over many workers (worker/service/fanout.py).
+    shard_min_bytes: int = Field(10 * 10**9, description="a graft whose output has several shards and at least "
+                                 "this many bytes runs as one task per output shard plus a finalize task")
+    shard_queued_per_tenant: int = Field(2, description="shard tasks of one tenant waiting in the queue at once; "
+                                         "the rest wait in the job's record and are queued round-robin across "
+                                         "tenants as these start")
+
 
     @property
     def api_key_list(self) -> list[str]:

@@ -28,18 +28,18 @@ def storage_retry(settings: EngineSettings) -> StorageRetry:
 
 @contextmanager
 def publishing(output: Location, request: GraftRequest, settings: EngineSettings,
-               should_cancel: Callable[[], bool] | None = None, *, manifest_name: str | None = None
-               ) -> Iterator[Sink]:
+               should_cancel: Callable[[], bool] | None = None, *, manifest_name: str | None = None,
+               split: str = "") -> Iterator[Sink]:
     """The output's sink, claimed now (an occupied location fails here, before any input is read), for the
     body to write into and commit. Whatever the body raises leaves nothing visible: what was staged is
     aborted, unless a newer attempt of the same job has taken the output over (GraftSuperseded, or the fence
     says so once more after another failure), whose objects carry the same names: then nothing is touched.
     `request`: anything with the writer and the roots (a graft's, a diff extraction's); `manifest_name`: the
-    file committed last (a diff artifact's diff-manifest.json)."""
+    file committed last (a diff artifact's diff-manifest.json); `split`: a split graft's task (sinks.open_sink)."""
     sink = open_sink(output, endpoint_url=settings.s3_endpoint_url, part_bytes=settings.s3_part_bytes,
                      parts_in_flight=settings.s3_parts_in_flight, writer=request.writer,
                      allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                     retry=storage_retry(settings), manifest_name=manifest_name)
+                     retry=storage_retry(settings), manifest_name=manifest_name, split=split)
     try:
         yield sink
     except GraftSuperseded:

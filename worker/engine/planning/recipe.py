@@ -277,9 +277,13 @@ class RecipeOptions(BaseModel):
                                    description="RE2 regexes (searched): only matching tensors get the diff")
     exclude: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
                                    description="RE2 regexes (searched): matching tensors are copied from the target")
+    parallelism: int | None = Field(None, ge=1, le=10_000, description="the service: at most this many of the "
+                                    "job's shard tasks at once when it splits by output shard (default: one per "
+                                    "output shard); the output's bytes do not depend on it")
 
     def engine_options(self, alpha: float = 1.0) -> GraftOptions:
-        return GraftOptions(alpha=alpha, **RecipeOptions.model_dump(self))
+        # How many workers write it is the service's concern, not the engine's: the bytes are the same.
+        return GraftOptions(alpha=alpha, **RecipeOptions.model_dump(self, exclude={"parallelism"}))
 
 
 class Note(BaseModel):
@@ -436,6 +440,8 @@ class Recipe(BaseModel):
         for key in ("layers", "tokenizer", "chat_template"):  # unset, as recipes were recorded before them
             if out[key] is None:
                 del out[key]
+        if out["options"]["parallelism"] is None:  # likewise
+            del out["options"]["parallelism"]
         for rule in out["rules"]:
             if rule["diffs"] is None:
                 del rule["diffs"]

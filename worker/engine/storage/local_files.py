@@ -4,6 +4,7 @@ built in a hidden sibling directory and renamed into place (the local scheme's s
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import socket
@@ -144,9 +145,11 @@ class _Writeback:
 
 
 class _LocalWriter(FileWriter):
-    def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor) -> None:
+    def __init__(self, name: str, dir_fd: int, expected_size: int | None, io: ThreadPoolExecutor, *,
+                 part: str | None = None, landed=None) -> None:
         super().__init__(name)
-        self._fd = _create(name, dir_fd)
+        self._dir_fd, self._part, self._landed = dir_fd, part, landed
+        self._fd = _create(part or name, dir_fd)
         self._io = io
         self._writeback = _Writeback(self._fd)
         if expected_size:
@@ -181,6 +184,9 @@ class _LocalWriter(FileWriter):
             raise GraftError("storage_error", f"cannot write {self.name} to the output: {exc.strerror}") from None
         finally:
             os.close(self._fd)
+        if self._part is not None:
+            os.rename(self._part, self.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._landed(self._part)
 
     def abort(self) -> None:
         try:
@@ -267,10 +273,11 @@ class LocalSink(Sink):
     swap of a path component for a symlink can move where the files land."""
 
     def __init__(self, location: Location, confinement: Confinement | None = None, *,
-                 manifest_name: str | None = None) -> None:
+                 manifest_name: str | None = None, writer: str | None = None, split: str = "") -> None:
         self.location = location
         self.manifest_name = manifest_name or MANIFEST
         self.final = location.path
+        self.split = split
         try:
             occupied = os.path.exists(self.final) and (not os.path.isdir(self.final) or bool(os.listdir(self.final)))
         except OSError as exc:
@@ -281,27 +288,49 @@ class LocalSink(Sink):
         if confinement is not None and not confinement.admits(_real_ancestor(parent)):
             raise self._escape()  # before makedirs creates anything out there
         prefix = f".{os.path.basename(self.final)}{STAGING}"
-        self._tmp_name = prefix + uuid.uuid4().hex[:12]
+        # A split graft's tasks run in other processes (other hosts, with a shared file system): they find the
+        # staging directory by the writer's name.
+        token = hashlib.sha256((writer or "").encode()).hexdigest()[:12] if split else uuid.uuid4().hex[:12]
+        self._tmp_name = prefix + token
         self.tmp = os.path.join(parent, self._tmp_name)
         self._parent_fd = self._dir_fd = -1
         try:
-            os.makedirs(parent, exist_ok=True)
-            self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            if confinement is not None and not confinement.admits(fd_path(self._parent_fd, parent)):
-                raise self._escape()
-            remove_orphans(parent, prefix)
-            os.mkdir(self._tmp_name, 0o755, dir_fd=self._parent_fd)
-            self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                   dir_fd=self._parent_fd)
-            fd = _create(OWNER, self._dir_fd)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self._open_staging(parent, prefix, confinement)
         except BaseException as exc:
-            self._discard()
+            if split != "join":
+                self._discard()
+            self._close_fds()
             if isinstance(exc, OSError):
                 raise GraftError("storage_error", f"{location}: cannot create the output: {exc.strerror}") from None
             raise
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-write")
+        self._parts: set[str] = set()  # a joined task's files not yet renamed into place
+
+    def _open_staging(self, parent: str, prefix: str, confinement: Confinement | None) -> None:
+        if self.split != "join":
+            os.makedirs(parent, exist_ok=True)
+        self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if confinement is not None and not confinement.admits(fd_path(self._parent_fd, parent)):
+            raise self._escape()
+        if self.split == "join":
+            try:
+                self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                       dir_fd=self._parent_fd)
+            except FileNotFoundError:
+                raise GraftError("output_not_found", f"{self.location}: the split graft's staging directory is "
+                                 "gone (the job was cancelled or failed)") from None
+            return
+        remove_orphans(parent, prefix)
+        if self.split:  # a retried planning task starts its staging over
+            shutil.rmtree(self._tmp_name, ignore_errors=True, dir_fd=self._parent_fd)
+        os.mkdir(self._tmp_name, 0o755, dir_fd=self._parent_fd)
+        self._dir_fd = os.open(self._tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=self._parent_fd)
+        fd = _create(OWNER, self._dir_fd)
+        with os.fdopen(fd, "w") as fh:
+            # A split graft's staging outlives the process that claimed it: no host name, so that
+            # remove_orphans never judges it by a pid.
+            fh.write("split -1\n" if self.split else f"{socket.gethostname()} {os.getpid()}\n")
 
     def staged(self) -> Location:
         return Location("file", path=self.tmp)  # each write returns once it has landed
@@ -311,7 +340,13 @@ class LocalSink(Sink):
                           "allowed roots")
 
     def open(self, name: str, expected_size: int | None = None) -> FileWriter:
-        return _LocalWriter(name, self._dir_fd, expected_size, self._io)
+        if self.split != "join":
+            return _LocalWriter(name, self._dir_fd, expected_size, self._io)
+        # Written aside and renamed: a duplicated or retried task replaces the file with the same bytes, and a
+        # reader never sees half of it.
+        part = f".{name}.part-{uuid.uuid4().hex[:12]}"
+        self._parts.add(part)
+        return _LocalWriter(name, self._dir_fd, expected_size, self._io, part=part, landed=self._parts.discard)
 
     def commit(self, manifest: bytes) -> str:
         self.put(self.manifest_name, manifest)
@@ -344,7 +379,19 @@ class LocalSink(Sink):
 
     def abort(self) -> None:
         self._io.shutdown(wait=True)
+        if self.split == "join":  # the staging is the job's: only this task's unfinished files go
+            for part in list(self._parts):
+                try:
+                    os.unlink(part, dir_fd=self._dir_fd)
+                except OSError:
+                    pass
+            self._close_fds()
+            return
         self._discard()
 
     def abandon(self) -> None:
         self.abort()  # the temp directory is this writer's own, whoever publishes the output
+
+    def detach(self) -> None:
+        self._io.shutdown(wait=True)
+        self._close_fds()

@@ -120,8 +120,9 @@ class S3Sink(Sink):
 
     def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
                  parts_in_flight: int = 8, writer: str | None = None, retry: StorageRetry | None = None,
-                 manifest_name: str | None = None) -> None:
+                 manifest_name: str | None = None, split: str = "") -> None:
         self.location = location
+        self.split = split
         self.manifest_name = manifest_name or MANIFEST
         self.bucket = location.bucket
         self.prefix = location.prefix
@@ -153,6 +154,11 @@ class S3Sink(Sink):
         for name in dict.fromkeys((MANIFEST, self.manifest_name)):
             if self._exists(name):
                 raise GraftError("output_exists", f"{self.location} already holds a committed output ({name})")
+        if self.split == "join":  # a split graft's task: the claim must be its job's, and stays as it is
+            if not self._exists(PENDING) or self._pending_writer() != self.writer:
+                raise GraftError("output_not_found", f"{self.location}: the split graft's claim is gone (the job "
+                                 "was cancelled or failed)")
+            return
         if self._exists(PENDING):
             other = self._pending_writer()
             if other != self.writer:
@@ -344,6 +350,10 @@ class S3Sink(Sink):
         self.pool.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=False, cancel_futures=True)
 
+    def detach(self) -> None:
+        self._wait_deferred()
+        self.abandon()
+
     def abort(self) -> None:
         """Remove what this graft wrote. If the storage stays down past the budget, this raises at the first
         request that gives up, leaving the claim in place: a retry of the same job (same writer) clears the
@@ -363,6 +373,10 @@ class S3Sink(Sink):
             uploads |= {(key, upload_id) for key, upload_id in self._list_uploads(prefix) if key in keys}
         for key, upload_id in sorted(uploads):
             self._abort_upload(key, upload_id)
+        if self.split == "join":
+            # A split graft's task: its completed files may be a duplicate's too, and the claim is the job's;
+            # what the job leaves goes when the job is discarded (pipeline/shards.py discard_split).
+            return
         self._delete_keys(sorted(keys))
         # The claim goes last: while anything of ours may remain, it tells a retry that it may clear it.
         self._delete_keys([self.key(PENDING)])

@@ -82,6 +82,11 @@ class Sink(ABC):
     def abandon(self) -> None:
         """Stop writing without removing anything: another writer owns the output now."""
 
+    def detach(self) -> None:
+        """Let go of the sink leaving what it wrote and its claim in place: the tasks of a split graft write
+        the rest (pipeline/shards.py)."""
+        self.abandon()
+
     def staged(self) -> Location:
         """Where what has been written so far can be read back before the commit (an evaluation of the output
         reads it there): every file put or closed is complete there; no manifest yet."""
@@ -91,12 +96,16 @@ class Sink(ABC):
 def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
               parts_in_flight: int = 8, writer: str | None = None, allowed_roots: list[str] | None = None,
               denied_roots: list[str] | None = None, retry: StorageRetry | None = None,
-              manifest_name: str | None = None) -> Sink:
+              manifest_name: str | None = None, split: str = "") -> Sink:
     """The sink of `location`'s scheme. `allowed_roots`/`denied_roots` confine a local output (see
-    stores.Confinement); None: unconfined. `part_bytes`, `parts_in_flight`: an S3 output's multipart uploads."""
+    stores.Confinement); None: unconfined. `part_bytes`, `parts_in_flight`: an S3 output's multipart uploads.
+    `split`: a graft split into tasks; "claim" claims the output for `writer` (staged under a name it gives,
+    so that other processes find it), "join" writes into that claim: nothing is cleared or claimed, each file
+    lands whole or not at all (a duplicated task rewrites the same bytes), an abort removes only unfinished
+    files."""
     access = Access(endpoint_url=endpoint_url, retry=retry, allowed_roots=allowed_roots, denied_roots=denied_roots,
                     part_bytes=part_bytes, parts_in_flight=parts_in_flight, writer=writer,
-                    manifest_name=manifest_name)
+                    manifest_name=manifest_name, split=split)
     return schemes.get(location.scheme).open_sink(location, access)
 
 

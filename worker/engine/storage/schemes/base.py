@@ -99,6 +99,9 @@ class Access:
     parts_in_flight: int = 8
     writer: str | None = None
     manifest_name: str | None = None  # the file committed last (None: a graft's graft-manifest.json)
+    # A graft split into tasks (pipeline/shards.py): the task that planned it claims the output; shard and finalize
+    # tasks join that claim (same writer), writing their files without clearing or claiming anything.
+    split: str = ""  # "" (a graft of one task), "claim" (the planning task) or "join" (a shard or finalize task)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class LocalScheme(Scheme):
         from worker.engine.storage.stores import Confinement
 
         return LocalSink(location, Confinement.of(access.allowed_roots, access.denied_roots),
-                         manifest_name=access.manifest_name)
+                         manifest_name=access.manifest_name, writer=access.writer, split=access.split)
 
     def remove(self, location: Location, names: list[str], access: Access) -> None:
         from worker.engine.storage.local_files import remove_files

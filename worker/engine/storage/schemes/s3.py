@@ -126,7 +126,7 @@ class S3Scheme(Scheme):
 
         return S3Sink(location, endpoint_url=access.endpoint_url, part_bytes=access.part_bytes,
                       parts_in_flight=access.parts_in_flight, writer=access.writer, retry=access.retry,
-                      manifest_name=access.manifest_name)
+                      manifest_name=access.manifest_name, split=access.split)
 
     def remove(self, location: Location, names: list[str], access: Access) -> None:
         from worker.engine.storage.faults import StorageRetry
