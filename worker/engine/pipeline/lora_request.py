@@ -15,7 +15,8 @@ from worker.engine.planning.patterns import compile_pattern
 from worker.engine.planning.recipe import URI
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
-DEFAULT_MODULES = r"(^|\.)layers\.\d+\."  # every 2-D weight of the decoder layers
+# Every 2-D weight of the decoder blocks: Llama's `layers.N.`, GPT-2's `h.N.`.
+DEFAULT_MODULES = r"(^|\.)(layers|h)\.\d+\."
 DEFAULT_RANK = 64
 
 
@@ -39,8 +40,11 @@ class LoraExport(BaseModel):
     modules: str = Field(DEFAULT_MODULES, max_length=1000,
                          description="RE2 pattern searched in a module's name: the modules that get LoRA")
     alpha: float = Field(1.0, ge=-1e6, le=1e6, allow_inf_nan=False, description="the transfer's strength")
-    power_iterations: int = Field(1, ge=0, le=4)
-    seed: int = Field(0, ge=0, le=2**53 - 1)
+    power_iterations: int = Field(1, ge=0, le=4, description="the randomized SVD's power iterations (each one "
+                                  "two more reads of a module's delta; more: closer to the optimal factor)")
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="the randomized SVD's sketch seed")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="where the factorization runs: auto takes "
+                                                   "the GPU when one is visible; cuda fails without one")
 
     @model_validator(mode="after")
     def _inputs(self) -> LoraExport:
