@@ -271,7 +271,7 @@ def _factor(source: DeltaSource, module: _Module, spec: LoraExport, cap: int, de
     """One module's U (m x r, singular values folded in) and V (r x n), the stored matrix's, streamed pass by
     pass."""
     m, n = module.shape
-    params = LowRankParams(encoding="lowrank", rank=spec.rank or 1, energy=spec.energy,
+    params = LowRankParams(encoding="lowrank", rank=spec.rank, energy=spec.energy,
                            power_iterations=spec.power_iterations, seed=spec.seed)
     parts = MemoryParts()
     compute = source.read(module.name + ".weight", 0, 1).dtype
