@@ -562,8 +562,11 @@ def _resolve(spec: LoraExport, request: LoraExportRequest, settings: EngineSetti
 
 def export_lora(request: LoraExportRequest, settings: EngineSettings | None = None, *,
                 progress: Callable[[dict], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> LoraResult:
-    """Write the adapter of `request` (see the module's docstring); `progress` gets {modules_done, modules_total}."""
+                should_cancel: Callable[[], bool] | None = None,
+                before_commit: Callable[[dict], dict] | None = None) -> LoraResult:
+    """Write the adapter of `request` (see the module's docstring); `progress` gets {modules_done, modules_total};
+    `before_commit` gets the manifest before it is committed and returns sections to add to it (a check that
+    raises publishes nothing)."""
     settings = settings or EngineSettings()
     spec = request.spec
     output = parse_uri(spec.output, field="output")
@@ -580,6 +583,8 @@ def export_lora(request: LoraExportRequest, settings: EngineSettings | None = No
             manifest = _manifest(run, r, files, time.perf_counter() - started)
             hasher.join()
             manifest["input_files"] = hasher.result  # per input, its files' sizes and sha256
+            if before_commit is not None:
+                manifest.update(before_commit(manifest))
             manifest_uri = sink.commit(dumps(manifest))
     finally:
         for store in (target.store, *stores):
