@@ -153,13 +153,13 @@ def test_refusals(trio, tmp_path):
     with pytest.raises(GraftError) as err:
         export(trio, tmp_path / "a", modules=r"no_such_module")
     assert err.value.code == "no_modules"
-    gpt2 = tmp_path / "gpt2"
+    gpt2 = tmp_path / "bloom"  # a layout the export does not know
     gpt2.mkdir()
     for name in os.listdir(trio["target_base"]):
         with open(os.path.join(trio["target_base"], name), "rb") as fh:
             data = fh.read()
         if name == "config.json":
-            data = json.dumps({**json.loads(data), "model_type": "gpt2"}).encode()
+            data = json.dumps({**json.loads(data), "model_type": "bloom"}).encode()
         (gpt2 / name).write_bytes(data)
     with pytest.raises(GraftError) as err:
         export({**trio, "target_base": str(gpt2)}, tmp_path / "b")

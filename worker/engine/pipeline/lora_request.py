@@ -15,8 +15,11 @@ from worker.engine.planning.patterns import compile_pattern
 from worker.engine.planning.recipe import URI
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
-DEFAULT_MODULES = r"(^|\.)layers\.\d+\."  # every 2-D weight of the decoder layers
+# Every 2-D weight of the decoder blocks: Llama's `layers.N.`, GPT-2's `h.N.`.
+DEFAULT_MODULES = r"(^|\.)(layers|h)\.\d+\."
 DEFAULT_RANK = 64
+DEFAULT_MAX_KL = 0.05  # nats per token: the mean KL(full graft || target + adapter) a sweep's pick stays within
+MAX_SWEEP = 8  # ranks in a sweep: each is an adapter plus two evaluations
 
 
 class LoraExport(BaseModel):
@@ -39,17 +42,39 @@ class LoraExport(BaseModel):
     modules: str = Field(DEFAULT_MODULES, max_length=1000,
                          description="RE2 pattern searched in a module's name: the modules that get LoRA")
     alpha: float = Field(1.0, ge=-1e6, le=1e6, allow_inf_nan=False, description="the transfer's strength")
-    power_iterations: int = Field(1, ge=0, le=4)
-    seed: int = Field(0, ge=0, le=2**53 - 1)
+    power_iterations: int = Field(1, ge=0, le=4, description="the randomized SVD's power iterations (each one "
+                                  "two more reads of a module's delta; more: closer to the optimal factor)")
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="the randomized SVD's sketch seed")
+    ranks: list[int] | None = Field(None, min_length=2, max_length=MAX_SWEEP, description=f"a rank sweep (2 to "
+                                    f"{MAX_SWEEP} ranks, in place of rank): each adapter evaluated against the full "
+                                    "graft and the fine-tune; the smallest rank within max_kl is published")
+    evaluate: bool = Field(False, description="measure the adapter's fidelity (probe loss, KL to the full graft "
+                           "and to the fine-tune, as `graft run --evaluate` does) and record it in the manifest; "
+                           "implied by ranks")
+    max_kl: float = Field(DEFAULT_MAX_KL, gt=0, le=100, allow_inf_nan=False, description="a sweep picks the "
+                          "smallest rank whose mean KL(full graft || target + adapter) over the prompts is at most "
+                          f"this (nats per token; default {DEFAULT_MAX_KL})")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="where the factorization runs: auto takes "
+                                                   "the GPU when one is visible; cuda fails without one")
 
     @model_validator(mode="after")
     def _inputs(self) -> LoraExport:
         pair = self.source_base is not None and self.source_finetuned is not None
         if pair == (self.diff is not None) or (not pair and (self.source_base or self.source_finetuned)):
             raise ValueError("give source_base and source_finetuned, or diff, not both")
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("give rank or energy, not both")
-        if self.rank is None and self.energy is None:
+        if sum(x is not None for x in (self.rank, self.energy, self.ranks)) > 1:
+            raise ValueError("give one of rank, ranks or energy")
+        if self.ranks is not None:
+            if any(not 1 <= r <= MAX_RANK for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
+                raise ValueError(f"ranks: distinct values from 1 to {MAX_RANK}")
+            if self.profile == "vllm" and any(r > VLLM_RANKS[-1] for r in self.ranks):
+                raise ValueError(f"ranks: vLLM's largest rank is {VLLM_RANKS[-1]}")
+            if self.diff is not None:
+                raise ValueError("ranks: a sweep measures against the fine-tune: give the source pair, not diff")
+            self.ranks = sorted(self.ranks)
+        if self.evaluate and self.diff is not None:
+            raise ValueError("evaluate: the evaluation compares with the fine-tune: give the source pair, not diff")
+        if self.rank is None and self.energy is None and self.ranks is None:
             self.rank = DEFAULT_RANK
         try:
             compile_pattern(self.modules, "modules")

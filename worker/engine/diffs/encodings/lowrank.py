@@ -91,8 +91,11 @@ class LowRankEncoder:
     rows = 0  # any cut: the rows are re-blocked
 
     def __init__(self, shape: tuple[int, ...], compute: torch.dtype, params: LowRankParams, target: int,
-                 out: PartWriter) -> None:
+                 out: PartWriter, *, device: torch.device | str = "cpu") -> None:
         compute_name(compute)
+        # The sketches and products live on `device`; the rows arrive on the CPU and are moved block by block.
+        # Omega is drawn on the CPU from `seed` whatever the device, so a GPU run sketches the same subspace.
+        self.device = torch.device(device)
         self.m, self.n = matrix(shape)
         self.dtype, self.energy, self.target = compute, params.energy, target
         self.width = min(target + OVERSAMPLING, self.m, self.n)
@@ -116,8 +119,8 @@ class LowRankEncoder:
     def _sketch(self) -> None:
         if self._basis is None:
             generator = torch.Generator().manual_seed(self.seed)
-            self._right = torch.randn(self.n, self.width, generator=generator, dtype=self.dtype)
-            self._basis = torch.empty(self.m, self.width, dtype=self.dtype)
+            self._right = torch.randn(self.n, self.width, generator=generator, dtype=self.dtype).to(self.device)
+            self._basis = torch.empty(self.m, self.width, dtype=self.dtype, device=self.device)
 
     def feed(self, pass_index: int, start: int, delta: torch.Tensor) -> None:
         delta = delta.reshape(-1)
@@ -131,6 +134,7 @@ class LowRankEncoder:
 
     def _apply(self, stage: str, row: int, block: torch.Tensor) -> None:
         rows = slice(row, row + block.shape[0])
+        block = block.to(self.device)
         if stage == "range":  # Y = A Omega, or A Z
             torch.mm(block, self._right, out=self._basis[rows])
         elif stage == "adjoint":  # Z = A^T Q
@@ -148,9 +152,9 @@ class LowRankEncoder:
         if stage == "range":
             self._basis = orthonormal(self._basis)
             if pass_index < 2 * self.iterations:
-                self._right = torch.zeros(self.n, self.width, dtype=self.dtype)
+                self._right = torch.zeros(self.n, self.width, dtype=self.dtype, device=self.device)
             else:
-                self._right, self._b = None, torch.zeros(self.width, self.n, dtype=self.dtype)
+                self._right, self._b = None, torch.zeros(self.width, self.n, dtype=self.dtype, device=self.device)
         elif stage == "adjoint":
             self._right = orthonormal(self._right)
         elif stage == "project":
@@ -162,7 +166,7 @@ class LowRankEncoder:
         if self.energy is None:
             self.rank = min(self.target, self.width)
         elif self.norm2 > 0:
-            goal = torch.tensor([self.energy * self.norm2], dtype=torch.float64)
+            goal = torch.tensor([self.energy * self.norm2], dtype=torch.float64, device=kept.device)
             reach = int(torch.searchsorted(kept, goal)[0]) + 1  # the first r whose share reaches it
             self.rank = min(reach, self.target, self.width)
         if self.norm2 > 0:
@@ -173,8 +177,8 @@ class LowRankEncoder:
         self._basis = self._b = None
 
     def finish(self) -> EncodedInfo:
-        self._out.part("U", "F32").write(as_bytes(self._u))
-        self._out.part("V", "F32").write(as_bytes(self._v))
+        self._out.part("U", "F32").write(as_bytes(self._u.cpu()))
+        self._out.part("V", "F32").write(as_bytes(self._v.cpu()))
         extra = {"rank": self.rank, "retained_energy": self.retained, "sketch": self.width,
                  "power_iterations": self.iterations}
         if self.energy is not None:
