@@ -65,6 +65,21 @@ class Route:
         return f"create_{self.noun}"
 
 
+@dataclass
+class Progress:
+    """A job's progress in the fields the job record's progress has (worker/service/jobs.py's reporter), for a
+    runner whose engine reports its own measure (a diff extraction's bytes read, a LoRA export's modules); what
+    such a job writes is the smaller part and is not counted as it goes."""
+
+    phase: Any
+    tensors_done: int
+    tensors_total: int
+    bytes_read: int
+    bytes_total: int | None
+    fraction: float
+    bytes_written: int = 0
+
+
 def _nothing(body: Submission) -> None:
     return None
 
