@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from service_fixtures import Service, read_local, wait_job
+from service_fixtures import KEYS, Service, read_local, wait_job
 
 from worker.engine.pipeline.lora_request import LoraExport
 
@@ -171,7 +171,7 @@ def test_another_tenant_can_neither_see_nor_use_it(svc, lora, trio):
 @pytest.mark.parametrize(("extra", "field", "kind"), [
     ({"rank": 0}, "rank", "greater_than_equal"),
     ({"rank": 5000}, "rank", "less_than_equal"),
-    ({"rank": 1000}, "rank", "invalid_rank"),  # within the model's range, beyond vLLM's 512
+    ({"rank": 1000}, "rank", "invalid_option"),  # within the model's range, beyond vLLM's 512
     ({"rank": 8, "energy": 0.9}, "rank", "invalid_option"),
     ({"modules": "(unclosed"}, "modules", "invalid_option"),
     ({"diff": "file:///x"}, "source_base", "invalid_option"),  # both a pair and a diff
@@ -204,6 +204,36 @@ def test_deleting_removes_its_files(svc, trio):
         assert c.get(f"/v1/loras/{made['id']}").json()["status"] == "deleted"
         assert c.delete(f"/v1/loras/{made['id']}").json()["status"] == "deleted"  # again: nothing left to do
         assert "lora_deleted" in [e["type"] for e in c.get(f"/v1/jobs/{made['id']}/events").json()["data"]]
+
+
+def test_the_client_exports_gets_lists_and_deletes(svc, trio, monkeypatch, capsys):
+    from worker.cli import main
+
+    monkeypatch.setenv("GRAFT_API_KEY", KEYS["alpha"])
+
+    def graft(*argv: str) -> tuple[int, str, str]:
+        status = main([*argv, "--server", svc.url])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    models = [f"--{role.replace('_', '-')}={uri}" for role, uri in {**_pair(trio), **_target(trio)}.items()]
+    status, out, err = graft("loras", "export", *models, "--rank", "4", "--profile", "peft", "--set", "seed=3",
+                             "--wait", "--interval", "0.05", "--json")
+    assert status == 0, err
+    job = json.loads(out)
+    assert job["status"] == "succeeded" and job["options"]["profile"] == "peft" and job["options"]["seed"] == 3
+    assert set(os.listdir(job["output"].removeprefix("file://"))) == ADAPTER
+    status, out, _ = graft("loras", "get", job["id"])
+    assert status == 0 and json.loads(out)["rank"] == 4 and json.loads(out)["modules_to_save"]  # peft: norms
+    status, out, _ = graft("loras", "list", "--all")
+    assert status == 0 and job["id"] in [x["id"] for x in json.loads(out)["data"]]
+    status, out, _ = graft("loras", "delete", job["id"])
+    assert status == 0 and json.loads(out)["status"] == "deleted"
+    # refusals as graft prints errors (exit 2); a job that fails exits as graft run would (2, its code)
+    status, _, err = graft("loras", "export", *models, "--modules", "(")
+    assert status == 2 and "modules" in err
+    status, _, err = graft("loras", "export", *models[:2], f"--target-base=file://{svc.root}/missing", "--wait")
+    assert status == 2 and "error [" in err
 
 
 class _Receiver(BaseHTTPRequestHandler):

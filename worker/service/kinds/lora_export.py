@@ -96,10 +96,11 @@ def check(body: Submission) -> None:
             (w for w in _WORD.findall(message) if w in LoraExport.model_fields), "body")
         raise BodyError(field, message.removeprefix(f"{field}: "), "invalid_option") from None
     if spec.profile == "vllm" and isinstance(spec.rank, int):
-        try:  # vLLM's ranks end at 512: refused here rather than by a failed job
+        try:  # vLLM's ranks end at 512: refused here rather than by a failed job (a rule between two fields)
             vllm_rank(spec.rank)
         except GraftError as err:
-            raise BodyError("rank", err.message, err.code) from None
+            raise BodyError("rank", f"{err.message}: give a smaller rank, or profile peft", "invalid_option") \
+                from None
 
 
 def fields(body: Submission) -> dict:
