@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from service_fixtures import KEYS, Service, read_local, wait_job
+from service_fixtures import KEYS, Service, read_local, submit_and_wait, wait_job
 
 from worker.engine.pipeline.lora_request import LoraExport
 
@@ -47,13 +47,7 @@ def _target(trio: dict) -> dict:
 
 
 def _export(c, body: dict, **headers) -> dict:
-    resp = c.post("/v1/loras", json=body, headers=headers)
-    assert resp.status_code == 202, resp.text
-    job = resp.json()
-    assert resp.headers["location"] == f"/v1/jobs/{job['id']}" and job["kind"] == "lora_export"
-    done = wait_job(c, job["id"])
-    assert done["status"] == "succeeded", done
-    return done
+    return submit_and_wait(c, "/v1/loras", body, "lora_export", headers)
 
 
 @pytest.fixture(scope="module")
