@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -148,6 +149,24 @@ def test_a_diff_by_id_gives_the_pairs_adapter(svc, lora, trio):
     assert by_id["source_base"] is None
     pair, art = (read_local(x["output"].removeprefix("file://"))["adapter_model.safetensors"] for x in (lora, by_id))
     assert pair == art  # exact diff: the same delta, the same factors, bit for bit
+
+
+def test_an_export_naming_a_deleted_diff_fails_or_is_refused(svc, trio):
+    with svc.client() as c:
+        diff = submit_and_wait(c, "/v1/diffs", {**_pair(trio), "encoding": "bf16"}, "diff_extract")
+        os.kill(svc.workers[0].pid, signal.SIGSTOP)  # idle: what is queued stays queued until it resumes
+        try:
+            queued = c.post("/v1/loras", json={"diff": diff["id"], **_target(trio), "rank": 1}).json()
+            assert c.delete(f"/v1/diffs/{diff['id']}").json()["status"] == "deleted"
+        finally:
+            os.kill(svc.workers[0].pid, signal.SIGCONT)
+        failed = wait_job(c, queued["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "diff_deleted", failed
+        assert not os.path.exists(failed["output"].removeprefix("file://"))  # refused before anything was written
+        for ref in (diff["id"], diff["output"]):
+            refused = c.post("/v1/loras", json={"diff": ref, **_target(trio)})
+            assert refused.status_code == 422 and refused.json()["errors"][0] == {
+                "field": "diff", "message": refused.json()["errors"][0]["message"], "type": "diff_deleted"}
 
 
 def test_another_tenant_can_neither_see_nor_use_it(svc, lora, trio):

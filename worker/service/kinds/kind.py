@@ -20,8 +20,8 @@ A kind's module holds
 - optionally `request(record, spec, job_id, confinement)`: the engine request the runner is given (default:
   the recipe's GraftRequest, recipes.recipe_request), built in the job's process;
 - optionally `COLLECTION` and `collect(pipe, store, tenant, record)`: the kind's succeeded jobs are also
-  records of a collection of their own (`diffs`: GET /v1/diffs); `collect` queues what the transaction that
-  marks a job succeeded also writes for it (its index entry).
+  records of a collection of their own (worker/service/collections.py: `diffs`, `loras`); `collect` queues
+  what the transaction that marks a job succeeded also writes for it (its index entry).
 """
 
 from __future__ import annotations
