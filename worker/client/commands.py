@@ -1,9 +1,8 @@
 """`graft jobs submit|get|wait|cancel|list|events`, `graft diffs extract|get|list|delete` and `graft loras
-export|get|list|delete`: the client's command
-line. Every collection goes the same way: a create (POST of a body from a file, flags and --set) that prints the
-id, or with --wait follows the record its answer points to; a read, a list (a page, or --all) and a delete or
-cancel, each printing the server's JSON. Errors print as graft's do and exit 2; a wait exits as graft run would
-have for the same graft (worker/client/follow.py)."""
+export|get|list|delete`: the client's command line. Every collection goes the same way: a create (POST of a body
+from a file, flags and --set) that prints the id, or with --wait follows the record its answer points to; a
+read, a list (a page, or --all) and a delete or cancel, each printing the server's JSON. Errors print as graft's
+do and exit 2; a wait exits as graft run would have for the same graft (worker/client/follow.py)."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def run(request: Any, spec: dict, settings: Settings, reporter: Any) -> dict:
 
     def progress(p) -> None:
         reporter.progress(Progress(p.phase, p.tensors_done, p.tensors_total, p.bytes_read, p.bytes_total,
-                                    p.fraction))
+                                   p.fraction))
 
     result = extract_diff(request, settings, progress=progress, should_cancel=reporter.should_cancel)
     manifest = result.manifest
