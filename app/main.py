@@ -21,7 +21,7 @@ from worker.service.job_store import JobStore
 from worker.service.settings import Settings, get_settings
 from worker.service.uri_policy import parse_grants
 
-from . import problems, routes_diffs, routes_jobs, routes_ops
+from . import problems, routes_collections, routes_jobs, routes_ops
 from .auth import Gate, dev_key, parse_keys
 from .limits import TenantLimits
 from .metrics import JobCollector, RequestMetrics
@@ -88,7 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(routes_jobs.kind_routes())  # one POST per job kind, from the table
     app.include_router(routes_jobs.router)
-    app.include_router(routes_diffs.router)
+    app.include_router(routes_collections.diffs_router)
+    app.include_router(routes_collections.loras_router)
     app.include_router(routes_ops.router)
     app.add_middleware(Gate, keys=keys, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, registry=registry)

@@ -197,9 +197,14 @@ def _graft_fields(recipe: Recipe) -> dict:
 
 def _described(kind: Kind, body: Submission, state: AppState, tenant: str) -> tuple[dict, dict[str, str]]:
     """(the record's fields naming what the job reads, field -> URI of each input as the body named it): a
-    recipe's for a Models body (its diffs' ids resolved), the kind's own otherwise."""
+    recipe's for a Models body (its diffs' ids resolved), the kind's own otherwise (its `diff`'s id resolved)."""
     if not kind.takes_recipe:
         fields = kind.fields(body)
+        if fields.get("diff") is not None:  # a diff artifact the kind reads (a LoRA export's): its id resolved too
+            try:
+                fields = {**fields, "diff": diffs.resolve(state.store, fields["diff"], tenant, "diff")}
+            except diffs.DiffRefused as err:
+                raise field_error(err.field, err.message, err.code) from err
         return fields, kind.inputs(fields)
     recipe = _resolve_diffs(body, _recipe(body), state, tenant)
     return _graft_fields(recipe), _inputs(body, recipe)

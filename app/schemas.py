@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, create_model
 from pydantic_core import core_schema
 
 from worker.service.kinds import DEFAULT, KINDS
 from worker.service.kinds.bodies import Models, Options, Submission
 from worker.service.kinds.diff_extract import DiffCreate
 from worker.service.kinds.graft import JobCreate
+from worker.service.kinds.lora_export import LoraCreate
 from worker.service.kinds.preflight import PreflightCreate
 from worker.service.statuses import JobStatus
 
-__all__ = ["DiffCreate", "JobCreate", "Models", "Options", "PreflightCreate", "Submission"]
+__all__ = ["DiffCreate", "JobCreate", "LoraCreate", "Models", "Options", "PreflightCreate", "Submission"]
 
 Status = JobStatus
 
@@ -66,6 +67,9 @@ class Result(BaseModel):
     diff: dict[str, Any] | None = Field(None, description="a diff extraction's manifest summary: format, encoding, "
                                         "totals (sizes, reconstruction errors), content_address, sources "
                                         "(provenance), engine")
+    lora: dict[str, Any] | None = Field(None, description="a LoRA export's manifest summary: rank, bytes, inputs "
+                                        "and their digests, totals, modules grouped across layers, left_out (see "
+                                        "GET /v1/loras/{id})")
 
 
 class JobError(BaseModel):
@@ -89,7 +93,8 @@ class Job(BaseModel):
                              "id is resolved to it at submission)")
     target_base: str | None = Field(None, description="null for a diff extraction")
     output: str
-    options: dict[str, Any] = Field(description="the engine options (a diff extraction's: encoding, shard_size)")
+    options: dict[str, Any] = Field(description="the engine options (a diff extraction's: encoding, shard_size; a "
+                                    "LoRA export's: its parameters)")
     recipe: dict[str, Any] | None = Field(None, description="the recipe the job runs (a plain transfer is a "
                                           "one-diff recipe whose weight is alpha); the URIs and options beside it "
                                           "repeat it for the reader")
@@ -103,8 +108,8 @@ class Job(BaseModel):
     progress: Progress | None = None
     result: Result | None = None
     error: JobError | None = None
-    deleted_at: str | None = Field(None, description="a diff extraction's: when its diff was deleted "
-                                   "(DELETE /v1/diffs/{id})")
+    deleted_at: str | None = Field(None, description="a diff extraction's or a LoRA export's: when its diff or "
+                                   "adapter was deleted (DELETE /v1/diffs/{id}, /v1/loras/{id})")
 
 
 class JobList(BaseModel):
@@ -114,33 +119,22 @@ class JobList(BaseModel):
     last_id: str | None
 
 
-DiffStatus = Literal[(*(s.value for s in JobStatus), "deleting", "deleted")]  # type: ignore[valid-type]
+CollectionStatus = Literal[(*(s.value for s in JobStatus), "deleting", "deleted")]  # type: ignore[valid-type]
 
 
-class DiffArtifact(BaseModel):
-    """A diff: the artifact a diff_extract job published (its id is the job's), with its provenance, encoding,
-    sizes and reconstruction errors; the per-tensor table is in the artifact's diff-manifest.json."""
+class CollectionRecord(BaseModel):
+    """What every kind's collection record shows (worker/service/collections.py): its job, where its output is, its
+    files and stats; its id is the job's."""
 
     id: str
-    object: Literal["graft.diff"] = "graft.diff"
-    status: DiffStatus = Field(description="the extraction's status; once deleted: deleting (its files being "
-                               "removed), then deleted")
-    job: str = Field(description="the extraction job (GET it for its progress and events)")
+    status: CollectionStatus = Field(description="the job's status; once deleted: deleting (its files being "
+                                     "removed), then deleted")
+    job: str = Field(description="the job that made it (GET it for its progress and events)")
     created_at: str
     finished_at: str | None = None
     deleted_at: str | None = None
-    source_base: str
-    source_finetuned: str
-    uri: str = Field(description="where the artifact is (or was)")
+    uri: str = Field(description="where the output is (or was)")
     manifest_uri: str | None = None
-    encoding: dict[str, Any] = Field(description="the encoding and its parameters")
-    shard_size: int
-    content_address: str | None = Field(None, description="sha256 of the encoding and of every file's digest")
-    sources: dict[str, Any] | None = Field(None, description="provenance: per source, its URI, resolved revision "
-                                           "and file digests")
-    totals: dict[str, Any] | None = Field(None, description="tensors (and per encoding how many it stored), "
-                                          "encoded_bytes, finetuned_bytes, ratio_to_finetuned, rel_frobenius (the "
-                                          "delta-weighted reconstruction error), rel_frobenius_max, max_abs")
     engine: dict[str, Any] | None = None
     files: list[FileOut] | None = None
     stats: dict[str, Any] | None = None
@@ -149,11 +143,62 @@ class DiffArtifact(BaseModel):
     metadata: dict[str, str]
 
 
-class DiffList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[DiffArtifact]
-    has_more: bool
-    last_id: str | None
+def _page(item: type[BaseModel], name: str) -> type[BaseModel]:
+    """A page of a collection's records, as GET /v1/<collection> answers."""
+    return create_model(name, __module__=__name__, object=(Literal["list"], "list"), data=(list[item], ...),
+                        has_more=(bool, ...), last_id=(str | None, ...))
+
+
+class DiffArtifact(CollectionRecord):
+    """A diff: the artifact a diff_extract job published (its id is the job's), with its provenance, encoding,
+    sizes and reconstruction errors; the per-tensor table is in the artifact's diff-manifest.json."""
+
+    object: Literal["graft.diff"] = "graft.diff"
+    source_base: str
+    source_finetuned: str
+    encoding: dict[str, Any] = Field(description="the encoding and its parameters")
+    shard_size: int
+    content_address: str | None = Field(None, description="sha256 of the encoding and of every file's digest")
+    sources: dict[str, Any] | None = Field(None, description="provenance: per source, its URI, resolved revision "
+                                           "and file digests")
+    totals: dict[str, Any] | None = Field(None, description="tensors (and per encoding how many it stored), "
+                                          "encoded_bytes, finetuned_bytes, ratio_to_finetuned, rel_frobenius (the "
+                                          "delta-weighted reconstruction error), rel_frobenius_max, max_abs")
+
+
+class LoraAdapter(CollectionRecord):
+    """A LoRA adapter: what a lora_export job published (its id is the job's): adapter_config.json,
+    adapter_model.safetensors and lora-manifest.json, which holds the per-module table summarised here."""
+
+    object: Literal["graft.lora"] = "graft.lora"
+    source_base: str | None = Field(None, description="the pair's base (null where the delta came from a diff)")
+    source_finetuned: str | None = None
+    diff: str | None = Field(None, description="the diff artifact's URI (a diff's id is resolved at submission)")
+    target_base: str
+    options: dict[str, Any] = Field(description="the export's parameters as run (rank or energy, profile, "
+                                    "modules, alpha, ...)")
+    profile: str | None = None
+    rank: int | None = Field(None, description="the adapter's rank (every module's factors padded to it)")
+    bytes: int | None = Field(None, description="the adapter's size: its files but the manifest")
+    inputs: dict[str, Any] | None = Field(None, description="the inputs' URIs, a diff's content address, and per "
+                                          "input its files' sizes and sha256")
+    totals: dict[str, Any] | None = Field(None, description="delta_sq (||delta||^2), factored_share, "
+                                          "left_out_share, rel_frobenius_lora (the factored modules' relative "
+                                          "error)")
+    modules: dict[str, Any] | None = Field(None, description="the LoRA modules: count, per name across layers "
+                                           "(model.layers.*.mlp.up_proj) count, rank, retained_energy_min, "
+                                           "rel_frobenius_max, max_abs; the worst modules by relative error")
+    left_out: dict[str, Any] | None = Field(None, description="what the profile cannot carry: tensors, share of "
+                                            "||delta||^2, per name across layers and reason the same and a few "
+                                            "names")
+    modules_to_save: dict[str, int] | None = Field(None, description="modules carried whole, counted per name "
+                                                   "across layers")
+    lora_bias: dict[str, int] | None = Field(None, description="modules whose bias delta is lora_B.bias, counted "
+                                             "per name across layers")
+
+
+DiffList = _page(DiffArtifact, "DiffList")
+LoraList = _page(LoraAdapter, "LoraList")
 
 
 class Event(BaseModel):

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_kind_has_a_runner_of_the_runners_signature():
-    assert list(KINDS) == ["graft", "preflight", "diff_extract"]
+    assert list(KINDS) == ["graft", "preflight", "diff_extract", "lora_export"]
     for kind in KINDS.values():
         assert list(inspect.signature(kind.runner).parameters) == ["request", "spec", "settings", "reporter"], kind
 
@@ -34,8 +34,8 @@ def test_records_name_their_kind_and_old_records_are_grafts():
     assert kind_of({"kind": "preflight"}) is KINDS["preflight"]
     assert kind_of({}) is KINDS["graft"] and kind_of({"kind": None}) is KINDS["graft"]
     with pytest.raises(GraftError) as err:  # a record of a newer API's kind: the job fails by name
-        kind_of({"kind": "lora_export"})
-    assert err.value.code == "unknown_kind" and "'lora_export'" in err.value.message
+        kind_of({"kind": "quantize"})
+    assert err.value.code == "unknown_kind" and "'quantize'" in err.value.message
 
 
 def test_the_api_schema_lists_the_kinds():
@@ -61,7 +61,7 @@ def test_registration_refuses_what_is_not_a_kind():
     with pytest.raises(ValueError, match="collides with 'graft'"):
         register(types.SimpleNamespace(NAME="other", Body=Models, ROUTE=Route("/jobs", "other", "x"),
                                        spec=lambda body: None, run=lambda *a: {}))
-    assert list(KINDS) == ["graft", "preflight", "diff_extract"]
+    assert list(KINDS) == ["graft", "preflight", "diff_extract", "lora_export"]
 
 
 # The toy kind: one module-like object. Its runner publishes what it was given, through the same publishing
@@ -133,7 +133,7 @@ def test_a_registered_kind_gets_a_route_an_openapi_entry_and_the_workers_dispatc
     assert {"202", "400", "401", "409", "413", "422", "429", "503"} <= set(operation["responses"])
     assert operation["responses"]["409"]["description"] == "a toy already sits at the output"
     schemas = app.openapi()["components"]["schemas"]
-    assert schemas["JobKind"]["enum"] == ["graft", "preflight", "diff_extract", "toy"]
+    assert schemas["JobKind"]["enum"] == ["graft", "preflight", "diff_extract", "lora_export", "toy"]
     assert "note" in schemas["ToyCreate"]["properties"] and "target_base" in schemas["ToyCreate"]["properties"]
 
     body = job_body(trio)

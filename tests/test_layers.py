@@ -27,7 +27,7 @@ OUTSIDE = {
     # The command line is the top face: `graft serve` starts the API, `graft worker` the RQ worker.
     "worker.cli": ("worker.engine", "worker.service", "worker.progress", "worker.devtools", "worker.service_worker",
                    "worker.client", "worker.exit_codes", "app"),
-    # The service's client (graft jobs|diffs) speaks HTTP: of the project, only declarations without torch.
+    # The service's client (graft jobs|diffs|loras) speaks HTTP: of the project, only declarations without torch.
     "worker.client": ("worker.client", "worker.exit_codes", "worker.service.statuses"),
     "worker.exit_codes": (),
     "worker.service_worker": ("worker.engine", "worker.service"),

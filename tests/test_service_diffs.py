@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-from service_fixtures import Service, job_body, read_local, read_s3, wait_job
+from service_fixtures import Service, job_body, read_local, read_s3, submit_and_wait, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,7 @@ def _pair(trio: dict) -> dict:
 
 
 def _extract(c, trio: dict, **extra) -> dict:
-    resp = c.post("/v1/diffs", json={**_pair(trio), **extra})
-    assert resp.status_code == 202, resp.text
-    job = resp.json()
-    assert resp.headers["location"] == f"/v1/jobs/{job['id']}" and job["kind"] == "diff_extract"
-    done = wait_job(c, job["id"])
-    assert done["status"] == "succeeded", done
-    return done
+    return submit_and_wait(c, "/v1/diffs", {**_pair(trio), **extra}, "diff_extract")
 
 
 @pytest.fixture(scope="module")

@@ -512,7 +512,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _add_client_commands(sub) -> None:
-    """`graft jobs ...` and `graft diffs ...` (worker/client), lent graft run's flags and the kinds' routes."""
+    """`graft jobs ...`, `graft diffs ...` and `graft loras ...` (worker/client), lent graft run's flags and the
+    kinds' routes."""
     from functools import partial
 
     from worker.client.commands import Lent
@@ -521,14 +522,15 @@ def _add_client_commands(sub) -> None:
 
     add_parsers(sub, Lent(kinds={k.name: k.route.path for k in KINDS.values()}, add_graft_flags=_add_job_args,
                           graft_body=_job_body, read_document=partial(_read_document, what="body",
-                                                                      code="invalid_body")))
+                                                                      code="invalid_body"),
+                          bodies={k.name: k.body for k in KINDS.values()}))
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer: "
                                      "target_base + alpha * (source_finetuned - source_base)")
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv[:1] in (["jobs"], ["diffs"]):
+    if argv[:1] in (["jobs"], ["diffs"], ["loras"]):
         # The service's client alone: the other commands' flags import what it never needs (the diff encodings
         # behind `graft diff extract`'s flags import torch), and the client starts in a fraction of a second.
         _add_client_commands(sub)

@@ -1,8 +1,8 @@
-"""`graft jobs submit|get|wait|cancel|list|events` and `graft diffs extract|get|list|delete`: the client's command
-line. Every collection goes the same way: a create (POST of a body from a file, flags and --set) that prints the
-id, or with --wait follows the record its answer points to; a read, a list (a page, or --all) and a delete or
-cancel, each printing the server's JSON. Errors print as graft's do and exit 2; a wait exits as graft run would
-have for the same graft (worker/client/follow.py)."""
+"""`graft jobs submit|get|wait|cancel|list|events`, `graft diffs extract|get|list|delete` and `graft loras
+export|get|list|delete`: the client's command line. Every collection goes the same way: a create (POST of a body
+from a file, flags and --set) that prints the id, or with --wait follows the record its answer points to; a
+read, a list (a page, or --all) and a delete or cancel, each printing the server's JSON. Errors print as graft's
+do and exit 2; a wait exits as graft run would have for the same graft (worker/client/follow.py)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ from .follow import Bar, exit_status, wait_for
 class Lent:
     """What graft's command line (worker/cli.py) lends the client, so that `graft jobs submit` takes graft run's
     flags and reads them as graft run does: the kinds' submitting routes (from the kinds' table), a function
-    adding graft run's flags to a parser, the body those flags describe, and the bounded JSON/YAML reader."""
+    adding graft run's flags to a parser, the body those flags describe, the bounded JSON/YAML reader, and the
+    kinds' bodies."""
 
     kinds: Mapping[str, str]  # kind -> path under /v1 of the POST that submits it
     add_graft_flags: Callable[[argparse.ArgumentParser], None]
     graft_body: Callable[[argparse.Namespace], dict]
     read_document: Callable[[str], dict]
+    bodies: Mapping[str, Any]  # kind -> its body's pydantic model (`graft loras export` takes a flag per field)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Collection:
 
 JOBS = Collection("job", "/v1/jobs")
 DIFFS = Collection("diff", "/v1/diffs")
+LORAS = Collection("LoRA adapter", "/v1/loras")
 
 
 def _item(collection: Collection, record_id: str, *rest: str) -> str:
@@ -162,6 +165,12 @@ def cmd_extract(lent: Lent, args: argparse.Namespace) -> int:
     if args.encoding:
         flags["encoding"] = {"encoding": args.encoding}
     return _create(DIFFS.path, _body(args, lent, flags), args)
+
+
+def cmd_export(lent: Lent, fields: tuple[str, ...], args: argparse.Namespace) -> int:
+    """`graft loras export`: the flags of the export's model's `fields` (those given) as the body's fields."""
+    flags = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    return _create(LORAS.path, _body(args, lent, flags), args)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:

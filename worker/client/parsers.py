@@ -1,9 +1,11 @@
-"""The argparse side of `graft jobs ...` and `graft diffs ...` (the commands are commands.py's)."""
+"""The argparse side of `graft jobs ...`, `graft diffs ...` and `graft loras ...` (the commands are commands.py's)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import types
+import typing
 from collections.abc import Callable
 from functools import partial
 
@@ -11,7 +13,7 @@ from worker.service.statuses import STATUSES
 
 from . import commands
 from .api import DEFAULT_SERVER
-from .commands import DIFFS, JOBS, Collection, Lent
+from .commands import DIFFS, JOBS, LORAS, Collection, Lent
 
 
 def _common() -> argparse.ArgumentParser:
@@ -59,8 +61,39 @@ def _listing(actions, collection: Collection, parents: list[argparse.ArgumentPar
     return p
 
 
+def _flag_type(annotation) -> type | tuple | None:
+    """What a field's value is on a command line: a type (int, float, str), the choices of a Literal, or None
+    (a list, an object: such a field goes by --set)."""
+    while typing.get_origin(annotation) in (typing.Annotated, typing.Union, types.UnionType):
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]  # Optional[X]: X
+        if len(rest) != 1:
+            return None
+        annotation = rest[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return annotation if annotation in (int, float, str) else None
+
+
+def model_flags(p: argparse.ArgumentParser, model) -> None:
+    """One flag per field of `model` (a pydantic model) whose value is one number, string or choice
+    (--source-base, --rank, ...), with the field's description: a field added to the model is a flag with no edit
+    here (the others, lists and objects, go by --set)."""
+    for name, info in model.model_fields.items():
+        kind, flag = _flag_type(info.annotation), "--" + name.replace("_", "-")
+        if kind is None or flag in p._option_string_actions:
+            continue
+        text = (info.description or f"the body's {name}").replace("%", "%%")
+        if isinstance(kind, tuple):
+            p.add_argument(flag, choices=kind, help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
+
+
 def add_parsers(sub, lent: Lent) -> None:
-    """`graft jobs` and `graft diffs`, on the command line's subparsers."""
+    """`graft jobs`, `graft diffs` and `graft loras`, on the command line's subparsers."""
     common, waiting = _common(), _waiting()
     jobs = sub.add_parser("jobs", help="submit and follow jobs on a graft service (--server, $GRAFT_API_KEY)")
     actions = jobs.add_subparsers(dest="action", required=True)
@@ -97,3 +130,16 @@ def add_parsers(sub, lent: Lent) -> None:
     _listing(actions, DIFFS, [common])
     _leaf(actions, "delete", partial(commands.cmd_delete, DIFFS), "delete a diff artifact", [common],
           "the diff's id")
+
+    body = lent.bodies["lora_export"]  # the kind's body, LoraExport's fields: the flags follow it
+    loras = sub.add_parser("loras", help="export and manage LoRA adapters on a graft service")
+    actions = loras.add_subparsers(dest="action", required=True)
+    export = _leaf(actions, "export", partial(commands.cmd_export, lent, tuple(body.model_fields)),
+                   "export the transfer as a LoRA adapter for the target (a job); prints its id", [common, waiting])
+    _creating(export, "export")
+    model_flags(export, body)
+    _leaf(actions, "get", partial(commands.cmd_get, LORAS), "an adapter's record, as JSON", [common],
+          "the adapter's id")
+    _listing(actions, LORAS, [common])
+    _leaf(actions, "delete", partial(commands.cmd_delete, LORAS), "delete an adapter and its files", [common],
+          "the adapter's id")

@@ -1,4 +1,4 @@
-"""The table of job kinds. A kind (a graft, a preflight, a diff extraction; next an adapter export) is one module
+"""The table of job kinds. A kind (a graft, a preflight, a diff extraction, a LoRA export) is one module
 of this package (its body, route, spec and runner: see kind.py) and one registration line below. The API
 registers one POST route per kind from the table (app/routes_jobs.py), its OpenAPI follows from the routes, the
 worker's dispatch runs `kind_of(record).run(...)` (worker/service/jobs.py) and `graft worker` names the kinds
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.engine.errors import GraftError
-from worker.service.kinds import diff_extract, graft, preflight
+from worker.service.kinds import diff_extract, graft, lora_export, preflight
 from worker.service.kinds.kind import Kind, Route
 
 __all__ = ["DEFAULT", "KINDS", "Kind", "Route", "kind_of", "register"]
@@ -47,3 +47,4 @@ def kind_of(record: dict) -> Kind:
 register(graft)
 register(preflight)
 register(diff_extract)
+register(lora_export)

@@ -107,7 +107,7 @@ class Submission(BaseModel):
                                pattern=URI_PATTERN.format(schemes.pattern(writable=True)),
                                description=f"{schemes.prefixes(writable=True)} prefix for what the job writes (a "
                                            "graft's checkpoint, a preflight's report.json and chart, a diff "
-                                           "artifact); default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
+                                           "artifact, a LoRA adapter); default GRAFT_OUTPUT_URI/<tenant>/<job id>/")
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32, json_schema_extra=_metadata_schema,
                                                description="labels returned as given: at most 32, keys of at most 64 "
                                                            "characters, values of at most 1024")

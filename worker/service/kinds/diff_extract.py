@@ -6,14 +6,13 @@ diff-manifest.json."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ConfigDict, Field
 
 from worker.engine.diffs.request import DiffExtract
 from worker.service.kinds.bodies import URI_FIELD, Submission
-from worker.service.kinds.kind import Route
+from worker.service.kinds.kind import Progress, Route
 from worker.service.settings import Settings
 
 NAME = "diff_extract"
@@ -68,21 +67,7 @@ def collect(pipe: Any, store: Any, tenant: str | None, record: dict) -> None:
     """A succeeded extraction is listed among the tenant's diffs, in the transaction that records it."""
     from worker.service import diffs  # the collection's layout (it imports this package's bodies)
 
-    diffs.collect(pipe, store, tenant, record)
-
-
-@dataclass
-class _Progress:
-    """An extraction's progress in the fields the job record's progress has (worker/service/jobs.py's reporter):
-    the bytes it reads are its measure; what it writes is the smaller part and is not counted as it goes."""
-
-    phase: Any
-    tensors_done: int
-    tensors_total: int
-    bytes_read: int
-    bytes_total: int
-    fraction: float
-    bytes_written: int = 0
+    diffs.DIFFS.collect(pipe, store, tenant, record)
 
 
 def summary(manifest: dict) -> dict:
@@ -99,8 +84,8 @@ def run(request: Any, spec: dict, settings: Settings, reporter: Any) -> dict:
     from worker.engine.pipeline.diff_extract import extract_diff  # torch: in the job's process only
 
     def progress(p) -> None:
-        reporter.progress(_Progress(p.phase, p.tensors_done, p.tensors_total, p.bytes_read, p.bytes_total,
-                                    p.fraction))
+        reporter.progress(Progress(p.phase, p.tensors_done, p.tensors_total, p.bytes_read, p.bytes_total,
+                                   p.fraction))
 
     result = extract_diff(request, settings, progress=progress, should_cancel=reporter.should_cancel)
     manifest = result.manifest

@@ -20,8 +20,8 @@ A kind's module holds
 - optionally `request(record, spec, job_id, confinement)`: the engine request the runner is given (default:
   the recipe's GraftRequest, recipes.recipe_request), built in the job's process;
 - optionally `COLLECTION` and `collect(pipe, store, tenant, record)`: the kind's succeeded jobs are also
-  records of a collection of their own (`diffs`: GET /v1/diffs); `collect` queues what the transaction that
-  marks a job succeeded also writes for it (its index entry).
+  records of a collection of their own (worker/service/collections.py: `diffs`, `loras`); `collect` queues
+  what the transaction that marks a job succeeded also writes for it (its index entry).
 """
 
 from __future__ import annotations
@@ -63,6 +63,21 @@ class Route:
     @property
     def name(self) -> str:
         return f"create_{self.noun}"
+
+
+@dataclass
+class Progress:
+    """A job's progress in the fields the job record's progress has (worker/service/jobs.py's reporter), for a
+    runner whose engine reports its own measure (a diff extraction's bytes read, a LoRA export's modules); what
+    such a job writes is the smaller part and is not counted as it goes."""
+
+    phase: Any
+    tensors_done: int
+    tensors_total: int
+    bytes_read: int
+    bytes_total: int | None
+    fraction: float
+    bytes_written: int = 0
 
 
 def _nothing(body: Submission) -> None:
