@@ -161,3 +161,27 @@ def test_a_patch_slice_is_the_patch_of_that_range(name, params):
         whole.slice(lo, hi).dense_into(0, a)
         ENCODINGS[name].decode_into(parts, meta, SHAPE, 1000 + lo, b)
         assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("encoding", [{"encoding": "sparse", "density": 0.1}, {"encoding": "lowrank", "rank": 4},
+                                      "bf16"], ids=["sparse", "lowrank", "bf16"])
+def test_an_applied_artifact_writes_the_bytes_of_the_dense_apply(trio, tmp_path, encoding, monkeypatch,
+                                                                 one_torch_thread):
+    """End to end (`graft run --diff`): the structured reads are taken for the plain transfers, and the output
+    files are byte for byte those of the dense decode (structured reads turned off)."""
+    from test_diff_artifacts import apply, extract, same_files
+
+    import worker.engine.compute.stream as stream
+    from worker.engine.compute.arithmetic import Arithmetic as Kernel
+
+    extract(trio, tmp_path / "diff", encoding)
+    calls = []
+    real = Kernel.apply_patch
+    monkeypatch.setattr(Kernel, "apply_patch", lambda self, *a: calls.append(1) or real(self, *a))
+    apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "patched", alpha=0.7)
+    assert calls  # the structured path ran
+    monkeypatch.setattr(stream, "structured_reads", lambda plan, reading: {})
+    calls.clear()
+    apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "dense", alpha=0.7)
+    assert not calls
+    assert same_files(str(tmp_path / "patched"), str(tmp_path / "dense")) == []
