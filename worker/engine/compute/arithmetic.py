@@ -26,6 +26,16 @@ def _finite(chunk: torch.Tensor) -> bool:
     return math.isfinite(float(torch.dot(chunk, chunk))) or bool(torch.isfinite(chunk).all())
 
 
+_SIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _has_negative_zero(x: torch.Tensor) -> bool:
+    """Whether a float chunk holds -0.0: its bit pattern (sign bit alone) is the smallest signed integer, so
+    one integer min finds it."""
+    kind = _SIGNED[x.element_size()]
+    return x.numel() > 0 and int(x.view(kind).min()) == torch.iinfo(kind).min
+
+
 def _scaled_sum(out: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, alpha: float, finite: bool,
                 big: float, limit: float | None) -> tuple[bool, float]:
     """out = target + alpha * delta for one chunk, in place in `delta`, rounded once into `out`; the running
@@ -132,9 +142,11 @@ class Arithmetic:
 
     def _apply_sparse(self, out: torch.Tensor, t: torch.Tensor, patch: SparsePatch, alpha: float,
                       compute: torch.dtype, stats: TensorStats) -> None:
-        """target + alpha x 0 everywhere (what the dense kernel makes of a zero: a target's -0.0 becomes +0.0
-        unless alpha is negative), then the kept elements as the dense kernel forms them. A chunk whose target
-        is not finite takes the dense kernel (NaN payloads, infinities: its bytes whatever they are)."""
+        """What the dense kernel makes of a zero delta is the target itself, rounded from the compute dtype
+        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: so the target is copied
+        as it is (a chunk holding a -0.0 goes through the compute dtype), then the kept elements are formed as
+        the dense kernel forms them. A chunk whose target is not finite takes the dense kernel (NaN payloads,
+        infinities: its bytes whatever they are)."""
         a_buf, b_buf, _c = self._buffers(compute)
         n = out.numel()
         cuts = patch.bounds(torch.tensor([*range(0, n, CHUNK), n], dtype=torch.int64))
@@ -154,15 +166,16 @@ class Arithmetic:
                 continue
             at, v = patch.positions[cuts[c]:cuts[c + 1]] - i, patch.values[cuts[c]:cuts[c + 1]]
             kept = v.mul(alpha) if alpha != 1.0 else v.clone()
-            kept.add_(b[at])
-            if plus_zero:
-                b.add_(0.0)
-            b[at] = kept
+            kept.add_(b.index_select(0, at))
+            if plus_zero and _has_negative_zero(t[i:j]):
+                out[i:j].copy_(b.add_(0.0))
+            else:
+                out[i:j].copy_(t[i:j])  # the target's values are their own rounding
+            out[i:j].index_copy_(0, at, kept.to(out.dtype))
             sums.add_chunk((torch.dot(v, v), t_sq, 0.0, 0.0))
-            finite = finite and bool(torch.isfinite(kept).all())
+            finite = finite and (math.isfinite(float(torch.dot(kept, kept))) or bool(torch.isfinite(kept).all()))
             if limit is not None:
-                big = max(big, float(b.abs().max()))
-            out[i:j].copy_(b)
+                big = max(big, float(b.abs().max()), float(kept.abs().max()) if kept.numel() else 0.0)
         stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
