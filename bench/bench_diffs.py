@@ -62,6 +62,7 @@ ENCODINGS = {
     "lowrank-64": ["--encoding", "lowrank", "--rank", "64"],
 }
 THREE = "three-model"
+BEFORE = " BEFORE"  # a job run by the --baseline tree's engine
 
 # A fresh process's graft, timed from inside: monotonic clock readings (CLOCK_MONOTONIC: one clock for every
 # process) at its first line, after its imports and after main(), and its read bytes, on stderr's last line.
@@ -113,6 +114,8 @@ def wrap(owner, attr, key):
     setattr(owner, attr, timed)
 for encoding in ENCODINGS.values():
     wrap(encoding, "decode_into", "decode")
+    if hasattr(encoding, "patch"):  # the structured reads' decode (compute/patches.py)
+        wrap(encoding, "patch", "decode")
     module = importlib.import_module(type(encoding).__module__)
     for name, cls in vars(module).items():
         if inspect.isclass(cls) and name.endswith("Encoder") and cls.__module__ == module.__name__:
@@ -121,7 +124,7 @@ for encoding in ENCODINGS.values():
                     wrap(cls, attr, "encode")
 wrap(sketch.Sketcher, "add", "sketch")
 wrap(local_files.LocalStore, "read_into", "file reads")
-for attr in ("transfer", "apply_delta"):
+for attr in ("transfer", "apply_delta", "apply_patch"):
     wrap(arithmetic.Arithmetic, attr, "kernel")
 code = main(sys.argv[1:])
 sys.stderr.write("\nBENCH " + json.dumps(seconds) + "\n")
@@ -245,13 +248,14 @@ def resident_share(directories) -> float | None:
     return resident / total if total else None
 
 
-def launched(args: list[str]) -> dict:
-    """`graft ARGS --json` in a fresh process: wall, peak RSS, its --json answer and the launcher's timings."""
-    env = dict(os.environ, GRAFT_CACHE_DIR=DIGESTS)
+def launched(args: list[str], tree: str = ROOT) -> dict:
+    """`graft ARGS --json` in a fresh process (the engine of source tree `tree`): wall, peak RSS, its --json
+    answer and the launcher's timings."""
+    env = dict(os.environ, GRAFT_CACHE_DIR=DIGESTS, PYTHONPATH=tree)
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
         start = time.monotonic()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file.name, PY, "-c", LAUNCH, *args,
-                               "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+                               "--json"], capture_output=True, text=True, env=env, cwd=tree)
         end = time.monotonic()
         if proc.returncode != 0:
             raise RuntimeError(f"graft {' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -318,9 +322,16 @@ def prehash(directories) -> float:
     return time.perf_counter() - t0
 
 
-def extraction(trio: dict, labels: list[str], repeat: int, tmp: str) -> tuple[dict, dict[str, str]]:
-    """Each encoding extracted `repeat` times (fresh process, source pair warm); the last artifact of each kept."""
-    kept = {label: os.path.join(tmp, f"artifact-{label}") for label in labels}
+def extraction(trio: dict, labels: list[str], repeat: int, tmp: str, keep: str | None = None
+               ) -> tuple[dict, dict[str, str]]:
+    """Each encoding extracted `repeat` times (fresh process, source pair warm); the last artifact of each kept
+    (under `keep` when given, where an artifact already there is reused and its extraction not run)."""
+    kept = {label: os.path.join(keep or tmp, f"artifact-{label}") for label in labels}
+    if keep is not None:
+        done = [label for label in labels if os.path.exists(os.path.join(kept[label], "diff-manifest.json"))]
+        labels = [label for label in labels if label not in done]
+        if done:
+            print(f"  reused (extracted by an earlier run, {keep}): {', '.join(done)}")
 
     def job(label):
         def run(_out: str) -> dict:
@@ -354,14 +365,21 @@ def stored_counts(manifest: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def applying(trio: dict, artifacts: dict[str, str], repeat: int, tmp: str, *, cold: bool) -> dict:
-    """The three-model graft and each artifact applied to the target, `repeat` rounds, fresh processes."""
+def applying(trio: dict, artifacts: dict[str, str], repeat: int, tmp: str, *, cold: bool,
+             baseline: str | None = None) -> dict:
+    """The three-model graft and each artifact applied to the target, `repeat` rounds, fresh processes; with
+    `baseline` (another source tree of graft), each job also run by that tree's engine, in the same rounds
+    (labels suffixed BEFORE)."""
     inputs = {THREE: [trio["target_base"], trio["source_base"], trio["source_finetuned"]],
               **{label: [trio["target_base"], a] for label, a in artifacts.items()}}
+    if baseline is not None:
+        inputs.update({label + BEFORE: files for label, files in inputs.items()})
 
     def job(label):
         def run(out: str) -> dict:
-            r = launched(apply_cmd(trio, artifacts.get(label), out))
+            own = label.removesuffix(BEFORE)
+            tree = baseline if label.endswith(BEFORE) and baseline is not None else ROOT
+            r = launched(apply_cmd(trio, artifacts.get(own), out), tree)
             stats = r["answer"]["stats"]
             r.update(stream_s=stats["seconds_streaming"], stats=stats)
             return r
@@ -418,7 +436,6 @@ def print_extraction(ext: dict, manifests: dict, finetuned_bytes: int) -> None:
 
 
 def print_applies(app: dict, note: str) -> None:
-    three = app[THREE]
     print(f"  {'job':<12} {'wall s':>7} {'[range]':<13} {'stream s':>8} {'[range]':<13} {'on disk GB':>10} "
           f"{'rchar GB':>8} {'stats GB':>8} {'RSS GB':>6} {'CPU s':>6} | {'stream':>6} {'wall':>6} | "
           f"{'computing':>9} {'wait reads':>10} {'wait writer':>11}")
@@ -426,6 +443,7 @@ def print_applies(app: dict, note: str) -> None:
         if label.startswith("_"):
             continue
         thread = r["stats"]["compute_thread"]
+        three = app[THREE + BEFORE] if label.endswith(BEFORE) else app[THREE]
         print(f"  {label:<12} {r['wall_s']:>7.2f} {span(r['wall_range']):<13} {r['stream_s']:>8.2f} "
               f"{span(r['stream_range']):<13} {r['disk_bytes'] / 1e9:>10.3f} {r['rchar'] / 1e9:>8.3f} "
               f"{r['stats']['bytes_read'] / 1e9:>8.3f} {r['rss_gb']:>6.2f} {r['cpu_s']:>6.1f} | "
@@ -519,7 +537,8 @@ def speed(args, tmp: str) -> dict:
     hash_times = {"trio": prehash(trio.values())}
     print(f"\n== 1. extraction: `graft diff extract` per encoding, fresh process, source pair warm, best of "
           f"{args.repeat}")
-    ext, artifacts = extraction(trio, labels, args.repeat, tmp)
+    keep = os.path.join(BENCH, f"diffs-l{args.layers}-artifacts") if args.reuse_artifacts else None
+    ext, artifacts = extraction(trio, labels, args.repeat, tmp, keep)
     manifests = {label: artifact_manifest(a) for label, a in artifacts.items()}
     print_trio(trio, manifests.get("exact"))
     print_extraction(ext, manifests, files_bytes([trio["source_finetuned"]]))
@@ -527,12 +546,12 @@ def speed(args, tmp: str) -> dict:
         hash_times[label] = prehash([a])
     print(f"\n== 2. apply: `graft run --diff ARTIFACT --target-base T` beside the three-model `graft run`, fresh "
           f"processes, best of {args.repeat}, page cache warm (each run's inputs read beforehand)")
-    app = applying(trio, artifacts, args.repeat, tmp, cold=False)
+    app = applying(trio, artifacts, args.repeat, tmp, cold=False, baseline=args.baseline)
     print_applies(app, "page cache warm")
     if args.cold:
         print(f"\n== 2b. apply with each run's input files evicted from the page cache first (posix_fadvise "
               f"DONTNEED after a sync; this VM's host may still cache them), best of {args.repeat}")
-        cold = applying(trio, artifacts, args.repeat, tmp, cold=True)
+        cold = applying(trio, artifacts, args.repeat, tmp, cold=True, baseline=args.baseline)
         share = cold.pop("_residency", None)
         print_applies(cold, "inputs evicted" + (f"; at most {share:.1%} of a run's input bytes were still "
                                                 f"resident when it started (fincore)" if share is not None else ""))
@@ -554,16 +573,16 @@ def torch_import_seconds() -> float:
 
 
 def verdict(app: dict) -> None:
-    three = app[THREE]
     lines = []
     for label, r in app.items():
-        if label.startswith("_") or label == THREE:
+        if label.startswith("_") or label.startswith(THREE):
             continue
+        three = app[THREE + BEFORE] if label.endswith(BEFORE) else app[THREE]
         ratio = three["stream_s"] / r["stream_s"]
         if label.startswith(("sparse", "lowrank")):
             lines.append(f"{label} streaming {ratio:.2f}x shorter ({'met' if ratio >= 2 else 'MISSED'}: >= 2x)")
-        elif label == "exact":
-            lines.append(f"exact streaming {ratio:.2f}x of the three-model's ({'met' if ratio >= 0.95 else 'MISSED'}:"
+        elif label.startswith("exact"):
+            lines.append(f"{label} streaming {ratio:.2f}x of the three-model's ({'met' if ratio >= 0.95 else 'MISSED'}:"
                          " no slower, 5% slack for this shared machine)")
     print("  targets (issue 15, streaming phase): " + "; ".join(lines))
 
@@ -818,6 +837,10 @@ def main() -> int:
                     "page cache")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip section 5 (one more run of "
                     "each apply, its stages timed)")
+    ap.add_argument("--baseline", metavar="TREE", help="another source tree of graft (e.g. `git archive` of an "
+                    "earlier commit): each apply also run by its engine, in the same rounds (before / after)")
+    ap.add_argument("--reuse-artifacts", action="store_true", help="keep the extracted artifacts under "
+                    ".bench/diffs-l<layers>-artifacts and reuse those there (their extraction is not re-timed)")
     args = ap.parse_args()
     args.encodings = [e for e in args.encodings.split(",") if e]
     unknown = [e for e in args.encodings if e not in ENCODINGS]

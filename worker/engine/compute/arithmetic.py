@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from worker.engine.compute.patches import Patch, RowsPatch, SparsePatch, StoredPatch, rows_needed
 from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, delta_sums
 
 # float16 overflows to Inf on rounding above this; float32 and bfloat16 share float32's range.
@@ -23,6 +24,16 @@ def _finite(chunk: torch.Tensor) -> bool:
     cheaper than isfinite(); huge finite values (|x| > 1.8e19, e.g. float masks near finfo.min) overflow
     the dot too, so a non-finite dot is confirmed element-wise before anything is reported."""
     return math.isfinite(float(torch.dot(chunk, chunk))) or bool(torch.isfinite(chunk).all())
+
+
+_SIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _has_negative_zero(x: torch.Tensor) -> bool:
+    """Whether a float chunk holds -0.0: its bit pattern (sign bit alone) is the smallest signed integer, so
+    one integer min finds it."""
+    kind = _SIGNED[x.element_size()]
+    return x.numel() > 0 and int(x.view(kind).min()) == torch.iinfo(kind).min
 
 
 def _scaled_sum(out: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, alpha: float, finite: bool,
@@ -49,6 +60,7 @@ class Arithmetic:
         self.whole_pieces = device.type != "cpu" if whole_pieces is None else whole_pieces
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._host: dict[int, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None  # a low-rank patch's covering rows, one chunk's
 
     def _buffers(self, dtype: torch.dtype):
         bufs = self._scratch.get(dtype)
@@ -86,18 +98,84 @@ class Arithmetic:
         operations from the delta on, so an exact artifact writes the bytes the pair writes."""
         if self.whole_pieces:
             return self._apply_delta_device(out, t, d, alpha, compute, stats)
-        a_buf, b_buf, _c = self._buffers(compute)
+        a_buf = self._buffers(compute)[0]
+        if d.dtype == compute:  # the decoded delta is this piece's own read buffer: worked on where it is
+            return self._delta_chunks(out, t, lambda i, j: d[i:j], alpha, compute, stats)
+        return self._delta_chunks(out, t, lambda i, j: a_buf[:j - i].copy_(d[i:j]), alpha, compute, stats)
+
+    def _delta_chunks(self, out: torch.Tensor, t: torch.Tensor, form, alpha: float, compute: torch.dtype,
+                      stats: TensorStats) -> None:
+        """apply_delta's chunks, each chunk's delta from form(i, j) (a tensor the chunk may overwrite)."""
+        b_buf = self._buffers(compute)[1]
         n = out.numel()
         sums = TensorStats()
         finite, big = True, 0.0
         limit = _FINITE_LIMIT.get(out.dtype)
-        in_place = d.dtype == compute  # the decoded delta is this piece's own read buffer: worked on where it is
         for i in range(0, n, CHUNK):
             j = min(n, i + CHUNK)
-            a, b = (d[i:j] if in_place else a_buf[:j - i].copy_(d[i:j])), b_buf[:j - i]
+            a, b = form(i, j), b_buf[:j - i]
             b.copy_(t[i:j])
             sums.add_chunk(delta_sums(b, a))
             finite, big = _scaled_sum(out[i:j], a, b, alpha, finite, big, limit)
+        stats.add(sums)
+        stats.nonfinite |= not finite or (limit is not None and big >= limit)
+
+    def apply_patch(self, out: torch.Tensor, t: torch.Tensor, patch: Patch, alpha: float, compute: torch.dtype,
+                    stats: TensorStats) -> None:
+        """apply_delta() of a delta kept in its encoding's structure (patches.py), with the bytes apply_delta
+        writes from the dense delta: a sparse delta touches only its kept elements, a low-rank one forms U V
+        chunk by chunk here, a stored bfloat16 one is widened as it is read. The manifest's sums may differ
+        from the dense delta's in their last bits (the dots add the same terms in another order)."""
+        if self.whole_pieces or not math.isfinite(alpha):
+            dense = torch.empty(out.numel(), dtype=compute)
+            patch.dense_into(0, dense)
+            return self.apply_delta(out, t, dense, alpha, compute, stats)
+        if isinstance(patch, StoredPatch):
+            return self.apply_delta(out, t, patch.values, alpha, compute, stats)
+        if isinstance(patch, RowsPatch):
+            need = rows_needed(patch, CHUNK)
+            if self._rows is None or self._rows.dtype != compute or self._rows.numel() < need:
+                self._rows = torch.empty(need, dtype=compute)
+            return self._delta_chunks(out, t, lambda i, j: patch.product(i, j, compute, self._rows), alpha,
+                                      compute, stats)
+        return self._apply_sparse(out, t, patch, alpha, compute, stats)
+
+    def _apply_sparse(self, out: torch.Tensor, t: torch.Tensor, patch: SparsePatch, alpha: float,
+                      compute: torch.dtype, stats: TensorStats) -> None:
+        """What the dense kernel makes of a zero delta is the target itself, rounded from the compute dtype
+        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: so the target is copied
+        as it is (a chunk holding a -0.0 goes through the compute dtype), then the kept elements are formed as
+        the dense kernel forms them. A chunk whose target is not finite takes the dense kernel (NaN payloads,
+        infinities: its bytes whatever they are)."""
+        a_buf, b_buf, _c = self._buffers(compute)
+        n = out.numel()
+        cuts = patch.bounds(torch.tensor([*range(0, n, CHUNK), n], dtype=torch.int64))
+        sums = TensorStats()
+        finite, big = True, 0.0
+        limit = _FINITE_LIMIT.get(out.dtype)
+        plus_zero = math.copysign(1.0, alpha) > 0  # alpha x +0.0 is +0.0, and -0.0 + +0.0 is +0.0
+        for c, i in enumerate(range(0, n, CHUNK)):
+            j = min(n, i + CHUNK)
+            b = b_buf[:j - i].copy_(t[i:j])
+            t_sq = torch.dot(b, b)
+            if not (math.isfinite(float(t_sq)) or bool(torch.isfinite(b).all())):
+                a = a_buf[:j - i]
+                patch.dense_into(i, a)
+                sums.add_chunk(delta_sums(b, a))
+                finite, big = _scaled_sum(out[i:j], a, b, alpha, finite, big, limit)
+                continue
+            at, v = patch.positions[cuts[c]:cuts[c + 1]] - i, patch.values[cuts[c]:cuts[c + 1]]
+            kept = v.mul(alpha) if alpha != 1.0 else v.clone()
+            kept.add_(b.index_select(0, at))
+            if plus_zero and _has_negative_zero(t[i:j]):
+                out[i:j].copy_(b.add_(0.0))
+            else:
+                out[i:j].copy_(t[i:j])  # the target's values are their own rounding
+            out[i:j].index_copy_(0, at, kept.to(out.dtype))
+            sums.add_chunk((torch.dot(v, v), t_sq, 0.0, 0.0))
+            finite = finite and (math.isfinite(float(torch.dot(kept, kept))) or bool(torch.isfinite(kept).all()))
+            if limit is not None:
+                big = max(big, float(b.abs().max()), float(kept.abs().max()) if kept.numel() else 0.0)
         stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 

@@ -19,8 +19,10 @@ from worker.engine.compute.arithmetic import Arithmetic
 from worker.engine.compute.blocks import Piece, build_blocks, graft_groups, graft_roles
 from worker.engine.compute.merge_kernel import MergeKernel, MergePiece
 from worker.engine.compute.passes import PassTotals, Reading, pair_views, run_pass, view_of
+from worker.engine.compute.patches import Patch, PatchSource
 from worker.engine.compute.tensor_stats import TensorStats
 from worker.engine.errors import GraftError
+from worker.engine.planning.options import delta_role
 from worker.engine.planning.plan import Plan, Shard
 from worker.engine.planning.recipe_plan import MergeContext
 from worker.engine.storage.buffers import BufferPool
@@ -80,8 +82,10 @@ class _Writer(threading.Thread):
 class ComputeVisitor:
     """Computes each output piece; per tensor, its sums (the manifest's) and the buffers a fine-tune changed."""
 
-    def __init__(self, plan: Plan, alpha: float, device: torch.device) -> None:
+    def __init__(self, plan: Plan, alpha: float, device: torch.device,
+                 patches: dict[str, PatchSource] | None = None) -> None:
         self.alpha, self.merge = alpha, plan.merge
+        self.patches = patches or {}  # delta role -> the store that keeps its structure (structured_reads)
         self.arithmetic = Arithmetic(device)
         self.kernel = MergeKernel(plan.merge, device, self.arithmetic.whole_pieces) if plan.merge else None
         self.stats: dict[str, TensorStats] = {t.name: TensorStats() for t in plan.tensors}
@@ -111,7 +115,11 @@ class ComputeVisitor:
         if alpha is not None:  # the plain transfer: its kernel, its bytes
             (s, f), = pairs
             if s is None:  # a diff artifact's delta: the same arithmetic from the delta on
-                self.arithmetic.apply_delta(out_t, target, f, alpha, compute, self.stats[tensor.name])
+                patch = self._patch(piece, uses[0].index)
+                if patch is not None:
+                    self.arithmetic.apply_patch(out_t, target, patch, alpha, compute, self.stats[tensor.name])
+                else:
+                    self.arithmetic.apply_delta(out_t, target, f, alpha, compute, self.stats[tensor.name])
             else:
                 self.arithmetic.transfer(out_t, target, s, f, alpha, compute, self.stats[tensor.name])
             uses[0].seen += count
@@ -119,6 +127,14 @@ class ComputeVisitor:
             return
         self.kernel.piece(MergePiece(tensor.name, out_t, target, pairs, piece.start, compute,
                                      self.stats[tensor.name]))
+
+    def _patch(self, piece: Piece, index: int) -> Patch | None:
+        role = delta_role(index)
+        store = self.patches.get(role)
+        if store is None:
+            return None
+        info, size = piece.tensor.sources[role], itemsize(piece.tensor.sources[role].dtype)
+        return store.take_patch(info.file, info.start + piece.start * size, info.start + piece.stop * size)
 
     def _copy(self, piece: Piece, buffers: list[memoryview], out: memoryview, out_t: torch.Tensor) -> None:
         tensor, count, src = piece.tensor, piece.stop - piece.start, piece.tensor.sources
@@ -150,6 +166,25 @@ class StreamResult:
     totals: PassTotals
 
 
+def structured_reads(plan: Plan, reading: Reading) -> dict[str, PatchSource]:
+    """The diff artifacts' stores (by delta role) told which delta files the plain kernel applies, so that
+    their reads keep the delta's structure (compute/patches.py): those of the plain transfers."""
+    merge: MergeContext | None = plan.merge
+    files: dict[str, set[str]] = {}
+    for tensor in plan.tensors if merge is not None else ():
+        uses = merge.uses.get(tensor.name)
+        if uses and merge.plain_alpha(tensor.name) is not None and delta_role(uses[0].index) in tensor.sources:
+            role = delta_role(uses[0].index)
+            files.setdefault(role, set()).add(tensor.sources[role].file)
+    out = {}
+    for role, names in files.items():
+        store = reading.stores.get((reading.canon or {}).get(role, role))
+        if isinstance(store, PatchSource):
+            store.keep_structure(names)
+            out[role] = store
+    return out
+
+
 def stream_plan(plan: Plan, sink: Sink, reading: Reading, *, alpha: float,
                 on_block: Callable[[PassTotals], None] | None = None) -> StreamResult:
     """The compute pass of a plan (a recipe's statistics already gathered): every shard written to `sink`."""
@@ -158,7 +193,8 @@ def stream_plan(plan: Plan, sink: Sink, reading: Reading, *, alpha: float,
                           reading.canon)
     for _name, stat in merge.statistics() if merge is not None else ():
         stat.rewind()
-    visitor = ComputeVisitor(plan, alpha, reading.device)
+    patches = structured_reads(plan, reading)
+    visitor = ComputeVisitor(plan, alpha, reading.device, patches)
     pool = BufferPool()
     writer = _Writer(sink, plan, pool)
     writer.start()
@@ -176,4 +212,7 @@ def stream_plan(plan: Plan, sink: Sink, reading: Reading, *, alpha: float,
             writer.q.put(None)
             writer.join()
         raise
+    finally:
+        for store in patches.values():
+            store.keep_structure(set())
     return StreamResult(writer.records, visitor.stats, visitor.changed_buffers, totals)

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.engine.compute.patches import Patch
 from worker.engine.diffs.artifact_writer import entry_name
 from worker.engine.diffs.encodings import ENCODINGS
 from worker.engine.errors import GraftError
@@ -232,6 +233,35 @@ class ArtifactStore(Store):
         self.cache = _PartCache()
         self.served = 0  # bytes of virtual files handed to the reader (decoded deltas, rows)
         self.stored_read = 0  # bytes read of the artifact itself to serve them
+        self._structured: set[str] = set()  # delta/ files whose reads keep the delta's structure
+        self._patches: dict[str, list[list]] = {}  # file -> [[patch, elements taken], ...], read ahead
+
+    def keep_structure(self, files: set[str]) -> None:
+        """From now on, a read of one of these delta/ files (those the plain kernel applies) leaves the read
+        buffer as it is and keeps the delta in its encoding's structure, for take_patch (compute/patches.py);
+        an encoding without one (exact, int8, sign, a tensor stored exact) still decodes into the buffer.
+        An empty set ends it and drops what was not taken."""
+        with self._lock:
+            self._structured = set(files)
+            self._patches.clear()
+
+    def take_patch(self, file: str, start: int, stop: int) -> Patch | None:
+        """The structured delta of bytes [start, stop) of `file` that a read kept; None where the read decoded
+        into its buffer. Taken once: a patch is dropped when all its elements have been."""
+        with self._lock:
+            kept = self._patches.get(file, [])
+            for item in kept:
+                patch, size = item[0], self._itemsize(file)
+                lo, hi = start // size - patch.start, stop // size - patch.start
+                if lo >= 0 and hi <= patch.count:
+                    item[1] += hi - lo
+                    if item[1] >= patch.count:
+                        kept.remove(item)
+                    return patch if (lo, hi) == (0, patch.count) else patch.slice(lo, hi)
+        return None
+
+    def _itemsize(self, file: str) -> int:
+        return itemsize(self.manifest.tensors[file[len(DELTA_FILE):]].compute)
 
     def count(self, served: int, stored: int) -> None:
         with self._lock:
@@ -268,6 +298,15 @@ class ArtifactStore(Store):
         entry = self.manifest.tensors[tensor]
         dtype = DTYPES[entry.compute]
         size = dtype.itemsize
+        patching = getattr(ENCODINGS[entry.stored], "patch", None)
+        if patching is not None and DELTA_FILE + tensor in self._structured:
+            reader = _EntryReader(self.inner, self.entries, tensor, self.cache)
+            patch = patching(reader, entry.meta, tuple(entry.shape), start // size, len(view) // size, dtype)
+            if patch is not None:
+                with self._lock:
+                    self._patches.setdefault(DELTA_FILE + tensor, []).append([patch, 0])
+                self.count(len(view), reader.bytes_read)
+                return
         out = torch.frombuffer(view, dtype=dtype, count=len(view) // size) if len(view) else torch.empty(0, dtype=dtype)
         reader = _EntryReader(self.inner, self.entries, tensor, self.cache)
         ENCODINGS[entry.stored].decode_into(reader, entry.meta, tuple(entry.shape), start // size, out)

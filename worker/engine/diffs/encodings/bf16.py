@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
+from worker.engine.compute.patches import StoredPatch
 from worker.engine.diffs.encoding_params import Bf16Params
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, read_tensor
@@ -60,6 +61,12 @@ class Bf16:
     def decode_into(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int,
                     out: torch.Tensor) -> None:
         out.copy_(read_tensor(parts, "values", torch.bfloat16, start, out.numel()))
+
+    def patch(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int, count: int,
+              dtype: torch.dtype) -> StoredPatch:
+        """The stored bfloat16 values, which the kernel widens as it reads them (half the bytes of the float32
+        delta through memory)."""
+        return StoredPatch(start, count, read_tensor(parts, "values", torch.bfloat16, start, count))
 
 
 BF16 = Bf16()

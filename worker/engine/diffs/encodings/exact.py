@@ -11,6 +11,7 @@ hundredth of the speed; and level 1 is the fastest of those that compress well (
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -42,6 +43,25 @@ def unshuffle(planes: bytes, dtype: str) -> torch.Tensor:
     for i in range(kind.itemsize):  # plane by plane: faster than a transposing copy
         values[:, i] = grid[i]
     return torch.from_numpy(values.view(kind).reshape(-1))
+
+
+WORDS = {4: np.uint32, 8: np.uint64}
+
+
+def unshuffle_into(planes: bytes, dtype: str, lo: int, out: torch.Tensor) -> None:
+    """Elements [lo, lo + out.numel()) of a shuffled frame, into `out` without a temporary: each element's
+    word built from its planes, most significant first (w = w << 8 | plane), which is the byte order on a
+    little-endian machine; unshuffle()'s plane copies and a copy into `out` otherwise."""
+    size = np.dtype(NUMPY[dtype]).itemsize
+    if sys.byteorder != "little" or not out.is_contiguous() or out.numpy().dtype != NUMPY[dtype]:
+        out.copy_(unshuffle(planes, dtype)[lo:lo + out.numel()])
+        return
+    grid = np.frombuffer(planes, dtype=np.uint8).reshape(size, -1)[:, lo:lo + out.numel()]
+    word = out.numpy().view(WORDS[size])
+    np.copyto(word, grid[size - 1], casting="safe")
+    for i in range(size - 2, -1, -1):
+        np.left_shift(word, 8, out=word)
+        np.bitwise_or(word, grid[i], out=word)
 
 
 class ExactEncoder:
@@ -120,12 +140,12 @@ def decode_exact(parts: PartReader, meta: dict, shape: tuple[int, ...], start: i
     offsets = read_tensor(parts, "offsets", torch.int64, first, last - first + 2).tolist()
     blob = parts.read("frames", offsets[0], offsets[-1] - offsets[0])
     dctx, done = _dctx(), 0
+    size = np.dtype(NUMPY[meta["dtype"]]).itemsize
     for j, f in enumerate(range(first, last + 1)):
-        values = unshuffle(dctx.decompress(blob[offsets[j] - offsets[0]:offsets[j + 1] - offsets[0]]),
-                           meta["dtype"])
+        planes = dctx.decompress(blob[offsets[j] - offsets[0]:offsets[j + 1] - offsets[0]])
         lo = max(start - f * frame, 0)
-        take = min(values.numel() - lo, count - done)
-        out[done:done + take].copy_(values[lo:lo + take])
+        take = min(len(planes) // size - lo, count - done)
+        unshuffle_into(planes, meta["dtype"], lo, out[done:done + take])
         done += take
 
 

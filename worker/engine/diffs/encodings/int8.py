@@ -81,10 +81,14 @@ class Int8:
             return None
         length = matrix(shape)[1]
         first, last = start // length, (start + count - 1) // length
-        scale = read_tensor(parts, "scale", torch.float32, first, last - first + 1)
-        # Elements of each row in the range: the first and last rows may be cut.
-        edges = torch.arange(first, last + 2, dtype=torch.int64) * length
-        edges[0], edges[-1] = start, start + count
-        spread = scale.repeat_interleave(edges.diff())
-        out.copy_(dequantise(read_tensor(parts, "q", torch.int8, start, count), spread, out.dtype))
+        scale = read_tensor(parts, "scale", torch.float32, first, last - first + 1).to(out.dtype)
+        out.copy_(read_tensor(parts, "q", torch.int8, start, count))  # q widened in place, then q x scale
+        # by rows, in place (no spread scale, no product temporary): the first and last rows may be cut
+        head = min(count, (first + 1) * length - start)
+        out[:head].mul_(scale[0])
+        whole = (count - head) // length
+        if whole:
+            out[head:head + whole * length].view(whole, length).mul_(scale[1:1 + whole, None])
+        if head + whole * length < count:
+            out[head + whole * length:].mul_(scale[-1])
         return None

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
+from worker.engine.compute.patches import RowsPatch
 from worker.engine.diffs.encoding_params import MAX_RANK, LowRankParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import ErrorTally, as_bytes, compute_name, matrix, numel, read_tensor
@@ -209,14 +210,23 @@ class LowRank:
         many rows where V is large."""
         if stored_exact(meta):
             return EXACT.decode_into(parts, meta, shape, start, out)
-        count, r = out.numel(), meta["rank"]
-        if count == 0 or r == 0:
+        count = out.numel()
+        if count == 0 or meta["rank"] == 0:
             out.zero_()
+            return None
+        self.patch(parts, meta, shape, start, count, out.dtype).dense_into(0, out)
+        return None
+
+    def patch(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int, count: int,
+              dtype: torch.dtype) -> RowsPatch | None:
+        """The factors over flat range [start, start + count): U's covering rows and V, for the kernel to form
+        U V chunk by chunk (compute/patches.py); None where the tensor is stored exact or has rank 0 (the
+        dense decode is then as cheap)."""
+        r = meta.get("rank", 0)
+        if stored_exact(meta) or count == 0 or r == 0:
             return None
         n = matrix(shape)[1]
         first, last = start // n, (start + count - 1) // n
         u = read_tensor(parts, "U", torch.float32, first * r, (last - first + 1) * r).view(-1, r)
         v = read_tensor(parts, "V", torch.float32, 0, r * n).view(r, n)
-        rebuilt = (u.to(out.dtype) @ v.to(out.dtype)).view(-1)
-        out.copy_(rebuilt[start - first * n:start - first * n + count])
-        return None
+        return RowsPatch(start, count, u, v)

@@ -116,8 +116,12 @@ class Sign:
         if count == 0:
             return None
         first, last = start // 8, (start + count - 1) // 8
-        bits = unpack(read_tensor(parts, "bits", torch.uint8, first, last - first + 1))
-        bits = bits[start - first * 8:start - first * 8 + count]
+        data = read_tensor(parts, "bits", torch.uint8, first, last - first + 1).to(torch.int32)
         c = torch.tensor(meta["scale"], dtype=out.dtype)
-        torch.where(bits, c, -c, out=out)
+        table = torch.where(unpack(torch.arange(256, dtype=torch.uint8)).view(256, 8), c, -c)  # byte -> 8 values
+        if start % 8 == 0 and count % 8 == 0:  # whole bytes: looked up straight into `out`
+            torch.index_select(table, 0, data, out=out.view(-1, 8))
+        else:
+            skip = start - first * 8
+            out.copy_(table.index_select(0, data).view(-1)[skip:skip + count])
         return None

@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import torch
 
+from worker.engine.compute.patches import SparsePatch
 from worker.engine.diffs.encoding_params import SparseParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import as_bytes, compute_name, f32, numel, read_tensor, relative
@@ -138,16 +139,25 @@ class Sparse:
     def decode_into(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int,
                     out: torch.Tensor) -> None:
         out.zero_()
-        count = out.numel()
+        patch = self.patch(parts, meta, shape, start, out.numel(), out.dtype)
+        out[patch.positions] = patch.values
+
+    def patch(self, parts: PartReader, meta: dict, shape: tuple[int, ...], start: int, count: int,
+              dtype: torch.dtype) -> SparsePatch:
+        """The stored elements of flat range [start, start + count): their positions in it (ascending) and
+        values (+-c in `dtype`), for the kernel to patch onto the target (compute/patches.py)."""
+        empty = SparsePatch(start, count, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=dtype))
         if count == 0:
-            return
+            return empty
         frame, stop = meta["frame"], start + count
         first, last = start // frame, (stop - 1) // frame
         counts = read_tensor(parts, "counts", torch.int64, first, last - first + 2)
         entries = read_tensor(parts, "entries", torch.int16, int(counts[0]), int(counts[-1] - counts[0]))
+        if not entries.numel():
+            return empty
         entries = entries.to(torch.int32) & 0xFFFF
         frames = torch.arange(first, last + 1, dtype=torch.int64).repeat_interleave(counts.diff())
         where = frames * frame + (entries & (frame - 1)) - start
         inside = (where >= 0) & (where < count)
-        c = torch.tensor(meta["scale"], dtype=out.dtype)
-        out[where[inside]] = torch.where((entries[inside] >> 15).bool(), -c, c)
+        c = torch.tensor(meta["scale"], dtype=dtype)
+        return SparsePatch(start, count, where[inside], torch.where((entries[inside] >> 15).bool(), -c, c))
