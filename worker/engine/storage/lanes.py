@@ -43,8 +43,8 @@ class RemoteReads:
     fetching ahead; never fewer). `span_windows`: adjacent windows one GET may cover when there are more
     windows to fetch than idle lanes (fewer requests, for S3-compatible servers that pay for the whole object on
     each ranged GET; 1 by default: a span delays the windows at its end, which the stream needs in order, and
-    undoes the ramp's staggering). `stall_seconds`: a GET that receives no bytes for this long is re-issued from where it
-    stopped (0: only the storage timeout applies)."""
+    undoes the ramp's staggering). `stall_seconds`: a GET that receives no bytes for this long is re-issued
+    from where it stopped (0: only the storage timeout applies)."""
 
     lanes: int = 8
     window_bytes: int = 16 << 20
@@ -301,6 +301,9 @@ class Lanes:
         waiting = sorted((w for w in self._resident.values() if w.pins and not w.taken), key=self._next_use)
         todo = list(dict.fromkeys([w.key for w in waiting] + [k for k in desired if k not in self._resident
                                                               or not self._resident[k].taken]))
+        # Windows a reader made past `cap` (it waits on them) are paid for now, by the ones needed last.
+        while len(self._resident) > self.cap and self._make_room(wanted):
+            pass
         ramp = self._busy == 0 and self.lanes > 1 and self.width >= 2 * MIN_PIECE
         piece = max(MIN_PIECE, self.width // self.lanes)
         i = step = 0
