@@ -161,6 +161,14 @@ def main() -> int:
     print(f"  job / max(a, b) = {min(jobs) / floor:.2f}   (target <= 1.3)")
     no_cat = (min(jobs) - sum(job_complete)) / max(min(reads), min(ups) - complete)
     print(f"  the same without s3rver's concatenation on either side (real S3 does not pay it): {no_cat:.2f}")
+    ev = res["trace"][best]
+    marks = {e["what"]: e["t0"] for e in ev if e["kind"] == "mark"}
+    moving = max(e["t1"] for e in ev if e["kind"] == "part") - marks["stream start"]
+    print(f"  the job's transfer alone (stream start to last part uploaded: {moving:.2f} s) / max(a, b without the "
+          f"concatenation) = {moving / max(min(reads), min(ups) - complete):.2f}")
+    outside = res["job"][best]["wall_s"] - marks.get("end", 0.0)
+    print(f"  the job's time outside the trace (interpreter, imports, exit): {outside:.2f} s; before the stream "
+          f"(resolving, claiming the output, side files): {marks['stream start']:.2f} s")
     print("\n== timeline of the best job (GRAFT_TRACE)")
     print("\n".join(summarize(res["trace"][best])))
     if args.trace:

@@ -156,6 +156,7 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
         t0 = time.perf_counter()
         plan, models = plan_graft(request, settings, side_files=True)
         resolve_seconds = time.perf_counter() - t0
+        mark("resolved")
         try:
             hooks = Hooks(settings, report, should_cancel, warn or (lambda w: None), before_commit)
             return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
@@ -199,6 +200,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                  if statistics_first else total)
     with (publishing(output, request, settings, hooks.should_cancel) as sink,
           InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher):
+        mark("output claimed")
         side_records = _write_side_files(sink, request, models, plan)
         t0 = time.perf_counter()
         mark("stream start")
