@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-diffs bench-s3-diffs clean soak fuzz example
+.PHONY: venv run test lint bench bench-diffs bench-s3-diffs bench-s3-graft clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ bench-diffs: venv
 # connection capped by the kernel (root, ip netns, tc htb/u32: bench/s3_rig.py); floors measured in the same run.
 bench-s3-diffs: venv
 	$(BIN)/python bench/bench_s3_diffs.py $(BENCH_ARGS)
+
+# The whole `graft run` S3 -> S3 against the rig's read and upload floors, with the job's storage timeline.
+bench-s3-graft: venv
+	$(BIN)/python bench/bench_s3_rig_graft.py $(BENCH_ARGS)
 
 # The verdict calibrated on a tiny model family trained here (CPU, a few minutes): examples/calibration/.
 example: venv

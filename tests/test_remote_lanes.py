@@ -126,7 +126,8 @@ def test_lanes_read_one_input_over_several_pooled_connections(models, s3_models,
     proxy.set_rate(down=8 * MB)
     seconds = {}
     for lanes in (1, 4):
-        reads = RemoteReads(lanes=lanes, window_bytes=512 << 10)
+        # moto reads the whole object for each ranged GET and closes each connection: spans keep requests few
+        reads = RemoteReads(lanes=lanes, window_bytes=512 << 10, span_windows=8)
         store = open_store(parse_uri(s3_models["source_base"]), proxy.endpoint, reads=reads)
         try:
             assert name in store.files  # the listing, outside the timing
@@ -271,7 +272,7 @@ def test_a_stalled_lane_is_reissued(models, expected, s3_models, proxy, tmp_path
 
 
 def test_upload_parts_in_flight_and_small_tail_parts(s3_endpoint, s3_bucket, proxy):
-    """Parts in flight is a setting; the last part_bytes of a file go out as 5 MiB parts side by side."""
+    """Parts in flight is a setting; the last two part_bytes of a file go out as 5 MiB parts side by side."""
     proxy.set_rate(up=20 * MB)
     data = os.urandom(30 << 20)
     with _Calls(s3_client(proxy.endpoint), "UploadPart") as parts:
@@ -283,7 +284,7 @@ def test_upload_parts_in_flight_and_small_tail_parts(s3_endpoint, s3_bucket, pro
         writer.close()
         sink.commit(b"{}")
     sizes = [len(p["Body"]) >> 20 for p in sorted(parts.params, key=lambda p: p["PartNumber"])]
-    assert sizes == [8, 8, 8, 5, 1]
+    assert sizes == [8, 8, 5, 5, 4]
     assert 2 <= parts.peak <= 3
     assert _s3_fetch(s3_endpoint, f"s3://{s3_bucket}/parts")("big.bin") == data
 

@@ -22,17 +22,22 @@ class EngineSettings(BaseSettings):
                                      "large, one ranged GET per window (or per run of adjacent windows)")
     remote_windows: int = Field(0, description="windows held per remote input, read-ahead included; 0 or fewer "
                                 "than GRAFT_REMOTE_LANES + 1: lanes + 1 (memory: windows x window bytes per input)")
-    remote_span_windows: int = Field(8, description="adjacent windows one ranged GET may cover when there are "
-                                     "more windows to fetch than idle lanes")
+    remote_span_windows: int = Field(1, description="adjacent windows one ranged GET may cover when there are "
+                                     "more windows to fetch than idle lanes (for servers that pay for the whole "
+                                     "object on each ranged GET; a span delays the windows at its end)")
     remote_lanes: int = Field(8, description="ranged GETs in flight at once per remote input (S3 and hf://), each "
                               "on a pooled connection; storage serves each connection at a capped rate")
     remote_stall_seconds: float = Field(10.0, description="a ranged GET that receives no bytes for this long is "
                                         "re-issued from where it stopped (0: only GRAFT_STORAGE_TIMEOUT_SECONDS)")
     s3_endpoint_url: str | None = None
-    s3_part_bytes: int = Field(16 << 20, description="multipart upload part size (raised to stay under 10,000 parts)")
-    s3_parts_in_flight: int = Field(8, description="multipart upload parts sent at once (memory: (parts + 1) x "
-                                    "part bytes); the output is a third of the input bytes, so as many parts as an "
-                                    "input has lanes keep the upload at the pace of the reads")
+    s3_part_bytes: int = Field(8 << 20, description="multipart upload part size (raised to stay under 10,000 "
+                               "parts); small parts start sooner and leave a shorter tail when the stream ends")
+    s3_parts_in_flight: int = Field(16, description="multipart upload parts sent at once (memory: (parts + 1) x "
+                                    "part bytes, 136 MiB by default); twice an input's lanes: the upload keeps the "
+                                    "pace of the reads with room to spare, and the last parts go side by side")
+    trace: str = Field("", description="a file to write the job's storage timeline to (JSON): every ranged GET, "
+                       "wait of the stream on a window, upload part and completion, with start/end seconds, bytes "
+                       "and lane; empty: nothing is recorded")
     storage_retry_seconds: float = Field(30.0, description="seconds one S3/hub operation keeps retrying storage "
                                          "faults (refused, reset, timed out, 5xx, throttled) before the attempt "
                                          "fails with storage_error; 0: no retry")

@@ -31,6 +31,7 @@ from worker.engine.planning.request import GraftRequest
 from worker.engine.storage.input_hashes import InputHasher
 from worker.engine.storage.model import GENERATION_CONFIG, INDEX_FILE, ResolvedModel
 from worker.engine.storage.sinks import MANIFEST, FileRecord, Sink
+from worker.engine.storage.trace import mark, tracing
 from worker.engine.storage.uris import parse_uri
 
 log = logging.getLogger("graft.engine")
@@ -151,14 +152,18 @@ def run_graft(request: GraftRequest, *, settings: EngineSettings | None = None,
     device = pick_device(request.options.device)
     report = progress or (lambda p: None)
     report(Progress(Phase.RESOLVING))
-    t0 = time.perf_counter()
-    plan, models = plan_graft(request, settings, side_files=True)
-    resolve_seconds = time.perf_counter() - t0
-    try:
-        hooks = Hooks(settings, report, should_cancel, warn or (lambda w: None), before_commit)
-        return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
-    finally:
-        close_models(models)
+    with tracing(settings.trace) as rec:
+        t0 = time.perf_counter()
+        plan, models = plan_graft(request, settings, side_files=True)
+        resolve_seconds = time.perf_counter() - t0
+        mark("resolved")
+        try:
+            hooks = Hooks(settings, report, should_cancel, warn or (lambda w: None), before_commit)
+            return _run_planned(request, plan, models, output, device, settings, hooks, resolve_seconds)
+        finally:
+            close_models(models)
+            if rec is not None:
+                rec.mark("end")
 
 
 def _statistics_pass(plan: Plan, reading: Reading, hooks: Hooks, total: Progress) -> int:
@@ -195,10 +200,13 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
                  if statistics_first else total)
     with (publishing(output, request, settings, hooks.should_cancel) as sink,
           InputHasher(models, settings.hash_inputs, settings.cache_dir or None) as hasher):
+        mark("output claimed")
         side_records = _write_side_files(sink, request, models, plan)
         t0 = time.perf_counter()
+        mark("stream start")
         records, stats, late_warnings, totals = _stream(request, plan, models, sink, device, settings, hooks, total)
         stream_seconds = time.perf_counter() - t0
+        mark("stream end")
         connectivity = _checked_output(plan, stats, hooks, late_warnings)
         checks = _checks_before_commit(sink, models, records, hooks, total, late_warnings)
         total.phase = Phase.COMMITTING
@@ -214,6 +222,7 @@ def _run_planned(request: GraftRequest, plan: Plan, models: dict[str, ResolvedMo
         manifest = build_manifest(request, models, hasher.result, plan, records, stats, warnings, run_stats,
                                   str(output))
         manifest.update(checks)
+        mark("commit")
         manifest_uri = sink.commit(dumps(manifest))
     total.phase = Phase.DONE
     hooks.progress(total)

@@ -10,6 +10,14 @@ Where the stream says in advance which ranges it will read (`expect`), read-ahea
 (a target saved in another order than the sources is walked back to front, tensor by tensor) and the window
 dropped for a new one is the one needed last. Without it, read-ahead follows the direction each file is
 being walked in.
+
+A cold start (every lane idle at once) is ramped: lane k of n first fetches k/n of a window's bytes, in reading
+order, so that the first bytes reach the stream after 1/n of a window's time instead of a whole window's, and
+the lanes end their first requests one after the other; each then goes on with whole windows, and the
+staggering stays: a window completes every 1/n of a window's time, in the order the stream reads them, rather
+than n windows at once every window's time (a stream that waits for the first of them while the rest sit in
+memory, and lanes that wait for room meanwhile). A window may thus be filled by several requests at once,
+each its own sub-range; readers see its bytes up to the first one not in yet.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from worker.engine.errors import GraftError
+from worker.engine.storage import trace
 
 Key = tuple[str, int]  # (file, window index)
 # fetch(file, start, end, take): hand bytes [start, end) to `take` in order, each byte once, retrying faults.
@@ -32,14 +41,15 @@ class RemoteReads:
     """How each remote input is read. `lanes`: ranged GETs in flight at once. `window_bytes`: the unit one
     lane fetches. `windows`: windows held per input (0: lanes + 1, the window being read and one per lane
     fetching ahead; never fewer). `span_windows`: adjacent windows one GET may cover when there are more
-    windows to fetch than idle lanes (fewer requests; some S3-compatible servers pay for the whole object on
-    each ranged GET). `stall_seconds`: a GET that receives no bytes for this long is re-issued from where it
-    stopped (0: only the storage timeout applies)."""
+    windows to fetch than idle lanes (fewer requests, for S3-compatible servers that pay for the whole object on
+    each ranged GET; 1 by default: a span delays the windows at its end, which the stream needs in order, and
+    undoes the ramp's staggering). `stall_seconds`: a GET that receives no bytes for this long is re-issued
+    from where it stopped (0: only the storage timeout applies)."""
 
     lanes: int = 8
     window_bytes: int = 16 << 20
     windows: int = 0
-    span_windows: int = 8
+    span_windows: int = 1
     stall_seconds: float = 10.0
 
     @property
@@ -59,23 +69,50 @@ class RemoteReads:
                 "bytes": self.memory_bytes}
 
 
-class _Window:
-    """Bytes [start, start + length) of a file, filled front to back by one lane; readers copy out whatever is
-    in already (below `filled`) while the rest arrives."""
+MIN_PIECE = 1 << 20  # a ramp's smallest request: below it, a request's round trip costs more than its bytes
 
-    __slots__ = ("key", "start", "length", "buf", "filled", "error", "loading", "pins")
+
+class _Window:
+    """Bytes [start, start + length) of a file, handed to requests front to back (`claimed`), each filling its
+    sub-range front to back; readers copy out whatever is in already (below `filled`, the bytes up to the first
+    sub-range not complete) while the rest arrives."""
+
+    __slots__ = ("key", "start", "length", "buf", "filled", "claimed", "segs", "error", "loading", "pins")
 
     def __init__(self, key: Key, start: int, length: int) -> None:
         self.key, self.start, self.length = key, start, length
         self.buf: bytearray | None = None  # window_bytes long, taken when its first bytes arrive
         self.filled = 0
+        self.claimed = 0
+        self.segs: list[list[int]] = []  # [lo, hi, pos) of each request's sub-range, in order: pos = filled to
         self.error: BaseException | None = None
-        self.loading = False  # a lane is on it
+        self.loading = 0  # requests on it
         self.pins = 0  # readers using it: never dropped meanwhile
 
     @property
     def complete(self) -> bool:
         return self.filled == self.length
+
+    @property
+    def taken(self) -> bool:
+        """Every byte is some request's."""
+        return self.claimed == self.length
+
+    def claim(self, want: int) -> list[int]:
+        seg = [self.claimed, min(self.length, self.claimed + want), self.claimed]
+        self.claimed = seg[1]
+        self.segs.append(seg)
+        return seg
+
+    def advance(self) -> None:
+        """`filled` moved up to the first sub-range not complete (sub-ranges are claimed contiguously)."""
+        for lo, hi, pos in self.segs:
+            if lo > self.filled:
+                return
+            if pos < hi:
+                self.filled = max(self.filled, pos)
+                return
+            self.filled = max(self.filled, hi)
 
 
 class _Schedule:
@@ -120,8 +157,8 @@ class Lanes:
     `peak_windows` the most lanes busy and windows held at once (tests, benches)."""
 
     def __init__(self, reads: RemoteReads, size: Callable[[str], int], fetch: Fetch,
-                 closing: threading.Event) -> None:
-        self.reads = reads
+                 closing: threading.Event, label: str = "") -> None:
+        self.reads, self.label = reads, label
         self.width = reads.window_bytes
         self.cap = reads.held
         self.lanes = reads.lane_count
@@ -160,10 +197,16 @@ class Lanes:
             self._note_walk(name, first, last)
             windows = [self._pin(key) for key in keys]
             self._pump()
+        rec = trace.recorder()
         try:
             for w in windows:
                 lo, hi = max(start, w.start), min(end, w.start + w.length)
-                self._wait(w, hi - w.start)
+                if rec is not None and w.filled < hi - w.start:
+                    t_wait = rec.now()
+                    self._wait(w, hi - w.start)
+                    rec.add("wait", t_wait, input=self.label, file=name, window=w.key[1])
+                else:
+                    self._wait(w, hi - w.start)
                 assert w.buf is not None
                 view[lo - start:hi - start] = memoryview(w.buf)[lo - w.start:hi - w.start]
         finally:
@@ -249,85 +292,126 @@ class Lanes:
         return True
 
     def _pump(self) -> None:
-        """Put idle lanes to work: windows readers wait for first, then the read-ahead in reading order."""
+        """Put idle lanes to work: windows readers wait for first, then the read-ahead in reading order; a cold
+        start ramped (see the module's docstring)."""
         if self._closing.is_set() or self._busy >= self.lanes:
             return
         desired = self._desired()
         wanted = set(desired)
-        waiting = sorted((w for w in self._resident.values() if w.pins and not w.loading and not w.complete),
-                         key=self._next_use)
-        todo = [w.key for w in waiting] + [k for k in desired if k not in self._resident
-                                           or not (self._resident[k].loading or self._resident[k].complete)]
-        for i, key in enumerate(todo):
-            if self._busy >= self.lanes:
-                break
-            w = self._resident.get(key)
-            if w is not None and (w.loading or w.complete):
-                continue  # taken into an earlier run of this pass
+        waiting = sorted((w for w in self._resident.values() if w.pins and not w.taken), key=self._next_use)
+        todo = list(dict.fromkeys([w.key for w in waiting] + [k for k in desired if k not in self._resident
+                                                              or not self._resident[k].taken]))
+        # Windows a reader made past `cap` (it waits on them) are paid for now, by the ones needed last.
+        while len(self._resident) > self.cap and self._make_room(wanted):
+            pass
+        ramp = self._busy == 0 and self.lanes > 1 and self.width >= 2 * MIN_PIECE
+        piece = max(MIN_PIECE, self.width // self.lanes)
+        i = step = 0
+        while i < len(todo) and self._busy < self.lanes:
+            w = self._resident.get(todo[i])
             if w is None:
                 if not self._make_room(wanted):
                     break
-                w = self._resident[key] = self._new(key)
-            # More windows to fetch than idle lanes: adjacent ones go into the same request.
-            share = max(1, (len(todo) - i) // (self.lanes - self._busy))
-            run = [w]
-            while len(run) < min(self.reads.span_windows, share):
-                nxt = (key[0], key[1] + len(run))
-                if nxt not in wanted or nxt[1] * self.width >= self._size(key[0]):
+                w = self._resident[todo[i]] = self._new(todo[i])
+            if w.taken:  # by an earlier request of this pass
+                i += 1
+                continue
+            step += 1
+            if ramp:
+                want = step * piece
+            else:  # more windows to fetch than idle lanes: adjacent ones go into the same request
+                share = max(1, (len(todo) - i) // (self.lanes - self._busy))
+                want = w.length - w.claimed + (min(self.reads.span_windows, share) - 1) * self.width
+            self._submit(self._request(w, want, wanted))
+
+    def _request(self, w: _Window, want: int, wanted: set[Key]) -> list[tuple[_Window, list[int]]]:
+        """`want` bytes from `w`'s first unclaimed one, on into the adjacent windows while they are wanted and
+        untouched (one ranged GET)."""
+        req = [(w, w.claim(want))]
+        want -= req[0][1][1] - req[0][1][0]
+        name, index = w.key
+        while want > 0:
+            nxt = (name, index + len(req))
+            if nxt not in wanted or nxt[1] * self.width >= self._size(name):
+                break
+            x = self._resident.get(nxt)
+            if x is None:
+                if not self._make_room(wanted):
                     break
-                x = self._resident.get(nxt)
-                if x is None:
-                    if not self._make_room(wanted):
-                        break
-                    x = self._resident[nxt] = self._new(nxt)
-                elif x.loading or x.complete:
-                    break
-                run.append(x)
-            for x in run:
-                x.loading = True
-            self._busy += 1
-            self.requests += 1
-            self.peak_lanes = max(self.peak_lanes, self._busy)
-            self.peak_windows = max(self.peak_windows, len(self._resident))
-            self._pool.submit(self._load, run)
+                x = self._resident[nxt] = self._new(nxt)
+            elif x.claimed:
+                break
+            seg = x.claim(want)
+            want -= seg[1] - seg[0]
+            req.append((x, seg))
+        return req
+
+    def _submit(self, req: list[tuple[_Window, list[int]]]) -> None:
+        for x, _seg in req:
+            x.loading += 1
+        self._busy += 1
+        self.requests += 1
+        self.peak_lanes = max(self.peak_lanes, self._busy)
+        self.peak_windows = max(self.peak_windows, len(self._resident))
+        self._pool.submit(self._load, req)
 
     # --- on a lane -----------------------------------------------------------------------------------------
 
-    def _load(self, run: list[_Window]) -> None:
-        name = run[0].key[0]
-        at = 0  # the window of the run being filled
+    def _buffer(self, w: _Window) -> bytearray:
+        with self._cond:
+            if w.buf is not None:
+                return w.buf
+            spare = self._spare.pop() if self._spare else None
+        buf = spare if spare is not None else bytearray(self.width)  # zeroed outside the lock
+        with self._cond:
+            if w.buf is None:
+                w.buf = buf
+            else:  # another request of the window took one meanwhile
+                self._spare.append(buf)
+            return w.buf
+
+    def _load(self, req: list[tuple[_Window, list[int]]]) -> None:
+        name = req[0][0].key[0]
+        at = 0  # the sub-range being filled
+        rec = trace.recorder()
+        t_start = rec.now() if rec is not None else 0.0
+        first: list[float] = []
+        start, end = req[0][0].start + req[0][1][0], req[-1][0].start + req[-1][1][1]
 
         def take(data: memoryview) -> None:
             nonlocal at
+            if rec is not None and not first:
+                first.append(rec.now())
             while len(data):
-                w = run[at]
-                if w.buf is None:
-                    with self._cond:
-                        spare = self._spare.pop() if self._spare else None
-                    w.buf = spare if spare is not None else bytearray(self.width)
-                n = min(len(data), w.length - w.filled)
-                w.buf[w.filled:w.filled + n] = data[:n]  # above `filled`: no reader looks there yet
+                w, seg = req[at]
+                buf = w.buf if w.buf is not None else self._buffer(w)
+                n = min(len(data), seg[1] - seg[2])
+                buf[seg[2]:seg[2] + n] = data[:n]  # above `filled`: no reader looks there yet
                 data = data[n:]
                 with self._cond:
-                    w.filled += n
+                    seg[2] += n
+                    w.advance()
                     self.fetched_bytes += n
                     self._cond.notify_all()
-                if w.complete:
+                if seg[2] == seg[1]:
                     at += 1
 
         try:
-            self._fetch(name, run[0].start, run[-1].start + run[-1].length, take)
+            self._fetch(name, start, end, take)
+            if rec is not None:
+                rec.add("get", t_start, input=self.label, file=name, start=start, bytes=end - start,
+                        first=round(first[0], 4) if first else None)
         except BaseException as exc:
             with self._cond:
-                for w in run:
+                for w, _seg in req:
                     if not w.complete:
                         w.error = exc
                         if self._resident.get(w.key) is w:
                             del self._resident[w.key]
         finally:
             with self._cond:
-                for w in run:
-                    w.loading = False
+                for w, _seg in req:
+                    w.loading -= 1
                 self._busy -= 1
                 self._cond.notify_all()
                 self._pump()

@@ -14,6 +14,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from worker.engine.errors import GraftError
+from worker.engine.storage import trace
 from worker.engine.storage.faults import StorageRetry, TransientStorageError
 from worker.engine.storage.s3 import s3_client
 from worker.engine.storage.schemes.s3 import error_code
@@ -48,9 +49,10 @@ class _S3Writer(FileWriter):
         self.parts: list[Future] = []
 
     def _next_part(self) -> int:
-        # The last part_bytes of a file go out in parts of S3's minimum, side by side: what is left to upload
-        # when the stream ends is then one small part's time on a connection, not a whole part's.
-        return self.TAIL_PART if 0 < self.expected - self.sent <= self.part_bytes else self.part_bytes
+        # The last two part_bytes of a file go out in parts of S3's minimum, side by side: what is left to upload
+        # when the stream ends is then about one small part's time on a connection, not a whole part's (the
+        # last whole part, made just before the end, would still be on its way).
+        return self.TAIL_PART if 0 < self.expected - self.sent <= 2 * self.part_bytes else self.part_bytes
 
     def _write(self, data) -> None:
         self.buf += data
@@ -107,7 +109,11 @@ class _S3Writer(FileWriter):
                 if not (tries > 1 and error_code(exc) == "NoSuchUpload" and sink.exists_key(self.key)):
                     raise
 
+        rec = trace.recorder()
+        t_start = rec.now() if rec is not None else 0.0
         sink.call(f"completing the upload of {self.name}", attempt)
+        if rec is not None:
+            rec.add("complete", t_start, key=self.key, parts=len(done))
         sink.finish_upload(self.key, self.upload_id)
 
 
@@ -118,8 +124,8 @@ class S3Sink(Sink):
     retried until the budget runs out. What a graft writes is known by key from the moment it opens a
     file, so abort() removes it even when a request's answer was lost."""
 
-    def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
-                 parts_in_flight: int = 8, writer: str | None = None, retry: StorageRetry | None = None,
+    def __init__(self, location: Location, *, endpoint_url: str | None = None, part_bytes: int = 8 << 20,
+                 parts_in_flight: int = 16, writer: str | None = None, retry: StorageRetry | None = None,
                  manifest_name: str | None = None, split: str = "") -> None:
         self.location = location
         self.split = split
@@ -259,12 +265,18 @@ class S3Sink(Sink):
         return _S3Writer(self, name, expected_size)
 
     def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> Future:
+        rec = trace.recorder()
+        t_ready = rec.now() if rec is not None else 0.0
         self._slots.acquire()
+        t_slot = rec.now() if rec is not None else 0.0
 
         def send() -> dict:
+            t_start = rec.now() if rec is not None else 0.0
             try:
                 resp = self.call(f"uploading part {number} of {key}", lambda: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body))
+                if rec is not None:  # ready: the part's bytes were there; slot: a part in flight ended for it
+                    rec.add("part", t_start, key=key, number=number, bytes=len(body), ready=t_ready, slot=t_slot)
                 return {"PartNumber": number, "ETag": resp["ETag"]}
             finally:
                 self._slots.release()
@@ -296,7 +308,11 @@ class S3Sink(Sink):
         try:
             self._abort_strays()
             self._manifest = manifest
+            rec = trace.recorder()
+            t_start = rec.now() if rec is not None else 0.0
             self.call("writing the manifest", lambda: self._put_manifest(key, manifest), stoppable=False)
+            if rec is not None:
+                rec.add("manifest", t_start, key=key, bytes=len(manifest))
         finally:
             self.pool.shutdown(wait=True)
             self._finisher.shutdown(wait=True)

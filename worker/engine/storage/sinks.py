@@ -93,8 +93,8 @@ class Sink(ABC):
         return self.location
 
 
-def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 16 << 20,
-              parts_in_flight: int = 8, writer: str | None = None, allowed_roots: list[str] | None = None,
+def open_sink(location: Location, *, endpoint_url: str | None = None, part_bytes: int = 8 << 20,
+              parts_in_flight: int = 16, writer: str | None = None, allowed_roots: list[str] | None = None,
               denied_roots: list[str] | None = None, retry: StorageRetry | None = None,
               manifest_name: str | None = None, split: str = "") -> Sink:
     """The sink of `location`'s scheme. `allowed_roots`/`denied_roots` confine a local output (see

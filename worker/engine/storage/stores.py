@@ -135,7 +135,7 @@ class RemoteStore(Store):
         self.retry = retry or StorageRetry()
         self.reads = reads or RemoteReads()
         self._closing = threading.Event()  # retries in flight give up: nobody waits for their bytes any more
-        self.lanes = Lanes(self.reads, self.size, self._transfer, self._closing)
+        self.lanes = Lanes(self.reads, self.size, self._transfer, self._closing, str(self.location))
 
     @property
     def read_timeout(self) -> float:

@@ -95,8 +95,8 @@ class Access:
     allowed_roots: list[str] | None = None
     denied_roots: list[str] | None = None
     reads: RemoteReads | None = None
-    part_bytes: int = 16 << 20
-    parts_in_flight: int = 8
+    part_bytes: int = 8 << 20
+    parts_in_flight: int = 16
     writer: str | None = None
     manifest_name: str | None = None  # the file committed last (None: a graft's graft-manifest.json)
     # A graft split into tasks (pipeline/shards.py): the task that planned it claims the output; shard and finalize
