@@ -195,6 +195,10 @@ class LoraAdapter(CollectionRecord):
                                                    "across layers")
     lora_bias: dict[str, int] | None = Field(None, description="modules whose bias delta is lora_B.bias, counted "
                                              "per name across layers")
+    fidelity: dict[str, Any] | None = Field(None, description="with evaluate or ranks: per rank the probe loss and "
+                                            "the KL of target + adapter to the full graft and to the fine-tune "
+                                            "(curve), max_kl and the rank published (picked_rank)")
+    warnings: list[dict[str, Any]] = Field(default_factory=list, description="e.g. no_rank_within_max_kl")
 
 
 DiffList = _page(DiffArtifact, "DiffList")

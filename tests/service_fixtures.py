@@ -210,12 +210,13 @@ def wait_job(client: httpx.Client, job_id: str, until=("succeeded", "failed", "c
     raise AssertionError(f"job {job_id} still {doc['status']} after {timeout}s: {doc}")
 
 
-def submit_and_wait(client: httpx.Client, path: str, body: dict, kind: str, headers: dict | None = None) -> dict:
+def submit_and_wait(client: httpx.Client, path: str, body: dict, kind: str, headers: dict | None = None,
+                    timeout: float = 60) -> dict:
     """POST a job of `kind` at `path` (202, its Location), waited for until it succeeded: the job."""
     resp = client.post(path, json=body, headers=headers)
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}" and job["kind"] == kind
-    done = wait_job(client, job["id"])
+    done = wait_job(client, job["id"], timeout=timeout)
     assert done["status"] == "succeeded", done
     return done

@@ -47,8 +47,8 @@ def _target(trio: dict) -> dict:
     return {"target_base": f"file://{trio['target_base']}"}
 
 
-def _export(c, body: dict, **headers) -> dict:
-    return submit_and_wait(c, "/v1/loras", body, "lora_export", headers)
+def _export(c, body: dict, timeout: float = 60, **headers) -> dict:
+    return submit_and_wait(c, "/v1/loras", body, "lora_export", headers, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,26 @@ def test_an_export_naming_a_deleted_diff_fails_or_is_refused(svc, trio):
             refused = c.post("/v1/loras", json={"diff": ref, **_target(trio)})
             assert refused.status_code == 422 and refused.json()["errors"][0] == {
                 "field": "diff", "message": refused.json()["errors"][0]["message"], "type": "diff_deleted"}
+
+
+def test_a_rank_sweep_through_the_api_publishes_its_pick_with_the_curve(svc):
+    """The kind runs the engine's checked driver: ranks are scored against the full graft and the smallest rank
+    within max_kl is what is published, the curve shown on the job and on GET /v1/loras/{id}."""
+    from checks_models import checks_family  # a family with tokenizers: the evaluation runs the models
+
+    family = checks_family(os.path.join(svc.root, "family"))
+    body = {"source_base": f"file://{family['base']}", "source_finetuned": f"file://{family['finetuned']}",
+            "target_base": f"file://{family['near']}", "ranks": [1, 8], "profile": "peft", "max_kl": 100.0}
+    with svc.client() as c:
+        job = _export(c, body, timeout=300)  # a full graft and two evaluations a rank
+        shown = c.get(f"/v1/loras/{job['id']}").json()
+    fidelity = job["result"]["lora"]["fidelity"]
+    assert [row["rank"] for row in fidelity["curve"]] == [1, 8]
+    assert fidelity["picked_rank"] == 1 and job["result"]["lora"]["rank"] == 1  # both within a KL of 100
+    assert all(row["kl_to_full_graft"] >= 0 for row in fidelity["curve"])
+    config = json.loads(read_local(job["output"].removeprefix("file://"))["adapter_config.json"])
+    assert config["r"] == 1
+    assert json.dumps(shown).count('"picked_rank": 1') == 1
 
 
 def test_another_tenant_can_neither_see_nor_use_it(svc, lora, trio):

@@ -19,7 +19,8 @@ def _fields(job: dict) -> dict:
             "bytes": summary.get("bytes"), "totals": summary.get("totals"), "modules": summary.get("modules"),
             "left_out": summary.get("left_out"), "modules_to_save": summary.get("modules_to_save"),
             "lora_bias": summary.get("lora_bias"), "inputs": summary.get("inputs"),
-            "engine": summary.get("engine")}
+            "engine": summary.get("engine"), "fidelity": summary.get("fidelity"),
+            "warnings": summary.get("warnings") or []}
 
 
 LORAS = Collection(KIND, "loras", "lora", "export", _fields)

@@ -191,18 +191,22 @@ def summary(manifest: dict) -> dict:
             "bytes": sum(f["size"] for f in manifest["files"]), "totals": manifest["totals"],
             "modules": _modules(manifest["modules"]), "left_out": _left_out(manifest.get("left_out") or {}),
             "modules_to_save": _counted(manifest.get("modules_to_save") or []),
-            "lora_bias": _counted(manifest.get("lora_bias") or [])}
+            "lora_bias": _counted(manifest.get("lora_bias") or []),
+            # evaluate / a rank sweep: the curve, the pick and its rule (small: one row a rank)
+            **({"fidelity": manifest["fidelity"]} if manifest.get("fidelity") else {}),
+            **({"warnings": manifest["warnings"]} if manifest.get("warnings") else {})}
 
 
 def run(request: Any, spec: dict, settings: Settings, reporter: Any) -> dict:
-    from worker.engine.pipeline.lora_export import export_lora  # torch: in the job's process only
+    from worker.engine.checks.checked_lora import run_checked_lora  # torch: in the job's process only
 
     def progress(p: dict) -> None:  # modules factored are the export's measure
         done, total = p.get("modules_done", 0), p.get("modules_total", 0)
         reporter.progress(Progress(p.get("phase", Phase.STREAMING), done, total, 0, None,
                                    done / total if total else 0.0))
 
-    result = export_lora(request, settings, progress=progress, should_cancel=reporter.should_cancel)
+    # The export with what it asks beyond the adapter (evaluate, a rank sweep): the engine's one driver, as the CLI's.
+    result = run_checked_lora(request, settings, progress=progress, should_cancel=reporter.should_cancel)
     manifest = result.manifest
     lora = summary(manifest)
     stats = {**(manifest.get("stats") or {}), "bytes_written": lora["bytes"], "tensors": len(manifest["modules"])}
