@@ -470,6 +470,8 @@ def _add_lora_command(sub) -> None:
                       help="vllm: linear modules only; peft: also norms, embeddings and biases (default vllm)")
     lora.add_argument("--modules", help="regex searched in module names (default: the decoder layers' linear ones)")
     lora.add_argument("--alpha", type=float, default=1.0, help="transfer strength, folded into lora_B (default 1)")
+    lora.add_argument("--power-iterations", type=int,
+                      help=LoraExport.model_fields["power_iterations"].description + " (default 1)")
     lora.add_argument("--evaluate", action="store_true", help=LoraExport.model_fields["evaluate"].description)
     lora.add_argument("--max-kl", type=float, help=LoraExport.model_fields["max_kl"].description)
     lora.add_argument("--device", choices=["cpu", "cuda", "auto"], help=LoraExport.model_fields["device"].description)
@@ -492,7 +494,8 @@ def _cmd_lora(args: argparse.Namespace) -> int:
     from worker.engine.pipeline.lora_request import LoraExport, LoraExportRequest
 
     body = {k: getattr(args, k) for k in ("source_base", "source_finetuned", "diff", "target_base", "output",
-                                          "energy", "profile", "modules", "alpha", "max_kl", "device")
+                                          "energy", "profile", "modules", "alpha", "max_kl", "device",
+                                          "power_iterations")
             if getattr(args, k) is not None}
     if args.rank is not None:
         body["ranks" if isinstance(args.rank, list) else "rank"] = args.rank
