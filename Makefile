@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-diffs bench-s3-diffs bench-s3-graft clean soak fuzz example
+.PHONY: venv run test lint bench bench-lora bench-diffs bench-s3-diffs bench-s3-graft bench-shard clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: venv
 
 # Diff artifacts (issue 15): each encoding extracted and applied beside the three-model graft, then the quality
 # each keeps; models generated under .bench/ (about 3 GB), CPU-heavy (an hour on two busy cores).
+# LoRA export beside mergekit-extract-lora (its own venv under .bench/): per rank size, time, RSS, retained
+# energy and the KL of target + adapter to the full graft.
+bench-lora: venv
+	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
+
 bench-diffs: venv
 	$(BIN)/python bench/bench_diffs.py $(BENCH_ARGS)
 

@@ -10,14 +10,12 @@ import os
 
 import pytest
 import torch
-from checks_models import PROBE, PROMPTS, checks_family
+from checks_models import checks_family
 
-from worker.engine.checks.checked_lora import _pick, merge_adapter, run_checked_lora
-from worker.engine.checks.evaluation.spec import EvaluateSpec
+from worker.engine.checks.checked_lora import _pick, merge_adapter
 from worker.engine.config import EngineSettings
 from worker.engine.pipeline.lora_export import LoraExport, LoraExportRequest, export_lora
 
-SPEC = EvaluateSpec(probe_text=PROBE, prompts=PROMPTS, max_new_tokens=1)
 MAX_KL = 4e-5  # between rank 1's and rank 4's KL on this family (the layers' updates are noise: a flat spectrum)
 
 
@@ -40,11 +38,23 @@ def _settings(tmp_path) -> EngineSettings:
 
 @pytest.fixture(scope="module")
 def sweep(family, tmp_path_factory):
+    """The sweep through the command line (its engine settings from GRAFT_*: the built-in prompts)."""
+    from worker.cli import main
+
     tmp_path = tmp_path_factory.mktemp("sweep")
+    (tmp_path / "scratch").mkdir()
     out = tmp_path / "out"
-    result = run_checked_lora(LoraExportRequest(_spec(family, out, ranks=[1, 4, 64], max_kl=MAX_KL)),
-                              _settings(tmp_path), evaluate=SPEC)
-    return result, out, tmp_path
+    with pytest.MonkeyPatch.context() as env, open(os.devnull, "w") as quiet:
+        for key, value in (("EVAL_ISOLATION", "inline"), ("SCRATCH_DIR", str(tmp_path / "scratch")),
+                           ("PROBE_MAX_TOKENS", "256"), ("EVAL_MAX_NEW_TOKENS", "1"), ("HASH_INPUTS", "false")):
+            env.setenv("GRAFT_" + key, value)
+        env.setattr("sys.stdout", quiet)
+        code = main(["lora", "--source-base", family["base"], "--source-finetuned", family["finetuned"],
+                     "--target-base", family["near"], "--output", str(out), "--rank", "1,4,64", "--profile", "peft",
+                     "--max-kl", str(MAX_KL), "--device", "cpu"])
+    assert code == 0
+    with open(out / "lora-manifest.json") as fh:
+        return json.load(fh), out, tmp_path
 
 
 def _spec(family, out, **kw) -> LoraExport:
@@ -53,12 +63,9 @@ def _spec(family, out, **kw) -> LoraExport:
 
 
 def test_sweep_curve_and_pick(sweep):
-    result, out, tmp_path = sweep
+    manifest, out, tmp_path = sweep
     max_kl = MAX_KL
-    with open(out / "lora-manifest.json") as fh:
-        manifest = json.load(fh)
     fidelity = manifest["fidelity"]
-    assert fidelity == json.loads(json.dumps(result.manifest["fidelity"]))
     curve = {c["rank"]: c for c in fidelity["curve"]}
     assert sorted(curve) == [1, 4, 64]
     assert curve[64]["kl_to_full_graft"] < 1e-6  # full rank: the adapter is the graft
@@ -70,11 +77,12 @@ def test_sweep_curve_and_pick(sweep):
     assert all(curve[r]["kl_to_full_graft"] > max_kl for r in curve if r < picked)
     assert manifest["rank"] == picked and (out / "adapter_model.safetensors").exists()
     assert all(c["kl_to_finetuned"] is not None for c in curve.values())
+    assert main_refuses_a_bad_rank_list()
     assert not [p for p in os.listdir(tmp_path / "scratch") if p.startswith("graft-lora")]  # nothing left behind
 
 
 def test_no_rank_within_max_kl_picks_the_largest_and_says_so(sweep):
-    curve = sweep[0].manifest["fidelity"]["curve"]
+    curve = sweep[0]["fidelity"]["curve"]
     pick, warnings = _pick(curve, 1e-12)
     assert pick["rank"] == 64 and warnings[0]["code"] == "no_rank_within_max_kl"
     assert _pick(curve, 1.0)[0]["rank"] == 1 and _pick(curve, 1.0)[1] == []
@@ -94,3 +102,13 @@ def test_merged_model_is_peft_merge_and_unload(family, tmp_path):
     for name in want:  # PEFT merges in float32 here; ours rounds that once to the stored dtype
         assert torch.equal(got[name], want[name].to(stored).float()) or \
             float((got[name] - want[name]).abs().max()) <= 2 ** -7 * float(want[name].abs().max()), name
+
+
+
+def main_refuses_a_bad_rank_list() -> bool:
+    from worker.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["lora", "--source-base", "a", "--source-finetuned", "b", "--target-base", "t", "--output", "o",
+              "--rank", "8,x"])
+    return exit_.value.code != 0

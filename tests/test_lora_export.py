@@ -172,13 +172,15 @@ def test_cli(trio, tmp_path, capsys):
 
     out = tmp_path / "cli"
     code = main(["lora", "--source-base", trio["source_base"], "--source-finetuned", trio["source_finetuned"],
-                 "--target-base", trio["target_base"], "--output", str(out), "--energy", "0.5", "--json"])
+                 "--target-base", trio["target_base"], "--output", str(out), "--energy", "0.5",
+                 "--power-iterations", "2", "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["rank"] in VLLM_RANKS and (out / "lora-manifest.json").exists()
     with open(out / "lora-manifest.json") as fh:
         modules = json.load(fh)["modules"]
     assert all(m["retained_energy"] >= 0.5 for m in modules.values())  # each module's own smallest rank
+    assert manifest_request(out)["power_iterations"] == 2
     assert main(["lora", "--diff", "x", "--source-base", "y", "--target-base", "t", "--output", "o"]) != 0
 
 
@@ -191,3 +193,8 @@ def test_cancelled_publishes_nothing(trio, tmp_path):
         export_lora(LoraExportRequest(spec), should_cancel=lambda: True)
     assert not (tmp_path / "c" / "lora-manifest.json").exists()
     assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
+
+
+def manifest_request(out) -> dict:
+    with open(out / "lora-manifest.json") as fh:
+        return json.load(fh)["request"]

@@ -59,3 +59,25 @@ def test_each_module_leaves_before_the_next_is_factored(trio, tmp_path, monkeypa
     for name in modules:
         assert tensors[f"base_model.model.{name}.lora_A.weight"].shape[0] == r
         assert tensors[f"base_model.model.{name}.lora_B.weight"].shape[1] == r
+
+
+def test_device_choice(trio, tmp_path):
+    """The factorization runs where --device says; auto without a GPU is the CPU, bit for bit, and cuda without
+    one is refused before anything is written."""
+    from worker.engine.errors import GraftError
+
+    def run(name: str, device: str):
+        return export_lora(LoraExportRequest(LoraExport(source_base=trio["source_base"],
+                                                        source_finetuned=trio["source_finetuned"],
+                                                        target_base=trio["target_base"], output=str(tmp_path / name),
+                                                        rank=8, device=device)))
+
+    cpu = run("cpu", "cpu")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: auto would take it")
+    auto = run("auto", "auto")
+    assert auto.manifest["stats"]["device"] == "cpu"
+    assert [f["sha256"] for f in auto.manifest["files"]] == [f["sha256"] for f in cpu.manifest["files"]]
+    with pytest.raises(GraftError) as err:
+        run("cuda", "cuda")
+    assert err.value.code == "invalid_option" and not (tmp_path / "cuda").exists()

@@ -453,6 +453,8 @@ _LORA_HELP = "the transfer as a LoRA adapter (PEFT's layout) for the target: vLL
 
 
 def _add_lora_command(sub) -> None:
+    from worker.engine.pipeline.lora_request import LoraExport
+
     lora = sub.add_parser("lora", help=_LORA_HELP)
     lora.add_argument("--source-base", help="URI of the base the fine-tune started from (with --source-finetuned)")
     lora.add_argument("--source-finetuned", help="URI of the fine-tune")
@@ -460,41 +462,70 @@ def _add_lora_command(sub) -> None:
     lora.add_argument("--target-base", required=True, help="URI of the base the adapter is for (checked against)")
     lora.add_argument("--output", required=True, help="where the adapter goes: directory, file:// or s3://")
     rank = lora.add_mutually_exclusive_group()
-    rank.add_argument("--rank", type=int, help="the rank (default 64; vllm: rounded up to one vLLM accepts)")
+    rank.add_argument("--rank", type=_ranks, help="the rank (default 64; vllm: rounded up to one vLLM accepts), "
+                      "or a sweep: 8,16,64 (each evaluated; the smallest within --max-kl is published)")
     rank.add_argument("--energy", type=float, help="instead of rank: per module, the smallest rank keeping this "
                       "share of its delta's squared norm")
     lora.add_argument("--profile", choices=["vllm", "peft"], default="vllm",
                       help="vllm: linear modules only; peft: also norms, embeddings and biases (default vllm)")
     lora.add_argument("--modules", help="regex searched in module names (default: the decoder layers' linear ones)")
     lora.add_argument("--alpha", type=float, default=1.0, help="transfer strength, folded into lora_B (default 1)")
+    lora.add_argument("--power-iterations", type=int,
+                      help=LoraExport.model_fields["power_iterations"].description + " (default 1)")
+    lora.add_argument("--evaluate", action="store_true", help=LoraExport.model_fields["evaluate"].description)
+    lora.add_argument("--max-kl", type=float, help=LoraExport.model_fields["max_kl"].description)
+    lora.add_argument("--device", choices=["cpu", "cuda", "auto"], help=LoraExport.model_fields["device"].description)
     lora.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
     lora.set_defaults(func=_cmd_lora)
+
+
+def _ranks(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a rank or a comma-separated list of ranks") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _cmd_lora(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from worker.engine.pipeline.lora_export import export_lora
+    from worker.engine.checks.checked_lora import run_checked_lora
     from worker.engine.pipeline.lora_request import LoraExport, LoraExportRequest
 
     body = {k: getattr(args, k) for k in ("source_base", "source_finetuned", "diff", "target_base", "output",
-                                          "rank", "energy", "profile", "modules", "alpha")
+                                          "energy", "profile", "modules", "alpha", "max_kl", "device",
+                                          "power_iterations")
             if getattr(args, k) is not None}
+    if args.rank is not None:
+        body["ranks" if isinstance(args.rank, list) else "rank"] = args.rank
+    body["evaluate"] = args.evaluate
     try:
         spec = LoraExport.model_validate(body)
     except ValidationError as exc:
         raise GraftError("invalid_option", _validation_message(exc)) from None
-    result = export_lora(LoraExportRequest(spec))
+    result = run_checked_lora(LoraExportRequest(spec))
     m = result.manifest
     if args.json:
         print(json.dumps({"output": result.output_uri, "manifest": result.manifest_uri, "rank": m["rank"],
-                          "totals": m["totals"], "left_out": sorted(m["left_out"]), "stats": m["stats"]}))
-    else:
-        print(f"wrote a rank-{m['rank']} adapter ({spec.profile}) of {len(m['modules'])} modules into "
-              f"{result.output_uri}: relative error {m['totals']['rel_frobenius_lora']:.3g} on the factored "
-              f"modules, {m['totals']['left_out_share']:.3%} of ||delta||^2 left out ({len(m['left_out'])} tensors, "
-              f"listed in lora-manifest.json)")
+                          "totals": m["totals"], "left_out": sorted(m["left_out"]), "stats": m["stats"],
+                          "fidelity": m.get("fidelity")}))
+        return 0
+    if m.get("fidelity"):
+        print(f"{'rank':>5} {'bytes':>12} {'KL to graft':>12} {'KL to fine-tune':>16} {'probe loss':>11}")
+        for c in m["fidelity"]["curve"]:
+            print(f"{c['rank']:>5} {c['adapter_bytes']:>12,} {_num(c['kl_to_full_graft']):>12} "
+                  f"{_num(c['kl_to_finetuned']):>16} {_num(c['probe_loss']):>11}")
+        print(f"picked rank {m['fidelity']['picked_rank']} (the smallest within --max-kl {spec.max_kl})")
+    print(f"wrote a rank-{m['rank']} adapter ({spec.profile}) of {len(m['modules'])} modules into "
+          f"{result.output_uri}: relative error {m['totals']['rel_frobenius_lora']:.3g} on the factored "
+          f"modules, {m['totals']['left_out_share']:.3%} of ||delta||^2 left out ({len(m['left_out'])} tensors, "
+          f"listed in lora-manifest.json)")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

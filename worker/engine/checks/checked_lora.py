@@ -41,7 +41,8 @@ def run_checked_lora(request: LoraExportRequest, settings: EngineSettings | None
                      evaluate: EvaluateSpec | None = None, progress: Callable[[dict], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None) -> LoraResult:
     """export_lora with what the spec asks beyond the adapter: `evaluate` (one rank) or `ranks` (a sweep).
-    `evaluate` gives the probe text and prompts (default: the built-in ones)."""
+    `evaluate` gives the probe text and prompts (default: the built-in ones). `progress` gets export_lora's
+    {modules_done, modules_total} for the published adapter only (candidates are scratch work)."""
     from worker.engine.pipeline.lora_export import export_lora
 
     spec, settings = request.spec, settings or EngineSettings()
@@ -59,8 +60,6 @@ def run_checked_lora(request: LoraExportRequest, settings: EngineSettings | None
         curve = [_candidate(request, rank, full, scratch, evaluate or EvaluateSpec(), settings, should_cancel)
                  for rank in ranks]
         pick, warnings = _pick(curve, spec.max_kl)
-        if progress is not None:
-            progress({"phase": "publishing", "rank": pick["rank"]})
         fidelity = {"max_kl": spec.max_kl, "picked_rank": pick["rank"], "curve": curve,
                     "kl": "mean over the prompts of KL(reference || target + adapter), nats per token",
                     "reference": {"full_graft": "target + alpha * (source_finetuned - source_base), graft run"}}
