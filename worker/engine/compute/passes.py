@@ -171,8 +171,8 @@ def run_pass(blocks: list[Block], reading: Reading, visitor: Visitor, *, output:
                     pool.give(view)
                 t2 = time.perf_counter()
                 if output is not None:
+                    totals.bytes_written += len(out)  # before the hand-over: the writer releases `out`
                     output.put((block, out))
-                    totals.bytes_written += len(out)
                 totals.wait_read_s += waited
                 totals.compute_s += t2 - t1
                 totals.wait_write_s += time.perf_counter() - t2
