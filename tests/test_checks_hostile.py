@@ -158,7 +158,7 @@ def test_catastrophic_tokenizer_regex_is_stopped(tmp_path, state, monkeypatch):
     with open_tokenizer(resolve(path, "source_finetuned")) as tokenizer, pytest.raises(GraftError) as err:
         probe_ids(tokenizer, ("a" * 20 + "!") * 400, 100)
     assert err.value.code == "tokenizer_failed" and "budget" in err.value.message
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 15  # a 2 s budget plus a child's start and kill; without it, minutes
     assert _children() == []
     # Through the evaluation: a GraftError, recorded by a checked graft as the evaluation's error.
     with pytest.raises(GraftError) as err:
