@@ -180,6 +180,9 @@ def test_a_rank_sweep_through_the_api_publishes_its_pick_with_the_curve(svc):
     with svc.client() as c:
         job = _export(c, body, timeout=300)  # a full graft and two evaluations a rank
         shown = c.get(f"/v1/loras/{job['id']}").json()
+        events = c.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    phases = [e["phase"] for e in events if e["type"] == "phase"]
+    assert phases.index("evaluating") < phases.index("streaming"), phases  # the sweep says where it is
     fidelity = job["result"]["lora"]["fidelity"]
     assert [row["rank"] for row in fidelity["curve"]] == [1, 8]
     assert fidelity["picked_rank"] == 1 and job["result"]["lora"]["rank"] == 1  # both within a KL of 100

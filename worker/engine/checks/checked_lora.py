@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
+from worker.engine.phases import Phase
 from worker.engine.pipeline.lora_request import LoraExportRequest, vllm_rank
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def run_checked_lora(request: LoraExportRequest, settings: EngineSettings | None
                      should_cancel: Callable[[], bool] | None = None) -> LoraResult:
     """export_lora with what the spec asks beyond the adapter: `evaluate` (one rank) or `ranks` (a sweep).
     `evaluate` gives the probe text and prompts (default: the built-in ones). `progress` gets export_lora's
-    {modules_done, modules_total} for the published adapter only (candidates are scratch work)."""
+    {modules_done, modules_total} for the published adapter; before it, a sweep reports phase `evaluating` with
+    the full graft and the candidates as its steps (modules_done of modules_total)."""
     from worker.engine.pipeline.lora_export import export_lora
 
     spec, settings = request.spec, settings or EngineSettings()
@@ -56,9 +58,17 @@ def run_checked_lora(request: LoraExportRequest, settings: EngineSettings | None
         ranks = sorted({vllm_rank(r) for r in ranks})  # what the adapters will have: no rank scored twice
     scratch = _scratch(settings)
     try:
+        def scored(done: int) -> None:  # a sweep takes minutes before the published export starts: say so
+            if progress is not None:
+                progress({"phase": Phase.EVALUATING, "modules_done": done, "modules_total": len(ranks) + 1})
+
+        scored(0)
         full = _full_graft(request, settings, scratch, should_cancel)
-        curve = [_candidate(request, rank, full, scratch, evaluate or EvaluateSpec(), settings, should_cancel)
-                 for rank in ranks]
+        curve = []
+        for rank in ranks:
+            scored(len(curve) + 1)
+            curve.append(_candidate(request, rank, full, scratch, evaluate or EvaluateSpec(), settings,
+                                    should_cancel))
         pick, warnings = _pick(curve, spec.max_kl)
         fidelity = {"max_kl": spec.max_kl, "picked_rank": pick["rank"], "curve": curve,
                     "kl": "mean over the prompts of KL(reference || target + adapter), nats per token",
