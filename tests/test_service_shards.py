@@ -17,19 +17,17 @@ from conftest import upload_dir
 from service_fixtures import (
     Service,
     compare_dirs,
-    descendants_running,
     job_body,
     local_graft,
     read_local,
-    read_s3,
     wait_job,
 )
 
-# Every task slowed a little (4 KB blocks, 20 ms each: about 1 s per job of the trio) so that a kill, a cancel
+# Every task slowed a little (4 KB blocks, 30 ms each: about 1.6 s per job of the trio) so that a kill, a cancel
 # and a second tenant's job land mid fan-out; one API and two workers for the module (their start-up is most of
 # a service test's time on a busy machine).
 SPLIT = {"GRAFT_SHARD_MIN_BYTES": 1, "GRAFT_LEASE_SECONDS": 2, "GRAFT_MONITOR_INTERVAL": 0.3,
-         "GRAFT_BLOCK_BYTES": 4096, "GRAFT_JOB_BLOCK_DELAY": 0.02, "GRAFT_SHARD_QUEUED_PER_TENANT": 2,
+         "GRAFT_BLOCK_BYTES": 4096, "GRAFT_JOB_BLOCK_DELAY": 0.03, "GRAFT_SHARD_QUEUED_PER_TENANT": 2,
          "GRAFT_PROBE_MAX_TOKENS": 512}
 SHARDS = {"shard_size": "50KB"}  # the trio's 216 KB output in 6 shards
 
@@ -166,11 +164,11 @@ def test_split_with_checks(svc, family, out_dir, tmp_path):
     models = {"source_base": f"file://{family['base']}", "source_finetuned": f"file://{family['finetuned']}",
               "target_base": f"file://{family['near']}"}
     expected = local_graft({k: v.removeprefix("file://") for k, v in models.items()}, str(tmp_path / "expected"),
-                           shard_size="4KB")
+                           shard_size="80KB")
     shards = len([n for n in os.listdir(expected) if n.endswith(".safetensors")])
     assert shards >= 3
     out = os.path.join(out_dir, "checked")
-    body = {**models, "output": f"file://{out}", "options": {"shard_size": "4KB"}, "require": "compatible",
+    body = {**models, "output": f"file://{out}", "options": {"shard_size": "80KB"}, "require": "compatible",
             "evaluate": {"probe_text": PROBE, "prompts": PROMPTS, "max_new_tokens": 2}}
     with svc.client() as c:
         done = wait_job(c, c.post("/v1/jobs", json=body).json()["id"], timeout=120)
@@ -207,46 +205,54 @@ def test_duplicated_shard_task_changes_nothing(svc, trio, out_dir, tmp_path):
     assert not [n for n in os.listdir(out) if ".part-" in n]
 
 
-def _busy_worker(svc: Service, timeout: float = 20):
-    """A worker of the service whose work horse is running (a task), to kill mid-shard."""
+def _worker_on_a_shard(svc: Service, job_id: str, timeout: float = 20):
+    """The worker process whose work horse runs one of the job's shard tasks now (RQ's worker records say
+    which), to kill mid-shard."""
+    from rq import Worker
+
+    from worker.service.task_records import TaskRecords
+
+    r = svc.store().r
+    progress_key = TaskRecords(r, svc.prefix).key(job_id, "tasks:progress")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for proc in svc.workers:
-            if proc.poll() is None and descendants_running(proc.pid, b""):
-                return proc
-        time.sleep(0.05)
-    raise AssertionError("no worker got busy")
+        for w in Worker.all(connection=r):
+            current = w.get_current_job_id() or ""
+            raw = r.hget(progress_key, current.removeprefix(f"{job_id}-"))
+            doc = json.loads(raw) if raw else {}
+            if current.startswith(f"{job_id}-s") and doc.get("phase") == "streaming" and doc["fraction"] < 0.5:
+                proc = next((p for p in svc.workers if p.pid == w.pid and p.poll() is None), None)
+                if proc is not None:
+                    return proc, current.removeprefix(f"{job_id}-")
+        time.sleep(0.02)
+    raise AssertionError("no shard task was caught mid-stream")
 
 
-def test_killed_shard_task_is_retried_with_the_same_bytes(svc, trio, s3_endpoint, s3_bucket, tmp_path):
-    uris = {role: upload_dir(s3_endpoint, path, s3_bucket, f"in/{role}") for role, path in trio.items()}
-    expected = local_graft(trio, str(tmp_path / "expected"), **SHARDS)
-    out = f"s3://{s3_bucket}/out/split"
+def test_killed_shard_task_is_retried_with_the_same_bytes(svc, trio, out_dir, tmp_path):
+    expected = one_task(trio, str(tmp_path / "expected"), **SHARDS)
+    out = os.path.join(out_dir, "killed")
     with svc.client() as c:
-        job_id = c.post("/v1/jobs", json={**uris, "output": out, "options": SHARDS}).json()["id"]
+        job_id = c.post("/v1/jobs", json=job_body(trio, output=f"file://{out}", options=SHARDS)).json()["id"]
         _wait_event(c, job_id, lambda ev: any(e["type"] == "task_finished" for e in ev))  # mid fan-out
-        victim = _busy_worker(svc)
-        svc.kill(victim)
+        victim, task = _worker_on_a_shard(svc, job_id)
+        svc.kill(victim)  # the worker and its work horse: SIGKILL, mid-shard
         killed_at = time.time()
         svc.workers.remove(victim)
         svc.start_worker()  # the module's other tests want two
-        assert "graft-manifest.json" not in read_s3(s3_endpoint, out)
-        done = wait_job(c, job_id, timeout=90)
+        assert not os.path.exists(out)
+        done = wait_job(c, job_id, timeout=60)
         events = _events(c, job_id)
     assert done["status"] == "succeeded", done
     lost = [e for e in events if e["type"] == "worker_lost"]
-    assert len(lost) == 1 and lost[0]["task"].startswith("s"), [(e["type"], e.get("task")) for e in events]
-    assert any(e["type"] == "task_retry" and e["task"] == lost[0]["task"] for e in events)
-    assert _started(events).count(lost[0]["task"]) == 2, "only the killed shard is written again"
+    assert [e["task"] for e in lost] == [task], [(e["type"], e.get("task")) for e in events]
+    assert any(e["type"] == "task_retry" and e["task"] == task for e in events)
+    assert _started(events).count(task) == 2, "only the killed shard is written again"
     seen_in = datetime.fromisoformat(lost[0]["at"].replace("Z", "+00:00")).timestamp() - killed_at
     assert seen_in < 3 * 2 + 1, f"the other worker's monitor saw the lease lapse after {seen_in:.1f}s"
-    got = read_s3(s3_endpoint, out)
-    assert ".graft-pending" not in got
-    compare_dirs(expected, got)
-    assert set(got) == set(os.listdir(expected))
-    from worker.engine.storage.s3 import s3_client
-
-    assert s3_client(s3_endpoint).list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    compare_dirs(expected, read_local(out))
+    assert _manifest(out)["tensors"] == _manifest(expected)["tensors"]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(expected)) and os.listdir(out_dir) == ["killed"], (
+        "no part files of the killed task, no staging left")
 
 
 def test_cancel_during_fan_out_publishes_nothing(svc, trio, s3_endpoint, s3_bucket):

@@ -295,6 +295,12 @@ class S3Sink(Sink):
         key = self.key(self.manifest_name)
         try:
             self._abort_strays()
+            if self.split == "join":
+                # Every file is complete by now; an upload still open under the claimed prefix is a killed
+                # task's (its retry uploaded the whole file).
+                prefix = f"{self.prefix}/" if self.prefix else ""
+                for upload_key, upload_id in self._list_uploads(prefix):
+                    self._abort_upload(upload_key, upload_id)
             self._manifest = manifest
             self.call("writing the manifest", lambda: self._put_manifest(key, manifest), stoppable=False)
         finally:
