@@ -353,6 +353,10 @@ class LocalSink(Sink):
         self._io.shutdown(wait=True)
         final_name = os.path.basename(self.final)
         try:
+            if self.split == "join":  # a killed task's unfinished file (its retry wrote the whole one)
+                for name in os.listdir(self._dir_fd):
+                    if name.startswith(".") and ".part-" in name:
+                        os.unlink(name, dir_fd=self._dir_fd)
             os.unlink(OWNER, dir_fd=self._dir_fd)
             try:
                 os.rmdir(final_name, dir_fd=self._parent_fd)  # empty at the check in __init__; filled since, refused

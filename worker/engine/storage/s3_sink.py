@@ -307,6 +307,8 @@ class S3Sink(Sink):
         key = self.key(self.manifest_name)
         try:
             self._abort_strays()
+            if self.split == "join":
+                self._abort_killed_uploads()
             self._manifest = manifest
             rec = trace.recorder()
             t_start = rec.now() if rec is not None else 0.0
@@ -322,6 +324,22 @@ class S3Sink(Sink):
         except GraftError as exc:  # harmless: readers trust the manifest, and a later graft here is refused anyway
             log.warning("%s", exc.message)
         return f"s3://{self.bucket}/{key}"
+
+    def _abort_killed_uploads(self) -> None:
+        """Every file is complete by now; an upload still open under the claimed prefix is a killed task's (its
+        retry uploaded the whole file). Best effort, one listing, not retried: an unfinished upload is no object
+        (readers never see it), some S3-compatible servers cannot list them (s3rver), and a bucket's lifecycle
+        rule aborting incomplete uploads is the backstop."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+            found = [(u["Key"], u["UploadId"]) for page in pages for u in page.get("Uploads", [])]
+        except Exception as exc:
+            log.warning("%s: unfinished uploads not listed (%s); a lifecycle rule removes a killed task's",
+                        self.location, exc)
+            return
+        for key, upload_id in found:
+            self._abort_upload(key, upload_id)
 
     def _abort_strays(self) -> None:
         """Every upload of ours is complete by now; one still open on a key of ours was created by a request
