@@ -143,32 +143,39 @@ class Arithmetic:
     def _apply_sparse(self, out: torch.Tensor, t: torch.Tensor, patch: SparsePatch, alpha: float,
                       compute: torch.dtype, stats: TensorStats) -> None:
         """What the dense kernel makes of a zero delta is the target itself, rounded from the compute dtype
-        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: the target is copied as
-        it is, then the kept elements formed as the dense kernel forms them, each step over the whole piece (a
-        few operations, not a few per chunk). A piece with a non-finite target (NaN payloads, infinities) or
-        a -0.0 that would change takes the dense kernel: its bytes whatever they are."""
-        b_buf = self._buffers(compute)[1]
+        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: each chunk's target is
+        copied as it is, then its kept elements formed as the dense kernel forms them, the chunk in cache
+        throughout (one read of the target, one write of the output). A chunk with a non-finite target (NaN
+        payloads, infinities) or a -0.0 that would change takes the dense kernel: its bytes whatever they are."""
+        a_buf, b_buf, _c = self._buffers(compute)
         n = out.numel()
-        t_sq = 0.0
-        for i in range(0, n, CHUNK):  # the target's sums chunk by chunk, as the dense kernel adds them
-            b = b_buf[:min(n, i + CHUNK) - i].copy_(t[i:i + CHUNK])
-            t_sq += float(torch.dot(b, b))
-        plus_zero = math.copysign(1.0, alpha) > 0  # alpha x +0.0 is +0.0, and -0.0 + +0.0 is +0.0
-        if not math.isfinite(t_sq) or (plus_zero and _has_negative_zero(t)):
-            dense = torch.empty(n, dtype=compute)
-            patch.dense_into(0, dense)
-            return self.apply_delta(out, t, dense, alpha, compute, stats)
-        at, v = patch.positions, patch.values
-        kept = v.mul(alpha) if alpha != 1.0 else v.clone()
-        kept.add_(t.index_select(0, at))  # widened exactly, as the dense kernel widens it
-        out.copy_(t)  # the target's values are their own rounding
-        out.index_copy_(0, at, kept.to(out.dtype))
+        cuts = patch.bounds(torch.tensor([*range(0, n, CHUNK), n], dtype=torch.int64))
+        local = patch.positions % CHUNK  # each kept element's place in its chunk
+        sums = TensorStats()
+        finite, big = True, 0.0
         limit = _FINITE_LIMIT.get(out.dtype)
-        big = max(float(t.abs().max()) if n else 0.0, float(kept.abs().max()) if kept.numel() else 0.0) \
-            if limit is not None else 0.0
-        kept_sq = float(torch.dot(kept, kept))
-        finite = math.isfinite(kept_sq) or bool(torch.isfinite(kept).all())
-        stats.add(TensorStats(delta_sq=float(torch.dot(v, v)), target_sq=t_sq))
+        plus_zero = math.copysign(1.0, alpha) > 0  # alpha x +0.0 is +0.0, and -0.0 + +0.0 is +0.0
+        for c, i in enumerate(range(0, n, CHUNK)):
+            j = min(n, i + CHUNK)
+            tc, oc = t[i:j], out[i:j]
+            b = b_buf[:j - i].copy_(tc)
+            t_sq = torch.dot(b, b)
+            if not math.isfinite(float(t_sq)) or (plus_zero and _has_negative_zero(tc)):
+                a = a_buf[:j - i]
+                patch.dense_into(i, a)
+                sums.add_chunk(delta_sums(b, a))
+                finite, big = _scaled_sum(oc, a, b, alpha, finite, big, limit)
+                continue
+            at, v = local[cuts[c]:cuts[c + 1]], patch.values[cuts[c]:cuts[c + 1]]
+            kept = v.mul(alpha) if alpha != 1.0 else v.clone()
+            kept.add_(b.index_select(0, at))
+            oc.copy_(tc)  # the target's values are their own rounding
+            oc.index_copy_(0, at, kept.to(out.dtype))
+            sums.add_chunk((torch.dot(v, v), t_sq, 0.0, 0.0))
+            finite = finite and _finite(kept)
+            if limit is not None:
+                big = max(big, float(b.abs().max()), float(kept.abs().max()) if kept.numel() else 0.0)
+        stats.add(sums)
         stats.nonfinite |= not finite or (limit is not None and big >= limit)
 
     def _apply_delta_device(self, out, t, d, alpha, compute, stats) -> None:
