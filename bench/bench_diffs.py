@@ -132,6 +132,36 @@ sys.exit(code)
 """
 
 
+# The same commands in a fresh process, the CPU seconds (user + system, every thread of the process) spent in
+# the streaming phase (stream_plan) measured around it: what a busy machine's wall clock cannot show, since a
+# job's wall time there is mostly its wait for a core.
+CPU_LAUNCH = r"""
+import json, resource, sys
+import worker.engine.compute.stream as stream
+import worker.engine.pipeline.graft  # noqa: F401
+from worker.cli import main
+spent = []
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+def timed(real):
+    def run(*a, **k):
+        c0 = cpu()
+        try:
+            return real(*a, **k)
+        finally:
+            spent.append(cpu() - c0)
+    return run
+stream.stream_plan = timed(stream.stream_plan)
+for name, module in list(sys.modules.items()):
+    if name.startswith("worker.engine") and getattr(module, "stream_plan", None) is not None and module is not stream:
+        module.stream_plan = stream.stream_plan
+code = main(sys.argv[1:])
+sys.stderr.write("\nBENCH " + json.dumps({"stream_cpu_s": sum(spent)}) + "\n")
+sys.exit(code)
+"""
+
+
 # --- models ----------------------------------------------------------------------------------------------
 
 def realistic_delta(w, g, rel: float, *, rank: int = 8, lowrank_share: float = 0.8):
@@ -499,6 +529,35 @@ def profiled(args: list[str]) -> dict:
     return {"stages": stages, "answer": json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+def streaming_cpu(trio: dict, artifacts: dict[str, str], repeat: int, tmp: str, baseline: str | None) -> None:
+    """Each apply's streaming-phase CPU seconds (CPU_LAUNCH), `repeat` rounds taking turns, best and range; with
+    `baseline`, each also by that tree's engine."""
+    trees = {"": ROOT, **({BEFORE: baseline} if baseline else {})}
+    jobs = {label + suffix: (tree, apply_cmd(trio, artifacts.get(label), os.path.join(tmp, "cpu-out")))
+            for suffix, tree in trees.items() for label in [THREE, *artifacts]}
+    runs: dict[str, list[float]] = {name: [] for name in jobs}
+    for i in range(repeat):
+        for name in (list(jobs) if i % 2 == 0 else list(jobs)[::-1]):
+            tree, cmd = jobs[name]
+            shutil.rmtree(os.path.join(tmp, "cpu-out"), ignore_errors=True)
+            os.sync()
+            warm([trio["target_base"], trio["source_base"], trio["source_finetuned"], *artifacts.values()])
+            env = dict(os.environ, GRAFT_CACHE_DIR=DIGESTS, PYTHONPATH=tree)
+            proc = subprocess.run([PY, "-c", CPU_LAUNCH, *cmd, "--json"], capture_output=True, text=True, env=env,
+                                  cwd=tree)
+            if proc.returncode != 0:
+                raise RuntimeError(f"graft {name} failed: {proc.stderr[-3000:]}")
+            line = next(x for x in reversed(proc.stderr.splitlines()) if x.startswith("BENCH "))
+            runs[name].append(json.loads(line[6:])["stream_cpu_s"])
+    shutil.rmtree(os.path.join(tmp, "cpu-out"), ignore_errors=True)
+    print(f"\n== 2c. the streaming phase's CPU seconds (user + system, all threads, measured around stream_plan in "
+          f"the process), best of {repeat} [range], page cache warm")
+    for name, values in runs.items():
+        three = min(runs[THREE + BEFORE] if name.endswith(BEFORE) else runs[THREE])
+        print(f"  {name:<20} {min(values):>6.2f} [{min(values):.2f}-{max(values):.2f}]  three-model / this "
+              f"{three / min(values):>5.2f}x")
+
+
 def where_time_goes(trio: dict, artifacts: dict[str, str], tmp: str) -> None:
     """One more run of each apply and of the exact extraction, its stages timed (PROFILE)."""
     print("\n== 5. where the streaming phase's time goes (one more warm run each, stages timed in the process: "
@@ -546,6 +605,10 @@ def speed(args, tmp: str) -> dict:
         hash_times[label] = prehash([a])
     print(f"\n== 2. apply: `graft run --diff ARTIFACT --target-base T` beside the three-model `graft run`, fresh "
           f"processes, best of {args.repeat}, page cache warm (each run's inputs read beforehand)")
+    if args.cpu:
+        streaming_cpu(trio, artifacts, args.repeat, tmp, args.baseline)
+    if args.cpu_only:
+        return {"extraction": ext}
     app = applying(trio, artifacts, args.repeat, tmp, cold=False, baseline=args.baseline)
     print_applies(app, "page cache warm")
     if args.cold:
@@ -841,7 +904,11 @@ def main() -> int:
                     "earlier commit): each apply also run by its engine, in the same rounds (before / after)")
     ap.add_argument("--reuse-artifacts", action="store_true", help="keep the extracted artifacts under "
                     ".bench/diffs-l<layers>-artifacts and reuse those there (their extraction is not re-timed)")
+    ap.add_argument("--cpu", action="store_true", help="also each apply's streaming-phase CPU seconds (section "
+                    "2c: what a busy machine's wall clock cannot show)")
+    ap.add_argument("--cpu-only", action="store_true", help="section 2c alone after the extraction (implies --cpu)")
     args = ap.parse_args()
+    args.cpu = args.cpu or args.cpu_only
     args.encodings = [e for e in args.encodings.split(",") if e]
     unknown = [e for e in args.encodings if e not in ENCODINGS]
     if unknown:

@@ -143,37 +143,36 @@ class Arithmetic:
     def _apply_sparse(self, out: torch.Tensor, t: torch.Tensor, patch: SparsePatch, alpha: float,
                       compute: torch.dtype, stats: TensorStats) -> None:
         """What the dense kernel makes of a zero delta is the target itself, rounded from the compute dtype
-        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: so the target is copied
-        as it is (a chunk holding a -0.0 goes through the compute dtype), then the kept elements are formed as
-        the dense kernel forms them. A chunk whose target is not finite takes the dense kernel (NaN payloads,
-        infinities: its bytes whatever they are)."""
+        (exact), but for a target's -0.0, which becomes +0.0 unless alpha is negative: each chunk's target is
+        copied as it is, then its kept elements formed as the dense kernel forms them, the chunk in cache
+        throughout (one read of the target, one write of the output). A chunk with a non-finite target (NaN
+        payloads, infinities) or a -0.0 that would change takes the dense kernel: its bytes whatever they are."""
         a_buf, b_buf, _c = self._buffers(compute)
         n = out.numel()
         cuts = patch.bounds(torch.tensor([*range(0, n, CHUNK), n], dtype=torch.int64))
+        local = patch.positions % CHUNK  # each kept element's place in its chunk
         sums = TensorStats()
         finite, big = True, 0.0
         limit = _FINITE_LIMIT.get(out.dtype)
         plus_zero = math.copysign(1.0, alpha) > 0  # alpha x +0.0 is +0.0, and -0.0 + +0.0 is +0.0
         for c, i in enumerate(range(0, n, CHUNK)):
             j = min(n, i + CHUNK)
-            b = b_buf[:j - i].copy_(t[i:j])
+            tc, oc = t[i:j], out[i:j]
+            b = b_buf[:j - i].copy_(tc)
             t_sq = torch.dot(b, b)
-            if not (math.isfinite(float(t_sq)) or bool(torch.isfinite(b).all())):
+            if not math.isfinite(float(t_sq)) or (plus_zero and _has_negative_zero(tc)):
                 a = a_buf[:j - i]
                 patch.dense_into(i, a)
                 sums.add_chunk(delta_sums(b, a))
-                finite, big = _scaled_sum(out[i:j], a, b, alpha, finite, big, limit)
+                finite, big = _scaled_sum(oc, a, b, alpha, finite, big, limit)
                 continue
-            at, v = patch.positions[cuts[c]:cuts[c + 1]] - i, patch.values[cuts[c]:cuts[c + 1]]
+            at, v = local[cuts[c]:cuts[c + 1]], patch.values[cuts[c]:cuts[c + 1]]
             kept = v.mul(alpha) if alpha != 1.0 else v.clone()
             kept.add_(b.index_select(0, at))
-            if plus_zero and _has_negative_zero(t[i:j]):
-                out[i:j].copy_(b.add_(0.0))
-            else:
-                out[i:j].copy_(t[i:j])  # the target's values are their own rounding
-            out[i:j].index_copy_(0, at, kept.to(out.dtype))
+            oc.copy_(tc)  # the target's values are their own rounding
+            oc.index_copy_(0, at, kept.to(out.dtype))
             sums.add_chunk((torch.dot(v, v), t_sq, 0.0, 0.0))
-            finite = finite and (math.isfinite(float(torch.dot(kept, kept))) or bool(torch.isfinite(kept).all()))
+            finite = finite and _finite(kept)
             if limit is not None:
                 big = max(big, float(b.abs().max()), float(kept.abs().max()) if kept.numel() else 0.0)
         stats.add(sums)

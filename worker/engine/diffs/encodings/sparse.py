@@ -155,9 +155,10 @@ class Sparse:
         entries = read_tensor(parts, "entries", torch.int16, int(counts[0]), int(counts[-1] - counts[0]))
         if not entries.numel():
             return empty
-        entries = entries.to(torch.int32) & 0xFFFF
-        frames = torch.arange(first, last + 1, dtype=torch.int64).repeat_interleave(counts.diff())
-        where = frames * frame + (entries & (frame - 1)) - start
-        inside = (where >= 0) & (where < count)
+        # int16 entries: the offset is the low 15 bits, the sign bit is bit 15. Positions ascend (frames in
+        # order, entries in index order in each), so only the first and last frames' cut ends are trimmed.
+        base = (torch.arange(first, last + 1, dtype=torch.int64) * frame - start).repeat_interleave(counts.diff())
+        where = base.add_(entries & (frame - 1))
+        lo, hi = torch.searchsorted(where, torch.tensor([0, count], dtype=torch.int64)).tolist()
         c = torch.tensor(meta["scale"], dtype=dtype)
-        return SparsePatch(start, count, where[inside], torch.where((entries[inside] >> 15).bool(), -c, c))
+        return SparsePatch(start, count, where[lo:hi], torch.where(entries[lo:hi] < 0, -c, c))
