@@ -166,9 +166,12 @@ def main() -> int:
     moving = max(e["t1"] for e in ev if e["kind"] == "part") - marks["stream start"]
     print(f"  the job's transfer alone (stream start to last part uploaded: {moving:.2f} s) / max(a, b without the "
           f"concatenation) = {moving / max(min(reads), min(ups) - complete):.2f}")
-    outside = res["job"][best]["wall_s"] - marks.get("end", 0.0)
-    print(f"  the job's time outside the trace (interpreter, imports, exit): {outside:.2f} s; before the stream "
-          f"(resolving, claiming the output, side files): {marks['stream start']:.2f} s")
+    b = res["job"][best]
+    print(f"  the job's time outside the trace: {b['wall_s'] - marks.get('end', 0.0):.2f} s = imports "
+          f"{b['torch_s'] + b['imports_s']:.2f} (torch {b['torch_s']:.2f}) + the CLI before and after the graft "
+          f"{b['main_s'] - marks.get('end', 0.0):.2f} + the interpreter's start and exit "
+          f"{b['wall_s'] - b['torch_s'] - b['imports_s'] - b['main_s']:.2f}; in the trace before the stream "
+          f"(resolving {marks.get('resolved', 0):.2f}, claiming the output, side files): {marks['stream start']:.2f}")
     print("\n== timeline of the best job (GRAFT_TRACE)")
     print("\n".join(summarize(res["trace"][best])))
     if args.trace:
