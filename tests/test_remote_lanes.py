@@ -227,9 +227,11 @@ def test_a_reset_lane_resumes_its_own_range(models, expected, s3_models, proxy, 
 
     width = 1 << 20  # four pieces of a response each: a reset one has delivered some
     with _Calls(S3Store.client_for(proxy.endpoint, StorageRetry(timeout=20.0)), "GetObject") as gets:
+        # spans of windows: long responses, so that the reset finds some half-way
         graft(s3_models, tmp_path / "out", should_cancel=hook,
               settings_overrides={**SMALL, "s3_endpoint_url": proxy.endpoint, "remote_lanes": 2,
-                                  "remote_window_bytes": width, "storage_timeout_seconds": 20.0,
+                                  "remote_window_bytes": width, "remote_span_windows": 8,
+                                  "storage_timeout_seconds": 20.0,
                                   "storage_retry_seconds": 20})
     _same(expected, lambda name: (tmp_path / "out" / name).read_bytes())
     starts = {int(p["Range"].split("=")[1].split("-")[0]) for p in gets.params
@@ -285,7 +287,7 @@ def test_upload_parts_in_flight_and_small_tail_parts(s3_endpoint, s3_bucket, pro
         sink.commit(b"{}")
     sizes = [len(p["Body"]) >> 20 for p in sorted(parts.params, key=lambda p: p["PartNumber"])]
     assert sizes == [8, 5, 5, 5, 5, 5, 5, 2]
-    assert 2 <= parts.peak <= 3
+    assert 2 <= parts.peak <= 4  # at most 3 x 8 MiB in flight: four 5 MiB tail parts fit
     assert _s3_fetch(s3_endpoint, f"s3://{s3_bucket}/parts")("big.bin") == data
 
 
