@@ -32,6 +32,7 @@ class _S3Writer(FileWriter):
 
     MIN_PART = 8 << 20
     TAIL_PART = 5 << 20  # S3's smallest part but the last
+    TAIL_SPAN = 8  # the last this many part_bytes of a file go in TAIL_PART parts
 
     def __init__(self, sink: S3Sink, name: str, expected_size: int | None) -> None:
         super().__init__(name)
@@ -49,10 +50,11 @@ class _S3Writer(FileWriter):
         self.parts: list[Future] = []
 
     def _next_part(self) -> int:
-        # The last four part_bytes of a file go out in parts of S3's minimum, side by side: what is left to
+        # The last eight part_bytes of a file go out in parts of S3's minimum, side by side: what is left to
         # upload when the stream ends is then about one small part's time on a connection, not a whole part's
-        # (whole parts made shortly before the end would still be on their way: traced on a 5 MB/s link).
-        return self.TAIL_PART if 0 < self.expected - self.sent <= 4 * self.part_bytes else self.part_bytes
+        # (the stream's last blocks come in a burst, once the last windows are in: whole parts made in it would
+        # still be on their way; traced on a 5 MB/s link).
+        return self.TAIL_PART if 0 < self.expected - self.sent <= self.TAIL_SPAN * self.part_bytes else self.part_bytes
 
     def _write(self, data) -> None:
         self.buf += data
