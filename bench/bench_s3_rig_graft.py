@@ -74,6 +74,12 @@ def summarize(events: list[dict]) -> list[str]:
                      f"+{p0 - s0:.2f} s into the stream, busy {busy / (p1 - p0) / len(threads):.0%} of {p0:.2f}-"
                      f"{p1:.2f} s; the stream waited {slot_wait:.2f} s for free slots; last part ready "
                      f"{last_ready:.2f}, last part done {p1:.2f} ({p1 - s1:+.2f} s after the stream)")
+    reads = [e for e in events if e["kind"] == "read" and e["t0"] < s0]
+    if reads:
+        lines.append(f"  before the stream: {len(reads)} reads outside the lanes (headers, side files), "
+                     f"{sum(e['bytes'] for e in reads) / MB:.2f} MB, {sum(e['t1'] - e['t0'] for e in reads):.2f} s in "
+                     f"all, {min(e['t0'] for e in reads):.2f}-{max(e['t1'] for e in reads):.2f} s; resolved at "
+                     f"{marks.get('resolved', 0):.2f}, output claimed at {marks.get('output claimed', 0):.2f}")
     for e in events:
         if e["kind"] in ("complete", "manifest"):
             lines.append(f"  {e['kind']} {e.get('key', '')}: {e['t0']:.2f}-{e['t1']:.2f} s ({e['t1'] - e['t0']:.2f} s)")
