@@ -280,7 +280,8 @@ class S3Sink(Sink):
                 resp = self.call(f"uploading part {number} of {key}", lambda: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body))
                 if rec is not None:  # ready: the part's bytes were there; slot: a part in flight ended for it
-                    rec.add("part", t_start, key=key, number=number, bytes=len(body), ready=t_ready, slot=t_slot)
+                    rec.add("part", t_start, key=key, number=number, bytes=len(body), ready=round(t_ready, 4),
+                            slot=round(t_slot, 4))
                 return {"PartNumber": number, "ETag": resp["ETag"]}
             finally:
                 with self._room:
