@@ -74,6 +74,12 @@ def summarize(events: list[dict]) -> list[str]:
                      f"+{p0 - s0:.2f} s into the stream, busy {busy / (p1 - p0) / len(threads):.0%} of {p0:.2f}-"
                      f"{p1:.2f} s; the stream waited {slot_wait:.2f} s for free slots; last part ready "
                      f"{last_ready:.2f}, last part done {p1:.2f} ({p1 - s1:+.2f} s after the stream)")
+    reads = [e for e in events if e["kind"] == "read" and e["t0"] < s0]
+    if reads:
+        lines.append(f"  before the stream: {len(reads)} reads outside the lanes (headers, side files), "
+                     f"{sum(e['bytes'] for e in reads) / MB:.2f} MB, {sum(e['t1'] - e['t0'] for e in reads):.2f} s in "
+                     f"all, {min(e['t0'] for e in reads):.2f}-{max(e['t1'] for e in reads):.2f} s; resolved at "
+                     f"{marks.get('resolved', 0):.2f}, output claimed at {marks.get('output claimed', 0):.2f}")
     for e in events:
         if e["kind"] in ("complete", "manifest"):
             lines.append(f"  {e['kind']} {e.get('key', '')}: {e['t0']:.2f}-{e['t1']:.2f} s ({e['t1'] - e['t0']:.2f} s)")
@@ -166,9 +172,12 @@ def main() -> int:
     moving = max(e["t1"] for e in ev if e["kind"] == "part") - marks["stream start"]
     print(f"  the job's transfer alone (stream start to last part uploaded: {moving:.2f} s) / max(a, b without the "
           f"concatenation) = {moving / max(min(reads), min(ups) - complete):.2f}")
-    outside = res["job"][best]["wall_s"] - marks.get("end", 0.0)
-    print(f"  the job's time outside the trace (interpreter, imports, exit): {outside:.2f} s; before the stream "
-          f"(resolving, claiming the output, side files): {marks['stream start']:.2f} s")
+    b = res["job"][best]
+    print(f"  the job's time outside the trace: {b['wall_s'] - marks.get('end', 0.0):.2f} s = imports "
+          f"{b['torch_s'] + b['imports_s']:.2f} (torch {b['torch_s']:.2f}) + the CLI before and after the graft "
+          f"{b['main_s'] - marks.get('end', 0.0):.2f} + the interpreter's start and exit "
+          f"{b['wall_s'] - b['torch_s'] - b['imports_s'] - b['main_s']:.2f}; in the trace before the stream "
+          f"(resolving {marks.get('resolved', 0):.2f}, claiming the output, side files): {marks['stream start']:.2f}")
     print("\n== timeline of the best job (GRAFT_TRACE)")
     print("\n".join(summarize(res["trace"][best])))
     if args.trace:

@@ -122,9 +122,20 @@ def test_big_output_to_s3_is_multipart_and_identical(big_trio, tmp_path, s3_endp
     overrides = {"block_bytes": 1 << 20, "s3_part_bytes": 8 << 20}
     graft(big_trio, tmp_path / "local", settings_overrides=overrides)
     client = s3_client(s3_endpoint)
-    result, _ = graft(big_trio, f"s3://{s3_bucket}/grafts/big", settings_overrides=overrides)
+    trace_file = tmp_path / "trace.json"
+    result, _ = graft(big_trio, f"s3://{s3_bucket}/grafts/big",
+                      settings_overrides={**overrides, "trace": str(trace_file)})
     head = client.head_object(Bucket=s3_bucket, Key="grafts/big/model.safetensors")
     assert "-" in head["ETag"]  # a multipart object
+    # GRAFT_TRACE: every part of the upload, its completion and the job's marks, in order
+    events = json.loads(trace_file.read_text())["events"]
+    parts = [e for e in events if e["kind"] == "part" and e["key"] == "grafts/big/model.safetensors"]
+    assert sum(e["bytes"] for e in parts) == head["ContentLength"]
+    assert sorted(e["number"] for e in parts) == list(range(1, len(parts) + 1))
+    assert all(e["ready"] <= e["slot"] <= e["t0"] <= e["t1"] for e in parts)
+    assert [e["key"] for e in events if e["kind"] == "complete"] == ["grafts/big/model.safetensors"]
+    assert [e["what"] for e in events if e["kind"] == "mark"] == ["resolved", "output claimed", "stream start",
+                                                                  "stream end", "commit", "end"]
     _compare_with_local(str(tmp_path / "local"),
                         lambda n: client.get_object(Bucket=s3_bucket, Key=f"grafts/big/{n}")["Body"].read())
     assert _s3_listing(client, s3_bucket, "grafts/big")[1] == []

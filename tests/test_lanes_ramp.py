@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from worker.engine.storage import trace
@@ -58,6 +59,34 @@ def test_cold_start_is_ramped_and_split_windows_assemble_the_same_bytes():
         # No byte twice, none missed: the requests tile the file.
         assert all(a[1] == b[0] for a, b in zip(fetches, fetches[1:], strict=False)) and fetches[-1][1] == len(data)
         assert all(e - s <= 4 * MiB for s, e in fetches)
+
+
+def test_the_end_is_ramped_down_so_the_lanes_finish_together():
+    """Once less than a window per lane is left to fetch, each request takes at most a lane's share of what is
+    left (at least a minimum piece): no lane starts a whole window while the others have nothing left."""
+    data = os.urandom(32 * MiB + 5000)
+    fetches: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def fetch(name: str, start: int, end: int, take) -> None:
+        with lock:
+            fetches.append((start, end))
+        for pos in range(start, end, 256 << 10):
+            time.sleep(0.0005)  # the lanes interleave as on a link
+            take(memoryview(data)[pos:min(end, pos + (256 << 10))])
+
+    lanes = Lanes(RemoteReads(lanes=4, window_bytes=4 * MiB), lambda n: len(data), fetch, threading.Event())
+    try:
+        assert _read_all(lanes, len(data), MiB) == data
+        assert lanes.fetched_bytes == len(data)
+    finally:
+        lanes.close()
+    fetches.sort()
+    assert all(a[1] == b[0] for a, b in zip(fetches, fetches[1:], strict=False)) and fetches[-1][1] == len(data)
+    # The reads walk the file in order, so what is left when a request is made is all from its start on.
+    tail = [(s, e) for s, e in fetches if len(data) - s < 4 * 4 * MiB]
+    assert tail and all(e - s <= max(MIN_PIECE, -(-(len(data) - s) // 4)) for s, e in tail), tail
+    assert max(e - s for s, e in tail) < 4 * MiB
 
 
 def test_a_reader_gets_a_windows_first_sub_range_while_the_next_is_held_back():

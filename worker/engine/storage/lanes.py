@@ -18,6 +18,10 @@ staggering stays: a window completes every 1/n of a window's time, in the order 
 than n windows at once every window's time (a stream that waits for the first of them while the rest sit in
 memory, and lanes that wait for room meanwhile). A window may thus be filled by several requests at once,
 each its own sub-range; readers see its bytes up to the first one not in yet.
+
+The end is ramped down the same way: once less than a window per lane is left to fetch of what the stream
+announced, a request takes at most 1/n of what is left (and at least a minimum piece), so the lanes end
+together rather than one after the other, the last of them a whole window's time after the first.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ class Lanes:
         self._walk: dict[str, tuple[int, int]] = {}  # without a schedule: file -> (window last read, step)
         self._recent: str | None = None
         self._busy = 0
+        self._left: int | None = None  # bytes of the announced reads not yet any request's (a re-fetch counts twice)
         self._spare: list[bytearray] = []  # buffers of dropped windows: reused, never handed back to the OS
         self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="graft-lane")
         self.fetched_bytes = 0
@@ -187,6 +192,7 @@ class Lanes:
                 uses.extend((name, i) for i in range(start // self.width, (end - 1) // self.width + 1))
         with self._cond:
             self._schedule = _Schedule(uses)
+            self._left = sum(self._new(key).length for key in dict.fromkeys(uses))
             self._pump()
 
     def read(self, name: str, start: int, view: memoryview) -> None:
@@ -322,6 +328,8 @@ class Lanes:
             else:  # more windows to fetch than idle lanes: adjacent ones go into the same request
                 share = max(1, (len(todo) - i) // (self.lanes - self._busy))
                 want = w.length - w.claimed + (min(self.reads.span_windows, share) - 1) * self.width
+                if self._left is not None and self.width >= 2 * MIN_PIECE and self._left < self.lanes * self.width:
+                    want = min(want, max(MIN_PIECE, -(-self._left // self.lanes)))  # the end ramped down
             self._submit(self._request(w, want, wanted))
 
     def _request(self, w: _Window, want: int, wanted: set[Key]) -> list[tuple[_Window, list[int]]]:
@@ -329,6 +337,7 @@ class Lanes:
         untouched (one ranged GET)."""
         req = [(w, w.claim(want))]
         want -= req[0][1][1] - req[0][1][0]
+        self._claimed(req[0][1])
         name, index = w.key
         while want > 0:
             nxt = (name, index + len(req))
@@ -343,8 +352,13 @@ class Lanes:
                 break
             seg = x.claim(want)
             want -= seg[1] - seg[0]
+            self._claimed(seg)
             req.append((x, seg))
         return req
+
+    def _claimed(self, seg: list[int]) -> None:
+        if self._left is not None:
+            self._left = max(0, self._left - (seg[1] - seg[0]))
 
     def _submit(self, req: list[tuple[_Window, list[int]]]) -> None:
         for x, _seg in req:

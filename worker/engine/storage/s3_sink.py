@@ -32,6 +32,7 @@ class _S3Writer(FileWriter):
 
     MIN_PART = 8 << 20
     TAIL_PART = 5 << 20  # S3's smallest part but the last
+    TAIL_SPAN = 8  # the last this many part_bytes of a file go in TAIL_PART parts
 
     def __init__(self, sink: S3Sink, name: str, expected_size: int | None) -> None:
         super().__init__(name)
@@ -49,10 +50,11 @@ class _S3Writer(FileWriter):
         self.parts: list[Future] = []
 
     def _next_part(self) -> int:
-        # The last two part_bytes of a file go out in parts of S3's minimum, side by side: what is left to upload
-        # when the stream ends is then about one small part's time on a connection, not a whole part's (the
-        # last whole part, made just before the end, would still be on its way).
-        return self.TAIL_PART if 0 < self.expected - self.sent <= 2 * self.part_bytes else self.part_bytes
+        # The last eight part_bytes of a file go out in parts of S3's minimum, side by side: what is left to
+        # upload when the stream ends is then about one small part's time on a connection, not a whole part's
+        # (the stream's last blocks come in a burst, once the last windows are in: whole parts made in it would
+        # still be on their way; traced on a 5 MB/s link).
+        return self.TAIL_PART if 0 < self.expected - self.sent <= self.TAIL_SPAN * self.part_bytes else self.part_bytes
 
     def _write(self, data) -> None:
         self.buf += data
@@ -134,13 +136,17 @@ class S3Sink(Sink):
         self.prefix = location.prefix
         self.retry = retry or StorageRetry()
         parts_in_flight = max(1, parts_in_flight)
-        # Each part in flight has a connection of its own: pooled, kept open from one part to the next.
-        self.client = s3_client(endpoint_url, self.retry.timeout, connections=parts_in_flight + 8)
         self.part_bytes = part_bytes
-        # Parts in flight across all files: memory is part_bytes times this (plus the part being filled),
-        # whatever the output size; the storage takes as many parts at once as it has connections for.
-        self._slots = threading.BoundedSemaphore(parts_in_flight)
-        self.pool = ThreadPoolExecutor(max_workers=parts_in_flight, thread_name_prefix="s3-upload")
+        # Bytes in flight across all files: at most parts_in_flight whole parts (memory: that plus the part being
+        # filled, whatever the output size); a file's small tail parts fit more at once, so that the last one
+        # made is not held back behind the others. Each part in flight has a connection of its own: pooled,
+        # kept open from one part to the next.
+        self._parts = parts_in_flight
+        self._in_flight = 0
+        self._room = threading.Condition()
+        lanes = parts_in_flight * -(-max(part_bytes, _S3Writer.TAIL_PART) // _S3Writer.TAIL_PART)
+        self.client = s3_client(endpoint_url, self.retry.timeout, connections=lanes + 8)
+        self.pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="s3-upload")
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3-finish")
         self._deferred: list[Future] = []
         self._lock = threading.Lock()
@@ -267,7 +273,11 @@ class S3Sink(Sink):
     def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> Future:
         rec = trace.recorder()
         t_ready = rec.now() if rec is not None else 0.0
-        self._slots.acquire()
+        size = len(body)
+        with self._room:  # a part larger than the room still goes, alone
+            while self._in_flight and self._in_flight + size > self._parts * max(self.part_bytes, size):
+                self._room.wait()
+            self._in_flight += size
         t_slot = rec.now() if rec is not None else 0.0
 
         def send() -> dict:
@@ -276,10 +286,13 @@ class S3Sink(Sink):
                 resp = self.call(f"uploading part {number} of {key}", lambda: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body))
                 if rec is not None:  # ready: the part's bytes were there; slot: a part in flight ended for it
-                    rec.add("part", t_start, key=key, number=number, bytes=len(body), ready=t_ready, slot=t_slot)
+                    rec.add("part", t_start, key=key, number=number, bytes=len(body), ready=round(t_ready, 4),
+                            slot=round(t_slot, 4))
                 return {"PartNumber": number, "ETag": resp["ETag"]}
             finally:
-                self._slots.release()
+                with self._room:
+                    self._in_flight -= size
+                    self._room.notify_all()
 
         return self.pool.submit(send)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from importlib import import_module
 
 from worker.engine.errors import GraftError
-from worker.engine.storage import schemes
+from worker.engine.storage import schemes, trace
 from worker.engine.storage.faults import StorageRetry, TransientStorageError, classify, describe
 from worker.engine.storage.lanes import Lanes, RemoteReads
 from worker.engine.storage.schemes.base import Access
@@ -194,7 +194,11 @@ class RemoteStore(Store):
             view[filled:filled + len(data)] = data
             filled += len(data)
 
+        rec = trace.recorder()
+        t_start = rec.now() if rec is not None else 0.0
         self._transfer(name, start, start + len(view), take)
+        if rec is not None:  # a header, a side file: one request outside the lanes
+            rec.add("read", t_start, input=str(self.location), file=name, start=start, bytes=len(view))
 
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
         if start + len(view) > self.size(name):
