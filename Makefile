@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-lora bench-diffs bench-s3-diffs bench-s3-graft bench-shard clean soak fuzz example
+.PHONY: venv run test lint bench bench-lora bench-diffs bench-s3-diffs bench-s3-graft clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/python -m worker.devtools.demo
 
+# Two test processes: the suite's time is mostly waits on its subprocesses (API, workers, evaluation children)
+# and sockets; PYTEST_WORKERS=0 runs it in one.
+PYTEST_WORKERS ?= 2
+
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
