@@ -278,8 +278,10 @@ def test_cancel_during_fan_out_publishes_nothing(svc, trio, s3_endpoint, s3_buck
 
 def test_one_tenants_split_does_not_starve_another(svc, trio, out_dir):
     with svc.client("alpha") as a, svc.client("beta") as b:
-        big = a.post("/v1/jobs", json=job_body(trio, output=f"file://{out_dir}/big", options=SHARDS)).json()
-        _wait_event(a, big["id"], lambda ev: any(e["type"] == "split" for e in ev))
+        big = a.post("/v1/jobs", json=job_body(trio, output=f"file://{out_dir}/big",
+                                               options={"shard_size": "16KB"})).json()
+        split = _wait_event(a, big["id"], lambda ev: any(e["type"] == "split" for e in ev))
+        shards = next(e for e in split if e["type"] == "split")["shards"]
         small = b.post("/v1/jobs", json=job_body(trio, output=f"file://{out_dir}/small")).json()
         small_done = wait_job(b, small["id"], timeout=60)
         big_done = wait_job(a, big["id"], timeout=60)
@@ -287,7 +289,8 @@ def test_one_tenants_split_does_not_starve_another(svc, trio, out_dir):
     assert small_done["status"] == big_done["status"] == "succeeded"
     assert "split" not in [e["type"] for e in svc.store().events(small["id"])], "one shard: one task"
     starts = [e["at"] for e in events if e["type"] == "task_started" and e["task"] != "final"]
-    # Queued behind at most the tenant's cap (2) of the big job's tasks: the other four wait in its record.
+    # Queued behind at most the tenant's cap (2) of the big job's tasks, and as many more as a refill racing the
+    # submission slips in before it reaches the queue; the rest wait in the big job's record.
     overtaking = [at for at in starts if small_done["created_at"] < at < small_done["started_at"]]
-    assert len(overtaking) <= 2, (overtaking, small_done["created_at"], small_done["started_at"])
+    assert shards >= 10 and len(overtaking) <= 4, (shards, overtaking, small_done["started_at"])
     assert small_done["finished_at"] < big_done["finished_at"]
