@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-lora bench-diffs bench-s3-diffs bench-s3-graft clean soak fuzz example
+.PHONY: venv run test lint bench bench-lora bench-diffs bench-s3-diffs bench-s3-graft bench-shard bench-writeback clean soak fuzz example
 
 venv: $(STAMP)
 
@@ -41,13 +41,13 @@ fuzz: venv
 bench: venv
 	$(BIN)/python bench/bench_engine.py
 
-# Diff artifacts (issue 15): each encoding extracted and applied beside the three-model graft, then the quality
-# each keeps; models generated under .bench/ (about 3 GB), CPU-heavy (an hour on two busy cores).
 # LoRA export beside mergekit-extract-lora (its own venv under .bench/): per rank size, time, RSS, retained
 # energy and the KL of target + adapter to the full graft.
 bench-lora: venv
 	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
 
+# Diff artifacts (issue 15): each encoding extracted and applied beside the three-model graft, then the quality
+# each keeps; models generated under .bench/ (about 3 GB), CPU-heavy (an hour on two busy cores).
 bench-diffs: venv
 	$(BIN)/python bench/bench_diffs.py $(BENCH_ARGS)
 
@@ -59,6 +59,16 @@ bench-s3-diffs: venv
 # The whole `graft run` S3 -> S3 against the rig's read and upload floors, with the job's storage timeline.
 bench-s3-graft: venv
 	$(BIN)/python bench/bench_s3_rig_graft.py $(BENCH_ARGS)
+
+# A graft split by output shard (issue 18): a simulated 405B plan from synthetic headers (no data), then one job
+# on the S3 rig run by 1, 2 and 4 RQ workers, and one with a worker SIGKILLed mid-shard (root, as the rig).
+bench-shard: venv
+	$(BIN)/python bench/bench_shard_plan.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_shard_rig.py $(BENCH_ARGS)
+
+# Local output writeback on the disk: steady sync_file_range and the durable commit against the kernel's own.
+bench-writeback: venv
+	$(BIN)/python bench/bench_local_writeback.py $(BENCH_ARGS)
 
 # The verdict calibrated on a tiny model family trained here (CPU, a few minutes): examples/calibration/.
 example: venv
