@@ -63,7 +63,7 @@ bench-s3-graft: venv
 # A graft split by output shard (issue 18): a simulated 405B plan from synthetic headers (no data), then one job
 # on the S3 rig run by 1, 2 and 4 RQ workers, and one with a worker SIGKILLed mid-shard (root, as the rig).
 bench-shard: venv
-	$(BIN)/python bench/bench_shard_plan.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_shard_plan.py
 	$(BIN)/python bench/bench_shard_rig.py $(BENCH_ARGS)
 
 # Local output writeback on the disk: steady sync_file_range and the durable commit against the kernel's own.
