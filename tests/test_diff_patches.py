@@ -185,3 +185,26 @@ def test_an_applied_artifact_writes_the_bytes_of_the_dense_apply(trio, tmp_path,
     apply(str(tmp_path / "diff"), trio["target_base"], tmp_path / "dense", alpha=0.7)
     assert not calls
     assert same_files(str(tmp_path / "patched"), str(tmp_path / "dense")) == []
+
+
+@pytest.mark.parametrize("damage", ["swap", "repeat", "counts"])
+def test_a_malformed_sparse_encoding_is_refused_not_applied_out_of_place(damage):
+    """An artifact comes from a user's URI and its sha256 only says it is what its own manifest lists: entries
+    out of order (or repeated) in a frame, or frame counts that go backwards, are invalid_diff, never a patch
+    written at the wrong places or an IndexError."""
+    from worker.engine.errors import GraftError
+
+    delta = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    parts, meta = _encode("sparse", SparseParams(encoding="sparse", density=0.1), delta)
+    entries = parts.data["entries"]
+    if damage == "swap":  # the first two entries of the first frame exchanged
+        entries[0:2], entries[2:4] = bytes(entries[2:4]), bytes(entries[0:2])
+    elif damage == "repeat":
+        entries[2:4] = bytes(entries[0:2])
+    else:  # the second frame's count below the first's
+        counts = parts.data["counts"]
+        counts[8:16] = (0).to_bytes(8, "little")
+        counts[0:8] = (5).to_bytes(8, "little")
+    with pytest.raises(GraftError) as err:
+        ENCODINGS["sparse"].patch(parts, meta, SHAPE, 0, delta.numel(), torch.float32)
+    assert err.value.code == "invalid_diff" and "malformed" in err.value.message

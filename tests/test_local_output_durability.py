@@ -106,3 +106,29 @@ def test_the_real_sync_file_range_is_found_and_accepts_a_file(tmp_path):
         fh.write(bytes(1 << 20))
         fh.flush()
         assert local_files.SYNC_FILE_RANGE(fh.fileno(), 0, 1 << 20, local_files._SYNC_WAIT) == 0
+
+
+def test_a_failed_sync_closes_the_file_once(tmp_path, monkeypatch):
+    """fdatasync failing (a full or failing disk) is a storage_error, and the abort that follows closes nothing
+    more: the descriptor's number may already be another file's or socket's."""
+    from worker.engine.errors import GraftError
+
+    sink = LocalSink(parse_uri(str(tmp_path / "out")))
+    try:
+        writer = sink.open("model.safetensors")
+        writer.write(b"x" * 100)
+
+        def failing(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(GraftError) as err:
+            writer.close()
+        assert err.value.code == "storage_error" and "No space left" in err.value.message
+        bystander = os.open(os.devnull, os.O_RDONLY)  # the freed number, taken by someone else
+        writer.abort()
+        os.fstat(bystander)  # still open
+        os.close(bystander)
+    finally:
+        monkeypatch.undo()
+        sink.abort()

@@ -178,21 +178,24 @@ class _LocalWriter(FileWriter):
     def _finish(self) -> None:
         # On disk before the manifest that names it can be: a crash after the commit never leaves a published
         # output whose shards are holes.
+        fd, self._fd = self._fd, -1  # closed once: an abort() after a failure here must not close a reused number
         try:
-            os.fdatasync(self._fd)
+            os.fdatasync(fd)
         except OSError as exc:
             raise GraftError("storage_error", f"cannot write {self.name} to the output: {exc.strerror}") from None
         finally:
-            os.close(self._fd)
+            os.close(fd)
         if self._part is not None:
             os.rename(self._part, self.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             self._landed(self._part)
 
     def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def remove_orphans(parent: str, prefix: str) -> None:

@@ -26,6 +26,7 @@ from worker.engine.compute.patches import SparsePatch
 from worker.engine.diffs.encoding_params import SparseParams
 from worker.engine.diffs.encodings.base import EncodedInfo, PartReader, PartWriter
 from worker.engine.diffs.encodings.common import as_bytes, compute_name, f32, numel, read_tensor, relative
+from worker.engine.errors import GraftError
 from worker.engine.methods.base import RankWindow, magnitude_bits
 from worker.engine.methods.statistics.rank_select import RankSelect
 
@@ -152,13 +153,25 @@ class Sparse:
         frame, stop = meta["frame"], start + count
         first, last = start // frame, (stop - 1) // frame
         counts = read_tensor(parts, "counts", torch.int64, first, last - first + 2)
+        steps = counts.diff()
+        if int(counts[0]) < 0 or bool((steps < 0).any()):
+            raise _malformed(parts, "its frame counts go backwards")
         entries = read_tensor(parts, "entries", torch.int16, int(counts[0]), int(counts[-1] - counts[0]))
         if not entries.numel():
             return empty
         # int16 entries: the offset is the low 15 bits, the sign bit is bit 15. Positions ascend (frames in
         # order, entries in index order in each), so only the first and last frames' cut ends are trimmed.
-        base = (torch.arange(first, last + 1, dtype=torch.int64) * frame - start).repeat_interleave(counts.diff())
+        base = (torch.arange(first, last + 1, dtype=torch.int64) * frame - start).repeat_interleave(steps)
         where = base.add_(entries & (frame - 1))
+        # The patch and its trimming rely on that order: an artifact (a user's URI: its sha256 only says it is
+        # what its own manifest lists) whose entries do not ascend is refused, never applied out of place.
+        if where.numel() > 1 and not bool((where[1:] > where[:-1]).all()):
+            raise _malformed(parts, "its entries are not in ascending order within a frame")
         lo, hi = torch.searchsorted(where, torch.tensor([0, count], dtype=torch.int64)).tolist()
         c = torch.tensor(meta["scale"], dtype=dtype)
         return SparsePatch(start, count, where[lo:hi], torch.where(entries[lo:hi] < 0, -c, c))
+
+
+def _malformed(parts: PartReader, why: str) -> GraftError:
+    return GraftError("invalid_diff", f"{getattr(parts, 'tensor', 'a sparse tensor')}: the sparse encoding is "
+                      f"malformed: {why}")
