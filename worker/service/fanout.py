@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import redis
 from rq import Callback, Queue, Retry, get_current_job
@@ -38,6 +39,8 @@ from worker.service.task_records import FINAL, TASK_SHARD, TaskRecords, task_id
 
 log = logging.getLogger("graft.fanout")
 PUMP_LOCK_MS = 5000
+# Delete the lock only if it is still ours: a pump that outlived PUMP_LOCK_MS must not free the next holder's.
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def records_for(store: JobStore) -> TaskRecords:
@@ -99,6 +102,63 @@ def _progress(tasks: dict[str, dict], split: dict, phase: Phase) -> dict:
 
 # --- queueing: round robin over tenants ---------------------------------------------------------------------
 
+def _claim_key(settings: Settings, job_id: str, task: str) -> str:
+    return f"{settings.key_prefix}queueing:{task_id(job_id, task)}"
+
+
+def _queue_task(conn: redis.Redis, records: TaskRecords, job_id: str, task: str, tenant: str | None,
+                settings: Settings, *, exclusive: bool = True) -> bool:
+    """Record `task` queued and put it on RQ under its fixed id. A short claim covers the gap between the two,
+    so that the monitor does not take a task being queued for one lost; exclusive: queue only when nobody
+    holds the claim (finalize and recoveries, which more than one caller may find due), False when someone
+    does. The pump's tasks come off the pending list, once each: not exclusive."""
+    claim = _claim_key(settings, job_id, task)
+    if not conn.set(claim, b"1", nx=exclusive, px=int(settings.lease_seconds * 1000)):
+        return False
+    records.queued(job_id, task, tenant)
+    _enqueue(conn, job_id, task, settings)
+    return True
+
+
+def queue_final_if_due(store: JobStore, job_id: str, settings: Settings) -> bool:
+    """Queue the finalize task of a running split job whose every shard is written and whose finalize has no RQ
+    job: the task that completed the set died (or Redis failed it) between recording its shard and queueing
+    finalize, and its retry finds the shard written. The fixed RQ id makes a repeat harmless."""
+    records = records_for(store)
+    held = records.load(job_id)
+    if held is None or records.done_count(job_id) < len(held["split"]["shards"]):
+        return False
+    status = store.status(job_id)
+    if status not in ACTIVE or status == "cancelling" or Job.exists(task_id(job_id, FINAL), connection=store.r):
+        return False
+    if not _queue_task(store.r, records, job_id, FINAL, None, settings):
+        return False
+    store.add_event(job_id, "task_requeued", task=FINAL, reason="every shard written, finalize not queued")
+    return True
+
+
+def requeue_missing(store: JobStore, job_id: str, task: str, settings: Settings) -> str:
+    """A task recorded queued or running whose RQ job does not exist (Redis failed between recording it and
+    queueing it, or its RQ job expired after it ended without its record being cleared). Returns what was done:
+    "requeued" (it never ran and the job still wants it), "ended" (its record cleared) or "" (someone is
+    queueing it now)."""
+    records = records_for(store)
+    held = records.load(job_id)
+    if held is None:
+        return ""
+    status = store.status(job_id)
+    wanted = status in ACTIVE and status != "cancelling"
+    if wanted and task != FINAL and not records.is_done(job_id, int(task.removeprefix(TASK_SHARD))):
+        if not _queue_task(store.r, records, job_id, task, held["tenant"], settings):
+            return ""
+        store.add_event(job_id, "task_requeued", task=task, reason="its RQ job was missing")
+        return "requeued"
+    records.ended(job_id, task, held["tenant"])
+    if wanted and task == FINAL:
+        queue_final_if_due(store, job_id, settings)
+    return "ended"
+
+
 def _enqueue(conn: redis.Redis, job_id: str, task: str, settings: Settings, *, rq_id: str | None = None) -> None:
     retries = max(settings.max_attempts - 1, 0)
     Queue(settings.queue_name, connection=conn).enqueue_call(
@@ -114,8 +174,8 @@ def pump(conn: redis.Redis, settings: Settings) -> int:
     whenever a task starts or ends and by every monitor tick; one caller at a time (a lock), and a caller that
     finds it held leaves the work to the holder or the next tick. Returns the tasks queued."""
     records = TaskRecords(conn, settings.key_prefix)
-    lock = f"{settings.key_prefix}split:pump"
-    if not conn.set(lock, b"1", nx=True, px=PUMP_LOCK_MS):
+    lock, token = f"{settings.key_prefix}split:pump", uuid.uuid4().hex
+    if not conn.set(lock, token, nx=True, px=PUMP_LOCK_MS):
         return 0
     try:
         queued, progress = 0, True
@@ -123,8 +183,8 @@ def pump(conn: redis.Redis, settings: Settings) -> int:
             progress = False
             for tenant in [t.decode() for t in conn.lrange(records.ring_key, 0, -1)]:
                 got = _pump_tenant(conn, records, tenant, settings)
-                if got is None:  # nothing left to queue for this tenant: out of the ring
-                    conn.lrem(records.ring_key, 0, tenant)
+                if got is None:  # nothing left to queue for this tenant: out of the ring, unless a job came since
+                    progress = progress or not records.leave_ring(tenant)
                     continue
                 if got:
                     queued += 1
@@ -132,7 +192,7 @@ def pump(conn: redis.Redis, settings: Settings) -> int:
                     conn.lmove(records.ring_key, records.ring_key, "LEFT", "RIGHT")  # the next tenant first
         return queued
     finally:
-        conn.delete(lock)
+        conn.eval(_UNLOCK, 1, lock, token)
 
 
 def _pump_tenant(conn: redis.Redis, records: TaskRecords, tenant: str, settings: Settings) -> bool | None:
@@ -151,8 +211,7 @@ def _pump_tenant(conn: redis.Redis, records: TaskRecords, tenant: str, settings:
         task = records.take_pending(job_id)
         if task is None:
             continue
-        records.queued(job_id, task, tenant)
-        _enqueue(conn, job_id, task, settings)
+        _queue_task(conn, records, job_id, task, tenant, settings, exclusive=False)
         return True
     return False
 
@@ -243,6 +302,7 @@ def _run(store: JobStore, job_id: str, task: str, record: dict, held: dict, sett
         index = int(task.removeprefix(TASK_SHARD))
         if records_for(store).is_done(job_id, index):  # a duplicate, or a retry whose shard another copy wrote
             store.add_event(job_id, "task_skipped", task=task, reason="shard already written")
+            queue_final_if_due(store, job_id, settings)  # a retry of the task that died before queueing it
             return {"status": "skipped"}
         hooks = Hooks(settings, reporter.progress, reporter.should_cancel, lambda w: None)
         result = run_shard(request, split, index, settings, hooks)
@@ -263,8 +323,7 @@ def _run(store: JobStore, job_id: str, task: str, record: dict, held: dict, sett
     records = records_for(store)
     store.add_event(job_id, "task_finished", task=task, seconds=result["seconds"])
     if records.shard_written(job_id, index, result, len(split["shards"])):
-        records.queued(job_id, FINAL, None)
-        _enqueue(store.r, job_id, FINAL, settings)
+        _queue_task(store.r, records, job_id, FINAL, None, settings)
     return {"status": "written", "shard": index}
 
 

@@ -140,8 +140,12 @@ class Monitor(threading.Thread):
 
     def _look_after_split(self, job_id: str, judge: bool) -> None:
         """A split job (fanout.py): a running task whose lease lapsed is expired (RQ's retry queues it again:
-        one shard's work is lost, not the job's); a task RQ ended without our callback fails the job; a job
-        cancelling or ended is settled once no task runs."""
+        one shard's work is lost, not the job's); a task RQ ended without our callback fails the job; a task
+        whose RQ job finished or vanished with its record left (its end hit a Redis outage) is cleared, or queued
+        again if it never ran; a finalize nobody queued is queued; a job cancelling or ended is settled once no
+        task runs."""
+        if judge:
+            fanout.queue_final_if_due(self.store, job_id, self.settings)
         for task in self.tasks.active(job_id):
             rq_id = task_id(job_id, task)
             if not judge or self.store.lease_alive(rq_id):
@@ -150,8 +154,11 @@ class Monitor(threading.Thread):
                 rq_job = Job.fetch(rq_id, connection=self.conn)
                 status = rq_job.get_status()
             except NoSuchJobError:
+                fanout.requeue_missing(self.store, job_id, task, self.settings)
                 continue
-            if status == JobStatus.STARTED:
+            if status == JobStatus.FINISHED:  # run_task returned, so its own end failed: the slot is free
+                self.tasks.ended(job_id, task, (self.tasks.load(job_id) or {}).get("tenant", ""))
+            elif status == JobStatus.STARTED:
                 # RQ says started as it forks the work horse, before the task could take its lease: judged only
                 # once the lease had time to be taken.
                 since = rq_job.started_at.replace(tzinfo=UTC) if rq_job.started_at is not None else None

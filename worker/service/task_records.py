@@ -16,6 +16,8 @@ Layout (every key starts with `settings.key_prefix`):
 - `split:tenants`           list of tenants with tasks to queue: the round-robin ring
 - `split:tenant:<t>:jobs`   list of that tenant's jobs with tasks to queue, oldest first
 - `split:tenant:<t>:queued` set of the tenant's task ids queued on RQ and not started (capped per tenant)
+- `queueing:<task id>`      a short claim while a task is being recorded queued and put on RQ (fanout.py)
+- `split:pump`              the pump's lock (its value the holder's token)
 """
 
 from __future__ import annotations
@@ -78,6 +80,26 @@ class TaskRecords:
                     pipe.rpush(self.tenant_jobs_key(tenant), job_id)
                     if not in_ring:
                         pipe.rpush(self.ring_key, tenant)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def leave_ring(self, tenant: str) -> bool:
+        """Take the tenant out of the ring if none of its jobs has a task waiting; False (it stays) when one has.
+        One transaction with the check: `create` adds a job and rings the tenant only if it is not in the ring,
+        so a job created between a separate check and removal would never be queued."""
+        jobs_key = self.tenant_jobs_key(tenant)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(jobs_key, self.ring_key)  # `create` writes both; pending lists only shrink otherwise
+                    jobs = [j.decode() for j in pipe.lrange(jobs_key, 0, -1)]
+                    if any(pipe.llen(self.key(j, "tasks:pending")) for j in jobs):
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.lrem(self.ring_key, 0, tenant)
                     pipe.execute()
                     return True
                 except redis.WatchError:
