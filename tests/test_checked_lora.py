@@ -185,12 +185,23 @@ def test_chunked_merge_is_byte_identical_and_exact(arch, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from worker.engine.checks import checked_lora
+    from worker.engine.storage import local_files
 
     family = _odd_family(arch, tmp_path)
-    merged = {}
+    merged, reads, writes = {}, [], []
+    read_into, write = local_files.LocalStore.read_into, local_files._LocalWriter.write
+    monkeypatch.setattr(local_files.LocalStore, "read_into", lambda self, name, start, view: (
+        reads.append((name, start, len(view))), read_into(self, name, start, view))[1])
+    monkeypatch.setattr(local_files._LocalWriter, "write", lambda self, data: (
+        writes.append(len(data)), write(self, data))[1])
     for chunk in (1 << 30, 50, 1):
         monkeypatch.setattr(checked_lora, "CHUNK", chunk)
+        reads.clear(), writes.clear()
         merged[chunk] = _files(_merge_odd(family, tmp_path, f"merged-{chunk}"))
+    # Memory: a chunk of rows (one row where a row is wider than the chunk): 80 float32 elements at most here.
+    data = [n for _, start, n in reads if start > 0]  # those at 0: the headers, read when the target resolves
+    assert len(data) > 200 and max(data) <= 80 * 4
+    assert sorted(writes)[-3] <= 80 * 4  # written: chunks and headers; the 2 larger ones are config.json and index
     assert len(merged[1 << 30]) > 3 and merged[50] == merged[1 << 30] and merged[1] == merged[1 << 30]
     adapter, out = str(tmp_path / "adapter"), str(tmp_path / f"merged-{1 << 30}")
     with open(os.path.join(adapter, "adapter_config.json")) as fh:

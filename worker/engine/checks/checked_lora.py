@@ -273,7 +273,7 @@ def _merged_chunks(target, info, lora: _Adapter):
         return
     step = max(1, CHUNK // width)
     saved = f"base_model.model.{info.name}"
-    update = None if saved in lora.keys else _update(info.name, shape, lora)
+    update = None if saved in lora.keys else _update(info.name, lora)
     buffer = memoryview(bytearray(min(step, rows) * width * dtype.itemsize))
     for first in range(0, rows, step):
         count = min(step, rows - first)
@@ -287,7 +287,7 @@ def _merged_chunks(target, info, lora: _Adapter):
         yield value.to(dtype)
 
 
-def _update(name: str, shape: tuple[int, ...], lora: _Adapter):
+def _update(name: str, lora: _Adapter):
     """What the adapter does to rows [first, first + count) of `name`, in place on their float32 values."""
     import torch
 
