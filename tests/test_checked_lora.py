@@ -104,6 +104,126 @@ def test_merged_model_is_peft_merge_and_unload(family, tmp_path):
             float((got[name] - want[name]).abs().max()) <= 2 ** -7 * float(want[name].abs().max()), name
 
 
+def _odd_family(arch: str, root) -> dict[str, str]:
+    """Tiny models of odd sizes (no dimension a multiple of the chunk): GPT-2 (Conv1D: fan_in_fan_out; wpe and
+    the norms carried as modules_to_save), Qwen2 (q/k/v biases: lora_B.bias; a tied embedding with a few
+    scattered rows changed: trainable tokens) with a bfloat16 target (the merge's one rounding)."""
+    transformers = pytest.importorskip("transformers")
+    config = (transformers.GPT2Config(vocab_size=67, n_embd=20, n_layer=1, n_head=4, n_positions=19,
+                                      bos_token_id=0, eos_token_id=0) if arch == "gpt2" else
+              transformers.Qwen2Config(vocab_size=67, hidden_size=20, intermediate_size=36, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g, paths = torch.Generator().manual_seed(1), {}
+    for role, scale in (("source_base", 0.0), ("source_finetuned", 0.05), ("target_base", 0.2)):
+        with torch.no_grad():
+            for name, p in model.float().named_parameters():
+                noise = torch.randn(p.shape, generator=g) * scale * (float(base[name].std()) + 0.1)
+                if arch == "qwen2" and name.endswith("embed_tokens.weight") and role == "source_finetuned":
+                    keep = torch.zeros(p.shape[0], dtype=torch.bool)
+                    keep[[0, 1, 2, 30, 31, 32, 66]] = True
+                    noise[~keep] = 0
+                p.copy_(base[name] + noise)
+        bf16 = arch == "qwen2" and role == "target_base"
+        (model.to(torch.bfloat16) if bf16 else model).save_pretrained(root / role)
+        paths[role] = str(root / role)
+    return paths
+
+
+def _merge_odd(family: dict[str, str], tmp_path, name: str) -> str:
+    spec = LoraExport(source_base=family["source_base"], source_finetuned=family["source_finetuned"],
+                      target_base=family["target_base"], output=str(tmp_path / "adapter"), profile="peft", rank=3)
+    request = LoraExportRequest(spec)
+    if not (tmp_path / "adapter").exists():
+        export_lora(request, _settings(tmp_path))
+    merge_adapter(request, str(tmp_path / "adapter"), str(tmp_path / name), _settings(tmp_path))
+    return str(tmp_path / name)
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as fh:
+            out[name] = fh.read()
+    return out
+
+
+def _reference(target: str, adapter: str) -> dict[str, torch.Tensor]:
+    """target + adapter in float64, by PEFT's rules (tuners/lora/layer.py, trainable_tokens): W + s B A (Conv1D:
+    W + s (B A)^T), bias + lora_B.bias, modules_to_save's values, the trainable token rows replaced."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter, "adapter_config.json")) as fh:
+        config = json.load(fh)
+    weights, out = load_file(os.path.join(adapter, "adapter_model.safetensors")), {}
+    target_files = [n for n in os.listdir(target) if n.endswith(".safetensors")]
+    for name, value in {k: v for f in target_files for k, v in load_file(os.path.join(target, f)).items()}.items():
+        module, kind = name.rsplit(".", 1)
+        key, value = f"base_model.model.{module}", value.double()
+        tokens = f"{key}.token_adapter.trainable_tokens_delta"
+        if f"base_model.model.{name}" in weights:
+            value = weights[f"base_model.model.{name}"].double()
+        elif kind == "weight" and f"{key}.lora_A.weight" in weights:
+            d = weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double()
+            value = value + config["lora_alpha"] / config["r"] * (d.T if config["fan_in_fan_out"] else d)
+        elif kind == "bias" and f"{key}.lora_B.bias" in weights:
+            value = value + weights[f"{key}.lora_B.bias"].double()
+        elif kind == "weight" and tokens in weights:
+            value[config["trainable_token_indices"][module]] = weights[tokens].double()
+        out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_chunked_merge_is_byte_identical_and_exact(arch, tmp_path, monkeypatch):
+    """The merge goes row chunk by row chunk (memory: a chunk, never a whole tensor); the chunking changes no
+    byte: one chunk per tensor, a few rows per chunk, and one row per chunk (a row wider than the chunk) give the
+    same files; and those are target + adapter in float64 within one rounding to the stored dtype (GPT-2: also
+    PEFT's own merge_and_unload; Qwen2's zero lora_B.bias on o_proj, which has no bias, PEFT refuses to merge)."""
+    from safetensors.torch import load_file
+
+    from worker.engine.checks import checked_lora
+    from worker.engine.storage import local_files
+
+    family = _odd_family(arch, tmp_path)
+    merged, reads, writes = {}, [], []
+    read_into, write = local_files.LocalStore.read_into, local_files._LocalWriter.write
+    monkeypatch.setattr(local_files.LocalStore, "read_into", lambda self, name, start, view: (
+        reads.append((name, start, len(view))), read_into(self, name, start, view))[1])
+    monkeypatch.setattr(local_files._LocalWriter, "write", lambda self, data: (
+        writes.append(len(data)), write(self, data))[1])
+    for chunk in (1 << 30, 50, 1):
+        monkeypatch.setattr(checked_lora, "CHUNK", chunk)
+        reads.clear(), writes.clear()
+        merged[chunk] = _files(_merge_odd(family, tmp_path, f"merged-{chunk}"))
+    # Memory: a chunk of rows (one row where a row is wider than the chunk): 80 float32 elements at most here.
+    data = [n for _, start, n in reads if start > 0]  # those at 0: the headers, read when the target resolves
+    assert len(data) > 200 and max(data) <= 80 * 4
+    assert sorted(writes)[-3] <= 80 * 4  # written: chunks and headers; the 2 larger ones are config.json and index
+    assert len(merged[1 << 30]) > 3 and merged[50] == merged[1 << 30] and merged[1] == merged[1 << 30]
+    adapter, out = str(tmp_path / "adapter"), str(tmp_path / f"merged-{1 << 30}")
+    with open(os.path.join(adapter, "adapter_config.json")) as fh:
+        config = json.load(fh)
+    assert config["fan_in_fan_out"] is (arch == "gpt2") and config["trainable_token_indices"]
+    assert config["modules_to_save"] if arch == "gpt2" else config["lora_bias"]
+    got = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in
+           load_file(os.path.join(out, f)).items()}
+    want = _reference(family["target_base"], adapter)
+    assert got.keys() == want.keys()
+    for name, value in got.items():  # one rounding to the stored dtype (2^-9 relative for bfloat16)
+        slack = 2 ** -8 if value.dtype == torch.bfloat16 else 1e-6
+        error = (value.double() - want[name]).abs()
+        assert bool((error <= slack * want[name].abs() + 1e-6 * float(want[name].abs().max())).all()), name
+    if arch == "gpt2":
+        peft = pytest.importorskip("peft")
+        transformers = pytest.importorskip("transformers")
+        model = transformers.AutoModelForCausalLM.from_pretrained(family["target_base"], dtype=torch.float32)
+        merged_peft = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+        for name, value in got.items():
+            assert torch.allclose(value, merged_peft[name], rtol=1e-6, atol=1e-7), name
+
 
 def main_refuses_a_bad_rank_list() -> bool:
     from worker.cli import main

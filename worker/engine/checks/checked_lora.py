@@ -10,9 +10,9 @@ smallest rank within max_kl of the full graft.
     publish     -> export_lora at the pick into the real output; its adapter's sha256 must be the scored one's
                    (the factorization is seeded: same request, same bytes) -> manifest["fidelity"]
 
-Memory: one adapter module while exporting (export_lora's bound), one tensor of the target while merging, and
-the evaluation's own bound (at most about two models loaded, limits.py). Candidates are removed as soon as they
-are scored."""
+Memory: one adapter module while exporting (export_lora's bound), a chunk of rows of one target tensor (and one
+small factor of its module) while merging, and the evaluation's own bound (at most about two models loaded,
+limits.py). Candidates are removed as soon as they are scored."""
 
 from __future__ import annotations
 
@@ -192,53 +192,144 @@ def _resolve(request: LoraExportRequest, role: str, uri: str, settings: EngineSe
 
 def merge_adapter(request: LoraExportRequest, adapter: str, out: str, settings: EngineSettings) -> None:
     """target + adapter as PEFT's merge_and_unload computes it (W + B A, Conv1D W + (B A)^T, biases plus
-    lora_B.bias, modules_to_save and trainable token rows in place), from the adapter's files, tensor by tensor
-    in float32 and rounded once to the target's dtype; written as a local model directory (the target's config)."""
+    lora_B.bias, modules_to_save and trainable token rows in place), from the adapter's files, in float32 and
+    rounded once to the target's dtype; written as a local model directory (the target's config, one file per
+    tensor). Row chunk by row chunk (CHUNK elements), each written as it is merged: memory is a chunk, never a
+    whole tensor (an embedding or lm_head is GBs)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from worker.engine.storage.local_files import LocalSink
+    from worker.engine.storage.uris import Location
 
     target = _resolve(request, "target_base", request.spec.target_base, settings)
     with open(os.path.join(adapter, "adapter_config.json")) as fh:
         config = json.load(fh)
-    os.makedirs(out)
+    # The index goes last, as the manifest: until then the directory is a hidden sibling, never half a model.
+    sink = LocalSink(Location("file", path=out), manifest_name=INDEX)
     weight_map, total = {}, 0
     try:
         with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as weights:
-            keys = set(weights.keys())
+            lora = _Adapter(weights, config)
             for i, (name, info) in enumerate(sorted(target.tensors.items())):
-                value = _merged(target, name, info, weights, keys, config)
                 weight_map[name] = f"model-{i + 1:05d}.safetensors"
-                total += value.numel() * value.element_size()
-                save_file({name: value}, os.path.join(out, weight_map[name]), metadata={"format": "pt"})
+                total += info.nbytes
+                _write_merged(sink, weight_map[name], _merged_chunks(target, info, lora), info)
+        sink.put("config.json", json.dumps(target.config).encode())
+        sink.commit(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}).encode())
+    except BaseException:
+        sink.abort()
+        raise
     finally:
         target.store.close()
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump(target.config, fh)
 
 
-def _merged(target, name: str, info, weights, keys: set[str], config: dict):
+INDEX = "model.safetensors.index.json"
+CHUNK = 1 << 20  # target elements merged at a time (a row at least)
+
+
+class _Adapter:
+    """The adapter's tensors as the merge reads them: by name, or rows [first, first + count) of one."""
+
+    def __init__(self, weights, config: dict) -> None:
+        self.weights, self.config, self.keys = weights, config, set(weights.keys())
+
+    def whole(self, key: str):
+        return self.weights.get_tensor(key)
+
+    def rows(self, key: str, first: int, count: int):
+        view = self.weights.get_slice(key)
+        return view[first:first + count] if view.get_shape() else self.whole(key).reshape(1)  # a scalar: 1 row
+
+
+def _write_merged(sink, file: str, chunks, info) -> None:
+    """One tensor's safetensors file (the header safetensors' save_file writes), its bytes as they come."""
+    from worker.engine.diffs.encodings.common import as_bytes
+    from worker.engine.storage.safetensors_format import build_header
+
+    header, _ = build_header([(info.name, info.dtype, tuple(info.shape))], {"format": "pt"})
+    writer = sink.open(file, len(header) + info.nbytes)
+    try:
+        writer.write(header)
+        for chunk in chunks:
+            writer.write(as_bytes(chunk))
+        if writer.size != len(header) + info.nbytes:
+            raise GraftError("internal_error", f"{file}: {writer.size} bytes merged, the header says "
+                             f"{len(header) + info.nbytes}")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _merged_chunks(target, info, lora: _Adapter):
+    """The merged tensor in row chunks of the target's dtype, each read, merged in float32 and rounded once."""
     import torch
 
     from worker.engine.storage.safetensors_format import DTYPES
 
-    dtype = DTYPES[info.dtype]
-    buffer = bytearray(math.prod(info.shape) * dtype.itemsize)
-    if buffer:
-        target.store.read_into(info.file, info.start, memoryview(buffer))
-    value = torch.frombuffer(buffer, dtype=dtype).view(info.shape).float() if buffer else torch.empty(info.shape)
+    dtype, shape = DTYPES[info.dtype], tuple(info.shape)
+    rows, width = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    if not rows * width:
+        return
+    step = max(1, CHUNK // width)
+    saved = f"base_model.model.{info.name}"
+    update = None if saved in lora.keys else _update(info.name, lora)
+    buffer = memoryview(bytearray(min(step, rows) * width * dtype.itemsize))
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        if update is None:  # modules_to_save: the adapter's own values replace the target's
+            yield lora.rows(saved, first, count).to(dtype)
+            continue
+        view = buffer[:count * width * dtype.itemsize]
+        target.store.read_into(info.file, info.start + first * width * dtype.itemsize, view)
+        value = torch.frombuffer(view, dtype=dtype).view(count, *shape[1:]).float()
+        update(value, first, count)
+        yield value.to(dtype)
+
+
+def _update(name: str, lora: _Adapter):
+    """What the adapter does to rows [first, first + count) of `name`, in place on their float32 values."""
+    import torch
+
     module, kind = name.rsplit(".", 1) if "." in name else (name, "")
-    key = f"base_model.model.{module}"
-    if f"base_model.model.{name}" in keys:  # modules_to_save
-        return weights.get_tensor(f"base_model.model.{name}").to(dtype)
-    if kind == "weight" and f"{key}.lora_A.weight" in keys:
-        product = weights.get_tensor(f"{key}.lora_B.weight") @ weights.get_tensor(f"{key}.lora_A.weight")
-        value += (product.T if config.get("fan_in_fan_out") else product) * (config["lora_alpha"] / config["r"])
-    elif kind == "bias" and f"{key}.lora_B.bias" in keys:
-        value += weights.get_tensor(f"{key}.lora_B.bias")
-    elif kind == "weight" and f"{key}.token_adapter.trainable_tokens_delta" in keys:
-        rows = (config.get("trainable_token_indices") or {}).get(module) or []
-        value[torch.tensor(rows, dtype=torch.long)] = weights.get_tensor(
-            f"{key}.token_adapter.trainable_tokens_delta").float()
-    return value.to(dtype).contiguous()
+    key, config = f"base_model.model.{module}", lora.config
+    if kind == "weight" and f"{key}.lora_A.weight" in lora.keys:
+        scaling, a_key, b_key = config["lora_alpha"] / config["r"], f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+        if config.get("fan_in_fan_out"):  # Conv1D stores [in, out]: its rows are B A's columns
+            b, a = lora.whole(b_key).float(), lora.weights.get_slice(a_key)
+
+            def conv1d(value, first: int, count: int) -> None:
+                value += _product(b, a[:, first:first + count].float()).T * scaling
+            return conv1d
+        a = lora.whole(a_key).float()
+
+        def linear(value, first: int, count: int) -> None:
+            value += _product(lora.rows(b_key, first, count).float(), a) * scaling
+        return linear
+    if kind == "bias" and f"{key}.lora_B.bias" in lora.keys:
+        def bias(value, first: int, count: int) -> None:
+            value += lora.rows(f"{key}.lora_B.bias", first, count)
+        return bias
+    tokens = f"{key}.token_adapter.trainable_tokens_delta"
+    if kind == "weight" and tokens in lora.keys:
+        indices = (config.get("trainable_token_indices") or {}).get(module) or []
+
+        def token_rows(value, first: int, count: int) -> None:
+            from worker.engine.pipeline.lora_export import _runs
+
+            picked = [k for k, row in enumerate(indices) if first <= row < first + count]
+            for k, n in _runs(picked, len(picked) or 1):
+                value[torch.tensor(indices[k:k + n], dtype=torch.long) - first] = lora.rows(tokens, k, n).float()
+        return token_rows
+    return lambda value, first, count: None
+
+
+def _product(b, a):
+    """B A in float32, summed over the rank term by term in one fixed order. A GEMM's float32 sums depend on the
+    shapes it is given (its blocking, vector tails, threads): B A of a chunk of rows is not bit for bit those rows
+    of B A, so the merged bytes would change with the chunk size. Term by term, each element's sum is the same
+    whatever the chunk (and the thread count)."""
+    product = b[:, :1] * a[:1]
+    for k in range(1, a.shape[0]):
+        product += b[:, k:k + 1] * a[k:k + 1]
+    return product
