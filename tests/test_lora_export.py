@@ -198,3 +198,28 @@ def test_cancelled_publishes_nothing(trio, tmp_path):
 def manifest_request(out) -> dict:
     with open(out / "lora-manifest.json") as fh:
         return json.load(fh)["request"]
+
+
+def test_bfloat16_factors_are_the_float32_factors_rounded_once(trio, tmp_path):
+    """--factor-dtype bfloat16: the same factorization stored in half the bytes, each factor the float32 one
+    rounded once (not recomputed), and PEFT loads it."""
+    wide = export(trio, tmp_path / "f32", rank=8, profile="peft", alpha=ALPHA)
+    narrow = export(trio, tmp_path / "bf16", rank=8, profile="peft", alpha=ALPHA, factor_dtype="bfloat16")
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("f32", "bf16"))
+    factors = [k for k in a if ".lora_A." in k or ".lora_B." in k]
+    assert factors and set(a) == set(b)
+    for key in factors:
+        assert a[key].dtype == torch.float32 and b[key].dtype == torch.bfloat16
+        assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
+    for key in set(a) - set(factors):  # modules_to_save keep the target's dtype either way
+        assert torch.equal(a[key], b[key]), key
+    def data_bytes(d: str) -> int:  # the file less its header (the dtype names differ in length)
+        path = tmp_path / d / "adapter_model.safetensors"
+        with open(path, "rb") as fh:
+            return os.path.getsize(path) - 8 - int.from_bytes(fh.read(8), "little")
+
+    factor_bytes = sum(a[k].numel() for k in factors) * 2
+    assert data_bytes("f32") - data_bytes("bf16") == factor_bytes  # two bytes an element saved, no more
+    assert narrow.manifest["factor_dtype"] == "bfloat16" and wide.manifest["factor_dtype"] == "float32"
+    _, missing, unexpected = load_peft(trio["target_base"], str(tmp_path / "bf16"))
+    assert missing == [] and unexpected == []

@@ -475,6 +475,8 @@ def _add_lora_command(sub) -> None:
     lora.add_argument("--evaluate", action="store_true", help=LoraExport.model_fields["evaluate"].description)
     lora.add_argument("--max-kl", type=float, help=LoraExport.model_fields["max_kl"].description)
     lora.add_argument("--device", choices=["cpu", "cuda", "auto"], help=LoraExport.model_fields["device"].description)
+    lora.add_argument("--factor-dtype", choices=["float32", "bfloat16", "float16"],
+                      help=LoraExport.model_fields["factor_dtype"].description + " (default float32)")
     lora.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
     lora.set_defaults(func=_cmd_lora)
 
@@ -495,7 +497,7 @@ def _cmd_lora(args: argparse.Namespace) -> int:
 
     body = {k: getattr(args, k) for k in ("source_base", "source_finetuned", "diff", "target_base", "output",
                                           "energy", "profile", "modules", "alpha", "max_kl", "device",
-                                          "power_iterations")
+                                          "power_iterations", "factor_dtype")
             if getattr(args, k) is not None}
     if args.rank is not None:
         body["ranks" if isinstance(args.rank, list) else "rank"] = args.rank

@@ -373,21 +373,27 @@ class _Run:
         return u, v
 
 
-def _module_entries(module: _Module, r: int, bias: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+FACTOR_DTYPES = {"float32": ("F32", torch.float32), "bfloat16": ("BF16", torch.bfloat16),
+                 "float16": ("F16", torch.float16)}
+
+
+def _module_entries(module: _Module, r: int, bias: bool, factor_dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
     out, into = module.features
-    key = f"base_model.model.{module.name}"
-    entries = [(f"{key}.lora_A.weight", "F32", (r, into)), (f"{key}.lora_B.weight", "F32", (out, r))]
-    return entries + ([(f"{key}.lora_B.bias", "F32", (out,))] if bias else [])
+    key, stored = f"base_model.model.{module.name}", FACTOR_DTYPES[factor_dtype][0]
+    entries = [(f"{key}.lora_A.weight", stored, (r, into)), (f"{key}.lora_B.weight", stored, (out, r))]
+    return entries + ([(f"{key}.lora_B.bias", stored, (out,))] if bias else [])
 
 
 def _module_producer(run: _Run, module: _Module, r: int, factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+    stored = FACTOR_DTYPES[run.spec.factor_dtype][1]
+
     def produce(write: Callable) -> None:
         a, b = _lora_pair(*factors(), module, r, run.spec.alpha)
-        write(a)
-        write(b)
+        write(a.to(stored))  # float32 factors rounded once
+        write(b.to(stored))
         del a, b
         if run.plan.lora_bias:
-            write(_bias(run, module))
+            write(_bias(run, module).to(stored))
 
     return produce
 
@@ -474,8 +480,8 @@ def _write_adapter(run: _Run, sink) -> tuple[int, list]:
                 return lambda: run.factor(module, cap)
         weights = _Weights()
         for module in modules:
-            weights.add(_module_entries(module, r, run.plan.lora_bias), _module_producer(run, module, r,
-                                                                                         factors(module)))
+            entries = _module_entries(module, r, run.plan.lora_bias, spec.factor_dtype)
+            weights.add(entries, _module_producer(run, module, r, factors(module)))
         _rest_entries(run, weights)
         config = adapter_config(spec, run.plan, r)
         records = [sink.put("adapter_config.json", json.dumps(config, indent=2, sort_keys=True).encode()),
@@ -518,6 +524,7 @@ def _manifest(run: _Run, r: int, files: list, seconds: float) -> dict:
     manifest = {
         "format": "graft-lora/1", "engine": engine, "request": spec.model_dump(), "inputs": inputs,
         "architecture": plan.layout.model_type, "rank": r, "lora_alpha": r, "scaling": 1.0,
+        "factor_dtype": spec.factor_dtype,  # the modules' errors below are the float32 factors', before rounding
         "formula": "target + alpha * (source_finetuned - source_base) ~ target + lora_B @ lora_A "
                    "(lora_B = alpha * U S, lora_A = V^T; Conv1D: transposed)",
         "modules": {m.name: m.entry for m in modules}, "lora_bias": sorted(m.bias for m in modules if m.bias),

@@ -45,6 +45,10 @@ class LoraExport(BaseModel):
     power_iterations: int = Field(1, ge=0, le=4, description="the randomized SVD's power iterations (each one "
                                   "two more reads of a module's delta; more: closer to the optimal factor)")
     seed: int = Field(0, ge=0, le=2**53 - 1, description="the randomized SVD's sketch seed")
+    factor_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the stored dtype of lora_A, lora_B and lora_B.bias (computed in float32, rounded "
+        "once): bfloat16 halves the adapter, which vLLM casts to the model's dtype anyway; the manifest's errors "
+        "are the float32 factors'")
     ranks: list[int] | None = Field(None, min_length=2, max_length=MAX_SWEEP, description=f"a rank sweep (2 to "
                                     f"{MAX_SWEEP} ranks, in place of rank): each adapter evaluated against the full "
                                     "graft and the fine-tune; the smallest rank within max_kl is published")
