@@ -238,7 +238,7 @@ def _sweep(request: GraftRequest, alphas: list[float], checks: Checks, hooks: Ho
     select = checks.select or Select.PROBE_LOSS
     spec = checks.evaluate or EvaluateSpec()
     _check_scorable(request, spec, select, hooks)
-    scratch = _scratch(hooks.settings)
+    scratch = sweep_scratch(hooks.settings)
     scores: list[dict] = []
     best: _Candidate | None = None
     try:
@@ -312,14 +312,14 @@ def _check_measured(candidate: _Candidate, select: Select) -> None:
                          limit="the window the models' context and memory bound (GRAFT_EVAL_MEMORY_BYTES) leave")
 
 
-def _scratch(settings: EngineSettings) -> str:
-    """A private directory for a sweep's candidates, owned like a graft's temp output: what a killed sweep
-    left (its process gone) is removed by the next one on this host."""
+def sweep_scratch(settings: EngineSettings, prefix: str = SCRATCH_PREFIX) -> str:
+    """A private directory for a sweep's candidates (an alpha sweep's, a LoRA rank sweep's), owned like a graft's
+    temp output: what a killed sweep left (its process gone) is removed by the next one on this host."""
     from worker.engine.storage.sinks import OWNER, remove_orphans
 
     parent = settings.scratch_dir or tempfile.gettempdir()
-    remove_orphans(parent, SCRATCH_PREFIX)
-    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
+    remove_orphans(parent, prefix)
+    scratch = tempfile.mkdtemp(prefix=prefix, dir=parent)
     with open(os.path.join(scratch, OWNER), "w") as fh:
         fh.write(f"{socket.gethostname()} {os.getpid()}\n")
     return scratch

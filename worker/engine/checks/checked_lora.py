@@ -20,11 +20,10 @@ import json
 import math
 import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from worker.engine.checks.checked_graft import sweep_scratch
 from worker.engine.checks.evaluation.spec import EvaluateSpec
 from worker.engine.config import EngineSettings
 from worker.engine.errors import GraftError
@@ -56,7 +55,7 @@ def run_checked_lora(request: LoraExportRequest, settings: EngineSettings | None
                          "before it is built)")
     if spec.profile == "vllm":
         ranks = sorted({vllm_rank(r) for r in ranks})  # what the adapters will have: no rank scored twice
-    scratch = _scratch(settings)
+    scratch = sweep_scratch(settings, SCRATCH_PREFIX)
     try:
         def scored(done: int) -> None:  # a sweep takes minutes before the published export starts: say so
             if progress is not None:
@@ -95,17 +94,6 @@ def _pick(curve: list[dict], max_kl: float) -> tuple[dict, list[dict]]:
     largest = max(curve, key=lambda c: c["rank"])
     return largest, [{"code": "no_rank_within_max_kl", "message": f"no rank of {[c['rank'] for c in curve]} "
                       f"keeps the KL to the full graft within {max_kl}; the largest was published"}]
-
-
-def _scratch(settings: EngineSettings) -> str:
-    from worker.engine.storage.sinks import OWNER, remove_orphans
-
-    parent = settings.scratch_dir or tempfile.gettempdir()
-    remove_orphans(parent, SCRATCH_PREFIX)
-    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
-    with open(os.path.join(scratch, OWNER), "w") as fh:
-        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-    return scratch
 
 
 def _roots(request: LoraExportRequest, scratch: str) -> list[str] | None:
