@@ -180,3 +180,39 @@ def test_a_split_whose_lost_task_left_its_record_settles(env, monkeypatch, statu
     assert discarded == [job_id] and _rq_ids(env) == []
     assert records.load(job_id) is None and job_id not in records.split_ids()
     assert store.status(job_id) == ("failed" if status == "failed" else "cancelled")
+
+
+_RACED: list[str] = []
+
+
+def _cleanup_racing_the_expiry(job, connection, exc_type, exc_value, tb) -> None:
+    """A failure callback that, on its first call, runs what every worker runs as it starts: RQ's registry
+    cleanup of the same queue, at the moment the monitor's own clean-up of the entry is under way."""
+    from rq.registry import clean_registries
+
+    _RACED.append(job.id)
+    if len(_RACED) == 1:
+        clean_registries(Queue(job.origin, connection=connection))
+
+
+def test_a_lapsed_execution_is_retried_once_when_a_worker_cleans_up_beside_the_monitor(env):
+    """The monitor expires a dead task's RQ execution while a new worker's registry cleanup runs: the task is
+    queued again once, and its failure callback runs once (not a second start of the same shard)."""
+    from rq import Callback, Retry
+    from rq.registry import StartedJobRegistry
+
+    conn, settings, _, jobs = env
+    _RACED.clear()
+    queue = Queue(settings.queue_name, connection=conn)
+    job = queue.enqueue("builtins.len", [], retry=Retry(max=3), on_failure=Callback(_cleanup_racing_the_expiry))
+    jobs.append(job.id.split("-")[0])
+    conn.lrem(queue.key, 0, job.id)  # taken by a worker, which then died mid-task
+    job.set_status(JobStatus.STARTED)
+    registry = StartedJobRegistry(settings.queue_name, connection=conn)
+    member = f"{job.id}:execution-1".encode()
+    conn.zadd(registry.key, {member: 10**10})
+    Monitor(conn, settings)._expire([member])
+    assert [job.id] == _RACED, "the failure callback ran once"
+    assert queue.job_ids.count(job.id) == 1, "queued again exactly once"
+    assert Job.fetch(job.id, connection=conn).retries_left == 2
+    assert conn.zcard(registry.key) == 0 and not list(conn.scan_iter(match=f"{registry.key}:reaping:*"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 
 import redis
@@ -34,6 +35,19 @@ from worker.service.task_records import TaskRecords, task_id
 
 log = logging.getLogger("graft.monitor")
 
+# Moves each execution entry from the started registry (KEYS[1]) to a private one (KEYS[2]) scored 1, only if
+# this call is the one that removes it: of concurrent claimers exactly one gets each entry.
+_CLAIM_EXECUTIONS = """
+local moved = 0
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('ZADD', KEYS[2], 1, member)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 
 class Monitor(threading.Thread):
     def __init__(self, conn: redis.Redis, settings: Settings) -> None:
@@ -46,6 +60,7 @@ class Monitor(threading.Thread):
         self.stop = threading.Event()
         self._cancelling_since: dict[str, float] = {}
         self._reachable_since: float | None = None  # monotonic time of the first tick after the last outage
+        self._claim = conn.register_script(_CLAIM_EXECUTIONS)
 
     def run(self) -> None:
         backoff = Backoff(self.settings.redis_retry_max)
@@ -132,11 +147,22 @@ class Monitor(threading.Thread):
 
     def _expire(self, members: list[bytes]) -> None:
         """RQ's own clean-up of these executions now: AbandonedJobError through the failure callback, which
-        consumes one Retry (the job or task is queued again) or fails it."""
+        consumes one Retry (the job or task is queued again) or fails it.
+
+        The entries are first moved, atomically, out of the queue's StartedJobRegistry into a registry key of
+        this call's own, and cleaned up there. Marking them expired in place let any worker's registry cleanup
+        (every worker runs one as it starts) see the same entries between the mark and our clean-up: both ran
+        the failure callback and RQ's retry, and the task was queued, and run, twice."""
         # The failure callback runs in this (non-main) thread: SIGALRM timeouts only work in the main one.
         registry = StartedJobRegistry(self.queue.name, connection=self.conn, death_penalty_class=TimerDeathPenalty)
-        self.conn.zadd(registry.key, {m: 1 for m in members}, xx=True)
-        registry.cleanup(timestamp=2)  # only entries scored below 2: exactly the ones expired above
+        started_key = registry.key
+        registry.key = f"{started_key}:reaping:{uuid.uuid4().hex}"
+        try:
+            moved = self._claim(keys=[started_key, registry.key], args=members)
+            if moved:  # an entry another monitor or RQ took first is theirs to clean up
+                registry.cleanup(timestamp=2)  # scored 1 by the claim
+        finally:
+            self.conn.delete(registry.key)
 
     def _look_after_split(self, job_id: str, judge: bool) -> None:
         """A split job (fanout.py): a running task whose lease lapsed is expired (RQ's retry queues it again:
