@@ -329,3 +329,42 @@ def test_extraction_memory_does_not_grow_with_the_number_of_tensors(tmp_path):
 
     small, deep = peak(4), peak(40)
     assert deep - small < 100 << 20, (small >> 20, deep >> 20)
+
+
+def test_an_s3_artifact_is_hashed_once_per_version_and_a_rewritten_shard_is_refused(trio, tmp_path, s3_bucket,
+                                                                                    s3_endpoint, one_torch_thread):
+    """Applying one artifact to many bases verifies each shard once per version (its ETag): a second open reads
+    no shard bytes, and a shard written again (new ETag) is read, hashed and refused when it no longer matches."""
+    from conftest import upload_dir
+
+    from worker.engine.diffs.artifact import read_manifest, verify_shards
+    from worker.engine.storage.input_hashes import DigestCache
+    from worker.engine.storage.s3 import s3_client
+    from worker.engine.storage.stores import open_store
+    from worker.engine.storage.uris import parse_uri
+
+    extract(trio, tmp_path / "diff")
+    uri = upload_dir(s3_endpoint, str(tmp_path / "diff"), s3_bucket, "once/diff")
+    cache_dir = str(tmp_path / "digests")
+
+    def verify(fail_reads: bool) -> None:
+        store = open_store(parse_uri(uri), s3_endpoint)
+        try:
+            manifest = read_manifest(store, uri)
+            if fail_reads:
+                def no_read(*_args, **_kwargs):
+                    raise AssertionError("a shard verified before, unchanged, was read again")
+                store.read_range = no_read
+            verify_shards(store, manifest, uri, DigestCache(cache_dir))
+        finally:
+            store.close()
+
+    verify(fail_reads=False)
+    verify(fail_reads=True)  # the digest remembered for this ETag
+    shard = next(n for n in os.listdir(tmp_path / "diff") if n.startswith("diff-") and n.endswith(".safetensors"))
+    data = bytearray((tmp_path / "diff" / shard).read_bytes())
+    data[-3] ^= 0xFF
+    s3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"once/diff/{shard}", Body=bytes(data))
+    with pytest.raises(GraftError) as err:
+        verify(fail_reads=False)
+    assert err.value.code == "invalid_diff" and "sha256" in err.value.message

@@ -16,7 +16,7 @@ from worker.engine.compute.tensor_stats import TensorStats, chunk_sums, delta_su
 
 # float16 overflows to Inf on rounding above this; float32 and bfloat16 share float32's range.
 _FINITE_LIMIT = {torch.float16: 65520.0}
-CHUNK = 1 << 18  # elements per CPU pass: scratch stays in L2
+CHUNK = 1 << 18  # elements per CPU pass: scratch stays in L2 (a power of 2: _apply_sparse masks by it)
 
 
 def _finite(chunk: torch.Tensor) -> bool:
@@ -150,7 +150,7 @@ class Arithmetic:
         a_buf, b_buf, _c = self._buffers(compute)
         n = out.numel()
         cuts = patch.bounds(torch.tensor([*range(0, n, CHUNK), n], dtype=torch.int64))
-        local = patch.positions % CHUNK  # each kept element's place in its chunk
+        local = patch.positions & (CHUNK - 1)  # each kept element's place in its chunk (CHUNK: a power of 2)
         sums = TensorStats()
         finite, big = True, 0.0
         limit = _FINITE_LIMIT.get(out.dtype)

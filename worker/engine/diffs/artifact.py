@@ -132,6 +132,24 @@ def _digest(store: Store, name: str, size: int, cache) -> str:
     apply's time (25 s of 52 for an exact artifact at 5 MB/s a connection)."""
     if cache is not None and isinstance(store, LocalStore):
         return cache.digest(store.path(name))
+    identity = _remote_identity(store, name, size)
+    if cache is not None and identity is not None and (known := cache.known(identity)) is not None:
+        return known
+    digest = _read_and_hash(store, name, size)
+    if cache is not None and identity is not None:
+        cache.remember(identity, digest)
+    return digest
+
+
+def _remote_identity(store: Store, name: str, size: int) -> str | None:
+    """What names one version of a remote shard: its URI, size and ETag (S3 gives an object a new ETag whenever
+    it is written), so that applying one artifact to many bases reads and hashes it once, as a local one is
+    (DigestCache). None where the store keeps no such token: then every apply hashes it."""
+    etag = store.fingerprint(name).get("etag")
+    return f"{store.location}/{name}|{size}|etag={etag}" if etag else None
+
+
+def _read_and_hash(store: Store, name: str, size: int) -> str:
     sha = hashlib.sha256()
     starts = range(0, size, HASH_CHUNK)
     with ThreadPoolExecutor(max_workers=HASH_LANES, thread_name_prefix="graft-verify") as pool:

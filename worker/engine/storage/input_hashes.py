@@ -61,6 +61,16 @@ class DigestCache:
             self._dirty = True
         return found
 
+    def known(self, identity: str) -> str | None:
+        """The digest remembered for a remote object's identity (its URI, size and the store's own version
+        token: an S3 ETag changes whenever the object is written again)."""
+        return self._entries.get(identity)
+
+    def remember(self, identity: str, digest: str) -> None:
+        if self._entries.get(identity) != digest:
+            self._entries[identity] = digest
+            self._dirty = True
+
     def save(self) -> None:
         if not (self.path and self._dirty):
             return
