@@ -55,15 +55,15 @@ class DigestCache:
 
     def digest(self, path: str, stop: threading.Event | None = None) -> str:
         key = self._key(path)
-        found = self._entries.get(key)
+        found = self.known(key)
         if found is None:
-            found = self._entries[key] = sha256_file(path, stop)
-            self._dirty = True
+            found = sha256_file(path, stop)
+            self.remember(key, found)
         return found
 
     def known(self, identity: str) -> str | None:
-        """The digest remembered for a remote object's identity (its URI, size and the store's own version
-        token: an S3 ETag changes whenever the object is written again)."""
+        """The digest remembered for an identity: a local file's (_key), or a remote object's (its URI, size and
+        the store's own version token: an S3 ETag changes whenever the object is written again)."""
         return self._entries.get(identity)
 
     def remember(self, identity: str, digest: str) -> None:
