@@ -137,13 +137,17 @@ class Monitor(threading.Thread):
         if self.store.status(job_id) == "cancelling":
             self.store.transition(job_id, ("cancelling",), "cancelled", finished_at=now_iso(),
                                   event={"type": "finished", "status": "cancelled", "worker_lost": True})
-        registry = StartedJobRegistry(self.queue.name, connection=self.conn)
-        members = [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{job_id}:")]
+        members = self._executions(job_id)
         if not members:
             return
         log.warning("job %s: its process died; expiring its RQ execution now", job_id)
         self.store.add_event(job_id, "worker_lost")
         self._expire(members)
+
+    def _executions(self, rq_id: str) -> list[bytes]:
+        """The StartedJobRegistry entries ({job id}:{execution id}) of one RQ job."""
+        registry = StartedJobRegistry(self.queue.name, connection=self.conn)
+        return [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{rq_id}:")]
 
     def _expire(self, members: list[bytes]) -> None:
         """RQ's own clean-up of these executions now: AbandonedJobError through the failure callback, which
@@ -193,8 +197,7 @@ class Monitor(threading.Thread):
                 if not self.conn.set(f"{self.settings.key_prefix}recover:{rq_id}", b"1", nx=True,
                                      px=int(self.settings.lease_seconds * 1000)):
                     continue
-                registry = StartedJobRegistry(self.queue.name, connection=self.conn)
-                members = [m for m in self.conn.zrange(registry.key, 0, -1) if m.decode().startswith(f"{rq_id}:")]
+                members = self._executions(rq_id)
                 if members and not self.store.lease_alive(rq_id):
                     log.warning("job %s: task %s's process died; expiring its RQ execution now", job_id, task)
                     self.store.add_event(job_id, "worker_lost", task=task)
