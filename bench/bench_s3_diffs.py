@@ -311,8 +311,9 @@ def report(args, res: dict, sizes: dict, startup: list[float]) -> None:
     for key in [f"apply_{x}" for x in labels] + [f"apply_{x}_again" for x in labels if f"apply_{x}_again" in res]:
         label = key[len("apply_"):]
         ratio = three / best(res[key])["wall_s"]
-        goal, ok = (1.0, ratio >= 0.95) if label.startswith("exact") else (2.0, ratio >= 2.0)
-        print(f"  target: {label} applied {'no slower than' if label.startswith('exact') else '>= 2x faster than'} the "
+        exact = label.startswith("exact")  # exact and exact_again: no slower; the others: 2x
+        goal, ok = (1.0, ratio >= 0.95) if exact else (2.0, ratio >= 2.0)
+        print(f"  target: {label} applied {'no slower than' if exact else '>= 2x faster than'} the "
               f"three-model graft: {ratio:.2f}x -> {'met' if ok else 'NOT met'} (goal {goal:g}x)")
 
 
