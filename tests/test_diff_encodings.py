@@ -127,6 +127,122 @@ def test_exact_gives_back_the_bits(dtype, itype):
                            delta[start:start + count].view(itype))
 
 
+def readme_exact_reader(parts, meta, n):
+    """The exact encoding's frames decoded as README.md's format section states them, with zstandard and numpy
+    alone: an independent reader, against which the encoder's layout is checked."""
+    import zstandard
+
+    offsets, frames = parts.tensor("offsets").tolist(), bytes(parts.data["frames"])
+    words = []
+    for k in range(len(offsets) - 1):
+        stored = frames[offsets[k]:offsets[k + 1]]
+        m = min(meta["frame"], n - k * meta["frame"])
+        kind, data = (stored[0], stored[1:]) if meta.get("layout", 1) >= 2 else (0, stored)
+        raw = zstandard.ZstdDecompressor().decompress(data)
+        if kind == 0:
+            planes = np.frombuffer(raw, np.uint8).reshape(4, m).astype(np.uint32)
+            words.append(planes[0] | planes[1] << 8 | planes[2] << 16 | planes[3] << 24)
+            continue
+        assert kind == 1
+        b2, b3 = (np.frombuffer(raw, np.uint8, count=m, offset=i * m).astype(np.uint32) for i in (0, 1))
+        word = b3 << 24 | b2 << 16
+        e = int.from_bytes(raw[2 * m:2 * m + 4], "little")
+        at = np.frombuffer(raw, "<u4", count=e, offset=2 * m + 4)
+        word[at] |= np.frombuffer(raw, "<u2", count=e, offset=2 * m + 4 + 4 * e)
+        words.append(word)
+    return torch.from_numpy(np.concatenate(words).view(np.int32))
+
+
+def frame_kinds(parts):
+    frames = bytes(parts.data["frames"])
+    return [frames[o] for o in parts.tensor("offsets").tolist()[:-1]]
+
+
+def test_exact_stores_high_halves_and_their_exceptions():
+    """Layout 2: a bf16 fine-tune's frame keeps the high halves plus the few elements whose low half is not
+    zero; a frame of full float32 deltas keeps its four planes. Every bit comes back, signalling NaN payloads
+    included (in the high half, the low half, both), and the layout is the one README.md states."""
+    n = 3 * EXACT_FRAME + 777
+    delta = bf16_delta((n,), seed=11)
+    delta[EXACT_FRAME:2 * EXACT_FRAME] = torch.randn(EXACT_FRAME, generator=torch.Generator().manual_seed(3))
+    nan_bits = torch.tensor([0x7F800001, 0x7F810000, 0xFF812345 - (1 << 32), 0x7FC00000, 0x00000001,
+                             0x80000000 - (1 << 32)], dtype=torch.int32)
+    delta.view(torch.int32)[5:11] = nan_bits  # in a high-halves frame: exceptions where the low half is set
+    delta.view(torch.int32)[2 * EXACT_FRAME + 3:2 * EXACT_FRAME + 9] = nan_bits
+    parts, info = encode("exact", delta, chunk=77_777)
+    assert info.meta["layout"] == 2 and frame_kinds(parts) == [1, 0, 1, 1]
+    bits = delta.view(torch.int32)
+    assert torch.equal(readme_exact_reader(parts, info.meta, n), bits)
+    assert torch.equal(decode("exact", parts, info, delta.shape).view(torch.int32), bits)
+    for start, count in ((0, 11), (4, 3), (EXACT_FRAME - 2, 5), (2 * EXACT_FRAME + 4, 1), (3 * EXACT_FRAME, 777)):
+        got = decode("exact", parts, info, delta.shape, start, count).view(torch.int32)
+        assert torch.equal(got, bits[start:start + count])
+    wide = decode("exact", parts, info, delta.shape, 0, EXACT_FRAME, torch.float64)
+    finite = torch.isfinite(delta[:EXACT_FRAME])
+    assert torch.equal(wide[finite], delta[:EXACT_FRAME][finite].double())
+
+
+def test_exact_reads_artifacts_of_layout_1():
+    """An artifact written before layout 2 (meta without `layout`, frames of zstd'd planes without a kind byte)
+    decodes as it did: its frames built here by the README's description of layout 1."""
+    import zstandard
+
+    n = EXACT_FRAME + 1000
+    delta = bf16_delta((n,), seed=12)
+    delta[17] = -0.0
+    parts = MemoryParts()
+    frames, offsets = parts.part("frames", "U8"), [0]
+    for k in range(0, n, EXACT_FRAME):
+        grid = delta[k:k + EXACT_FRAME].numpy().view(np.uint8).reshape(-1, 4)
+        data = zstandard.ZstdCompressor(level=1).compress(np.ascontiguousarray(grid.T).tobytes())
+        frames.write(data)
+        offsets.append(offsets[-1] + len(data))
+    parts.part("offsets", "I64").write(np.asarray(offsets, dtype="<i8").tobytes())
+    meta = {"dtype": "F32", "frame": EXACT_FRAME}
+    out = torch.full((n,), math.nan)
+    ENCODINGS["exact"].decode_into(parts, meta, (n,), 0, out)
+    assert torch.equal(out.view(torch.int32), delta.view(torch.int32))
+    part = torch.full((30,), math.nan)
+    ENCODINGS["exact"].decode_into(parts, meta, (n,), EXACT_FRAME - 10, part)
+    assert torch.equal(part, delta[EXACT_FRAME - 10:EXACT_FRAME + 20])
+
+
+def _spoilt(parts, info, n, edit):
+    """The exact parts of a small delta with frame 0's decompressed payload changed by `edit` (recompressed)."""
+    import zstandard
+
+    stored = bytes(parts.data["frames"])
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(stored[1:]))
+    kind, raw = edit(stored[0], raw)
+    data = bytes([kind]) + zstandard.ZstdCompressor().compress(bytes(raw))
+    bad = MemoryParts()
+    bad.part("frames", "U8").write(data)
+    bad.part("offsets", "I64").write(np.asarray([0, len(data)], dtype="<i8").tobytes())
+    return bad
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda kind, raw: (7, raw), "unknown kind"),
+    (lambda kind, raw: (kind, raw[:-2]), "do not add up"),
+    (lambda kind, raw: (kind, raw[:100]), "shorter than its elements"),
+    (lambda kind, raw: (0, raw), "not as long as its elements"),
+    (lambda kind, raw: (kind, raw[:2 * 5000 + 4] + (2**31).to_bytes(4, "little") + raw[2 * 5000 + 8:]),
+     "not ascending"),
+])
+def test_a_malformed_exact_frame_is_refused(edit, why):
+    from worker.engine.errors import GraftError
+
+    n = 5000
+    delta = bf16_delta((n,), seed=13)
+    delta.view(torch.int32)[[3, 9]] |= 1  # two exceptions
+    parts, info = encode("exact", delta)
+    assert frame_kinds(parts) == [1]
+    bad = _spoilt(parts, info, n, edit)
+    with pytest.raises(GraftError, match=why) as err:
+        ENCODINGS["exact"].decode_into(bad, info.meta, (n,), 0, torch.empty(n))
+    assert err.value.code == "invalid_diff"
+
+
 def test_exact_reads_only_the_frames_it_needs():
     n = 3 * EXACT_FRAME
     delta = bf16_delta((n,), seed=2)
