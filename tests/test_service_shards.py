@@ -25,10 +25,12 @@ from service_fixtures import (
 
 # Every task slowed a little (4 KB blocks, 30 ms each: about 1.6 s per job of the trio) so that a kill, a cancel
 # and a second tenant's job land mid fan-out; one API and two workers for the module (their start-up is most of
-# a service test's time on a busy machine).
+# a service test's time on a busy machine). Progress written at every block: a shard streams for about 0.4 s,
+# under the default interval, so a task's record said "streaming, 0%" until it ended, and the kill test, which
+# picks a task mid-stream by it, sometimes killed a worker whose task had finished.
 SPLIT = {"GRAFT_SHARD_MIN_BYTES": 1, "GRAFT_LEASE_SECONDS": 2, "GRAFT_MONITOR_INTERVAL": 0.3,
          "GRAFT_BLOCK_BYTES": 4096, "GRAFT_JOB_BLOCK_DELAY": 0.03, "GRAFT_SHARD_QUEUED_PER_TENANT": 2,
-         "GRAFT_PROBE_MAX_TOKENS": 512}
+         "GRAFT_PROBE_MAX_TOKENS": 512, "GRAFT_PROGRESS_INTERVAL": 0}
 SHARDS = {"shard_size": "50KB"}  # the trio's 216 KB output in 6 shards
 
 

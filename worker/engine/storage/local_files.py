@@ -14,6 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.engine.errors import GraftError
+from worker.engine.storage.direct_writes import DIRECT_MIN_BYTES, DirectFile, set_direct
 from worker.engine.storage.sinks import MANIFEST, OWNER, STAGING, FileWriter, Sink
 from worker.engine.storage.stores import Confinement, Store, fd_path
 from worker.engine.storage.uris import Location
@@ -157,8 +158,16 @@ class _LocalWriter(FileWriter):
                 os.posix_fallocate(self._fd, 0, expected_size)
             except OSError:
                 pass
+        self._direct = None
+        if (expected_size or 0) >= DIRECT_MIN_BYTES and set_direct(self._fd, True):
+            self._direct = DirectFile(self._fd, io)
 
     def write(self, data) -> None:
+        if self._direct is not None:  # staged here (one copy), written on the I/O thread around the page cache
+            self._sha.update(data)
+            self.size += len(data)
+            self._direct.append(data)
+            return
         # The write goes to the I/O thread while this thread hashes the same bytes.
         pending = self._io.submit(self._write, data) if len(data) >= (1 << 20) else None
         self._sha.update(data)
@@ -180,6 +189,9 @@ class _LocalWriter(FileWriter):
         # output whose shards are holes.
         fd, self._fd = self._fd, -1  # closed once: an abort() after a failure here must not close a reused number
         try:
+            if self._direct is not None:
+                direct, self._direct = self._direct, None
+                direct.finish()
             os.fdatasync(fd)
         except OSError as exc:
             raise GraftError("storage_error", f"cannot write {self.name} to the output: {exc.strerror}") from None
@@ -190,6 +202,9 @@ class _LocalWriter(FileWriter):
             self._landed(self._part)
 
     def abort(self) -> None:
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            direct.close()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             try:
