@@ -45,7 +45,11 @@ class EngineSettings(BaseSettings):
                                            "for the next bytes of an answer (a stalled connection is a fault)")
     hash_inputs: bool = Field(True, description="sha256 of local input files for the manifest")
     cache_dir: str = Field(os.path.join(os.path.expanduser("~"), ".cache", "graft"),
-                           description="remembered input digests; empty to disable")
+                           description="remembered input digests and kept artifact shards; empty to disable")
+    artifact_cache_bytes: int = Field(4 << 30, ge=0, description="disk the verified local copies of remote diff "
+                                      "artifacts' shards may take under cache_dir (least recently used evicted): "
+                                      "an S3 artifact is read over the link once per version, its check's bytes "
+                                      "are what the stream applies; 0: none kept, shards read from S3 each time")
     # Running the models (the function-level probe, the evaluation of a graft, an alpha sweep's scoring).
     eval_memory_bytes: int = Field(8 << 30, description="memory the models loaded at once for a function-level "
                                    "probe or an evaluation may take (float32 parameters); past it the probe or "

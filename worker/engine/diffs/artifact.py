@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.engine.compute.patches import Patch
 from worker.engine.diffs.artifact_writer import entry_name
 from worker.engine.diffs.encodings import ENCODINGS
+from worker.engine.diffs.shard_cache import CopySink, KeptShards, ShardCache
 from worker.engine.errors import GraftError
 from worker.engine.storage.faults import StorageRetry
 from worker.engine.storage.lanes import RemoteReads
@@ -149,35 +151,68 @@ def _remote_identity(store: Store, name: str, size: int) -> str | None:
     return f"{store.location}/{name}|{size}|etag={etag}" if etag else None
 
 
-def _read_and_hash(store: Store, name: str, size: int) -> str:
+def _read_and_hash(store: Store, name: str, size: int, sink: CopySink | None = None) -> str:
+    """The shard's sha256, its bytes also written to `sink` in order (a kept copy: shard_cache.py)."""
     sha = hashlib.sha256()
     starts = range(0, size, HASH_CHUNK)
+
+    def take(future) -> None:
+        data = future.result()
+        sha.update(data)
+        if sink is not None:
+            sink.write(data)
+
     with ThreadPoolExecutor(max_workers=HASH_LANES, thread_name_prefix="graft-verify") as pool:
         window: list = []
         for start in starts:  # at most HASH_LANES chunks read ahead of the hash: memory HASH_LANES x HASH_CHUNK
             window.append(pool.submit(store.read_range, name, start, min(HASH_CHUNK, size - start)))
             if len(window) >= HASH_LANES:
-                sha.update(window.pop(0).result())
+                take(window.pop(0))
         for future in window:
-            sha.update(future.result())
+            take(future)
     return sha.hexdigest()
 
 
-def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None) -> None:
+def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None,
+                  kept: ShardCache | None = None) -> dict[str, int]:
     """Every shard the manifest names is there with its size and sha256 (`cache`: a DigestCache for local
-    files, so applying one artifact to many bases hashes it once)."""
+    files, so applying one artifact to many bases hashes it once). With `kept`, a remote shard's verified bytes
+    are kept as a local copy (shard_cache.py): returns the read descriptors of those, by shard name, which the
+    caller closes."""
     for shard in manifest.shards:
         if "/" in shard.path or not store.exists(shard.path):
             raise _invalid(uri, f"shard {shard.path!r} named by the manifest is missing")
         if store.size(shard.path) != shard.size:
             raise _invalid(uri, f"shard {shard.path}: {store.size(shard.path)} bytes, the manifest says {shard.size}")
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(manifest.shards)))) as pool:
-        digests = list(pool.map(lambda s: _digest(store, s.path, s.size, cache), manifest.shards))
-    if cache is not None:
-        cache.save()
-    for shard, digest in zip(manifest.shards, digests, strict=True):
-        if digest != shard.sha256:
-            raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since extraction)")
+        checked = list(pool.map(lambda s: _check_shard(store, s, cache, kept), manifest.shards))
+    fds = {shard.path: fd for shard, (_digest_, fd) in zip(manifest.shards, checked, strict=True) if fd is not None}
+    try:
+        if cache is not None:
+            cache.save()
+        for shard, (digest, _fd) in zip(manifest.shards, checked, strict=True):
+            if digest != shard.sha256:
+                raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since "
+                               "extraction)")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _check_shard(store: Store, shard: ShardRecord, cache, kept: ShardCache | None) -> tuple[str, int | None]:
+    """(the shard's sha256, a descriptor of its kept verified copy or None)."""
+    identity = None if kept is None or isinstance(store, LocalStore) else _remote_identity(store, shard.path,
+                                                                                           shard.size)
+    if identity is None:
+        return _digest(store, shard.path, shard.size, cache), None
+    fd = kept.lookup(identity, shard.size, shard.sha256)
+    if fd is not None:
+        return shard.sha256, fd
+    fd, digest = kept.fetch(identity, shard.size, shard.sha256,
+                            lambda sink: _read_and_hash(store, shard.path, shard.size, sink))
+    return digest, fd
 
 
 class _PartCache:
@@ -398,14 +433,17 @@ def _check_entries(manifest: DiffManifest, entries: dict[str, TensorInfo], uri: 
 def open_artifact(uri: str, location: Location, *, endpoint_url: str | None = None, max_header_bytes: int = 100 << 20,
                   reads: RemoteReads | None = None, allowed_roots: list[str] | None = None,
                   denied_roots: list[str] | None = None, retry: StorageRetry | None = None,
-                  digest_cache=None) -> Artifact:
+                  digest_cache=None, shard_cache: ShardCache | None = None) -> Artifact:
     """The artifact at `location`, checked (manifest, shard sizes and sha256, every part present): GraftError
-    invalid_diff otherwise, before anything is planned or written."""
+    invalid_diff otherwise, before anything is planned or written. `shard_cache`: remote shards are read from
+    the verified copies it keeps (shard_cache.py)."""
     inner = open_store(location, endpoint_url, reads=reads, allowed_roots=allowed_roots, denied_roots=denied_roots,
                        retry=retry)
     try:
         manifest = read_manifest(inner, uri)
-        verify_shards(inner, manifest, uri, digest_cache)
+        fds = verify_shards(inner, manifest, uri, digest_cache, shard_cache)
+        if fds:
+            inner = KeptShards(inner, fds)  # closes them with itself
         entries: dict[str, TensorInfo] = {}
         for shard in manifest.shards:
             found, _meta = _read_header(inner, shard.path, "diff", max_header_bytes)

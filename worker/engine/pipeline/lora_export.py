@@ -557,11 +557,13 @@ def _resolve(spec: LoraExport, request: LoraExportRequest, settings: EngineSetti
         raise
     if spec.diff is not None:
         from worker.engine.diffs.artifact import open_artifact
+        from worker.engine.diffs.shard_cache import shard_cache_for
 
         artifact = open_artifact(spec.diff, parse_uri(spec.diff, field="diff"), endpoint_url=settings.s3_endpoint_url,
                                  max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
                                  allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                                 retry=storage_retry(settings))
+                                 retry=storage_retry(settings),
+                                 shard_cache=shard_cache_for(settings.cache_dir, settings.artifact_cache_bytes))
         return target, DeltaSource({}, artifact), [artifact.store]
     models = {role: one(role, getattr(spec, role)) for role in ("source_base", "source_finetuned")}
     return target, DeltaSource(models), [m.store for m in models.values()]

@@ -96,13 +96,15 @@ def _open_artifact(uri: str, role: str, request: GraftRequest, settings: EngineS
     """A diff artifact of the recipe, checked (worker/engine/diffs/artifact.py), its field named as the recipe's
     diff (diffs.<i>.diff)."""
     from worker.engine.diffs.artifact import open_artifact
+    from worker.engine.diffs.shard_cache import shard_cache_for
     from worker.engine.storage.input_hashes import DigestCache
 
     index = role.rpartition(".")[2] if "." in role else "0"
     return open_artifact(uri, parse_uri(uri, field=f"diffs.{index}.diff"), endpoint_url=settings.s3_endpoint_url,
                          max_header_bytes=settings.max_header_bytes, reads=remote_reads(settings),
                          allowed_roots=request.allowed_roots, denied_roots=request.denied_roots,
-                         retry=storage_retry(settings), digest_cache=DigestCache(settings.cache_dir or None))
+                         retry=storage_retry(settings), digest_cache=DigestCache(settings.cache_dir or None),
+                         shard_cache=shard_cache_for(settings.cache_dir, settings.artifact_cache_bytes))
 
 
 def close_models(models: dict[str, ResolvedModel]) -> None:
