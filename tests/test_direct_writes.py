@@ -10,6 +10,9 @@ import fcntl
 import hashlib
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 from graft_helpers import graft
@@ -32,9 +35,25 @@ def direct_supported(directory) -> bool:
 
 
 @pytest.fixture
+def tmp_path(tmp_path):
+    """A directory whose file system takes O_DIRECT: the test's own where it does (a tmpfs /tmp does not), else
+    one beside the repository's checkout (removed afterwards)."""
+    if direct_supported(tmp_path):
+        yield tmp_path
+        return
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache")
+    os.makedirs(root, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="direct-", dir=root)
+    try:
+        yield pathlib.Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def small_direct(monkeypatch, tmp_path):
     if not direct_supported(tmp_path):
-        pytest.skip("this file system refuses O_DIRECT")
+        pytest.skip("neither the test's directory nor the checkout's file system takes O_DIRECT")
     monkeypatch.setattr(direct_writes, "STAGING_BYTES", STAGE)
     monkeypatch.setattr(local_files, "DIRECT_MIN_BYTES", 1)
 
