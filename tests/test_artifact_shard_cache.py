@@ -146,3 +146,97 @@ def test_a_cache_of_zero_bytes_keeps_nothing(trio, tmp_path, remote_diff, one_to
     cache_dir = str(tmp_path / "cache")
     apply_remote(remote_diff, trio["target_base"], tmp_path / "applied", cache_dir, artifact_cache_bytes=0)
     assert kept(cache_dir) == []
+
+
+class FakeRemote:
+    """A remote store of in-memory shards with ETags; `fail` names a shard whose reads raise."""
+
+    def __init__(self, shards: dict[str, bytes], fail: str | None = None) -> None:
+        from worker.engine.storage.uris import parse_uri
+
+        self.location, self.revision, self.data, self.fail = parse_uri("s3://fake/art"), None, shards, fail
+        self.reads: list[str] = []
+
+    files = property(lambda self: {n: len(d) for n, d in self.data.items()})
+
+    def exists(self, name):
+        return name in self.data
+
+    def size(self, name):
+        return len(self.data[name])
+
+    def fingerprint(self, name):
+        import hashlib
+
+        return {"size": len(self.data[name]), "etag": hashlib.md5(self.data[name]).hexdigest()}
+
+    def read_range(self, name, start, length):
+        self.reads.append(name)
+        if name == self.fail:
+            raise GraftError("storage_error", f"{name}: the link broke")
+        return bytearray(self.data[name][start:start + length])
+
+
+def manifest_of(shards: dict[str, bytes]):
+    import hashlib
+    from types import SimpleNamespace
+
+    from worker.engine.diffs.artifact import ShardRecord
+
+    return SimpleNamespace(shards=[ShardRecord(path=n, size=len(d), sha256=hashlib.sha256(d).hexdigest())
+                                   for n, d in shards.items()])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_is_left_open_when_one_shard_fails(tmp_path):
+    from worker.engine.diffs.artifact import verify_shards
+
+    shards = {f"diff-{i:05d}.safetensors": os.urandom(3000 + i) for i in range(4)}
+    cache = shard_cache.ShardCache(str(tmp_path), 1 << 20)
+    verify_shards(FakeRemote(shards), manifest_of(shards), "s3://fake/art", None, cache)  # fds dropped on purpose
+    before = open_fds()
+    for _ in range(3):  # three shards kept (hits), the fourth's read fails
+        with pytest.raises(GraftError) as err:
+            verify_shards(FakeRemote(dict(shards, **{"diff-00003.safetensors": os.urandom(3003)}),
+                                     fail="diff-00003.safetensors"), manifest_of(shards), "s3://fake/art", None, cache)
+        assert err.value.code == "storage_error"
+    assert open_fds() == before
+
+
+def test_a_short_write_of_the_copy_keeps_no_copy_and_the_check_stands(tmp_path, monkeypatch):
+    from worker.engine.diffs.artifact import verify_shards
+
+    shards = {"diff-00001.safetensors": os.urandom(5000)}
+    monkeypatch.setattr(shard_cache, "_write", lambda fd, data: os.write(fd, bytes(data)[:len(data) // 2])
+                        if len(data) > 1000 else 0)  # a nearly full disk: short writes, then none at all
+    cache = shard_cache.ShardCache(str(tmp_path), 1 << 20)
+    fds = verify_shards(FakeRemote(shards), manifest_of(shards), "s3://fake/art", None, cache)
+    assert fds == {} and kept(str(tmp_path)) == []  # checked, not kept; no partial copy left
+
+
+def test_a_shard_past_the_limit_uses_the_digest_remembered_for_its_version(tmp_path):
+    from worker.engine.diffs.artifact import verify_shards
+    from worker.engine.storage.input_hashes import DigestCache
+
+    shards = {"diff-00001.safetensors": os.urandom(5000)}
+    cache = shard_cache.ShardCache(str(tmp_path), 100)  # too small to keep it
+    for expect_reads in (True, False):
+        store = FakeRemote(shards)
+        assert verify_shards(store, manifest_of(shards), "s3://fake/art", DigestCache(str(tmp_path)), cache) == {}
+        assert bool(store.reads) == expect_reads
+
+
+def test_a_manifest_listing_a_shard_twice_is_refused(trio, tmp_path, one_torch_thread):
+    import json
+
+    extract(trio, tmp_path / "diff")
+    path = tmp_path / "diff" / "diff-manifest.json"
+    doc = json.loads(path.read_text())
+    doc["shards"] = doc["shards"] * 2
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GraftError) as err:
+        apply_remote(str(tmp_path / "diff"), trio["target_base"], tmp_path / "out", str(tmp_path / "cache"))
+    assert err.value.code == "invalid_diff" and "twice" in err.value.message

@@ -221,11 +221,42 @@ def _spoilt(parts, info, n, edit):
     return bad
 
 
+def test_a_frame_declaring_a_huge_size_is_refused_before_anything_is_allocated():
+    """A few bytes of zstd can declare any content size: the declared size is checked against what the frame's
+    elements hold before the decompressor allocates it."""
+    import zstandard
+
+    from worker.engine.errors import GraftError
+
+    n = 5000
+    parts, info = encode("exact", bf16_delta((n,), seed=14))
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(256 << 20))  # 256 MiB of zeros in a few KB
+    for kind in (0, 1):
+        bad = MemoryParts()
+        bad.part("frames", "U8").write(bytes([kind]) + bomb)
+        bad.part("offsets", "I64").write(np.asarray([0, len(bomb) + 1], dtype="<i8").tobytes())
+        with pytest.raises(GraftError, match="declares") as err:
+            ENCODINGS["exact"].decode_into(bad, info.meta, (n,), 0, torch.empty(n))
+        assert err.value.code == "invalid_diff"
+
+
+@pytest.mark.parametrize("meta", [{"frame": 0}, {"frame": -1}, {"frame": None}, {"dtype": "F16"}, {"layout": "2"},
+                                  {"layout": 3}, {"layout": None}])
+def test_exact_meta_out_of_its_range_is_refused(meta):
+    from worker.engine.errors import GraftError
+
+    n = 5000
+    parts, info = encode("exact", bf16_delta((n,), seed=15))
+    with pytest.raises(GraftError) as err:
+        ENCODINGS["exact"].decode_into(parts, {**info.meta, **meta}, (n,), 0, torch.empty(n))
+    assert err.value.code == "invalid_diff"
+
+
 @pytest.mark.parametrize("edit, why", [
     (lambda kind, raw: (7, raw), "unknown kind"),
     (lambda kind, raw: (kind, raw[:-2]), "do not add up"),
-    (lambda kind, raw: (kind, raw[:100]), "shorter than its elements"),
-    (lambda kind, raw: (0, raw), "not as long as its elements"),
+    (lambda kind, raw: (kind, raw[:100]), "declares"),  # shorter than its elements
+    (lambda kind, raw: (0, raw), "declares"),  # a kind-1 payload's length is not four planes
     (lambda kind, raw: (kind, raw[:2 * 5000 + 4] + (2**31).to_bytes(4, "little") + raw[2 * 5000 + 8:]),
      "not ascending"),
 ])

@@ -32,7 +32,8 @@ from worker.engine.storage.stores import Store, open_store
 from worker.engine.storage.uris import Location
 
 DIFF_MANIFEST = "diff-manifest.json"
-FORMAT = "graft-diff/1"
+FORMAT = "graft-diff/2"  # what extraction writes: /2 may hold exact's layout-2 frames, which a /1 reader cannot
+READ_FORMATS = ("graft-diff/1", "graft-diff/2")  # a reader of /1 refuses /2 by its format, cleanly
 DELTA_FILE = "delta/"  # virtual files of the ArtifactStore: "delta/<tensor>", "rows/<tensor>"
 ROWS_FILE = "rows/"
 HASH_CHUNK = 8 << 20
@@ -101,7 +102,7 @@ class ShardRecord(_Strict):
 
 class DiffManifest(BaseModel):
     model_config = ConfigDict(extra="allow")  # reports (totals, stats, warnings) are the writer's to add to
-    format: Literal["graft-diff/1"]
+    format: Literal["graft-diff/1", "graft-diff/2"]
     encoding: dict
     sources: dict[Literal["source_base", "source_finetuned"], RecordedSource]
     tensors: dict[str, StoredTensor]
@@ -118,9 +119,12 @@ def read_manifest(store: Store, uri: str) -> DiffManifest:
     if not store.exists(DIFF_MANIFEST):
         raise _invalid(uri, f"no {DIFF_MANIFEST}: not a diff artifact, or one whose extraction did not finish")
     raw = load_json(store.read_bytes(DIFF_MANIFEST), f"{uri}/{DIFF_MANIFEST}", "invalid_diff", unique_keys=True)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READ_FORMATS:
         found = raw.get("format") if isinstance(raw, dict) else None
-        raise _invalid(uri, f"{DIFF_MANIFEST} is not a {FORMAT} manifest (format {found!r})")
+        raise _invalid(uri, f"{DIFF_MANIFEST} is not a {' or '.join(READ_FORMATS)} manifest (format {found!r})")
+    paths = [s.get("path") for s in raw.get("shards", []) if isinstance(s, dict)]
+    if len(paths) != len(set(map(str, paths))):
+        raise _invalid(uri, f"{DIFF_MANIFEST} lists a shard twice")
     try:
         return DiffManifest.model_validate(raw)
     except ValidationError as exc:
@@ -188,14 +192,26 @@ def verify_shards(store: Store, manifest: DiffManifest, uri: str, cache=None,
             raise _invalid(uri, f"shard {shard.path!r} named by the manifest is missing")
         if store.size(shard.path) != shard.size:
             raise _invalid(uri, f"shard {shard.path}: {store.size(shard.path)} bytes, the manifest says {shard.size}")
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(manifest.shards)))) as pool:
-        checked = list(pool.map(lambda s: _check_shard(store, s, cache, kept), manifest.shards))
-    fds = {shard.path: fd for shard, (_digest_, fd) in zip(manifest.shards, checked, strict=True) if fd is not None}
+    fds: dict[str, int] = {}
     try:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(manifest.shards)))) as pool:
+            futures = [pool.submit(_check_shard, store, s, cache, kept) for s in manifest.shards]
+            failure = None
+            digests = {}
+            for shard, future in zip(manifest.shards, futures, strict=True):  # every one waited for: its fd kept
+                try:
+                    digests[shard.path], fd = future.result()
+                except BaseException as exc:  # the first failure is raised once all are in (none left open)
+                    failure = failure or exc
+                    continue
+                if fd is not None:
+                    fds[shard.path] = fd
+            if failure is not None:
+                raise failure
         if cache is not None:
             cache.save()
-        for shard, (digest, _fd) in zip(manifest.shards, checked, strict=True):
-            if digest != shard.sha256:
+        for shard in manifest.shards:
+            if digests[shard.path] != shard.sha256:
                 raise _invalid(uri, f"shard {shard.path} does not match its sha256 (changed or damaged since "
                                "extraction)")
     except BaseException:
@@ -209,13 +225,15 @@ def _check_shard(store: Store, shard: ShardRecord, cache, kept: ShardCache | Non
     """(the shard's sha256, a descriptor of its kept verified copy or None)."""
     identity = None if kept is None or isinstance(store, LocalStore) else _remote_identity(store, shard.path,
                                                                                            shard.size)
-    if identity is None:
+    if identity is None or shard.size > kept.limit:  # no copy to keep: the digest remembered per version
         return _digest(store, shard.path, shard.size, cache), None
     fd = kept.lookup(identity, shard.size, shard.sha256)
     if fd is not None:
         return shard.sha256, fd
     fd, digest = kept.fetch(identity, shard.size, shard.sha256,
                             lambda sink: _read_and_hash(store, shard.path, shard.size, sink))
+    if cache is not None:
+        cache.remember(identity, digest)
     return digest, fd
 
 

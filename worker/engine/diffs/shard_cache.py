@@ -29,21 +29,28 @@ from worker.engine.storage.stores import Store
 SUBDIR = "artifact-shards"
 SUFFIX = ".shard"
 STALE_TMP_SECONDS = 3600  # a partial copy this old was left by a killed process
+_write = os.write  # the copy's writes (a test's short-writing disk replaces this one, not os.write)
 
 
 class CopySink:
     """Where a fetch writes the shard's bytes in order; a failed write (a full disk) stops the copy, never
     the check: `ok` says whether the copy is whole."""
 
-    def __init__(self, fh) -> None:
-        self.fh, self.ok = fh, True
+    def __init__(self, fd: int) -> None:
+        self.fd, self.ok, self.written = fd, True, 0
 
     def write(self, data) -> None:
-        if self.ok:
-            try:
-                self.fh.write(data)
-            except OSError:
-                self.ok = False
+        view = memoryview(data).cast("B")
+        try:
+            while self.ok and view:
+                n = _write(self.fd, view)  # may write less than asked (a nearly full disk)
+                if n <= 0:
+                    self.ok = False
+                    break
+                view = view[n:]
+                self.written += n
+        except OSError:
+            self.ok = False
 
 
 class ShardCache:
@@ -58,7 +65,7 @@ class ShardCache:
         """A read descriptor of the kept copy of this shard version, or None."""
         path = self.path(identity, sha256)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         if os.fstat(fd).st_size != size:
@@ -80,22 +87,35 @@ class ShardCache:
         path = self.path(identity, sha256)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            fh = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed below on every path; unbuffered: no flush to fail at close
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # deltas: the owner's
         except OSError:
             return None, read(None)
+        digest = None
         try:
-            with fh:
-                sink = CopySink(fh)
-                digest = read(sink)
-            if digest != sha256 or not sink.ok:
+            try:
+                sink = CopySink(out)
+                digest = read(sink)  # the store's errors go to the caller (the temp file removed)
+                whole = sink.ok and sink.written == size
+                if digest == sha256 and whole:
+                    os.fsync(out)  # whole after a crash too: a hit is trusted by its name and size
+            finally:
+                os.close(out)
+            if digest != sha256 or not whole:
                 return None, digest
+            # Opened before it is renamed into place: an eviction (this graft's other shards, another process)
+            # can take the name, never the copy this graft verified.
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self._make_room(size)
                 os.rename(tmp, path)
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC), digest
             except OSError:
-                return None, digest
+                pass  # not kept for the next graft; this one still reads what it verified
+            return fd, digest
+        except OSError:  # the fsync or the open: not kept; the digest stands (read before either)
+            if digest is None:
+                raise
+            return None, digest
         finally:
             _unlink(tmp)  # gone already once renamed
 
@@ -144,7 +164,11 @@ class KeptShards(Store):
             return self.inner.read_into(name, start, view)
         got = 0
         while got < len(view):
-            n = os.preadv(fd, [view[got:]], start + got)
+            try:
+                n = os.preadv(fd, [view[got:]], start + got)
+            except OSError as exc:
+                raise GraftError("storage_error", f"{self.location}/{name}: reading its verified local copy "
+                                 f"failed: {exc.strerror}") from None
             if n == 0:
                 raise GraftError("storage_error", f"{self.location}/{name}: the verified local copy is shorter "
                                  f"than byte {start + len(view)}")

@@ -160,9 +160,18 @@ class _LocalWriter(FileWriter):
                 pass
         self._direct = None
         if (expected_size or 0) >= DIRECT_MIN_BYTES and set_direct(self._fd, True):
-            self._direct = DirectFile(self._fd, io)
+            try:
+                self._direct = DirectFile(self._fd, io)
+            except (OSError, MemoryError):  # no staging buffers: the page cache, as before
+                set_direct(self._fd, False)
 
     def write(self, data) -> None:
+        try:
+            self._write_hashed(data)
+        except OSError as exc:  # a full or failing disk: the job's error, not a crash of ours
+            raise GraftError("storage_error", f"cannot write {self.name} to the output: {exc.strerror}") from None
+
+    def _write_hashed(self, data) -> None:
         if self._direct is not None:  # staged here (one copy), written on the I/O thread around the page cache
             self._sha.update(data)
             self.size += len(data)
@@ -202,9 +211,14 @@ class _LocalWriter(FileWriter):
             self._landed(self._part)
 
     def abort(self) -> None:
-        if self._direct is not None:
-            direct, self._direct = self._direct, None
-            direct.close()
+        direct, self._direct = self._direct, None
+        try:
+            if direct is not None:
+                direct.close()
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             try:

@@ -213,6 +213,7 @@ def decode_exact(parts: PartReader, meta: dict, shape: tuple[int, ...], start: i
     count = out.numel()
     if count == 0:
         return
+    _check_meta(meta, _name(parts))
     frame, stop = meta["frame"], start + count
     first, last = start // frame, (stop - 1) // frame
     offsets = read_tensor(parts, "offsets", torch.int64, first, last - first + 2).tolist()
@@ -226,25 +227,48 @@ def decode_exact(parts: PartReader, meta: dict, shape: tuple[int, ...], start: i
         kind = PLANES
         if layout >= 2:
             kind, stored = (stored[0] if len(stored) else -1), stored[1:]
+        if kind not in (PLANES, HIGH_HALVES) or (kind == HIGH_HALVES and meta["dtype"] != "F32"):
+            raise malformed(_name(parts), f"a frame of unknown kind {kind}")
         lo, m = max(start - f * frame, 0), min(frame, n - f * frame)
         take = min(m - lo, count - done)
-        try:
-            payload = dctx.decompress(stored)
-        except zstandard.ZstdError as exc:
-            raise malformed(_name(parts), f"a frame does not decompress ({exc})") from exc
-        if kind == HIGH_HALVES and meta["dtype"] == "F32":
+        payload = _decompress(dctx, stored, kind, m, size, _name(parts))
+        if kind == HIGH_HALVES:
             from_high_halves(payload, m, lo, out[done:done + take], _name(parts))
-        elif kind == PLANES:
+        else:
             if len(payload) != m * size:
                 raise malformed(_name(parts), "a frame is not as long as its elements")
             unshuffle_into(payload, meta["dtype"], lo, out[done:done + take])
-        else:
-            raise malformed(_name(parts), f"a frame of unknown kind {kind}")
         done += take
 
 
 def _name(parts: PartReader) -> str:
     return getattr(parts, "tensor", "an exact tensor")
+
+
+def _check_meta(meta: dict, tensor: str) -> None:
+    """The meta an artifact gives (a user's file: its sha256 only says it is what its own manifest lists)."""
+    frame, layout = meta.get("frame"), meta.get("layout", 1)
+    if type(frame) is not int or not 0 < frame <= 1 << 24:
+        raise malformed(tensor, f"frame {frame!r} is not an element count")
+    if meta.get("dtype") not in NUMPY:
+        raise malformed(tensor, f"dtype {meta.get('dtype')!r} is not F32 or F64")
+    if type(layout) is not int or layout not in (1, LAYOUT):
+        raise malformed(tensor, f"layout {layout!r} is not one this reader knows (1, {LAYOUT})")
+
+
+def _decompress(dctx, stored, kind: int, m: int, size: int, tensor: str) -> bytes:
+    """A frame's payload, its declared size checked against what its kind holds before anything is allocated:
+    a frame may declare any size (a few bytes of zstd can claim terabytes)."""
+    most = m * size if kind == PLANES else 2 * m + 4 + 6 * m
+    least = m * size if kind == PLANES else 2 * m + 4
+    try:
+        declared = zstandard.frame_content_size(stored)
+        if not least <= declared <= most:
+            raise malformed(tensor, f"a frame declares {declared} bytes where its {m} elements hold "
+                            f"{least}" + (f" to {most}" if most != least else ""))
+        return dctx.decompress(stored, max_output_size=most)
+    except zstandard.ZstdError as exc:
+        raise malformed(tensor, f"a frame does not decompress ({exc})") from exc
 
 
 def fallback_encoder(shape: tuple[int, ...], compute: torch.dtype, out: PartWriter) -> ExactEncoder:
