@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 
 from worker.engine.errors import GraftError
+from worker.engine.storage.local_files import pread_full
 from worker.engine.storage.stores import Store
 
 SUBDIR = "artifact-shards"
@@ -162,17 +163,9 @@ class KeptShards(Store):
         fd = self.kept.get(name)
         if fd is None:
             return self.inner.read_into(name, start, view)
-        got = 0
-        while got < len(view):
-            try:
-                n = os.preadv(fd, [view[got:]], start + got)
-            except OSError as exc:
-                raise GraftError("storage_error", f"{self.location}/{name}: reading its verified local copy "
-                                 f"failed: {exc.strerror}") from None
-            if n == 0:
-                raise GraftError("storage_error", f"{self.location}/{name}: the verified local copy is shorter "
-                                 f"than byte {start + len(view)}")
-            got += n
+        if pread_full(fd, start, view, f"{self.location}/{name} (its verified local copy)") < len(view):
+            raise GraftError("storage_error", f"{self.location}/{name}: the verified local copy is shorter "
+                             f"than byte {start + len(view)}")
 
     def stream_into(self, name: str, start: int, view: memoryview) -> None:
         if name in self.kept:

@@ -20,6 +20,21 @@ from worker.engine.storage.stores import Confinement, Store, fd_path
 from worker.engine.storage.uris import Location
 
 
+def pread_full(fd: int, start: int, view: memoryview, what: str) -> int:
+    """Fill `view` from byte `start` of `fd`; the bytes read, fewer only where the file ends first. A failed
+    read is a storage_error naming `what`."""
+    got = 0
+    while got < len(view):
+        try:
+            n = os.preadv(fd, [view[got:]], start + got)
+        except OSError as exc:
+            raise GraftError("storage_error", f"{what}: read failed: {exc.strerror}") from None
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 class LocalStore(Store):
     """A local model directory. Confined, every file is checked after it is opened, on the descriptor
     itself, to lie where the confinement admits: a symlink inside the directory (or a file swapped for
@@ -82,18 +97,9 @@ class LocalStore(Store):
         return fd
 
     def read_into(self, name: str, start: int, view: memoryview) -> None:
-        fd = self._fd(name)
-        length = len(view)
-        got = 0
-        while got < length:
-            try:
-                n = os.preadv(fd, [view[got:]], start + got)
-            except OSError as exc:
-                raise GraftError("storage_error", f"{self.location}/{name}: read failed: {exc.strerror}") from None
-            if n == 0:
-                raise GraftError("invalid_safetensors",
-                                 f"{self.location}/{name}: file ends before byte {start + length}")
-            got += n
+        if pread_full(self._fd(name), start, view, f"{self.location}/{name}") < len(view):
+            raise GraftError("invalid_safetensors",
+                             f"{self.location}/{name}: file ends before byte {start + len(view)}")
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
